@@ -5,11 +5,42 @@ Front door::
     report = torchslim.analyze(model, example_inputs)
     result = torchslim.prune_(model, example_inputs, torchslim.PruneConfig(ratio=0.5))
     torchslim.verify(original, model, example_inputs, result.plan)
+
+Names are imported lazily so that ``import torchslim`` and the CLI start fast.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from torchslim.analysis import AnalysisReport, analyze
+_EXPORTS = {
+    "AnalysisReport": "torchslim.analysis",
+    "analyze": "torchslim.analysis",
+    "DependencyGraph": "torchslim.graph",
+    "register_module_rule": "torchslim.graph",
+    "op_rule": "torchslim.graph",
+    "PruneConfig": "torchslim.pruning",
+    "PruneResult": "torchslim.pruning",
+    "PruningPlan": "torchslim.pruning",
+    "PruningError": "torchslim.pruning",
+    "prune_": "torchslim.pruning",
+    "verify": "torchslim.pruning",
+    "VerifyReport": "torchslim.pruning",
+    "register_module_handler": "torchslim.pruning",
+}
 
-__all__ = ["AnalysisReport", "analyze", "__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchslim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,216 @@
+"""Record a model's forward pass as a list of aten ops over tensor nodes.
+
+Why dispatch-level tracing (``TorchDispatchMode``) and not torch.fx or torch.export:
+
+* it runs the model eagerly on the example inputs, so any Python control flow
+  (torchvision detection post-processing, HF attention-mask logic, ``if not inference``)
+  simply executes, where fx's symbolic tracing and export's graph capture break on
+  data-dependent branches;
+* it needs no gradients and no trainable parameters: it works under ``no_grad``, on
+  frozen models and in eval mode;
+* every Python-level function (``F.linear``, ``einsum``, ``x[:, :8]``, ``chunk``) arrives
+  decomposed into a small, stable set of aten ops, so the channel rules are written
+  once per aten op instead of once per Python spelling.
+
+Module scope comes from forward pre/post hooks; parameters and buffers are recognised
+by object identity, so the graph knows which weight slice belongs to which module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
+
+INPUT, PARAM, BUFFER, CONST, ACT = "input", "param", "buffer", "const", "act"
+
+
+@dataclasses.dataclass
+class TensorNode:
+    """One tensor value seen during the forward pass."""
+
+    index: int
+    shape: tuple[int, ...]
+    kind: str  # INPUT | PARAM | BUFFER | CONST | ACT
+    name: str | None = None  # qualified parameter/buffer name, or input position
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclasses.dataclass
+class OpCall:
+    """One aten op call: its inputs/outputs as node indices, arguments with tensors replaced by nodes."""
+
+    index: int
+    func: Any  # torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    inputs: list[int]
+    outputs: list[int]
+    module: str  # qualified name of the innermost module whose forward issued the op ("" = root)
+
+    @property
+    def name(self) -> str:
+        return str(self.func)
+
+    def arg(self, position: int, keyword: str, default: Any = None) -> Any:
+        if position < len(self.args):
+            return self.args[position]
+        return self.kwargs.get(keyword, default)
+
+
+@dataclasses.dataclass
+class NodeRef:
+    """Placeholder for a tensor inside recorded op arguments."""
+
+    node: int
+
+
+@dataclasses.dataclass
+class ModuleCall:
+    """A module forward seen during the trace, with its first tensor input and output nodes."""
+
+    name: str
+    inputs: list[int]
+    outputs: list[int]
+
+
+@dataclasses.dataclass
+class Trace:
+    nodes: list[TensorNode]
+    ops: list[OpCall]
+    input_nodes: list[int]
+    output_nodes: list[int]
+    module_calls: dict[str, list[ModuleCall]]
+    param_nodes: dict[str, int]  # qualified param/buffer name -> node index
+    values: dict[int, torch.Tensor]  # small integer tensors (indices), by node
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, named_tensors: dict[int, tuple[str, str, torch.Tensor]]):
+        super().__init__()
+        self.nodes: list[TensorNode] = []
+        self.ops: list[OpCall] = []
+        self._by_id: dict[int, int] = {}
+        self._alive: list[torch.Tensor] = []  # keeps ids unique while tracing
+        self._named = named_tensors
+        self.module_stack: list[str] = [""]
+        self.param_nodes: dict[str, int] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def node_for(self, tensor: torch.Tensor, kind: str = CONST, name: str | None = None) -> int:
+        key = id(tensor)
+        if key in self._by_id:
+            return self._by_id[key]
+        if key in self._named:
+            kind, name, _ = self._named[key]
+        return self._new_node(tensor, kind, name)
+
+    def _new_node(self, tensor: torch.Tensor, kind: str, name: str | None) -> int:
+        node = TensorNode(len(self.nodes), tuple(tensor.shape), kind, name)
+        self.nodes.append(node)
+        self._by_id[id(tensor)] = node.index
+        self._alive.append(tensor)
+        if not tensor.is_floating_point() and not tensor.is_complex() and tensor.numel() <= 1_000_000:
+            self.values[node.index] = tensor
+        if kind in (PARAM, BUFFER) and name is not None:
+            self.param_nodes.setdefault(name, node.index)
+        return node.index
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_in, _ = tree_flatten((args, kwargs))
+        inputs = [self.node_for(t) for t in flat_in if isinstance(t, torch.Tensor)]
+        outputs = []
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                # an in-place op returns its (mutated) input: give the result a fresh version node
+                outputs.append(self._new_node(t, ACT, None))
+        self.ops.append(
+            OpCall(
+                index=len(self.ops),
+                func=func,
+                args=_replace_tensors(args, self),
+                kwargs=_replace_tensors(kwargs, self),
+                inputs=inputs,
+                outputs=outputs,
+                module=self.module_stack[-1],
+            )
+        )
+        return out
+
+
+def _replace_tensors(obj: Any, recorder: _Recorder) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return NodeRef(recorder._by_id.get(id(obj), -1))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace_tensors(o, recorder) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _replace_tensors(v, recorder) for k, v in obj.items()}
+    return obj
+
+
+def _named_tensors(model: nn.Module) -> dict[int, tuple[str, str, torch.Tensor]]:
+    named: dict[int, tuple[str, str, torch.Tensor]] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        named[id(p)] = (PARAM, name, p)
+    for name, b in model.named_buffers(remove_duplicate=True):
+        named.setdefault(id(b), (BUFFER, name, b))
+    return named
+
+
+def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
+    """Run ``model`` once on ``example_inputs`` in eval mode under ``no_grad`` and record every aten op.
+
+    The model's training flags are restored afterwards; parameters are not modified.
+    """
+    args, kwargs = normalize_inputs(example_inputs)
+    recorder = _Recorder(_named_tensors(model))
+    module_calls: dict[str, list[ModuleCall]] = {}
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    pending: dict[int, list[int]] = {}
+
+    def pre_hook(module: nn.Module, inputs: tuple) -> None:
+        name = names.get(id(module), "?")
+        recorder.module_stack.append(name)
+        pending[id(module)] = [recorder.node_for(t) for t in iter_tensors(inputs)]
+
+    def post_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        name = recorder.module_stack.pop()
+        outs = [recorder._by_id[id(t)] for t in iter_tensors(output) if id(t) in recorder._by_id]
+        module_calls.setdefault(name, []).append(ModuleCall(name, pending.pop(id(module), []), outs))
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        input_nodes = [recorder.node_for(t, INPUT, f"input{i}") for i, t in enumerate(iter_tensors((args, kwargs)))]
+        with torch.no_grad(), recorder:
+            output = model(*args, **kwargs)
+        output_nodes = [recorder.node_for(t) for t in iter_tensors(output)]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+    return Trace(
+        nodes=recorder.nodes,
+        ops=recorder.ops,
+        input_nodes=input_nodes,
+        output_nodes=output_nodes,
+        module_calls=module_calls,
+        param_nodes=recorder.param_nodes,
+        values=recorder.values,
+    )
+

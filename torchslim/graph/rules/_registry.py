@@ -1,0 +1,66 @@
+"""Registry of channel-coupling rules, one per aten op (or op family).
+
+A rule reads one recorded :class:`OpCall` and declares on the :class:`Coupling` which
+indices of its inputs and outputs correspond. Ops without a rule fall back to the
+pointwise rule when aten tags them pointwise, else every dimension they touch is pinned
+(never pruned) and the op is reported, so an unknown op can make pruning conservative
+but never wrong.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from torchslim.graph._coupling import Coupling
+from torchslim.graph._trace import NodeRef, OpCall, Trace
+
+OpRule = Callable[[Coupling, OpCall, Trace], None]
+_RULES: dict[Any, OpRule] = {}
+
+
+def op_rule(*ops: Any) -> Callable[[OpRule], OpRule]:
+    """Register ``fn`` as the rule for aten ops (packets like ``aten.view`` or single overloads)."""
+
+    def register(fn: OpRule) -> OpRule:
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+
+    return register
+
+
+def rule_for(func: Any) -> OpRule | None:
+    rule = _RULES.get(func)
+    if rule is None:
+        rule = _RULES.get(getattr(func, "overloadpacket", None))
+    return rule
+
+
+def is_pointwise(func: Any) -> bool:
+    return torch.Tag.pointwise in getattr(func, "tags", ())
+
+
+def node_arg(op: OpCall, position: int, keyword: str) -> int | None:
+    """Node index of a tensor argument, or None when absent."""
+    value = op.arg(position, keyword)
+    return value.node if isinstance(value, NodeRef) and value.node >= 0 else None
+
+
+def node_list_arg(op: OpCall, position: int, keyword: str) -> list[int]:
+    values = op.arg(position, keyword) or []
+    return [v.node for v in values if isinstance(v, NodeRef)]
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def align_broadcast(c: Coupling, source: int, target: int) -> None:
+    """Couple ``source`` to ``target`` under broadcasting (right-aligned, equal sizes only)."""
+    src, dst = c.shape(source), c.shape(target)
+    shift = len(dst) - len(src)
+    for d in range(len(src)):
+        td = d + shift
+        if td >= 0 and src[d] == dst[td] and src[d] > 1:
+            c.same(source, d, target, td)

@@ -1,0 +1,63 @@
+"""Fused attention kernels: scaled_dot_product_attention's CPU/GPU kernels and the
+fast path of nn.MultiheadAttention (``_native_multi_head_attention``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from torchslim.graph._coupling import Coupling
+from torchslim.graph._trace import OpCall, Trace
+from torchslim.graph.rules._registry import node_arg, op_rule
+
+aten = torch.ops.aten
+
+
+@op_rule(aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+         aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_attention_math,
+         aten._scaled_dot_product_cudnn_attention, aten.scaled_dot_product_attention,
+         aten._scaled_dot_product_fused_attention_overrideable)
+def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    q, k, v = (node_arg(op, i, name) for i, name in enumerate(("query", "key", "value")))
+    out = op.outputs[0]
+    batch = len(c.shape(q)) - 2
+    for d in range(batch):
+        for other in (k, v, out):
+            c.same(q, d, other, d)
+    c.same(q, -1, k, -1)
+    c.same(k, -2, v, -2)
+    c.same(q, -2, out, -2)
+    c.same(v, -1, out, -1)
+    for stat in op.outputs[1:]:  # logsumexp [B, H, L] and friends
+        shape = c.shape(stat)
+        if len(shape) >= batch and shape[:batch] == c.shape(q)[:batch]:
+            for d in range(batch):
+                c.same(q, d, stat, d)
+        else:
+            c.pin(stat, None, "attention statistics")
+
+
+@op_rule(aten._native_multi_head_attention)
+def native_mha_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    q, k, v = op.inputs[0], op.inputs[1], op.inputs[2]
+    heads = op.arg(4, "num_head")
+    qkv_w, qkv_b = node_arg(op, 5, "qkv_weight"), node_arg(op, 6, "qkv_bias")
+    proj_w, proj_b = node_arg(op, 7, "proj_weight"), node_arg(op, 8, "proj_bias")
+    out = op.outputs[0]
+    embed = c.shape(qkv_w)[1]
+    for x in (q, k, v):
+        c.same(x, -1, qkv_w, 1)
+    rows = np.arange(3 * embed, dtype=np.int64)
+    c.union(c.ids(qkv_w, 0), c.ids(qkv_w, 1, rows % embed))  # q/k/v blocks follow the embed dim
+    if qkv_b is not None:
+        c.same(qkv_b, 0, qkv_w, 0)
+    c.same(proj_w, 1, qkv_w, 1)
+    c.same(proj_w, 0, qkv_w, 1)
+    if proj_b is not None:
+        c.same(proj_b, 0, proj_w, 0)
+    ids = c.ids(qkv_w, 1)
+    c.union(ids, ids[np.arange(embed) % (embed // heads)])  # same position in every head
+    c.same(q, 0, out, 0)
+    c.same(q, 1, out, 1)
+    c.same(out, 2, proj_w, 0)
+    for extra in op.outputs[1:]:
+        c.pin(extra, None, "attention weights")

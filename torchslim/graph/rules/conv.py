@@ -1,0 +1,68 @@
+"""aten.convolution: plain, grouped, depthwise and transposed, in 1d/2d/3d.
+
+Grouped convs keep their group count: input channels that share a local index in every
+group are one atom (the weight's in-dimension is shared by the groups), and so are output
+channels with the same local index, so every group keeps the same width. Depthwise
+convs (one input channel per group) couple each input channel to its own outputs, and
+the group count follows the channel count.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from torchslim.graph._coupling import Coupling
+from torchslim.graph._trace import OpCall, Trace
+from torchslim.graph.rules._registry import node_arg, op_rule
+
+aten = torch.ops.aten
+
+
+def _same_local_index(c: Coupling, node: int, dim: int, width: int) -> None:
+    """Couple indices of ``node.dim`` that have the same position inside their group of ``width``."""
+    ids = c.ids(node, dim)
+    c.union(ids, ids[np.arange(ids.size) % width])
+
+
+def _couple_groups(c: Coupling, x: int, out: int, weight: int, groups: int, transposed: bool) -> None:
+    cin, cout = c.shape(x)[1], c.shape(out)[1]
+    cin_g, cout_g = cin // groups, cout // groups
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)  # weight dims holding in / out channels
+    if groups == 1:
+        c.same(x, 1, weight, in_dim)
+        c.same(out, 1, weight, out_dim)
+        return
+    if not transposed and cin_g == 1:  # depthwise (channel multiplier cout_g)
+        c.same(out, 1, weight, 0)
+        outs = np.arange(cout, dtype=np.int64)
+        c.union(c.ids(out, 1, outs), c.ids(x, 1, outs // cout_g))
+        return
+    if transposed and cin_g == 1 and cout_g == 1:
+        c.same(x, 1, weight, 0)
+        c.same(x, 1, out, 1)
+        return
+    if transposed:
+        c.pin(x, 1, "grouped transposed convolution")
+        c.pin(out, 1, "grouped transposed convolution")
+        return
+    c.same(out, 1, weight, 0)
+    ins = np.arange(cin, dtype=np.int64)
+    c.union(c.ids(x, 1), c.ids(weight, 1, ins % cin_g))
+    _same_local_index(c, out, 1, cout_g)
+
+
+@op_rule(aten.convolution, aten._convolution, aten.conv2d, aten.conv1d, aten.conv3d)
+def convolution_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    x, weight, out = node_arg(op, 0, "input"), node_arg(op, 1, "weight"), op.outputs[0]
+    bias = node_arg(op, 2, "bias")
+    transposed = bool(op.arg(6, "transposed", False)) if op.func.overloadpacket in (aten.convolution, aten._convolution) else False
+    groups = op.arg(8, "groups", 1) if op.func.overloadpacket in (aten.convolution, aten._convolution) else op.arg(6, "groups", 1)
+    batched = len(c.shape(x)) == len(c.shape(weight))
+    if not batched:
+        c.pin(x, None, "unbatched convolution")
+        c.pin(out, None, "unbatched convolution")
+        return
+    c.same(x, 0, out, 0)
+    _couple_groups(c, x, out, weight, groups, transposed)
+    if bias is not None:
+        c.same(bias, 0, out, 1)

@@ -1,0 +1,37 @@
+"""Matrix products: mm, addmm, bmm, baddbmm (F.linear, matmul and einsum arrive as these).
+
+The contracted dimension couples the two operands; the free dimensions couple to the output.
+"""
+from __future__ import annotations
+
+import torch
+
+from torchslim.graph._coupling import Coupling
+from torchslim.graph._trace import OpCall, Trace
+from torchslim.graph.rules._registry import align_broadcast, node_arg, op_rule
+
+aten = torch.ops.aten
+
+
+def _couple_product(c: Coupling, a: int, b: int, out: int) -> None:
+    ndim = len(c.shape(out))
+    for d in range(ndim - 2):  # batch dims
+        c.same(a, d, out, d)
+        c.same(b, d, out, d)
+    c.same(a, -1, b, -2)
+    c.same(a, -2, out, -2)
+    c.same(b, -1, out, -1)
+
+
+@op_rule(aten.mm, aten.bmm)
+def mm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    _couple_product(c, op.inputs[0], op.inputs[1], op.outputs[0])
+
+
+@op_rule(aten.addmm, aten.baddbmm, aten.addbmm)
+def addmm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    bias, a, b = node_arg(op, 0, "self"), node_arg(op, 1, "mat1"), node_arg(op, 2, "mat2")
+    if a is None:  # baddbmm names them batch1/batch2
+        a, b = node_arg(op, 1, "batch1"), node_arg(op, 2, "batch2")
+    _couple_product(c, a, b, op.outputs[0])
+    align_broadcast(c, bias, op.outputs[0])

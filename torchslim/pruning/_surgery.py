@@ -1,0 +1,290 @@
+"""Physical removal: slice parameters and buffers, update module attributes, roll back on error.
+
+Every change goes through a :class:`Transaction` that records the old value, so a
+failure anywhere leaves the model exactly as it was (same parameter objects, same
+attributes). Module attributes follow the new weights through per-type handlers
+(``register_module_handler``); integer attributes used as literal sizes inside forward
+(``self.num_heads`` in a view, ``self.split`` in ``x[:, :self.split]``) are found by
+matching the traced op arguments against the module's integer attributes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.graph import DependencyGraph
+from torchslim.graph._trace import OpCall
+
+aten = torch.ops.aten
+_MISSING = object()
+
+
+class Transaction:
+    """Records attribute and parameter changes so they can be undone in reverse order."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self.changes: dict[str, dict[str, Any]] = {}
+
+    def setattr(self, obj: Any, name: str, value: Any, label: str = "") -> None:
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        self._undo.append(lambda: setattr(obj, name, old))
+        self.changes.setdefault(label, {})[name] = value
+
+    def set_tensor(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        store = module._parameters if name in module._parameters else module._buffers
+        old = store[name]
+        store[name] = value
+        self._undo.append(lambda: store.__setitem__(name, old))
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+ModuleHandler = Callable[[nn.Module, "SurgeryContext"], None]
+_HANDLERS: list[tuple[type, ModuleHandler]] = []
+
+
+def register_module_handler(module_type: type) -> Callable[[ModuleHandler], ModuleHandler]:
+    """Register how a module type updates its attributes after its weights were sliced.
+
+    The handler receives the module and a :class:`SurgeryContext` (``ctx.set(module, attr, value)``,
+    ``ctx.input_shape(module)``, ``ctx.output_shape(module)``, ``ctx.old(module, attr)``).
+    """
+
+    def register(fn: ModuleHandler) -> ModuleHandler:
+        _HANDLERS.insert(0, (module_type, fn))
+        return fn
+
+    return register
+
+
+class SurgeryContext:
+    def __init__(self, graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction):
+        self.graph = graph
+        self.removed = np.zeros(graph.n_atoms, dtype=bool)
+        self.removed[removed_atoms] = True
+        self.tx = tx
+        self.names = {id(m): n for n, m in graph.model.named_modules(remove_duplicate=False)}
+        self._old: dict[tuple[int, str], Any] = {}
+
+    def set(self, module: nn.Module, attr: str, value: Any) -> None:
+        if getattr(module, attr, _MISSING) == value:
+            return
+        self._old.setdefault((id(module), attr), getattr(module, attr, None))
+        self.tx.setattr(module, attr, value, self.names.get(id(module), ""))
+
+    def old(self, module: nn.Module, attr: str) -> Any:
+        return self._old.get((id(module), attr), getattr(module, attr))
+
+    def _call_nodes(self, module: nn.Module, outputs: bool) -> list[int]:
+        calls = self.graph.trace.module_calls.get(self.names.get(id(module), ""), [])
+        return [n for call in calls for n in (call.outputs if outputs else call.inputs)]
+
+    def input_shape(self, module: nn.Module) -> tuple[int, ...] | None:
+        nodes = self._call_nodes(module, outputs=False)
+        return self.graph.new_shape(nodes[0], self.removed) if nodes else None
+
+    def output_shape(self, module: nn.Module) -> tuple[int, ...] | None:
+        nodes = self._call_nodes(module, outputs=True)
+        return self.graph.new_shape(nodes[0], self.removed) if nodes else None
+
+
+def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction) -> tuple[dict, list[OpCall]]:
+    """Remove ``removed_atoms`` from the model in place (inside ``tx``).
+
+    Returns the per-parameter removal and the ops whose literal sizes changed but matched
+    no module attribute (suspects if the pruned model later misbehaves).
+    """
+    model = graph.model
+    removal = graph.removal(removed_atoms)
+    owners = _tensor_owners(model)
+    for name, dims in removal.items():
+        tensor = _get_tensor(model, name)
+        new = tensor.detach()
+        for dim, gone in dims.items():
+            keep = torch.as_tensor(np.setdiff1d(np.arange(tensor.shape[dim]), gone), dtype=torch.long, device=new.device)
+            new = new.index_select(dim, keep)
+        new = new.contiguous().clone()
+        replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+        for module, attr in owners[id(tensor)]:
+            tx.set_tensor(module, attr, replacement)
+    ctx = SurgeryContext(graph, removed_atoms, tx)
+    for module in model.modules():
+        for module_type, handler in _HANDLERS:
+            if isinstance(module, module_type):
+                handler(module, ctx)
+                break
+    unresolved = _rewrite_literals(graph, ctx)
+    return removal, unresolved
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                owners.setdefault(id(t), []).append((module, attr))
+    return owners
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return getattr(module, attr)
+
+
+# literal sizes -----------------------------------------------------------------------
+def _literal_changes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> list[tuple[int, int]]:
+    """(old, new) pairs for integer arguments of ``op`` that encode sizes which pruning changed."""
+    packet = op.func.overloadpacket
+    if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.expand) and op.outputs:
+        sizes = op.arg(1, "size")
+        if not isinstance(sizes, (list, tuple)):
+            return []
+        new = graph.new_shape(op.outputs[0], removed)
+        return [(o, n) for o, n in zip(sizes, new) if isinstance(o, int) and o != -1 and o != n]
+    if packet is aten.slice:
+        source = op.inputs[0]
+        dim = op.arg(1, "dim", 0)
+        size = graph.trace.nodes[source].shape[dim]
+        kept_before = _kept_before(graph, source, dim, removed)
+        changes = []
+        for value in (op.arg(2, "start"), op.arg(3, "end")):
+            if isinstance(value, int) and 0 < value < size and kept_before[value] != value:
+                changes.append((value, int(kept_before[value])))
+        return changes
+    if packet is aten.split and op.outputs:
+        dim = op.arg(2, "dim", 0)
+        old = op.arg(1, "split_size")
+        new_sizes = {graph.new_shape(o, removed)[dim] for o in op.outputs[:-1]} or {graph.new_shape(op.outputs[0], removed)[dim]}
+        if isinstance(old, int) and len(new_sizes) == 1 and old != next(iter(new_sizes)):
+            return [(old, next(iter(new_sizes)))]
+        if len(new_sizes) > 1:
+            raise _Unresolvable(op, "split into equal pieces would become unequal")
+        return []
+    if packet is aten.split_with_sizes and op.outputs:
+        dim = op.arg(2, "dim", 0)
+        olds = op.arg(1, "split_sizes")
+        news = [graph.new_shape(o, removed)[dim] for o in op.outputs]
+        return [(o, n) for o, n in zip(olds, news) if o != n]
+    return []
+
+
+def _kept_before(graph: DependencyGraph, node: int, dim: int, removed: np.ndarray) -> np.ndarray:
+    """kept_before[i] = number of surviving indices below i along ``dim``."""
+    gone = removed[graph.labels[graph.coupling.ids(node, dim)]]
+    return np.concatenate([[0], np.cumsum(~gone)])
+
+
+class _Unresolvable(Exception):
+    def __init__(self, op: OpCall, reason: str):
+        super().__init__(f"{op.name} in module '{op.module or '<root>'}': {reason}")
+        self.op = op
+
+
+def _rewrite_literals(graph: DependencyGraph, ctx: SurgeryContext) -> list[OpCall]:
+    """Update integer module attributes that forward uses as sizes; return ops left unmatched."""
+    unresolved = []
+    planned: dict[tuple[int, str], int] = {}
+    modules = {id(m): m for m in graph.model.modules()}
+    for op in graph.trace.ops:
+        changes = _literal_changes(graph, op, ctx.removed)
+        if not changes:
+            continue
+        module = graph.model.get_submodule(op.module) if op.module else graph.model
+        matched = False
+        for old, new in changes:
+            for attr, value in vars(module).items():
+                if type(value) is not int or value != old or attr.startswith("_"):
+                    continue
+                key = (id(module), attr)
+                if planned.setdefault(key, new) == new:  # a clash means the number has another meaning
+                    matched = True
+        if not matched:
+            unresolved.append(op)
+    for (module_id, attr), value in planned.items():
+        ctx.set(modules[module_id], attr, value)
+    return unresolved
+
+
+# per-type handlers ---------------------------------------------------------------------
+@register_module_handler(nn.modules.conv._ConvNd)
+def _conv(module: nn.Module, ctx: SurgeryContext) -> None:
+    w = module.weight
+    groups = module.groups
+    if module.transposed:
+        in_channels, per_group_out = w.shape[0], w.shape[1]
+        if groups > 1 and ctx.old(module, "in_channels") == groups:
+            groups = in_channels
+        ctx.set(module, "in_channels", in_channels)
+        ctx.set(module, "out_channels", per_group_out * groups)
+    else:
+        out_channels, per_group_in = w.shape[0], w.shape[1]
+        old_in, old_groups = ctx.old(module, "in_channels"), ctx.old(module, "groups")
+        if old_groups > 1 and old_in == old_groups:  # depthwise: groups follow the channels
+            multiplier = ctx.old(module, "out_channels") // old_groups
+            groups = out_channels // multiplier
+        ctx.set(module, "in_channels", per_group_in * groups)
+        ctx.set(module, "out_channels", out_channels)
+    ctx.set(module, "groups", groups)
+
+
+@register_module_handler(nn.Linear)
+def _linear(module: nn.Module, ctx: SurgeryContext) -> None:
+    ctx.set(module, "in_features", module.weight.shape[1])
+    ctx.set(module, "out_features", module.weight.shape[0])
+
+
+@register_module_handler(nn.modules.batchnorm._NormBase)
+def _norm_base(module: nn.Module, ctx: SurgeryContext) -> None:
+    for name in ("weight", "running_mean"):
+        tensor = getattr(module, name, None)
+        if tensor is not None:
+            ctx.set(module, "num_features", tensor.shape[0])
+            return
+    shape = ctx.input_shape(module)
+    if shape is not None and len(shape) > 1:
+        ctx.set(module, "num_features", shape[1] if len(shape) > 2 or isinstance(module, nn.modules.batchnorm._BatchNorm) else shape[0])
+
+
+@register_module_handler(nn.LayerNorm)
+def _layer_norm(module: nn.Module, ctx: SurgeryContext) -> None:
+    k = len(module.normalized_shape)
+    if module.weight is not None:
+        ctx.set(module, "normalized_shape", tuple(module.weight.shape))
+    elif (shape := ctx.input_shape(module)) is not None:
+        ctx.set(module, "normalized_shape", tuple(shape[-k:]))
+
+
+if hasattr(nn, "RMSNorm"):
+    register_module_handler(nn.RMSNorm)(_layer_norm)
+
+
+@register_module_handler(nn.GroupNorm)
+def _group_norm(module: nn.Module, ctx: SurgeryContext) -> None:
+    channels = module.weight.shape[0] if module.weight is not None else (ctx.input_shape(module) or [0, 0])[1]
+    width = ctx.old(module, "num_channels") // ctx.old(module, "num_groups")
+    ctx.set(module, "num_channels", channels)
+    ctx.set(module, "num_groups", channels // width)
+
+
+@register_module_handler(nn.Embedding)
+def _embedding(module: nn.Module, ctx: SurgeryContext) -> None:
+    ctx.set(module, "embedding_dim", module.weight.shape[1])
+
+
+@register_module_handler(nn.MultiheadAttention)
+def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
+    if module.in_proj_weight is None:
+        raise RuntimeError("nn.MultiheadAttention with separate q/k/v projections is not supported")
+    embed = module.in_proj_weight.shape[1]
+    ctx.set(module, "embed_dim", embed)
+    ctx.set(module, "kdim", embed)
+    ctx.set(module, "vdim", embed)
+    ctx.set(module, "head_dim", embed // module.num_heads)

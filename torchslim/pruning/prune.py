@@ -1,0 +1,242 @@
+"""``prune_``: one call that ranks, removes and verifies, in place and all-or-nothing."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim._inputs import ExampleInputs
+from torchslim.graph import DependencyGraph, Group
+from torchslim.graph.macs import estimate_macs
+from torchslim.pruning._surgery import Transaction, apply_removal
+from torchslim.pruning.config import PruneConfig
+from torchslim.pruning.importance import make_importance
+from torchslim.pruning.plan import PlanStep, PruningPlan
+from torchslim.pruning.verify import compare_outputs, run_eval
+
+MAX_ATTEMPTS = 6
+TARGET_SEARCH_MAX_RATIO = 0.95
+
+
+class PruningError(RuntimeError):
+    """Pruning could not be applied; the model is unchanged."""
+
+
+@dataclasses.dataclass
+class PruneResult:
+    plan: PruningPlan
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    ratio: float
+    groups_pruned: int
+    max_abs_error: float | None = None
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
+
+
+def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig | None = None, *,
+           data: Any = None) -> PruneResult:
+    """Structurally prune ``model`` in place and return what was removed.
+
+    Channels, heads and hidden units are ranked per group by ``config.criterion`` and the
+    lowest ``config.ratio`` of each group (or as much as a ``target_macs`` needs) is
+    physically removed. The result is checked against the zeroed original on
+    ``example_inputs``; on any error the model is left exactly as it was.
+    """
+    config = config or PruneConfig()
+    del data  # data-driven criteria arrive with the criteria module
+    graph = DependencyGraph.build(model, example_inputs)
+    groups = _eligible_groups(graph, config)
+    importance = make_importance(config.criterion, config.seed)
+    order = {g.index: g.atoms[np.argsort(importance(graph, g), kind="stable")] for g in groups}
+    params_before = sum(p.numel() for p in model.parameters())
+    macs_before = estimate_macs(graph)
+    banned = np.zeros(graph.n_atoms, dtype=bool)
+    skipped: list[str] = []
+    for _ in range(MAX_ATTEMPTS):
+        ratio, removed = _select(graph, groups, order, banned, config, macs_before)
+        if removed.size == 0:
+            return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, ratio, 0,
+                               skipped=skipped)
+        outcome = _try_apply(model, graph, removed, example_inputs, config, groups)
+        if isinstance(outcome, PruneResult):
+            outcome.macs_before, outcome.params_before, outcome.ratio = macs_before, params_before, ratio
+            outcome.macs_after = estimate_macs(graph, removed)
+            outcome.skipped = skipped
+            return outcome
+        culprits, reason = outcome
+        if culprits.size == 0 or banned[culprits].all():
+            raise PruningError(f"pruning failed and was rolled back: {reason}")
+        banned[culprits] = True
+        skipped.append(reason)
+    raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
+
+
+# selection -----------------------------------------------------------------------------
+def _eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
+    module_names = [n for n, _ in graph.model.named_modules()]
+    chosen: np.ndarray | None = None
+    if config.op_names is not None:
+        chosen = _atoms_of_matching(graph, module_names, config.op_names, "op_names")
+    excluded = _atoms_of_matching(graph, module_names, config.exclude, "exclude") if config.exclude else None
+    if config.filter_fn is not None:
+        rejected = [n for n, m in graph.model.named_modules() if not config.filter_fn(n, m)]
+        more = [graph.module_output_atoms(n) for n in rejected]
+        excluded = np.concatenate([excluded if excluded is not None else np.zeros(0, np.int64)] + more)
+    groups = []
+    for group in graph.groups:
+        if config.exact_only and not group.exact:
+            continue
+        if chosen is not None and not np.isin(group.atoms, chosen).any():
+            continue
+        if excluded is not None and np.isin(group.atoms, excluded).any():
+            continue
+        groups.append(group)
+    return groups
+
+
+def _atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field: str) -> np.ndarray:
+    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not matched:
+        raise ValueError(f"PruneConfig.{field} {list(patterns)!r} matches no module of {type(graph.model).__name__}")
+    atoms = [graph.module_output_atoms(n) for n in matched]
+    return np.concatenate(atoms) if atoms else np.zeros(0, dtype=np.int64)
+
+
+def _keep_count(n: int, ratio: float, config: PruneConfig) -> int:
+    keep = int(np.ceil(n * (1.0 - ratio) / config.round_to) * config.round_to)
+    return max(min(keep, n), min(config.min_channels, n))
+
+
+def _remove_at(groups, order, banned, ratio, config) -> np.ndarray:
+    removed = []
+    for group in groups:
+        ranked = order[group.index]
+        candidates = ranked[~banned[ranked]]
+        n_remove = len(ranked) - _keep_count(len(ranked), ratio, config)
+        if n_remove > 0:
+            removed.append(candidates[: min(n_remove, len(candidates) - 1)] if len(candidates) > 1 else candidates[:0])
+    return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _select(graph, groups, order, banned, config, macs_before) -> tuple[float, np.ndarray]:
+    if config.target_macs is None:
+        return config.ratio, _remove_at(groups, order, banned, config.ratio, config)
+    target = config.target_macs * macs_before if config.target_macs <= 1 else config.target_macs
+    lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
+    best = _remove_at(groups, order, banned, hi, config)
+    if estimate_macs(graph, best) > target:
+        raise ValueError(
+            f"PruneConfig.target_macs={config.target_macs} cannot be met: removing {hi:.0%} of every prunable "
+            f"group leaves {estimate_macs(graph, best) / macs_before:.1%} of the MACs"
+        )
+    best_ratio = hi
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        candidate = _remove_at(groups, order, banned, mid, config)
+        if estimate_macs(graph, candidate) <= target:
+            hi, best, best_ratio = mid, candidate, mid
+        else:
+            lo = mid
+    return best_ratio, best
+
+
+# application ----------------------------------------------------------------------------
+def _try_apply(model, graph, removed, example_inputs, config, groups):
+    """Apply and check; return a PruneResult, or (atoms to ban, reason) after rolling back."""
+    removal = graph.removal(removed)
+    exact = all(g.exact for g in groups if np.isin(g.atoms, removed).any())
+    reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
+    tx = Transaction()
+    shapes = {name: list(t.shape) for name, t in _named_tensors(model).items() if name in removal}
+    try:
+        _, suspects = apply_removal(graph, removed, tx)
+        actual = run_eval(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - anything the pruned model raises means: roll back
+        tx.rollback()
+        op = _failing_op(model, graph, example_inputs, removed)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if op is None:
+            return np.zeros(0, dtype=np.int64), reason
+        return _atoms_of_op(graph, op, removed), f"{op.name} in module '{op.module or '<root>'}': {reason}"
+    report = None
+    if reference is not None:
+        # inexact groups (LayerNorm statistics...) can only be checked for output shapes
+        atol, rtol = (config.atol, config.rtol) if exact else (float("inf"), float("inf"))
+        report = compare_outputs(reference, actual, atol, rtol)
+        if not report.ok:
+            tx.rollback()
+            atoms = np.concatenate([_atoms_of_op(graph, op, removed) for op in suspects]) if suspects else np.zeros(0, np.int64)
+            names = ", ".join(sorted({f"{op.name} in '{op.module or '<root>'}'" for op in suspects})[:3])
+            return atoms, f"pruned model differs from the zeroed original ({report.message}); suspects: {names or 'none'}"
+    plan = PruningPlan([PlanStep({n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in removal.items()},
+                                 shapes, tx.changes)])
+    params_after = sum(p.numel() for p in model.parameters())
+    pruned_groups = sum(1 for g in groups if np.isin(g.atoms, removed).any())
+    return PruneResult(plan, 0, 0, 0, params_after, 0.0, pruned_groups,
+                       max_abs_error=report.max_abs_error if report is not None else None)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    return tensors
+
+
+def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs) -> list[torch.Tensor]:
+    """Outputs of ``model`` with the removed slices zeroed in place, then restored bit for bit."""
+    tensors = _named_tensors(model)
+    saved = {name: tensors[name].detach().clone() for name in removal}
+    try:
+        with torch.no_grad():
+            for name, dims in removal.items():
+                for dim, index in dims.items():
+                    tensors[name].index_fill_(dim, torch.as_tensor(index, dtype=torch.long), 0)
+        return run_eval(model, example_inputs)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                tensors[name].copy_(value)
+
+
+def _atoms_of_op(graph: DependencyGraph, op, removed: np.ndarray) -> np.ndarray:
+    c = graph.coupling
+    ids = [c.ids(n, d) for n in op.inputs + op.outputs for d in range(c.nodes[n].ndim)]
+    atoms = np.unique(graph.labels[np.concatenate(ids)]) if ids else np.zeros(0, np.int64)
+    return np.intersect1d(atoms, removed)
+
+
+def _failing_op(model, graph, example_inputs, removed):
+    """Re-apply the removal on the side and find the first traced op the pruned model fails in."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Counter.count += 1
+            return out
+
+    tx = Transaction()
+    try:
+        apply_removal(graph, removed, tx)
+        try:
+            with Counter():
+                run_eval(model, example_inputs)
+        except Exception:  # noqa: BLE001
+            index = Counter.count
+            return graph.trace.ops[index] if index < len(graph.trace.ops) else None
+        return None
+    except Exception:  # noqa: BLE001 - the surgery itself failed; no op to blame
+        return None
+    finally:
+        tx.rollback()
