@@ -9,6 +9,7 @@ matching the traced op arguments against the module's integer attributes.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -114,6 +115,8 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
         replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
         for module, attr in owners[id(tensor)]:
             tx.set_tensor(module, attr, replacement)
+    if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
+        _register_transformers_handlers()
     ctx = SurgeryContext(graph, removed_atoms, tx)
     for module in model.modules():
         for module_type, handler in _HANDLERS:
@@ -140,15 +143,15 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 # literal sizes -----------------------------------------------------------------------
-def _literal_changes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> list[tuple[int, int]]:
-    """(old, new) pairs for integer arguments of ``op`` that encode sizes which pruning changed."""
+def _literal_sizes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> list[tuple[int, int]]:
+    """(old, new) pairs for integer arguments of ``op`` that encode sizes (changed or not)."""
     packet = op.func.overloadpacket
     if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.expand) and op.outputs:
         sizes = op.arg(1, "size")
         if not isinstance(sizes, (list, tuple)):
             return []
         new = graph.new_shape(op.outputs[0], removed)
-        return [(o, n) for o, n in zip(sizes, new) if isinstance(o, int) and o != -1 and o != n]
+        return [(o, n) for o, n in zip(sizes, new) if isinstance(o, int) and o != -1]
     if packet is aten.slice:
         source = op.inputs[0]
         dim = op.arg(1, "dim", 0)
@@ -156,14 +159,14 @@ def _literal_changes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) ->
         kept_before = _kept_before(graph, source, dim, removed)
         changes = []
         for value in (op.arg(2, "start"), op.arg(3, "end")):
-            if isinstance(value, int) and 0 < value < size and kept_before[value] != value:
+            if isinstance(value, int) and 0 < value < size:
                 changes.append((value, int(kept_before[value])))
         return changes
     if packet is aten.split and op.outputs:
         dim = op.arg(2, "dim", 0)
         old = op.arg(1, "split_size")
         new_sizes = {graph.new_shape(o, removed)[dim] for o in op.outputs[:-1]} or {graph.new_shape(op.outputs[0], removed)[dim]}
-        if isinstance(old, int) and len(new_sizes) == 1 and old != next(iter(new_sizes)):
+        if isinstance(old, int) and len(new_sizes) == 1:
             return [(old, next(iter(new_sizes)))]
         if len(new_sizes) > 1:
             raise _Unresolvable(op, "split into equal pieces would become unequal")
@@ -172,7 +175,7 @@ def _literal_changes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) ->
         dim = op.arg(2, "dim", 0)
         olds = op.arg(1, "split_sizes")
         news = [graph.new_shape(o, removed)[dim] for o in op.outputs]
-        return [(o, n) for o, n in zip(olds, news) if o != n]
+        return list(zip(olds, news))
     return []
 
 
@@ -190,21 +193,25 @@ class _Unresolvable(Exception):
 
 def _rewrite_literals(graph: DependencyGraph, ctx: SurgeryContext) -> list[OpCall]:
     """Update integer module attributes that forward uses as sizes; return ops left unmatched."""
+    literal_ops = [(op, _literal_sizes(graph, op, ctx.removed)) for op in graph.trace.ops]
+    # a number a module also uses as a size that did not change is ambiguous: never rewrite it
+    unchanged = {(op.module, old) for op, pairs in literal_ops for old, new in pairs if old == new}
     unresolved = []
     planned: dict[tuple[int, str], int] = {}
     modules = {id(m): m for m in graph.model.modules()}
-    for op in graph.trace.ops:
-        changes = _literal_changes(graph, op, ctx.removed)
+    for op, pairs in literal_ops:
+        changes = [(old, new) for old, new in pairs if old != new]
         if not changes:
             continue
         module = graph.model.get_submodule(op.module) if op.module else graph.model
         matched = False
         for old, new in changes:
+            if (op.module, old) in unchanged:
+                continue
             for attr, value in vars(module).items():
-                if type(value) is not int or value != old or attr.startswith("_"):
-                    continue
-                key = (id(module), attr)
-                if planned.setdefault(key, new) == new:  # a clash means the number has another meaning
+                if type(value) is not int or value != old or attr.startswith("_") or (id(module), attr) in ctx._old:
+                    continue  # handlers already set this attribute from the weights
+                if planned.setdefault((id(module), attr), new) == new:  # a clash: another meaning
                     matched = True
         if not matched:
             unresolved.append(op)
@@ -288,3 +295,19 @@ def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
     ctx.set(module, "kdim", embed)
     ctx.set(module, "vdim", embed)
     ctx.set(module, "head_dim", embed // module.num_heads)
+
+
+def _register_transformers_handlers() -> None:
+    """HF's GPT-2 style Conv1D stores its weight transposed ([in, out]) with nx/nf sizes."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional
+        return
+    if any(t is Conv1D for t, _ in _HANDLERS):
+        return
+
+    @register_module_handler(Conv1D)
+    def _hf_conv1d(module: nn.Module, ctx: SurgeryContext) -> None:
+        ctx.set(module, "nx", module.weight.shape[0])
+        ctx.set(module, "nf", module.weight.shape[1])
+

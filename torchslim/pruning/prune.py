@@ -18,7 +18,7 @@ from torchslim.pruning.importance import make_importance
 from torchslim.pruning.plan import PlanStep, PruningPlan
 from torchslim.pruning.verify import compare_outputs, run_eval
 
-MAX_ATTEMPTS = 6
+MAX_ATTEMPTS = 12
 TARGET_SEARCH_MAX_RATIO = 0.95
 
 
@@ -116,23 +116,46 @@ def _keep_count(n: int, ratio: float, config: PruneConfig) -> int:
     return max(min(keep, n), min(config.min_channels, n))
 
 
-def _remove_at(groups, order, banned, ratio, config) -> np.ndarray:
+def _remove_at(graph, groups, order, banned, ratio, config) -> np.ndarray:
     removed = []
     for group in groups:
         ranked = order[group.index]
         candidates = ranked[~banned[ranked]]
-        n_remove = len(ranked) - _keep_count(len(ranked), ratio, config)
+        n_remove = min(len(ranked) - _keep_count(len(ranked), ratio, config), len(candidates))
         if n_remove > 0:
-            removed.append(candidates[: min(n_remove, len(candidates) - 1)] if len(candidates) > 1 else candidates[:0])
+            removed.append(_protect_slots(graph, group, candidates, n_remove, config.min_channels))
     return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _protect_slots(graph, group: Group, ranked: np.ndarray, n_remove: int, min_keep: int) -> np.ndarray:
+    """The ``n_remove`` lowest-ranked atoms, skipping any whose removal would empty a layer.
+
+    A group can span several layers (a DenseNet concat feeds one norm from many convs), so
+    each parameter slot keeps at least ``min_keep`` of its own indices.
+    """
+    chosen = np.zeros(graph.n_atoms, dtype=bool)
+    chosen[ranked[:n_remove]] = True
+    for name, dim in group.params:
+        labels = graph.param_labels(name, dim)
+        labels = labels[np.isin(labels, group.atoms)]
+        kept = int((~chosen[labels]).sum())
+        if kept >= min_keep or labels.size == 0:
+            continue
+        for atom in ranked[:n_remove][::-1]:  # give back the most important removed atoms first
+            if chosen[atom] and np.isin(atom, labels):
+                chosen[atom] = False
+                kept += int((labels == atom).sum())
+                if kept >= min_keep:
+                    break
+    return ranked[chosen[ranked]]
 
 
 def _select(graph, groups, order, banned, config, macs_before) -> tuple[float, np.ndarray]:
     if config.target_macs is None:
-        return config.ratio, _remove_at(groups, order, banned, config.ratio, config)
+        return config.ratio, _remove_at(graph, groups, order, banned, config.ratio, config)
     target = config.target_macs * macs_before if config.target_macs <= 1 else config.target_macs
     lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
-    best = _remove_at(groups, order, banned, hi, config)
+    best = _remove_at(graph, groups, order, banned, hi, config)
     if estimate_macs(graph, best) > target:
         raise ValueError(
             f"PruneConfig.target_macs={config.target_macs} cannot be met: removing {hi:.0%} of every prunable "
@@ -141,7 +164,7 @@ def _select(graph, groups, order, banned, config, macs_before) -> tuple[float, n
     best_ratio = hi
     for _ in range(14):
         mid = (lo + hi) / 2
-        candidate = _remove_at(groups, order, banned, mid, config)
+        candidate = _remove_at(graph, groups, order, banned, mid, config)
         if estimate_macs(graph, candidate) <= target:
             hi, best, best_ratio = mid, candidate, mid
         else:

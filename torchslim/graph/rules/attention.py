@@ -21,8 +21,9 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     out = op.outputs[0]
     batch = len(c.shape(q)) - 2
     for d in range(batch):
-        for other in (k, v, out):
-            c.same(q, d, other, d)
+        c.same(q, d, out, d)
+        for kv in (k, v):
+            _couple_heads(c, q, kv, d)
     c.same(q, -1, k, -1)
     c.same(k, -2, v, -2)
     c.same(q, -2, out, -2)
@@ -34,6 +35,17 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
                 c.same(q, d, stat, d)
         else:
             c.pin(stat, None, "attention statistics")
+
+
+def _couple_heads(c: Coupling, q: int, kv: int, dim: int) -> None:
+    """Query heads to key/value heads; with grouped-query attention (enable_gqa) query head h
+    reads kv head h // n_rep, so a kv head and its n_rep query heads form one atom."""
+    q_heads, kv_heads = c.shape(q)[dim], c.shape(kv)[dim]
+    if q_heads == kv_heads or q_heads % kv_heads:
+        c.same(q, dim, kv, dim)
+        return
+    heads = np.arange(q_heads, dtype=np.int64)
+    c.union(c.ids(q, dim), c.ids(kv, dim, heads // (q_heads // kv_heads)))
 
 
 @op_rule(aten._native_multi_head_attention)

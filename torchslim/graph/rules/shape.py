@@ -204,7 +204,16 @@ def cat_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
 
 @op_rule(aten.split, aten.split_with_sizes, aten.unsafe_split, aten.tensor_split, aten.chunk)
 def split_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    _couple_pieces(c, op.inputs[0], op.outputs, op.arg(2, "dim", 0))
+    dim = op.arg(2, "dim", 0)
+    _couple_pieces(c, op.inputs[0], op.outputs, dim)
+    if op.func.overloadpacket is not aten.split_with_sizes:
+        # equal pieces (chunk, split by one size) must stay equal: couple their i-th indices
+        sizes = {c.shape(o)[dim] for o in op.outputs}
+        if len(sizes) == 1:
+            for piece in op.outputs[1:]:
+                c.same(piece, dim, op.outputs[0], dim)
+        else:
+            c.pin(op.inputs[0], dim, "split into pieces of one size with a shorter last piece")
 
 
 @op_rule(aten.stack)
