@@ -28,6 +28,8 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     c.same(k, -2, v, -2)
     c.same(q, -2, out, -2)
     c.same(v, -1, out, -1)
+    if op.kwargs.get("scale") is None:  # the default scale 1/sqrt(head_dim) follows the pruned width
+        c.mark_inexact(q, -1, "attention scale depends on the head dim")
     for stat in op.outputs[1:]:  # logsumexp [B, H, L] and friends
         shape = c.shape(stat)
         if len(shape) >= batch and shape[:batch] == c.shape(q)[:batch]:
@@ -68,6 +70,7 @@ def native_mha_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
         c.same(proj_b, 0, proj_w, 0)
     ids = c.ids(qkv_w, 1)
     c.union(ids, ids[np.arange(embed) % (embed // heads)])  # same position in every head
+    c.mark_inexact(qkv_w, 1, "attention scale depends on the head dim")
     c.same(q, 0, out, 0)
     c.same(q, 1, out, 1)
     c.same(out, 2, proj_w, 0)

@@ -1,0 +1,243 @@
+"""Engine tests: the pruned model equals the original with the removed channels zeroed."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchslim
+from torchslim.graph import DependencyGraph
+
+torch.manual_seed(0)
+
+
+def randomize_norms_(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine params, so zeroing mistakes show up in outputs."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+    return model.eval()
+
+
+class IBNorm(nn.Module):
+    """MODNet's IBNorm: BatchNorm on the first half of the channels, InstanceNorm on the rest."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bnorm_channels = channels // 2
+        self.bnorm = nn.BatchNorm2d(self.bnorm_channels)
+        self.inorm = nn.InstanceNorm2d(channels - self.bnorm_channels, affine=False)
+
+    def forward(self, x):
+        bn = self.bnorm(x[:, : self.bnorm_channels].contiguous())
+        inn = self.inorm(x[:, self.bnorm_channels :].contiguous())
+        return torch.cat((bn, inn), 1)
+
+
+class MiniMODNet(nn.Module):
+    """Concat with the raw image, IBNorm, interpolation, SE gating, a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), IBNorm(16), nn.ReLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16), nn.Sigmoid())
+        self.hr = nn.Sequential(nn.Conv2d(16 + 3, 16, 3, 1, 1), IBNorm(16), nn.ReLU())
+        self.fuse = nn.Conv2d(16 + 3, 1, 1)
+
+    def forward(self, img, inference: bool = True):
+        e = self.enc(img)
+        e = e * self.se(e).view(e.shape[0], -1, 1, 1)
+        img2x = F.interpolate(img, scale_factor=0.5, mode="bilinear", align_corners=False)
+        h = self.hr(torch.cat((img2x, e), 1)) + e
+        up = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        matte = torch.sigmoid(self.fuse(torch.cat((up, img), 1)))
+        return (None, None, matte) if inference else (e, h, matte)
+
+
+class Attention(nn.Module):
+    """HF-style attention with q/k/v/o projections and grouped-query heads."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=4):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, heads * self.head_dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = nn.Linear(heads * self.head_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        rep = self.heads // self.kv_heads
+        k = k[:, :, None].expand(b, self.kv_heads, rep, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
+        v = v[:, :, None].expand(b, self.kv_heads, rep, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
+        att = (q @ k.transpose(-1, -2) / self.head_dim**0.5).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        x = x + self.o(y)
+        return x + self.mlp(self.norm(x))
+
+
+def _tv(name, size=64):
+    torchvision = pytest.importorskip("torchvision")
+    return lambda: (randomize_norms_(getattr(torchvision.models, name)()), torch.randn(1, 3, size, size))
+
+
+ARCHS = {
+    "resnet18": _tv("resnet18"),
+    "mobilenet_v2": _tv("mobilenet_v2"),
+    "shufflenet_v2": _tv("shufflenet_v2_x0_5"),
+    "densenet121": _tv("densenet121"),
+    "efficientnet_b0": _tv("efficientnet_b0"),
+    "mini_modnet": lambda: (randomize_norms_(MiniMODNet()), ((torch.randn(1, 3, 32, 32),), {"inference": False})),
+    "attention": lambda: (Attention().eval(), torch.randn(1, 6, 32)),
+    "attention_gqa": lambda: (Attention(32, 8, 2).eval(), torch.randn(1, 6, 32)),
+    "mha": lambda: (nn.Sequential(nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True)).eval(), None),
+    "grouped_conv": lambda: (randomize_norms_(nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, groups=4), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, groups=32), nn.ConvTranspose2d(32, 8, 2, 2), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1))),
+        torch.randn(1, 3, 16, 16)),
+    "conv1d_3d": lambda: (nn.Sequential(nn.Conv1d(3, 12, 3), nn.BatchNorm1d(12), nn.ReLU(), nn.Conv1d(12, 5, 3)).eval(),
+                          torch.randn(2, 3, 20)),
+    "pixel_shuffle": lambda: (nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.PixelShuffle(2),
+                                            nn.Conv2d(8, 3, 3, padding=1)).eval(), torch.randn(1, 3, 8, 8)),
+}
+
+
+def _build(name):
+    model, inputs = ARCHS[name]()
+    if inputs is None:  # MHA inside Sequential needs (q, k, v)
+        lin, mha = model[0], model[1]
+
+        class Wrap(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin, self.mha = lin, mha
+                self.head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+            def forward(self, x):
+                h = self.lin(x)
+                return self.head(self.mha(h, h, h, need_weights=False)[0])
+
+        model, inputs = Wrap().eval(), torch.randn(1, 5, 8)
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+def test_prune_is_exact(name, criterion):
+    model, inputs = _build(name)
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.5, criterion=criterion, exact_only=True))
+    assert result.plan, f"{name}: nothing was pruned"
+    assert result.params_after < result.params_before
+    report = torchslim.verify(original, model, inputs, result.plan)
+    assert report.ok, report.message
+    # the plan's removed indices really are gone from the parameters
+    for pname, dims in result.plan.removed.items():
+        before = dict(original.named_parameters()).get(pname)
+        after = dict(model.named_parameters()).get(pname)
+        if before is not None:
+            for dim, idx in dims.items():
+                assert after.shape[dim] == before.shape[dim] - len(idx)
+
+
+def test_inexact_groups_are_flagged():
+    model = nn.Sequential(nn.Linear(8, 32), Attention(), nn.Linear(32, 3)).eval()
+    graph = DependencyGraph.build(model, torch.randn(1, 6, 8))
+    residual = [g for g in graph.groups if any(p == "1.norm.weight" for p, _ in g.params)]
+    assert residual and not residual[0].exact  # LayerNorm statistics run over the residual width
+    assert any(g.exact for g in graph.groups)
+
+
+def test_gqa_heads_prune_with_their_kv_head():
+    model = Attention(32, 8, 2).eval()
+    graph = DependencyGraph.build(model, torch.randn(1, 6, 32))
+    labels = graph.param_labels("k.weight", 0)  # 2 kv heads x 4 dims
+    q_labels = graph.param_labels("q.weight", 0)  # 8 heads x 4 dims
+    # query heads 0..3 read kv head 0: they share atoms with it
+    assert set(labels[:4]) <= set(q_labels[:16]) | set(labels[:4])
+    assert not (set(q_labels[16:]) & set(labels[:4]))
+
+
+def test_all_or_nothing_on_failure():
+    class Literal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 1)
+            self.b = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = y.reshape(1, 16, -1).reshape(1, 16, 4, 4)  # literal 16 held by no attribute
+            return self.b(y)
+
+    model = Literal().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 4, 4)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+    # either left unpruned (the engine learnt the literal) or pruned and exact; never broken
+    if result.plan:
+        assert torchslim.verify(Literal().eval(), model, x, result.plan).ok
+    else:
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        assert model.a.out_channels == 16
+
+
+def test_ibnorm_split_point_follows():
+    model = randomize_norms_(MiniMODNet())
+    inputs = ((torch.randn(1, 3, 32, 32),), {"inference": False})
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.5, criterion="random", seed=3))
+    ib = model.enc[1]
+    assert ib.bnorm_channels == ib.bnorm.num_features == ib.bnorm.weight.shape[0]
+    assert torchslim.verify(original, model, inputs, result.plan).ok
+
+
+def test_exclude_and_op_names():
+    model, x = _build("resnet18")
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exclude=["layer1.*", "conv1", "bn1"]))
+    assert model.layer1[0].conv1.out_channels == 64
+    assert model.layer2[0].conv1.out_channels < 128 and result.plan
+    model, x = _build("resnet18")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, op_names=["layer3.*.conv1"]))
+    assert model.layer3[0].conv1.out_channels == 128 and model.layer2[0].conv1.out_channels == 128
+    with pytest.raises(ValueError, match="op_names"):
+        torchslim.prune_(model, x, torchslim.PruneConfig(op_names=["nothing.here"]))
+
+
+@pytest.mark.parametrize("field,value", [("ratio", 1.0), ("ratio", -0.1), ("round_to", 0), ("criterion", "bogus")])
+def test_invalid_config_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        torchslim.PruneConfig(**{field: value})
+
+
+def test_target_macs_and_round_to():
+    model, x = _build("resnet18")
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_macs=0.5, round_to=8, exact_only=True))
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert result.macs_after > 0.3 * result.macs_before  # searched, not overshot wildly
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels > 3)
+
+
+def test_prune_twice_composes_plans():
+    model, x = _build("mobilenet_v2")
+    original = copy.deepcopy(model)
+    first = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3))
+    second = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3, criterion="random"))
+    plan = first.plan.extend(second.plan)
+    assert torchslim.verify(original, model, x, plan).ok
