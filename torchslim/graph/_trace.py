@@ -38,6 +38,7 @@ class TensorNode:
     shape: tuple[int, ...]
     kind: str  # INPUT | PARAM | BUFFER | CONST | ACT
     name: str | None = None  # qualified parameter/buffer name, or input position
+    itemsize: int = 4
 
     @property
     def ndim(self) -> int:
@@ -114,7 +115,7 @@ class _Recorder(TorchDispatchMode):
         return self._new_node(tensor, kind, name)
 
     def _new_node(self, tensor: torch.Tensor, kind: str, name: str | None) -> int:
-        node = TensorNode(len(self.nodes), tuple(tensor.shape), kind, name)
+        node = TensorNode(len(self.nodes), tuple(tensor.shape), kind, name, tensor.element_size())
         self.nodes.append(node)
         self._by_id[id(tensor)] = node.index
         self._alive.append(tensor)

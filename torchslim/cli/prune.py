@@ -1,0 +1,73 @@
+"""``torchslim prune MODEL --input ... (--ratio R | --target-macs F) --out DIR``."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from torchslim.cli._common import add_model_arguments, model_and_inputs
+from torchslim.cli._errors import CliError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prune", help="structurally prune a model and write it with a before/after report")
+    add_model_arguments(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ratio", type=float, help="fraction of each group's channels to remove")
+    group.add_argument("--target-macs", type=float, help="MACs to reach: fraction of the original (<=1) or absolute")
+    p.add_argument("--criterion", default="l1", help="l1 | l2 | random")
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--exclude", action="append", default=[], help="module glob to keep (repeatable)")
+    p.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torchslim
+    from torchslim.analysis import analyze
+
+    model, inputs = model_and_inputs(args)
+    try:
+        config = torchslim.PruneConfig(ratio=args.ratio or 0.5, target_macs=args.target_macs, criterion=args.criterion,
+                                       round_to=args.round_to, exclude=tuple(args.exclude), exact_only=args.exact_only)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    before = analyze(model, inputs)
+    original = copy.deepcopy(model)
+    try:
+        result = torchslim.prune_(model, inputs, config)
+    except (ValueError, torchslim.PruningError) as exc:
+        raise CliError(str(exc)) from None
+    after = analyze(model, inputs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "plan.json").write_text(json.dumps(result.plan.to_dict()))
+    torch.save(model.state_dict(), args.out / "state_dict.pt")
+    summary = {
+        "params": [before.total_params, after.total_params],
+        "macs": [before.total_macs, after.total_macs],
+        "size_bytes": [before.disk_bytes, after.disk_bytes],
+        "latency_ms": [before.latency_ms, after.latency_ms],
+        "exact": torchslim.verify(original, model, inputs, result.plan).ok if not result.skipped else None,
+        "result": result.to_dict(),
+    }
+    (args.out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_table(summary)
+    return 0
+
+
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="before / after")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right")
+    for key in ("params", "macs", "size_bytes", "latency_ms"):
+        b, a = summary[key]
+        table.add_row(key, f"{b:,.2f}" if isinstance(b, float) else f"{b:,}", f"{a:,.2f}" if isinstance(a, float) else f"{a:,}",
+                      f"{a / b:.3f}" if b else "-")
+    Console().print(table)
