@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, input_tensors
-from torchslim._timing import measure_latency
+from torchslim._timing import fixed_threads, measure_latency
 from torchslim.analysis.report import AnalysisReport, LayerRow
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import has_macs, op_macs
@@ -111,18 +111,14 @@ def _per_module_latency(model, example_inputs, repeats: int, threads: int | None
         handles.append(module.register_forward_hook(
             lambda m, i, o: run_totals.__setitem__(names[id(m)], run_totals.get(names[id(m)], 0.0)
                                                     + time.perf_counter() - starts[id(m)].pop())))
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
+        with fixed_threads(threads), torch.no_grad():
             for _ in range(repeats):
                 run_totals: dict[str, float] = {}
                 call_model(model, example_inputs)
                 for name, seconds in run_totals.items():
                     samples[name].append(seconds * 1000.0)
     finally:
-        torch.set_num_threads(previous)
         for h in handles:
             h.remove()
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -59,24 +59,24 @@ def pad_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
             c.pin(out, d, "padded dimension")
 
 
-@op_rule(aten.pixel_shuffle)
-def pixel_shuffle_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    source, out = op.inputs[0], op.outputs[0]
-    r2 = c.shape(source)[-3] // c.shape(out)[-3]
+def _couple_channel_blocks(c: Coupling, source: int, out: int, fine: int) -> None:
+    """Channel ``i`` of the ``fine`` tensor belongs to channel ``i // r^2`` of the other one."""
+    coarse = out if fine == source else source
+    r2 = c.shape(fine)[-3] // c.shape(coarse)[-3]
     for d in range(len(c.shape(source)) - 3):
         c.same(source, d, out, d)
-    index = np.arange(c.shape(source)[-3], dtype=np.int64)
-    c.union(c.ids(source, -3), c.ids(out, -3, index // r2))
+    index = np.arange(c.shape(fine)[-3], dtype=np.int64)
+    c.union(c.ids(fine, -3), c.ids(coarse, -3, index // r2))
+
+
+@op_rule(aten.pixel_shuffle)
+def pixel_shuffle_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    _couple_channel_blocks(c, op.inputs[0], op.outputs[0], fine=op.inputs[0])
 
 
 @op_rule(aten.pixel_unshuffle)
 def pixel_unshuffle_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    source, out = op.inputs[0], op.outputs[0]
-    r2 = c.shape(out)[-3] // c.shape(source)[-3]
-    for d in range(len(c.shape(source)) - 3):
-        c.same(source, d, out, d)
-    index = np.arange(c.shape(out)[-3], dtype=np.int64)
-    c.union(c.ids(out, -3), c.ids(source, -3, index // r2))
+    _couple_channel_blocks(c, op.inputs[0], op.outputs[0], fine=op.outputs[0])
 
 
 @op_rule(aten.native_channel_shuffle, aten.channel_shuffle)
