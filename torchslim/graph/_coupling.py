@@ -31,8 +31,13 @@ class PinReason:
 class Coupling:
     """Collects unions, pins and inexact marks over the elements of a traced graph."""
 
-    def __init__(self, nodes: list[TensorNode]):
+    def __init__(self, nodes: list[TensorNode], digit_choices: dict | None = None):
         self.nodes = nodes
+        # reshape chunks whose coupled digit was overridden: (op index, chunk) -> candidate rank
+        self.digit_choices: dict[tuple[int, int], int] = dict(digit_choices or {})
+        # per split/merge chunk: (key, dims covering each candidate digit, in preference order)
+        self.reshape_choices: list[tuple[tuple[int, int], list[list[tuple[int, int]]]]] = []
+        self.hints: list[np.ndarray] = []
         self.offsets: list[np.ndarray] = []
         total = 0
         for node in nodes:
@@ -91,6 +96,11 @@ class Coupling:
 
     def pin_elements(self, ids: np.ndarray) -> None:
         self.pinned[np.asarray(ids, dtype=np.int64)] = True
+
+    def hint(self, node: int, dim: int) -> None:
+        """Declare ``node.dim`` a natural pruning unit (e.g. attention heads): a reshape that
+        splits or merges it couples by this dimension rather than its default choice."""
+        self.hints.append(self.ids(node, dim))
 
     def mark_inexact(self, node: int, dim: int, reason: str) -> None:
         self.inexact[self.ids(node, dim)] = True

@@ -95,15 +95,13 @@ class DependencyGraph:
               keep_outputs: bool = True) -> "DependencyGraph":
         """Trace ``model`` and couple its channels. Inputs and outputs keep their shapes by default."""
         recorded = trace(model, example_inputs)
-        coupling = Coupling(recorded.nodes)
-        blockers: list[OpBlocker] = []
-        for op in recorded.ops:
-            _apply_op_rule(coupling, op, recorded, blockers)
-        for name, module in model.named_modules():
-            rule = next((r for t, r in _MODULE_RULES.items() if type(module) is t), None)
-            if rule is not None and name in recorded.module_calls:
-                rule(coupling, module, name, recorded)
-        _pin_fixed_tensors(coupling, recorded, keep_inputs, keep_outputs)
+        choices: dict[tuple[int, int], int] = {}
+        for _ in range(MAX_RESHAPE_ROUNDS):
+            coupling, blockers = _couple(model, recorded, choices, keep_inputs, keep_outputs)
+            revised = _revise_reshape_choices(coupling, choices)
+            if revised == choices:
+                break
+            choices = revised
         return cls(model, recorded, coupling, blockers)
 
     def _find_groups(self) -> list[Group]:
@@ -211,6 +209,42 @@ class DependencyGraph:
             "prunable_atoms": int(sum(len(g) for g in self.groups)),
             "unsupported_ops": sorted({b.op for b in self.blockers}),
         }
+
+
+MAX_RESHAPE_ROUNDS = 2
+
+
+def _couple(model, recorded: Trace, choices, keep_inputs: bool, keep_outputs: bool) -> tuple[Coupling, list[OpBlocker]]:
+    coupling = Coupling(recorded.nodes, choices)
+    blockers: list[OpBlocker] = []
+    for op in recorded.ops:
+        _apply_op_rule(coupling, op, recorded, blockers)
+    for name, module in model.named_modules():
+        rule = next((r for t, r in _MODULE_RULES.items() if type(module) is t), None)
+        if rule is not None and name in recorded.module_calls:
+            rule(coupling, module, name, recorded)
+    _pin_fixed_tensors(coupling, recorded, keep_inputs, keep_outputs)
+    return coupling, blockers
+
+
+def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
+    """Point each split/merge at a digit that an op hinted as a pruning unit (attention heads).
+
+    E.g. grouped-query attention views k as (2 kv heads, 8 dims): by default the 8-wide digit
+    is preferred, but SDPA hints its head dim, which is connected to the kv-head digit.
+    """
+    if not c.hints or not c.reshape_choices:
+        return choices
+    _, labels = c.components()
+    hinted = np.zeros(int(labels.max()) + 1, dtype=bool)
+    hinted[labels[np.concatenate(c.hints)]] = True
+    revised = dict(choices)
+    for key, candidates in c.reshape_choices:
+        for rank, dims in enumerate(candidates):
+            if dims and hinted[labels[np.concatenate([c.ids(n, d) for n, d in dims])]].any():
+                revised[key] = rank
+                break
+    return revised
 
 
 def _owned_by(param_name: str, module_name: str) -> bool:

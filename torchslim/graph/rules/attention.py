@@ -24,6 +24,9 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
         c.same(q, d, out, d)
         for kv in (k, v):
             _couple_heads(c, q, kv, d)
+    if batch >= 2:  # [batch, heads, tokens, dim]: heads are the unit to prune
+        for x in (q, k, v):
+            c.hint(x, batch - 1)
     c.same(q, -1, k, -1)
     c.same(k, -2, v, -2)
     c.same(q, -2, out, -2)

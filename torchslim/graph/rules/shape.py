@@ -35,7 +35,7 @@ def _dim_ranges(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
     return list(reversed(ranges))
 
 
-def couple_reshape(c: Coupling, source: int, target: int) -> None:
+def couple_reshape(c: Coupling, source: int, target: int, op_index: int = -1) -> None:
     """Couple the indices of two views of the same contiguous data."""
     in_shape, out_shape = c.shape(source), c.shape(target)
     if math.prod(in_shape) != math.prod(out_shape):
@@ -52,8 +52,8 @@ def couple_reshape(c: Coupling, source: int, target: int) -> None:
             if rng is None:
                 continue
             covers[(node, d)] = [k for k, (lo, hi) in enumerate(digits) if lo >= rng[0] and hi <= rng[1]]
-    for chunk in _chunks(covers, len(digits)):
-        _couple_chunk(c, chunk, covers, digits)
+    for number, chunk in enumerate(_chunks(covers, len(digits))):
+        _couple_chunk(c, chunk, covers, digits, (op_index, number))
 
 
 def _chunks(covers: dict[tuple[int, int], list[int]], n_digits: int) -> list[list[tuple[int, int]]]:
@@ -75,15 +75,25 @@ def _chunks(covers: dict[tuple[int, int], list[int]], n_digits: int) -> list[lis
     return list(groups.values())
 
 
-def _couple_chunk(c, chunk, covers, digits) -> None:
+def _candidate_digits(chunk_digits: list[int], sizes: dict[int, int]) -> list[int]:
+    """Digits in order of preference: outermost with >= 4 values first, then by size."""
+    outer_first = sorted(chunk_digits, reverse=True)
+    big = [k for k in outer_first if sizes[k] >= MIN_CHOSEN_DIGIT]
+    rest = sorted((k for k in chunk_digits if k not in big), key=lambda k: (-sizes[k], -k))
+    return big + rest
+
+
+def _couple_chunk(c, chunk, covers, digits, key) -> None:
     chunk_digits = sorted({k for dim in chunk for k in covers[dim]})
     if len(chunk_digits) == 1:
         (a_node, a_dim), (b_node, b_dim) = chunk[0], chunk[1]
         c.same(a_node, a_dim, b_node, b_dim)
         return
     sizes = {k: digits[k][1] // digits[k][0] for k in chunk_digits}
-    big = [k for k in sorted(chunk_digits, reverse=True) if sizes[k] >= MIN_CHOSEN_DIGIT]
-    chosen = big[0] if big else max(chunk_digits, key=lambda k: (sizes[k], k))
+    candidates = _candidate_digits(chunk_digits, sizes)
+    # the graph may revisit this choice when the preferred digit ends up pinned (see DependencyGraph.build)
+    chosen = candidates[min(c.digit_choices.get(key, 0), len(candidates) - 1)]
+    c.reshape_choices.append((key, [[(n, d) for n, d in chunk if k in covers[(n, d)]] for k in candidates]))
     lo, _ = digits[chosen]
     size = sizes[chosen]
     representative: np.ndarray | None = None
@@ -107,7 +117,7 @@ def _couple_chunk(c, chunk, covers, digits) -> None:
 @op_rule(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten,
          aten.unflatten, aten.view_as, aten.reshape_as)
 def reshape_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    couple_reshape(c, op.inputs[0], op.outputs[0])
+    couple_reshape(c, op.inputs[0], op.outputs[0], op.index)
 
 
 @op_rule(aten.permute)
@@ -270,3 +280,21 @@ def along_dims_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
                 c.pin(out, d, f"{op.name} mixes indices along this dimension")
             else:
                 c.same(source, d, out, d)
+
+
+@op_rule(aten.index)
+def index_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    """Advanced indexing ``x[idx0, idx1, ...]``: indexed leading dims are data-dependent (pinned);
+    the dims after them pass through unchanged."""
+    source, out = op.inputs[0], op.outputs[0]
+    indices = op.arg(1, "indices") or []
+    k = len(indices)
+    if any(i is None for i in indices):
+        raise ValueError("indexing with None gaps")
+    for d in range(k):
+        c.pin(source, d, "advanced indexing")
+    src_ndim, out_ndim = len(c.shape(source)), len(c.shape(out))
+    for d in range(k, src_ndim):
+        c.same(source, d, out, out_ndim - (src_ndim - d))
+    for d in range(out_ndim - (src_ndim - k)):
+        c.pin(out, d, "advanced indexing")
