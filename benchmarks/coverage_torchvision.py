@@ -35,7 +35,8 @@ def build(name: str):
     elif kind == "optical_flow":
         inputs = (torch.rand(1, 3, size, size), torch.rand(1, 3, size, size))
     elif kind == "video":
-        inputs = (torch.rand(1, 3, 8, size, size),)
+        frames, side = (16, 224) if name.startswith(("mvit", "s3d")) else (8, size)
+        inputs = (torch.rand(1, 3, frames, side, side),)
     else:
         inputs = (torch.rand(1, 3, size, size),)
     return model, inputs

@@ -73,6 +73,14 @@ class Coupling:
             self._left.append(a)
             self._right.append(np.broadcast_to(b, a.shape).astype(np.int64))
 
+    def edge_count(self) -> int:
+        return len(self._left)
+
+    def touched_since(self, first: int) -> np.ndarray:
+        """Elements named by unions declared after the first ``first`` declarations."""
+        parts = self._left[first:] + self._right[first:]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
     def same(self, node_a: int, dim_a: int, node_b: int, dim_b: int) -> None:
         """Index ``i`` of ``node_a.dim_a`` is index ``i`` of ``node_b.dim_b`` (equal sizes required)."""
         size_a = self.shape(node_a)[_norm_dim(dim_a, self.nodes[node_a].ndim)]

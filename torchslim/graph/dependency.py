@@ -262,8 +262,10 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
         return
     reason = "no channel rule for this op"
     if rule is not None:
+        first_edge = c.edge_count()
         try:
             rule(c, op, recorded)
+            _pin_unlinked_outputs(c, op, first_edge)
             return
         except Exception as exc:  # a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"
@@ -271,6 +273,18 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
         c.pin(n, None, f"{op.name}: {reason}")
     shapes = [c.shape(n) for n in op.inputs]
     blockers.append(OpBlocker(op.name, op.module or "<root>", shapes, reason, op.inputs + op.outputs))
+
+
+def _pin_unlinked_outputs(c: Coupling, op: OpCall, first_edge: int) -> None:
+    """An output index the op's rule linked to no input index (a conv's spatial positions, a
+    grid sample's sampling points) cannot be removed by removing anything upstream: pin it."""
+    touched = c.touched_since(first_edge)
+    for out in op.outputs:
+        for d in range(c.nodes[out].ndim):
+            ids = c.ids(out, d)
+            free = ids[~np.isin(ids, touched)] if touched.size else ids
+            if free.size:
+                c.pin_elements(free)
 
 
 def _pin_fixed_tensors(c: Coupling, recorded: Trace, keep_inputs: bool, keep_outputs: bool) -> None:

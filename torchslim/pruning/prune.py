@@ -74,6 +74,9 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             return outcome
         culprits, reason = outcome
         if culprits.size == 0 or banned[culprits].all():
+            # nothing points at an op (e.g. a size read in Python built an output): bisect the groups
+            culprits = _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
+        if culprits.size == 0 or banned[culprits].all():
             raise PruningError(f"pruning failed and was rolled back: {reason}")
         banned[culprits] = True
         skipped.append(reason)
@@ -173,8 +176,27 @@ def _select(graph, groups, order, banned, config, macs_before) -> tuple[float, n
 
 
 # application ----------------------------------------------------------------------------
-def _try_apply(model, graph, removed, example_inputs, config, groups):
-    """Apply and check; return a PruneResult, or (atoms to ban, reason) after rolling back."""
+def _bisect_failing_group(model, graph, removed, example_inputs, config, groups) -> np.ndarray:
+    """Find one group whose removal alone breaks the model, by halving the pruned groups."""
+    candidates = [g for g in groups if np.isin(g.atoms, removed).any()]
+
+    def fails(subset: list[Group]) -> bool:
+        atoms = np.intersect1d(removed, np.concatenate([g.atoms for g in subset]))
+        return not isinstance(_try_apply(model, graph, atoms, example_inputs, config, groups, commit=False), PruneResult)
+
+    while len(candidates) > 1:
+        half = candidates[: len(candidates) // 2]
+        candidates = half if fails(half) else candidates[len(candidates) // 2:]
+    if candidates and fails(candidates):
+        return np.intersect1d(removed, candidates[0].atoms)
+    return np.zeros(0, dtype=np.int64)
+
+
+def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bool = True):
+    """Apply and check; return a PruneResult, or (atoms to ban, reason) after rolling back.
+
+    With ``commit=False`` the model is rolled back even on success (a dry run).
+    """
     removal = graph.removal(removed)
     exact = all(g.exact for g in groups if np.isin(g.atoms, removed).any())
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
@@ -200,6 +222,8 @@ def _try_apply(model, graph, removed, example_inputs, config, groups):
             atoms = np.concatenate([_atoms_of_op(graph, op, removed) for op in suspects]) if suspects else np.zeros(0, np.int64)
             names = ", ".join(sorted({f"{op.name} in '{op.module or '<root>'}'" for op in suspects})[:3])
             return atoms, f"pruned model differs from the zeroed original ({report.message}); suspects: {names or 'none'}"
+    if not commit:
+        tx.rollback()
     plan = PruningPlan([PlanStep({n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in removal.items()},
                                  shapes, tx.changes)])
     params_after = sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ _SPATIAL_DIMS = {
                      "_adaptive_avg_pool2d", "adaptive_max_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
                      "upsample_bicubic2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
                      "_upsample_nearest_exact2d", "reflection_pad2d", "replication_pad2d",
-                     "im2col", "col2im", "grid_sampler_2d", "fractional_max_pool2d"), 2),
+                     "im2col", "col2im", "fractional_max_pool2d"), 2),
     **dict.fromkeys(("avg_pool3d", "max_pool3d", "max_pool3d_with_indices", "adaptive_avg_pool3d",
                      "_adaptive_avg_pool3d", "adaptive_max_pool3d", "upsample_nearest3d", "upsample_trilinear3d",
                      "_upsample_nearest_exact3d", "reflection_pad3d", "replication_pad3d"), 3),
@@ -93,3 +93,13 @@ def channel_shuffle_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     c.union(c.ids(source, 1), c.ids(source, 1, local))
     outs = local * groups + ins // width  # where input channel ins lands
     c.union(c.ids(source, 1), c.ids(out, 1, outs))
+
+
+@op_rule(aten.grid_sampler_2d, aten.grid_sampler_3d, aten.grid_sampler)
+def grid_sample_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    """Output positions are the grid's sampling points: they follow the grid, not the input."""
+    source, grid, out = op.inputs[0], op.inputs[1], op.outputs[0]
+    c.same(source, 0, out, 0)
+    c.same(source, 1, out, 1)
+    for d in range(2, len(c.shape(out))):
+        c.same(grid, d - 1, out, d)
