@@ -101,10 +101,15 @@ def _restore_modes(*models: nn.Module | None) -> Iterator[None]:
 def _progress(enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not (console.is_terminal or console.is_jupyter):  # a log file gets no bar (nor blank lines)
+        return contextlib.nullcontext(None)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[status]}"), transient=True)
+                    TextColumn("{task.fields[status]}"),
+                    console=console, transient=True)
 
 
 def _length(loader: Any) -> int | None:

@@ -143,9 +143,16 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 # literal sizes -----------------------------------------------------------------------
+_FACTORIES = {aten.zeros: 0, aten.ones: 0, aten.full: 0, aten.empty: 0, aten.rand: 0, aten.randn: 0,
+              aten.new_zeros: 1, aten.new_ones: 1, aten.new_full: 1, aten.new_empty: 1}
+
+
 def _literal_sizes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> list[tuple[int, int]]:
     """(old, new) pairs for integer arguments of ``op`` that encode sizes (changed or not)."""
     packet = op.func.overloadpacket
+    if packet in _FACTORIES:  # a constant's shape is pinned: its sizes must not move
+        sizes = op.arg(_FACTORIES[packet], "size")
+        return [(v, v) for v in sizes if isinstance(v, int)] if isinstance(sizes, (list, tuple)) else []
     if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.expand) and op.outputs:
         sizes = op.arg(1, "size")
         if not isinstance(sizes, (list, tuple)):
@@ -217,7 +224,26 @@ def _rewrite_literals(graph: DependencyGraph, ctx: SurgeryContext) -> list[OpCal
             unresolved.append(op)
     for (module_id, attr), value in planned.items():
         ctx.set(modules[module_id], attr, value)
+    _sync_products(graph.model, ctx)
     return unresolved
+
+
+def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:
+    """Keep derived sizes consistent: an attribute that was the product of two others
+    (``all_head_size = num_heads * head_size``) follows when either factor changed."""
+    for module in model.modules():
+        ints = {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
+        changed = {k for k in ints if ctx.old(module, k) != ints[k]}
+        if not changed:
+            continue
+        for target in ints:
+            if target in changed:
+                continue
+            for a in ints:
+                for b in ints:
+                    if a < b and {a, b} & changed and target not in (a, b) \
+                            and ctx.old(module, a) * ctx.old(module, b) == ints[target]:
+                        ctx.set(module, target, ints[a] * ints[b])
 
 
 # per-type handlers ---------------------------------------------------------------------

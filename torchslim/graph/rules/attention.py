@@ -31,6 +31,8 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     c.same(k, -2, v, -2)
     c.same(q, -2, out, -2)
     c.same(v, -1, out, -1)
+    if len(op.inputs) > 3:  # attn_mask / bias, broadcast to [*batch, L, S]
+        _couple_mask(c, op.inputs[3], q, k)
     if op.kwargs.get("scale") is None:  # the default scale 1/sqrt(head_dim) follows the pruned width
         c.mark_inexact(q, -1, "attention scale depends on the head dim")
     for stat in op.outputs[1:]:  # logsumexp [B, H, L] and friends
@@ -40,6 +42,17 @@ def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
                 c.same(q, d, stat, d)
         else:
             c.pin(stat, None, "attention statistics")
+
+
+def _couple_mask(c: Coupling, mask: int, q: int, k: int) -> None:
+    mask_shape, q_shape = c.shape(mask), c.shape(q)
+    for back in range(1, len(mask_shape) + 1):
+        if mask_shape[-back] == 1:
+            continue
+        if back == 1:
+            c.same(mask, -1, k, -2)
+        elif back <= len(q_shape):
+            c.same(mask, -back, q, -back)
 
 
 def _couple_heads(c: Coupling, q: int, kv: int, dim: int) -> None:

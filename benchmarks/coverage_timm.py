@@ -1,0 +1,86 @@
+"""Prune a seeded sample of timm models (pretrained=False) at 50% and check exactness.
+
+Prints a rich table and writes benchmarks/results/coverage_timm.json.
+Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import torchslim
+
+MAX_SIDE = 224
+
+
+def sample(n: int, seed: int) -> list[str]:
+    names = sorted(timm.list_models())
+    # one model per family keeps the sample diverse (families differ more than their sizes)
+    families: dict[str, list[str]] = {}
+    for name in names:
+        families.setdefault(name.split("_")[0].rstrip("0123456789"), []).append(name)
+    rng = random.Random(seed)
+    picked = [rng.choice(sorted(v)) for _, v in sorted(families.items())]
+    rng.shuffle(picked)
+    return sorted(picked[:n])
+
+
+def run_one(name: str, ratio: float) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    x = torch.rand(1, size[0], min(size[1], MAX_SIDE * 2), min(size[2], MAX_SIDE * 2))
+    original = copy.deepcopy(model)
+    start = time.perf_counter()
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=ratio, exact_only=True))
+    seconds = time.perf_counter() - start
+    report = torchslim.verify(original, model, x, result.plan, atol=1e-4, rtol=1e-3)
+    return {"model": name, "ok": True, "pruned": bool(result.plan), "exact": bool(report.ok), "seconds": round(seconds, 2),
+            "params_ratio": result.params_after / result.params_before,
+            "macs_ratio": result.macs_after / max(result.macs_before, 1), "retries": len(result.skipped)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coverage_timm.json")
+    args = parser.parse_args()
+    console = Console()
+    rows = []
+    for name in args.only or sample(args.n, args.seed):
+        try:
+            row = run_one(name, args.ratio)
+        except Exception as exc:  # noqa: BLE001 - a benchmark records failures
+            row = {"model": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(row)
+        console.print(row)
+    table = Table(title=f"timm sample at ratio {args.ratio}")
+    for col in ("model", "ok", "pruned", "exact", "params", "MACs", "s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], str(r["ok"]), str(r.get("pruned")), str(r.get("exact")),
+                      f"{r.get('params_ratio', 0):.2f}", f"{r.get('macs_ratio', 0):.2f}", str(r.get("seconds", "-")))
+    console.print(table)
+    summary = {"ok": sum(r["ok"] for r in rows), "exact": sum(bool(r.get("exact")) for r in rows),
+               "pruned": sum(bool(r.get("pruned")) for r in rows), "total": len(rows)}
+    console.print(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                                                "timm": timm.__version__}, "summary": summary, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Engine speed: graph building + 50% pruning, torchslim vs Torch-Pruning in the same run,
+and a ~1B-parameter Llama (grouped-query attention) pruned from its config.
+
+Prints a rich table and writes benchmarks/results/speed_engine.json.
+Usage: python benchmarks/speed_engine.py [--skip-llama]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+
+import torchslim
+
+
+def time_torchslim(build, inputs, config) -> dict:
+    model = build()
+    start = time.perf_counter()
+    result = torchslim.prune_(model, inputs, config)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "params": sum(p.numel() for p in model.parameters()), "macs_ratio": result.macs_after / result.macs_before}
+
+
+def time_torch_pruning(build, inputs, ratio: float) -> dict:
+    import torch_pruning as tp
+
+    model = build()
+    start = time.perf_counter()
+    imp = tp.importance.MagnitudeImportance(p=1)
+    ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+    pruner = tp.pruner.MagnitudePruner(model, inputs, importance=imp, pruning_ratio=ratio, ignored_layers=ignored)
+    pruner.step()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "params": sum(p.numel() for p in model.parameters())}
+
+
+def llama_1b() -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+    start = time.perf_counter()
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    build_s = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, 32000, (1, 16))
+    start = time.perf_counter()
+    result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    seconds = time.perf_counter() - start
+    return {"params_before": params, "params_after": sum(p.numel() for p in model.parameters()),
+            "construct_seconds": build_s, "prune_seconds": seconds, "groups_pruned": result.groups_pruned,
+            "heads_after": model.model.layers[0].self_attn.q_proj.out_features // 64,
+            "kv_heads_after": model.model.layers[0].self_attn.k_proj.out_features // 64,
+            "intermediate_after": model.model.layers[0].mlp.up_proj.out_features}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    console = Console()
+    x = torch.randn(1, 3, 224, 224)
+    results: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    for name in ("resnet50", "mobilenet_v2", "vit_b_16"):
+        build = lambda: getattr(torchvision.models, name)().eval()  # noqa: E731
+        ours = min((time_torchslim(build, x, torchslim.PruneConfig(ratio=0.5, verify=False)) for _ in range(args.repeats)),
+                   key=lambda r: r["seconds"])
+        ours_verified = time_torchslim(build, x, torchslim.PruneConfig(ratio=0.5))
+        try:
+            theirs = min((time_torch_pruning(build, x, 0.5) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+        except Exception as exc:  # noqa: BLE001 - record the anchor's failure
+            theirs = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        results[name] = {"torchslim": ours, "torchslim_with_verify": ours_verified, "torch_pruning": theirs}
+        gc.collect()
+    if not args.skip_llama:
+        results["llama_1b"] = llama_1b()
+    table = Table(title="graph + 50% pruning time (s), best of repeats")
+    for col in ("model", "torchslim", "torchslim + verify", "Torch-Pruning 1.6.1", "ratio"):
+        table.add_column(col, justify="right")
+    for name in ("resnet50", "mobilenet_v2", "vit_b_16"):
+        r = results[name]
+        tp_s = r["torch_pruning"].get("seconds")
+        table.add_row(name, f"{r['torchslim']['seconds']:.2f}", f"{r['torchslim_with_verify']['seconds']:.2f}",
+                      f"{tp_s:.2f}" if tp_s else r["torch_pruning"].get("error", "-")[:40],
+                      f"{r['torchslim']['seconds'] / tp_s:.2f}" if tp_s else "-")
+    console.print(table)
+    if "llama_1b" in results:
+        console.print({"llama_1b": results["llama_1b"]})
+    out = Path(__file__).parent / "results" / "speed_engine.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

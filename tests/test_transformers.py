@@ -1,0 +1,62 @@
+"""Transformers from configs (random init): heads and FFN units pruned exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchslim
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
+    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=128),
+    "t5": dict(d_model=64, num_layers=2, num_heads=4, d_ff=128, d_kv=16),
+    "vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                patch_size=8),
+}
+
+
+def _build(kind: str):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(kind, **CONFIGS[kind])
+    model = transformers.AutoModel.from_config(config).eval()
+    if kind == "vit":
+        return model, torch.randn(1, 3, 32, 32)
+    ids = torch.randint(0, 100, (1, 8))
+    if kind == "t5":
+        return model, ((), {"input_ids": ids, "decoder_input_ids": ids[:, :4]})
+    return model, ids
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_transformer_prunes_exactly(kind):
+    model, inputs = _build(kind)
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    assert result.plan and result.params_after < result.params_before
+    assert torchslim.verify(original, model, inputs, result.plan).ok
+
+
+def test_llama_gqa_prunes_whole_kv_groups():
+    model, ids = _build("llama")
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    attn = model.layers[0].self_attn
+    head_dim = original.layers[0].self_attn.head_dim
+    q_heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+    assert (q_heads, kv_heads) == (4, 1)  # one of two kv groups, with its 4 query heads
+    assert attn.o_proj.in_features == q_heads * head_dim
+    assert torchslim.verify(original, model, ids, result.plan).ok
+
+
+def test_bert_heads_follow_attributes():
+    model, ids = _build("bert")
+    torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    attn = model.encoder.layer[0].attention.self
+    assert attn.query.out_features == attn.num_attention_heads * attn.attention_head_size == attn.all_head_size
+    assert attn.num_attention_heads == 2
