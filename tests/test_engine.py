@@ -241,3 +241,21 @@ def test_prune_twice_composes_plans():
     second = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3, criterion="random"))
     plan = first.plan.extend(second.plan)
     assert torchslim.verify(original, model, x, plan).ok
+
+
+def test_unknown_op_blocks_with_a_named_error():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = torch.fft.fft(y, dim=1).real  # mixes channels; no rule
+            return self.b(y)
+
+    model = Weird().eval()
+    with pytest.raises(torchslim.PruningError, match=r"aten\._fft.*module '<root>'.*register a rule"):
+        torchslim.prune_(model, torch.randn(1, 3, 4, 4), torchslim.PruneConfig(op_names=["a"]))
+    assert model.a.out_channels == 8

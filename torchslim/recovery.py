@@ -149,7 +149,7 @@ class FinetuneResult:
 def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3, *,
              teacher: nn.Module | None = None, kd_alpha: float = 0.5, temperature: float = 4.0,
              optimizer: torch.optim.Optimizer | None = None, weight_decay: float = 0.0,
-             schedule: str | None = None, max_steps: int | None = None, device: torch.device | str | None = "cpu",
+             schedule: str | None = None, max_steps: int | None = None, device: torch.device | str | None = None,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` in place with Adam on ``(inputs, targets)`` batches from ``loader``.
 
@@ -161,7 +161,8 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
     half cosine over the run (stepped per batch; the loader needs a length, or give
     ``max_steps``); ``None`` keeps it constant.
     ``max_steps`` stops early after that many optimizer steps in total. ``device`` moves the
-    model, the teacher and each batch there (``None``: leave everything where it is).
+    model, the teacher and each batch there (``None``: the model stays where it is and the
+    teacher and the batches go to the model's device).
     The training flags of every module of ``model`` and ``teacher`` are restored at the end.
     """
     if epochs < 0:
@@ -174,10 +175,9 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
     if device is not None:
         model.to(device)
-        if teacher is not None:
-            teacher.to(device)
-    else:
-        device = None
+    device = _model_device(model)
+    if teacher is not None:
+        teacher.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         if not params:

@@ -77,7 +77,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             # nothing points at an op (e.g. a size read in Python built an output): bisect the groups
             culprits = _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
         if culprits.size == 0 or banned[culprits].all():
-            raise PruningError(f"pruning failed and was rolled back: {reason}")
+            raise PruningError(f"pruning failed and was rolled back: {reason}. To proceed: exclude the module "
+                               "named here (PruneConfig.exclude) or register a rule/handler for it")
         banned[culprits] = True
         skipped.append(reason)
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
@@ -94,6 +95,8 @@ def _eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]
         rejected = [n for n, m in graph.model.named_modules() if not config.filter_fn(n, m)]
         more = [graph.module_output_atoms(n) for n in rejected]
         excluded = np.concatenate([excluded if excluded is not None else np.zeros(0, np.int64)] + more)
+    if chosen is not None and not (~graph.atom_pinned[chosen]).any():
+        raise PruningError(_blocked_message(graph, chosen, config.op_names))
     groups = []
     for group in graph.groups:
         if config.exact_only and not group.exact:
@@ -104,6 +107,18 @@ def _eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]
             continue
         groups.append(group)
     return groups
+
+
+def _blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
+    """Say which op keeps the requested modules' channels from being pruned, and what to do."""
+    blockers = graph.explain(atoms)
+    if blockers:
+        causes = "; ".join(str(b) for b in blockers)
+        advice = "register a rule for the op with torchslim.op_rule, or exclude the module"
+    else:
+        causes = "they reach the model's inputs or outputs, whose shapes are kept"
+        advice = "choose inner layers"
+    return f"the output channels of {list(patterns)!r} cannot be pruned: {causes}. To proceed: {advice}."
 
 
 def _atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field: str) -> np.ndarray:
