@@ -56,7 +56,7 @@ class PruneConfig:
         if isinstance(self.op_names, str) or isinstance(self.exclude, str):
             raise ValueError("PruneConfig.op_names and PruneConfig.exclude take a list of glob patterns, not a string")
         if isinstance(self.criterion, str):
-            from torchslim.pruning.importance import CRITERIA
+            from torchslim.criteria import CRITERIA
 
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")

@@ -14,7 +14,7 @@ from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._surgery import Transaction, apply_removal
 from torchslim.pruning.config import PruneConfig
-from torchslim.pruning.importance import make_importance
+from torchslim.criteria import make_importance
 from torchslim.pruning.plan import PlanStep, PruningPlan
 from torchslim.pruning.verify import compare_outputs, run_eval
 
@@ -43,19 +43,22 @@ class PruneResult:
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig | None = None, *,
-           data: Any = None) -> PruneResult:
+           data: Any = None, loss_fn: Any = None) -> PruneResult:
     """Structurally prune ``model`` in place and return what was removed.
 
     Channels, heads and hidden units are ranked per group by ``config.criterion`` and the
     lowest ``config.ratio`` of each group (or as much as a ``target_macs`` needs) is
     physically removed. The result is checked against the zeroed original on
-    ``example_inputs``; on any error the model is left exactly as it was.
+    ``example_inputs``; on any error the model is left exactly as it was. Data-driven
+    criteria (taylor, apoz, mean_activation) measure on ``data`` (an iterable of batches, each
+    an input or an ``(input, target)`` pair); taylor also needs ``loss_fn(output, batch)``.
     """
     config = config or PruneConfig()
-    del data  # data-driven criteria arrive with the criteria module
     graph = DependencyGraph.build(model, example_inputs)
     groups = _eligible_groups(graph, config)
     importance = make_importance(config.criterion, config.seed)
+    if hasattr(importance, "prepare"):
+        importance.prepare(graph, data, loss_fn)
     order = {g.index: g.atoms[np.argsort(importance(graph, g), kind="stable")] for g in groups}
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = estimate_macs(graph)

@@ -1,0 +1,55 @@
+"""Taylor first-order (Molchanov et al. 2019): the loss change from removing a channel is
+approximated by ``|sum(w * dL/dw)|`` over the channel's weights, accumulated over user
+batches with real gradients from ``loss_fn(output, batch)``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from torchslim._inputs import call_model
+from torchslim.criteria._base import iter_batches, rows, score_slots
+from torchslim.graph import DependencyGraph, Group
+
+
+class TaylorImportance:
+    def __init__(self, max_batches: int | None = None):
+        self.max_batches = max_batches
+        self.saliency: dict[str, torch.Tensor] = {}
+
+    def prepare(self, graph: DependencyGraph, data: Iterable[Any], loss_fn: Callable | None) -> None:
+        if data is None or loss_fn is None:
+            raise ValueError("criterion 'taylor' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_")
+        model = graph.model
+        params = dict(model.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            for batch in iter_batches(data, self.max_batches):
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss = loss_fn(call_model(model, batch_inputs(batch)), batch)
+                    loss.backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        totals[n] += (p.detach() * p.grad.detach()).float()
+        finally:
+            model.zero_grad(set_to_none=True)
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+        self.saliency = totals
+
+    def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
+        if not self.saliency:
+            raise RuntimeError("TaylorImportance.prepare(graph, data, loss_fn) must run first")
+        return score_slots(graph, group, lambda name, dim, w: rows(self.saliency[name], dim).sum(1).abs())
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model inputs of a batch: ``(inputs, target)`` pairs give their first item."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[1], dict):
+        return batch[0]
+    return batch
