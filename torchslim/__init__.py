@@ -29,6 +29,11 @@ _EXPORTS = {
     "verify": "torchslim.pruning",
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",
+    "sparsify_": "torchslim.sparsity",
+    "sparsity_report": "torchslim.sparsity",
+    "save_sparse": "torchslim.sparsity",
+    "load_sparse": "torchslim.sparsity",
+    "bn_l1_penalty": "torchslim.criteria",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
