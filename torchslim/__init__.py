@@ -34,6 +34,8 @@ _EXPORTS = {
     "save_sparse": "torchslim.sparsity",
     "load_sparse": "torchslim.sparsity",
     "bn_l1_penalty": "torchslim.criteria",
+    "AGPPruner": "torchslim.schedules",
+    "prune_iteratively": "torchslim.schedules",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

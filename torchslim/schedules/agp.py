@@ -1,0 +1,106 @@
+"""Automated gradual pruning (Zhu & Gupta 2017) inside the user's own training loop.
+
+``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / n)^3`` rises from ``s_i`` to ``s_f`` over ``n``
+updates. Call ``pruner.step()`` once per training iteration; every ``frequency`` steps the
+masks grow to ``s_t``. Masks stay enforced after each optimizer step (weights and optimizer
+state). ``finalize()`` removes the masked channels physically, once (structured), or leaves
+the zeros in place (unstructured).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim._inputs import ExampleInputs
+from torchslim.criteria import make_importance
+from torchslim.graph import DependencyGraph
+from torchslim.pruning import PruneConfig, PruneResult, prune_
+from torchslim.pruning.prune import _eligible_groups, _keep_count
+from torchslim.sparsity.level import _keep_largest, _selected, DEFAULT_TYPES
+from torchslim.sparsity.masks import WeightMasks
+
+
+def agp_sparsity(t: int, *, initial: float, final: float, start: int, steps: int) -> float:
+    """The cubic AGP schedule at update ``t``."""
+    progress = min(max((t - start) / steps, 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+class AGPPruner:
+    """Gradual pruning hook: ``step()`` each iteration, ``finalize()`` at the end."""
+
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs | None = None, *, final_sparsity: float,
+                 total_steps: int, initial_sparsity: float = 0.0, start_step: int = 0, frequency: int = 1,
+                 structured: bool = True, config: PruneConfig | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        if not 0 <= initial_sparsity <= final_sparsity < 1:
+            raise ValueError("need 0 <= initial_sparsity <= final_sparsity < 1")
+        if structured and example_inputs is None:
+            raise ValueError("structured AGP needs example_inputs to build the dependency graph")
+        self.model, self.example_inputs = model, example_inputs
+        self.initial, self.final = initial_sparsity, final_sparsity
+        self.total_steps, self.start, self.frequency = total_steps, start_step, max(1, frequency)
+        self.structured = structured
+        self.config = config or PruneConfig(ratio=final_sparsity)
+        self.t = 0
+        self.current = 0.0
+        self.masks = WeightMasks(model, {})
+        self._hook = self.masks.attach(optimizer) if optimizer is not None else None
+        if structured:
+            self.graph = DependencyGraph.build(model, example_inputs)
+            self.groups = _eligible_groups(self.graph, self.config)
+            self.importance = make_importance(self.config.criterion, self.config.seed)
+
+    def sparsity_at(self, t: int) -> float:
+        return agp_sparsity(t, initial=self.initial, final=self.final, start=self.start, steps=self.total_steps)
+
+    def step(self) -> float:
+        """Advance one iteration; grow the masks on update steps. Returns the current sparsity."""
+        self.t += 1
+        if self.t >= self.start and (self.t - self.start) % self.frequency == 0:
+            target = self.sparsity_at(self.t)
+            if target > self.current:
+                self._mask_to(target)
+                self.current = target
+        return self.current
+
+    @torch.no_grad()
+    def _mask_to(self, sparsity: float) -> None:
+        if self.structured:
+            self.masks.masks = self._structured_masks(sparsity)
+        else:
+            layers = _selected(self.model, DEFAULT_TYPES, self.config.op_names, self.config.exclude, self.config.filter_fn)
+            self.masks.masks = {f"{n}.weight": _keep_largest(m.weight.detach(), sparsity) for n, m in layers}
+        self.masks.apply_()
+
+    def _structured_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        removed = []
+        for group in self.groups:
+            scores = self.importance(self.graph, group)
+            n_remove = len(group) - _keep_count(len(group), sparsity, self.config)
+            removed.append(group.atoms[np.argsort(scores, kind="stable")[:n_remove]])
+        removal = self.graph.removal(np.concatenate(removed) if removed else np.zeros(0, np.int64))
+        params = dict(self.model.named_parameters())
+        masks = {}
+        for name, dims in removal.items():
+            if name not in params:
+                continue
+            keep = torch.ones_like(params[name], dtype=torch.bool)
+            for dim, index in dims.items():
+                keep.index_fill_(dim, torch.as_tensor(index, dtype=torch.long), False)
+            masks[name] = keep
+        return masks
+
+    def finalize(self) -> PruneResult | WeightMasks:
+        """Structured: remove the masked channels physically (exactly the zeroed ones). Unstructured: the masks."""
+        if self._hook is not None:
+            self._hook.remove()
+        if not self.structured:
+            return self.masks
+        self._mask_to(self.final)  # make sure the last masks are the final ones
+        # masked atoms have zero weight, so a magnitude ranking at the final ratio removes exactly them
+        from dataclasses import replace
+
+        return prune_(self.model, self.example_inputs, replace(self.config, ratio=self.final, criterion="l1",
+                                                               target_macs=None))
