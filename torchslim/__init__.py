@@ -29,6 +29,7 @@ _EXPORTS = {
     "verify": "torchslim.pruning",
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",
+    "config_from_recipe": "torchslim.pruning",
     "sparsify_": "torchslim.sparsity",
     "sparsity_report": "torchslim.sparsity",
     "save_sparse": "torchslim.sparsity",

@@ -176,16 +176,23 @@ class DependencyGraph:
 
     def module_output_atoms(self, module_name: str) -> np.ndarray:
         """Atoms of a module's output channels: output dims coupled to the module's own parameters."""
+        return self._io_atoms(module_name, outputs=True)
+
+    def _io_atoms(self, module_name: str, outputs: bool) -> np.ndarray:
         c, labels = self.coupling, self.labels
         own = [idx for name, idx in self.trace.param_nodes.items() if _owned_by(name, module_name)]
         if not own:
             return np.zeros(0, dtype=np.int64)
         param_atoms = np.unique(np.concatenate([labels[c.ids(n, d)] for n in own for d in range(c.nodes[n].ndim)]))
-        outs = [o for call in self.trace.module_calls.get(module_name, []) for o in call.outputs]
+        outs = [o for call in self.trace.module_calls.get(module_name, []) for o in (call.outputs if outputs else call.inputs)]
         out_atoms = [labels[c.ids(o, d)] for o in outs for d in range(c.nodes[o].ndim)]
         if not out_atoms:
             return np.zeros(0, dtype=np.int64)
         return np.intersect1d(param_atoms, np.concatenate(out_atoms))
+
+    def module_input_atoms(self, module_name: str) -> np.ndarray:
+        """Atoms of a module's input channels: input dims coupled to the module's own parameters."""
+        return self._io_atoms(module_name, outputs=False)
 
     def explain(self, atoms: np.ndarray, limit: int = 3) -> list[OpBlocker]:
         """The blockers whose pins touch any of ``atoms`` (for error messages)."""

@@ -2,10 +2,12 @@
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import PlanStep, PruningPlan
-from torchslim.pruning.prune import PruneResult, PruningError, prune_
+from torchslim.pruning._select import PruningError
+from torchslim.pruning.prune import PruneResult, prune_
+from torchslim.pruning.recipe import config_from_recipe, load_recipe
 from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
 __all__ = [
     "PlanStep", "PruneConfig", "PruneResult", "PruningError", "PruningPlan",
-    "VerifyReport", "prune_", "register_module_handler", "verify", "zero_removed_",
+    "VerifyReport", "config_from_recipe", "load_recipe", "prune_", "register_module_handler", "verify", "zero_removed_",
 ]

@@ -73,8 +73,10 @@ class SurgeryContext:
         self.tx = tx
         self.names = {id(m): n for n, m in graph.model.named_modules(remove_duplicate=False)}
         self._old: dict[tuple[int, str], Any] = {}
+        self.touched: set[tuple[int, str]] = set()
 
     def set(self, module: nn.Module, attr: str, value: Any) -> None:
+        self.touched.add((id(module), attr))  # set by a handler: derived-size rules leave it alone
         if getattr(module, attr, _MISSING) == value:
             return
         self._old.setdefault((id(module), attr), getattr(module, attr, None))
@@ -236,11 +238,12 @@ def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:
         changed = {k for k in ints if ctx.old(module, k) != ints[k]}
         if not changed:
             continue
+        factors = [k for k in ints if ctx.old(module, k) > 1]  # x * 1 is no evidence of a product
         for target in ints:
-            if target in changed:
+            if target in changed or (id(module), target) in ctx.touched:
                 continue
-            for a in ints:
-                for b in ints:
+            for a in factors:
+                for b in factors:
                     if a < b and {a, b} & changed and target not in (a, b) \
                             and ctx.old(module, a) * ctx.old(module, b) == ints[target]:
                         ctx.set(module, target, ints[a] * ints[b])

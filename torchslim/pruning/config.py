@@ -23,6 +23,13 @@ class PruneConfig:
                   the ratio then is searched and ``ratio`` is its upper bound.
     round_to:     keep a multiple of this many channels (atoms) per group.
     min_channels: never keep fewer than this many atoms in a group.
+    target_params: like ``target_macs`` for the trainable parameter count.
+    ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
+                  output channels uses it; the first matching glob wins).
+    global_ranking: rank atoms across groups (scores divided by their group's mean; with a
+                  target, by importance per MAC/param saved) instead of per group.
+    max_sparsity_per_layer: with global ranking, the most any group may lose.
+    protect_inputs: module globs whose INPUT channels must stay (``exclude`` protects outputs).
     exact_only:   skip groups whose channels feed a statistic over the channel dim (LayerNorm,
                   softmax, mean), where removal is not identical to zeroing.
     seed:         seed for the random criterion.
@@ -38,6 +45,11 @@ class PruneConfig:
     target_macs: float | None = None
     round_to: int = 1
     min_channels: int = 1
+    target_params: float | None = None
+    ratios: dict[str, float] | None = None
+    global_ranking: bool = False
+    max_sparsity_per_layer: float = 1.0
+    protect_inputs: Sequence[str] = ()
     exact_only: bool = False
     seed: int = 0
     verify: bool = True
@@ -53,7 +65,16 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.min_channels must be >= 1, got {self.min_channels}")
         if self.target_macs is not None and not float(self.target_macs) > 0:
             raise ValueError(f"PruneConfig.target_macs must be > 0, got {self.target_macs}")
-        if isinstance(self.op_names, str) or isinstance(self.exclude, str):
+        if self.target_params is not None and not float(self.target_params) > 0:
+            raise ValueError(f"PruneConfig.target_params must be > 0, got {self.target_params}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise ValueError("PruneConfig.target_macs and PruneConfig.target_params conflict: give one target")
+        if not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
+            raise ValueError(f"PruneConfig.max_sparsity_per_layer must be in (0, 1], got {self.max_sparsity_per_layer}")
+        for pattern, value in (self.ratios or {}).items():
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"PruneConfig.ratios[{pattern!r}] must be in [0, 1), got {value}")
+        if isinstance(self.op_names, str) or isinstance(self.exclude, str) or isinstance(self.protect_inputs, str):
             raise ValueError("PruneConfig.op_names and PruneConfig.exclude take a list of glob patterns, not a string")
         if isinstance(self.criterion, str):
             from torchslim.criteria import CRITERIA

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from torch import nn
 from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
+from torchslim.pruning._select import PruningError, Selector, eligible_groups
 from torchslim.pruning._surgery import Transaction, apply_removal
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
@@ -19,11 +19,6 @@ from torchslim.pruning.plan import PlanStep, PruningPlan
 from torchslim.pruning.verify import compare_outputs, run_eval
 
 MAX_ATTEMPTS = 12
-TARGET_SEARCH_MAX_RATIO = 0.95
-
-
-class PruningError(RuntimeError):
-    """Pruning could not be applied; the model is unchanged."""
 
 
 @dataclasses.dataclass
@@ -55,17 +50,17 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     """
     config = config or PruneConfig()
     graph = DependencyGraph.build(model, example_inputs)
-    groups = _eligible_groups(graph, config)
+    groups = eligible_groups(graph, config)
     importance = make_importance(config.criterion, config.seed)
     if hasattr(importance, "prepare"):
         importance.prepare(graph, data, loss_fn)
-    order = {g.index: g.atoms[np.argsort(importance(graph, g), kind="stable")] for g in groups}
+    selector = Selector(graph, groups, {g.index: np.asarray(importance(graph, g), dtype=np.float64) for g in groups}, config)
     params_before = sum(p.numel() for p in model.parameters())
-    macs_before = estimate_macs(graph)
+    macs_before = selector.macs_before
     banned = np.zeros(graph.n_atoms, dtype=bool)
     skipped: list[str] = []
     for _ in range(MAX_ATTEMPTS):
-        ratio, removed = _select(graph, groups, order, banned, config, macs_before)
+        ratio, removed = selector.select(banned)
         if removed.size == 0:
             return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, ratio, 0,
                                skipped=skipped)
@@ -85,112 +80,6 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
         banned[culprits] = True
         skipped.append(reason)
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
-
-
-# selection -----------------------------------------------------------------------------
-def _eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
-    module_names = [n for n, _ in graph.model.named_modules()]
-    chosen: np.ndarray | None = None
-    if config.op_names is not None:
-        chosen = _atoms_of_matching(graph, module_names, config.op_names, "op_names")
-    excluded = _atoms_of_matching(graph, module_names, config.exclude, "exclude") if config.exclude else None
-    if config.filter_fn is not None:
-        rejected = [n for n, m in graph.model.named_modules() if not config.filter_fn(n, m)]
-        more = [graph.module_output_atoms(n) for n in rejected]
-        excluded = np.concatenate([excluded if excluded is not None else np.zeros(0, np.int64)] + more)
-    if chosen is not None and not (~graph.atom_pinned[chosen]).any():
-        raise PruningError(_blocked_message(graph, chosen, config.op_names))
-    groups = []
-    for group in graph.groups:
-        if config.exact_only and not group.exact:
-            continue
-        if chosen is not None and not np.isin(group.atoms, chosen).any():
-            continue
-        if excluded is not None and np.isin(group.atoms, excluded).any():
-            continue
-        groups.append(group)
-    return groups
-
-
-def _blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
-    """Say which op keeps the requested modules' channels from being pruned, and what to do."""
-    blockers = graph.explain(atoms)
-    if blockers:
-        causes = "; ".join(str(b) for b in blockers)
-        advice = "register a rule for the op with torchslim.op_rule, or exclude the module"
-    else:
-        causes = "they reach the model's inputs or outputs, whose shapes are kept"
-        advice = "choose inner layers"
-    return f"the output channels of {list(patterns)!r} cannot be pruned: {causes}. To proceed: {advice}."
-
-
-def _atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field: str) -> np.ndarray:
-    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not matched:
-        raise ValueError(f"PruneConfig.{field} {list(patterns)!r} matches no module of {type(graph.model).__name__}")
-    atoms = [graph.module_output_atoms(n) for n in matched]
-    return np.concatenate(atoms) if atoms else np.zeros(0, dtype=np.int64)
-
-
-def _keep_count(n: int, ratio: float, config: PruneConfig) -> int:
-    keep = int(np.ceil(n * (1.0 - ratio) / config.round_to) * config.round_to)
-    return max(min(keep, n), min(config.min_channels, n))
-
-
-def _remove_at(graph, groups, order, banned, ratio, config) -> np.ndarray:
-    removed = []
-    for group in groups:
-        ranked = order[group.index]
-        candidates = ranked[~banned[ranked]]
-        n_remove = min(len(ranked) - _keep_count(len(ranked), ratio, config), len(candidates))
-        if n_remove > 0:
-            removed.append(_protect_slots(graph, group, candidates, n_remove, config.min_channels))
-    return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
-
-
-def _protect_slots(graph, group: Group, ranked: np.ndarray, n_remove: int, min_keep: int) -> np.ndarray:
-    """The ``n_remove`` lowest-ranked atoms, skipping any whose removal would empty a layer.
-
-    A group can span several layers (a DenseNet concat feeds one norm from many convs), so
-    each parameter slot keeps at least ``min_keep`` of its own indices.
-    """
-    chosen = np.zeros(graph.n_atoms, dtype=bool)
-    chosen[ranked[:n_remove]] = True
-    for name, dim in group.params:
-        labels = graph.param_labels(name, dim)
-        labels = labels[np.isin(labels, group.atoms)]
-        kept = int((~chosen[labels]).sum())
-        if kept >= min_keep or labels.size == 0:
-            continue
-        for atom in ranked[:n_remove][::-1]:  # give back the most important removed atoms first
-            if chosen[atom] and np.isin(atom, labels):
-                chosen[atom] = False
-                kept += int((labels == atom).sum())
-                if kept >= min_keep:
-                    break
-    return ranked[chosen[ranked]]
-
-
-def _select(graph, groups, order, banned, config, macs_before) -> tuple[float, np.ndarray]:
-    if config.target_macs is None:
-        return config.ratio, _remove_at(graph, groups, order, banned, config.ratio, config)
-    target = config.target_macs * macs_before if config.target_macs <= 1 else config.target_macs
-    lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
-    best = _remove_at(graph, groups, order, banned, hi, config)
-    if estimate_macs(graph, best) > target:
-        raise ValueError(
-            f"PruneConfig.target_macs={config.target_macs} cannot be met: removing {hi:.0%} of every prunable "
-            f"group leaves {estimate_macs(graph, best) / macs_before:.1%} of the MACs"
-        )
-    best_ratio = hi
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        candidate = _remove_at(graph, groups, order, banned, mid, config)
-        if estimate_macs(graph, candidate) <= target:
-            hi, best, best_ratio = mid, candidate, mid
-        else:
-            lo = mid
-    return best_ratio, best
 
 
 # application ----------------------------------------------------------------------------

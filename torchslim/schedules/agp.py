@@ -16,7 +16,7 @@ from torchslim._inputs import ExampleInputs
 from torchslim.criteria import make_importance
 from torchslim.graph import DependencyGraph
 from torchslim.pruning import PruneConfig, PruneResult, prune_
-from torchslim.pruning.prune import _eligible_groups, _keep_count
+from torchslim.pruning._select import eligible_groups, keep_count
 from torchslim.sparsity.level import _keep_largest, _selected, DEFAULT_TYPES
 from torchslim.sparsity.masks import WeightMasks
 
@@ -49,7 +49,7 @@ class AGPPruner:
         self._hook = self.masks.attach(optimizer) if optimizer is not None else None
         if structured:
             self.graph = DependencyGraph.build(model, example_inputs)
-            self.groups = _eligible_groups(self.graph, self.config)
+            self.groups = eligible_groups(self.graph, self.config)
             self.importance = make_importance(self.config.criterion, self.config.seed)
 
     def sparsity_at(self, t: int) -> float:
@@ -78,7 +78,7 @@ class AGPPruner:
         removed = []
         for group in self.groups:
             scores = self.importance(self.graph, group)
-            n_remove = len(group) - _keep_count(len(group), sparsity, self.config)
+            n_remove = len(group) - keep_count(len(group), sparsity, self.config)
             removed.append(group.atoms[np.argsort(scores, kind="stable")[:n_remove]])
         removal = self.graph.removal(np.concatenate(removed) if removed else np.zeros(0, np.int64))
         params = dict(self.model.named_parameters())

@@ -1,0 +1,110 @@
+"""Config features: global ranking with per-layer caps, targets, per-module ratios, input
+protection, NNI-style rule lists, and validation that fails before anything changes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.pruning import config_from_recipe
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+        with torch.no_grad():
+            self.a.weight.mul_(0.01)  # a's channels look unimportant to a global ranking
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def test_global_ranking_takes_unevenly_but_respects_the_cap():
+    free = Three()
+    torchslim.prune_(free, X, torchslim.PruneConfig(ratio=0.3, global_ranking=True, criterion="l1"))
+    assert free.a.out_channels < free.b.out_channels  # the small layer pays most
+    capped = Three()
+    torchslim.prune_(capped, X, torchslim.PruneConfig(ratio=0.3, global_ranking=True, max_sparsity_per_layer=0.25))
+    assert min(capped.a.out_channels, capped.b.out_channels, capped.c.out_channels) >= 12
+    assert capped.a.out_channels + capped.b.out_channels + capped.c.out_channels <= 48 - 12
+
+
+def test_target_params_is_met():
+    model = Three()
+    before = sum(p.numel() for p in model.parameters())
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_params=0.5))
+    assert result.params_after == sum(p.numel() for p in model.parameters()) <= 0.5 * before
+
+
+def test_target_macs_with_global_ranking_prefers_cheap_importance():
+    model = Three()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, global_ranking=True))
+    assert result.macs_after <= 0.5 * result.macs_before
+
+
+def test_per_module_ratios_and_input_protection():
+    model = Three()
+    torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={"b": 0.25}))
+    assert (model.a.out_channels, model.b.out_channels, model.c.out_channels) == (8, 12, 8)
+    model = Three()
+    torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, protect_inputs=["c"]))
+    assert model.c.in_channels == 16 and model.a.out_channels == 8  # b's outputs are c's inputs
+
+
+def test_recipe_from_yaml(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "criterion: l2\nround_to: 2\nrules:\n"
+        "  - op_types: [Conv2d]\n    sparsity_per_layer: 0.5\n"
+        "  - op_names: [b]\n    sparsity_per_layer: 0.25\n"
+        "  - op_names: [head]\n    exclude: true\n"
+    )
+    model = Three()
+    config = config_from_recipe(model, recipe)
+    assert config.criterion == "l2" and config.ratios["b"] == 0.25 and "head" in config.exclude
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, X, config)
+    assert (model.a.out_channels, model.b.out_channels) == (8, 12)
+    assert torchslim.verify(original, model, X, result.plan).ok
+
+
+@pytest.mark.parametrize("rules,needle", [
+    ([{"op_names": ["nope"], "sparsity": 0.5}], r"rules\[0\].*matches no module"),
+    ([{"op_types": ["Conv2d"], "sparsity": 0.5, "colour": 1}], r"rules\[0\] has unknown key"),
+    ([{"op_names": ["a"], "sparsity": 0.5}, {"op_names": ["a"], "exclude": True}], "conflict"),
+    ([{"op_names": ["a"]}], r"rules\[0\] needs sparsity"),
+    ([{"op_names": ["a"], "sparsity": 1.2}], r"ratios\['a'\]"),
+])
+def test_bad_recipes_fail_naming_the_rule(rules, needle):
+    with pytest.raises(ValueError, match=needle):
+        config_from_recipe(Three(), {"rules": rules})
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"target_macs": 0.5, "target_params": 0.5}, "target_params"),
+    ({"max_sparsity_per_layer": 0}, "max_sparsity_per_layer"),
+    ({"ratios": {"a": 1.0}}, "ratios"),
+    ({"target_macs": -1}, "target_macs"),
+])
+def test_invalid_config_fields(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        torchslim.PruneConfig(**kwargs)
+
+
+def test_unreachable_target_fails_before_changes():
+    model = Three()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="target_macs"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.001, exclude=["a", "b"]))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

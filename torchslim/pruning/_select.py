@@ -1,0 +1,224 @@
+"""Which atoms to remove: eligible groups, per-group or global ranking, budgets and targets.
+
+Per group (default), each group loses its ``ratio`` (or its module's ratio from
+``PruneConfig.ratios``) of lowest-scored atoms. With ``global_ranking`` scores are divided by
+their group's mean so groups compare, and the lowest atoms overall go, at most
+``max_sparsity_per_layer`` of any group. For ``target_macs`` / ``target_params`` the ratio is
+searched by bisection on estimates from the graph; with global ranking the ranking is by
+importance per MAC (or parameter) saved, so the budget is spent where importance is cheapest.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+
+from torchslim.graph import DependencyGraph, Group
+from torchslim.graph.macs import estimate_macs
+from torchslim.pruning.config import PruneConfig
+
+TARGET_SEARCH_MAX_RATIO = 0.95
+SEARCH_STEPS = 14
+
+
+class PruningError(RuntimeError):
+    """Pruning could not be applied; the model is unchanged."""
+
+
+def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
+    """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only)."""
+    names = [n for n, _ in graph.model.named_modules()]
+    chosen = atoms_of_matching(graph, names, config.op_names, "op_names") if config.op_names is not None else None
+    blocked = []
+    if config.exclude:
+        blocked.append(atoms_of_matching(graph, names, config.exclude, "exclude"))
+    if config.protect_inputs:
+        blocked.append(atoms_of_matching(graph, names, config.protect_inputs, "protect_inputs", inputs=True))
+    if config.filter_fn is not None:
+        blocked += [graph.module_output_atoms(n) for n, m in graph.model.named_modules() if not config.filter_fn(n, m)]
+    excluded = np.concatenate(blocked) if blocked else None
+    if chosen is not None and excluded is not None and np.isin(chosen, excluded).all() and chosen.size:
+        raise ValueError("PruneConfig.op_names and PruneConfig.exclude conflict: every selected module is also excluded")
+    if chosen is not None and not (~graph.atom_pinned[chosen]).any():
+        raise PruningError(blocked_message(graph, chosen, config.op_names))
+    groups = []
+    for group in graph.groups:
+        if config.exact_only and not group.exact:
+            continue
+        if chosen is not None and not np.isin(group.atoms, chosen).any():
+            continue
+        if excluded is not None and np.isin(group.atoms, excluded).any():
+            continue
+        groups.append(group)
+    return groups
+
+
+def blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
+    """Say which op keeps the requested modules' channels from being pruned, and what to do."""
+    blockers = graph.explain(atoms)
+    if blockers:
+        causes = "; ".join(str(b) for b in blockers)
+        advice = "register a rule for the op with torchslim.op_rule, or exclude the module"
+    else:
+        causes = "they reach the model's inputs or outputs, whose shapes are kept"
+        advice = "choose inner layers"
+    return f"the output channels of {list(patterns)!r} cannot be pruned: {causes}. To proceed: {advice}."
+
+
+def atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field: str, inputs: bool = False) -> np.ndarray:
+    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not matched:
+        raise ValueError(f"PruneConfig.{field} {list(patterns)!r} matches no module of {type(graph.model).__name__}")
+    atoms = [graph.module_input_atoms(n) if inputs else graph.module_output_atoms(n) for n in matched]
+    return np.concatenate(atoms) if atoms else np.zeros(0, dtype=np.int64)
+
+
+def keep_count(n: int, ratio: float, config: PruneConfig) -> int:
+    keep = int(np.ceil(n * (1.0 - ratio) / config.round_to) * config.round_to)
+    return max(min(keep, n), min(config.min_channels, n))
+
+
+class Selector:
+    """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?"."""
+
+    def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig):
+        self.graph, self.groups, self.config = graph, groups, config
+        self.scores = scores
+        self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
+        self.group_ratio = {g.index: self._module_ratio(g) for g in groups}
+        self.macs_before = estimate_macs(graph)
+        self.params_before = estimate_params(graph)
+        self._costs: dict[int, float] | None = None
+
+    # per-group ratios ---------------------------------------------------------------
+    def _module_ratio(self, group: Group) -> float | None:
+        """The first ``PruneConfig.ratios`` glob matching a module whose output channels are in the group."""
+        for pattern, ratio in (self.config.ratios or {}).items():
+            for name, _ in self.graph.model.named_modules():
+                if fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(name), group.atoms).any():
+                    return float(ratio)
+        return None
+
+    # selection ------------------------------------------------------------------------
+    def remove_at(self, ratio: float, banned: np.ndarray) -> np.ndarray:
+        if self.config.global_ranking:
+            return self._global(ratio, banned)
+        removed = []
+        for group in self.groups:
+            group_ratio = self.group_ratio[group.index]
+            group_ratio = ratio if group_ratio is None else (group_ratio if self.config.target_macs is None and
+                                                            self.config.target_params is None else min(group_ratio, ratio))
+            ranked = self.order[group.index]
+            candidates = ranked[~banned[ranked]]
+            n_remove = min(len(ranked) - keep_count(len(ranked), group_ratio, self.config), len(candidates))
+            if n_remove > 0:
+                removed.append(protect_slots(self.graph, group, candidates, n_remove, self.config.min_channels))
+        return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+    def _global(self, ratio: float, banned: np.ndarray) -> np.ndarray:
+        atoms, values, owners, caps = [], [], [], {}
+        costs = self._atom_costs() if (self.config.target_macs or self.config.target_params) else None
+        for group in self.groups:
+            score = self.scores[group.index]
+            normalized = score / (np.mean(np.abs(score)) or 1.0)
+            if costs is not None:
+                normalized = normalized / max(costs[group.index], 1e-12)
+            ok = ~banned[group.atoms]
+            atoms.append(group.atoms[ok])
+            values.append(normalized[ok])
+            owners.append(np.full(int(ok.sum()), group.index))
+            cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
+            caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config)
+        if not atoms:
+            return np.zeros(0, dtype=np.int64)
+        atoms_a, values_a, owners_a = np.concatenate(atoms), np.concatenate(values), np.concatenate(owners)
+        total = int(ratio * sum(len(g) for g in self.groups))
+        order = np.argsort(values_a, kind="stable")
+        taken: dict[int, list[int]] = {}
+        for index in order:
+            if total <= 0:
+                break
+            owner = int(owners_a[index])
+            if len(taken.setdefault(owner, [])) < caps[owner]:
+                taken[owner].append(int(atoms_a[index]))
+                total -= 1
+        removed = []
+        by_index = {g.index: g for g in self.groups}
+        for owner, chosen in taken.items():
+            group = by_index[owner]
+            ranked = np.asarray(chosen, dtype=np.int64)
+            removed.append(protect_slots(self.graph, group, ranked, len(ranked), self.config.min_channels))
+        return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+    def _atom_costs(self) -> dict[int, float]:
+        """MACs (or params) saved per atom of each group, from removing half of it on the graph."""
+        if self._costs is None:
+            measure = estimate_macs if self.config.target_macs is not None else estimate_params
+            base = measure(self.graph)
+            self._costs = {}
+            for group in self.groups:
+                half = group.atoms[: max(1, len(group) // 2)]
+                self._costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
+        return self._costs
+
+    def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
+        """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
+        config = self.config
+        if config.target_macs is None and config.target_params is None:
+            return config.ratio, self.remove_at(config.ratio, banned)
+        if config.target_macs is not None:
+            field, value, measure, before = "target_macs", config.target_macs, estimate_macs, self.macs_before
+        else:
+            field, value, measure, before = "target_params", config.target_params, estimate_params, self.params_before
+        target = value * before if value <= 1 else value
+        lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
+        best = self.remove_at(hi, banned)
+        if measure(self.graph, best) > target:
+            raise ValueError(f"PruneConfig.{field}={value} cannot be met: the most this config allows leaves "
+                             f"{measure(self.graph, best) / before:.1%} of the original")
+        best_ratio = hi
+        for _ in range(SEARCH_STEPS):
+            mid = (lo + hi) / 2
+            candidate = self.remove_at(mid, banned)
+            if measure(self.graph, candidate) <= target:
+                hi, best, best_ratio = mid, candidate, mid
+            else:
+                lo = mid
+        return best_ratio, best
+
+
+def protect_slots(graph: DependencyGraph, group: Group, ranked: np.ndarray, n_remove: int, min_keep: int) -> np.ndarray:
+    """The ``n_remove`` lowest-ranked atoms, skipping any whose removal would empty a layer.
+
+    A group can span several layers (a DenseNet concat feeds one norm from many convs), so
+    each parameter slot keeps at least ``min_keep`` of its own indices.
+    """
+    chosen = np.zeros(graph.n_atoms, dtype=bool)
+    chosen[ranked[:n_remove]] = True
+    for name, dim in group.params:
+        labels = graph.param_labels(name, dim)
+        labels = labels[np.isin(labels, group.atoms)]
+        kept = int((~chosen[labels]).sum())
+        if kept >= min_keep or labels.size == 0:
+            continue
+        for atom in ranked[:n_remove][::-1]:  # give back the most important removed atoms first
+            if chosen[atom] and np.isin(atom, labels):
+                chosen[atom] = False
+                kept += int((labels == atom).sum())
+                if kept >= min_keep:
+                    break
+    return ranked[chosen[ranked]]
+
+
+def estimate_params(graph: DependencyGraph, removed_atoms: np.ndarray | None = None) -> int:
+    """Trainable parameters after removing ``removed_atoms`` (from the graph, nothing runs)."""
+    removed = np.zeros(graph.n_atoms, dtype=bool)
+    if removed_atoms is not None and len(removed_atoms):
+        removed[np.asarray(removed_atoms, dtype=np.int64)] = True
+    trainable = {n for n, _ in graph.model.named_parameters()}
+    total = 0
+    for name, node in graph.trace.param_nodes.items():
+        if name in trainable:
+            total += int(np.prod(graph.new_shape(node, removed)))
+    untraced = sum(p.numel() for n, p in graph.model.named_parameters() if n not in graph.trace.param_nodes)
+    return total + untraced
