@@ -26,4 +26,4 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from torchslim.models import digits  # noqa: E402,F401  (registers)
+from torchslim.models import digits, modnet  # noqa: E402,F401  (registers)

@@ -118,7 +118,8 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if op is None:
             return np.zeros(0, dtype=np.int64), reason
-        return _atoms_of_op(graph, op, removed), f"{op.name} in module '{op.module or '<root>'}': {reason}"
+        culprits = np.concatenate([_atoms_of_op(graph, twin, removed) for twin in _analogous_ops(graph, op)])
+        return culprits, f"{op.name} in module '{op.module or '<root>'}': {reason}"
     report = None
     if reference is not None:
         # inexact groups (LayerNorm statistics...) can only be checked for output shapes
@@ -159,6 +160,25 @@ def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInpu
         with torch.no_grad():
             for name, value in saved.items():
                 tensors[name].copy_(value)
+
+
+def _analogous_ops(graph: DependencyGraph, op) -> list:
+    """``op`` and the ops at the same place in every other module of the same type: the same
+    code runs there, so a size it cannot follow in one block it cannot follow in any."""
+    by_module: dict[str, list] = {}
+    for other in graph.trace.ops:
+        by_module.setdefault(other.module, []).append(other)
+    siblings = by_module.get(op.module, [])
+    position = next((i for i, o in enumerate(siblings) if o is op), None)
+    if position is None or not op.module:
+        return [op]
+    kind = type(graph.model.get_submodule(op.module))
+    twins = [op]
+    for name, ops in by_module.items():
+        if name and name != op.module and len(ops) == len(siblings) and type(graph.model.get_submodule(name)) is kind:
+            if ops[position].func == op.func:
+                twins.append(ops[position])
+    return twins
 
 
 def _atoms_of_op(graph: DependencyGraph, op, removed: np.ndarray) -> np.ndarray:
