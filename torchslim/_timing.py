@@ -1,30 +1,72 @@
-"""Latency measurement done properly: warm-up, repeated runs, median and spread, fixed threads."""
+"""Latency measured properly: warm-up, repeated runs, median and spread, a stated thread count.
+
+* :func:`measure_latency` times a whole call (``warmup`` untimed runs, then ``repeats``
+  timed ones; median, p10 and p90).
+* :func:`module_latency` times every submodule of a model inside the same kind of repeated
+  runs, with forward pre/post hooks: per run, the time inside each module's forward (all its
+  calls summed) and the part of it not spent in child-module calls; the medians over runs.
+
+Both run under ``torch.no_grad`` with torch's intra-op thread count fixed for the duration
+(``threads=None`` keeps the current count) and restored afterwards.
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import statistics
 import time
+from collections import defaultdict
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 
 @dataclasses.dataclass
 class LatencyStats:
+    """Milliseconds per call: the median and the 10th / 90th percentiles of ``runs`` timed calls."""
+
     median_ms: float
     p10_ms: float
     p90_ms: float
     runs: int
     threads: int
 
+    @property
+    def spread_ms(self) -> float:
+        """p90 - p10: how noisy the measurement was."""
+        return self.p90_ms - self.p10_ms
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass
+class ModuleTiming:
+    """Per-run medians for one module: time inside its forward, and the part outside child modules."""
+
+    median_ms: float
+    self_median_ms: float
+    calls: int  # forward calls per run
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (``q`` in [0, 1]) of a non-empty list."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
-    """Run the block with torch's intra-op thread count set to ``threads`` (None: unchanged)."""
+    """Run the block with torch's intra-op thread count set to ``threads`` (None: unchanged).
+
+    Yields the thread count in effect; the previous count is restored on exit.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -34,20 +76,77 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def measure_latency(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 20,
-                    threads: int | None = None) -> LatencyStats:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls, under ``no_grad``.
+def _check_counts(warmup: int, repeats: int) -> None:
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
 
-    ``threads`` fixes torch's intra-op thread count for the measurement (restored after).
-    """
+
+def measure_latency(fn: Callable[[], object], warmup: int = 5, repeats: int = 20,
+                    threads: int | None = None) -> LatencyStats:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones, under ``no_grad``."""
+    _check_counts(warmup, repeats)
     with fixed_threads(threads) as used, torch.no_grad():
         for _ in range(warmup):
             fn()
         times = []
-        for _ in range(max(1, repeats)):
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * (len(times) - 1) + 0.5))]  # noqa: E731
-    return LatencyStats(statistics.median(times), pick(0.1), pick(0.9), len(times), used)
+    return LatencyStats(statistics.median(times), percentile(times, 0.1), percentile(times, 0.9), len(times), used)
+
+
+def module_latency(model: nn.Module, fn: Callable[[], object], warmup: int = 1, repeats: int = 10,
+                   threads: int | None = None) -> dict[str, ModuleTiming]:
+    """Median time per run inside each module of ``model`` (qualified names, root ``""``) while ``fn()`` runs.
+
+    Hooks add a little overhead to every module call, so these times are for *shares*; take
+    the whole model's latency from :func:`measure_latency`. Modules that never run are absent.
+    """
+    _check_counts(warmup, repeats)
+    names = {id(m): name for name, m in model.named_modules()}
+    stack: list[list] = []  # [module id, start time, time in child calls]
+    run: dict[str, list[float]] = {}
+
+    def pre_hook(module, args):
+        stack.append([id(module), 0.0, 0.0])
+        stack[-1][1] = time.perf_counter()
+
+    def post_hook(module, args, output):
+        now = time.perf_counter()
+        while stack:
+            key, start, children = stack.pop()
+            elapsed = now - start
+            if stack:
+                stack[-1][2] += elapsed
+            entry = run.setdefault(names[key], [0.0, 0.0, 0])
+            entry[0] += elapsed
+            entry[1] += elapsed - children
+            if key == id(module):
+                entry[2] += 1
+                break
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    samples: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    try:
+        with fixed_threads(threads), torch.no_grad():
+            for i in range(warmup + repeats):
+                run.clear()
+                stack.clear()
+                fn()
+                if i >= warmup:
+                    for name, (total, own, calls) in run.items():
+                        samples[name].append((total * 1000.0, own * 1000.0, calls))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        name: ModuleTiming(statistics.median(s[0] for s in values), statistics.median(s[1] for s in values),
+                           max(s[2] for s in values))
+        for name, values in samples.items()
+    }

@@ -1,124 +1,137 @@
 """``analyze``: where the parameters, MACs, activation memory and time of a model go.
 
-MACs come from the same traced graph the pruner uses (see ``torchslim.graph.macs`` for the
-counting convention), attributed to the innermost module that issued each op and summed
-up the module tree. Latency is measured, not modelled: whole model and per module via
-forward hooks, with warm-up, repeats and medians.
+One forward pass under ``torch.utils.flop_counter.FlopCounterMode`` (with the extra
+formulas and the convention of :mod:`torchslim.analysis._macs`) gives every module's MACs,
+output shapes and activation bytes; latency is measured, not modelled: the whole model with
+warm-up and repeated runs (median, p10, p90), then every module with forward hooks across
+repeated runs (medians). Everything runs under ``torch.no_grad`` in eval mode; the model's
+training flags and buffers are restored afterwards and its parameters are never written.
 """
 from __future__ import annotations
 
 import io
-import statistics
-import time
-from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim._inputs import ExampleInputs, call_model, input_tensors
-from torchslim._timing import fixed_threads, measure_latency
+from torchslim._inputs import ExampleInputs, call_model, input_tensors, normalize_inputs
+from torchslim._timing import measure_latency, module_latency
+from torchslim.analysis._macs import profile_macs
 from torchslim.analysis.report import AnalysisReport, LayerRow
-from torchslim.graph import DependencyGraph
-from torchslim.graph.macs import has_macs, op_macs
 
 
 def analyze(model: nn.Module, example_inputs: ExampleInputs, *, latency: bool = True, warmup: int = 3,
             repeats: int = 10, threads: int | None = None) -> AnalysisReport:
     """Per-module params, MACs, output shapes, activation bytes and measured latency.
 
-    Runs under ``no_grad`` in eval mode; the model's training flags and weights are restored.
+    Args:
+        model: any ``nn.Module``; it is called as ``model(*args, **kwargs)``.
+        example_inputs: a tensor, a tuple of positional inputs, or ``(args, kwargs)``
+            (e.g. ``((img,), {"inference": True})``). Outputs may be anything (tensors,
+            tuples, dicts, dataclasses, ``None``).
+        latency: measure latency (whole model and per module). ``False`` runs the model once.
+        warmup, repeats: untimed and timed runs for the whole-model latency; the per-module
+            pass (hooked, so slower) uses one warm-up run and ``repeats`` timed runs.
+        threads: torch intra-op threads while timing (``None``: the current count, reported).
+
+    The model runs in eval mode under ``torch.no_grad``; training flags and buffers are
+    restored afterwards, parameters and ``requires_grad`` are never touched.
     """
-    graph = DependencyGraph.build(model, example_inputs)
-    macs = _macs_by_module(graph)
+    normalize_inputs(example_inputs)  # reject unsupported input forms before touching the model
+    was_training = model.training
+    with _preserved_state(model), torch.no_grad():
+        model.eval()
+        profile, _ = profile_macs(model, example_inputs)
+        timing = stats = None
+        if latency:
+            run = lambda: call_model(model, example_inputs)  # noqa: E731
+            stats = measure_latency(run, warmup=warmup, repeats=repeats, threads=threads)
+            timing = module_latency(model, run, warmup=1, repeats=repeats, threads=threads)
+
+    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    self_params: dict[str, int] = dict.fromkeys(names, 0)
+    for pname, param in model.named_parameters():
+        self_params[pname.rpartition(".")[0]] += param.numel()
+    params = _subtree_sums(names, self_params)
+    self_macs = {name: (profile.modules[name].self_macs if name in profile.modules else 0) for name in names}
+    macs = _subtree_sums(names, self_macs)
+
     rows = []
-    for name, module in model.named_modules():
-        calls = graph.trace.module_calls.get(name, [])
-        outputs = [graph.trace.nodes[n] for call in calls for n in call.outputs]
-        rows.append(LayerRow(
-            name=name,
-            type=type(module).__name__,
-            params=sum(p.numel() for p in module.parameters()),
-            macs=macs.get(name, 0),
-            output_shape=[list(node.shape) for node in outputs[: max(1, len(outputs) // max(len(calls), 1))]],
-            activation_bytes=sum(_numel(node.shape) * node.itemsize for node in outputs),
-            is_leaf=not any(True for _ in module.children()),
-            calls=len(calls),
-        ))
-    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for name in names:
+        module = modules[name]
+        record = profile.modules.get(name)
+        row = LayerRow(
+            name=name, type=type(module).__name__, params=params[name], macs=macs[name],
+            output_shape=record.output_shape if record else [],
+            activation_bytes=record.activation_bytes if record else 0,
+            is_leaf=next(iter(module.children()), None) is None, calls=record.calls if record else 0,
+            self_params=self_params[name], self_macs=self_macs[name],
+        )
+        if timing is not None and name in timing:
+            row.latency_ms = timing[name].median_ms
+            row.self_latency_ms = timing[name].self_median_ms
+            row.latency_share = row.latency_ms / stats.median_ms if stats.median_ms else None
+        rows.append(row)
+    if stats is not None:  # the root's own latency is the un-hooked whole-model measurement
+        rows[0].latency_ms, rows[0].latency_share = stats.median_ms, 1.0
+
+    state = model.state_dict()
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    report = AnalysisReport(
-        model=type(model).__name__, layers=rows, total_params=sum(p.numel() for p in model.parameters()),
-        total_macs=macs.get("", 0), state_dict_bytes=state_bytes, disk_bytes=buffer.tell(),
-        latency_ms=None, latency_p10_ms=None, latency_p90_ms=None, threads=None,
+    torch.save(state, buffer)
+    return AnalysisReport(
+        model=type(model).__name__, layers=rows, total_params=sum(self_params.values()), total_macs=profile.total,
+        state_dict_bytes=_unique_bytes(state.values()), disk_bytes=buffer.tell(),
+        latency_ms=stats.median_ms if stats else None, latency_p10_ms=stats.p10_ms if stats else None,
+        latency_p90_ms=stats.p90_ms if stats else None, threads=stats.threads if stats else None,
         input_shapes=[list(t.shape) for t in input_tensors(example_inputs)],
+        macs_by_op=dict(sorted(profile.by_op.items(), key=lambda kv: -kv[1])),
+        latency_runs=stats.runs if stats else None, training=was_training,
     )
-    if latency:
-        _measure(model, example_inputs, report, warmup, repeats, threads)
-    return report
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _macs_by_module(graph: DependencyGraph) -> dict[str, int]:
-    totals: dict[str, int] = defaultdict(int)
-    shapes = lambda n: graph.trace.nodes[n].shape  # noqa: E731
-    for op in graph.trace.ops:
-        if not has_macs(op):
+def _subtree_sums(names: list[str], own: dict[str, int]) -> dict[str, int]:
+    """Each module's value plus its descendants' (by qualified-name prefix)."""
+    totals = dict.fromkeys(names, 0)
+    for name, value in own.items():
+        if not value:
             continue
-        value = op_macs(op, shapes)
-        parts = op.module.split(".") if op.module else []
         totals[""] += value
+        parts = name.split(".") if name else []
         for i in range(1, len(parts) + 1):
             totals[".".join(parts[:i])] += value
     return totals
 
 
-def _measure(model, example_inputs, report: AnalysisReport, warmup: int, repeats: int, threads: int | None) -> None:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        stats = measure_latency(lambda: call_model(model, example_inputs), warmup=warmup, repeats=repeats, threads=threads)
-        report.latency_ms, report.latency_p10_ms, report.latency_p90_ms = stats.median_ms, stats.p10_ms, stats.p90_ms
-        report.threads = stats.threads
-        per_module = _per_module_latency(model, example_inputs, max(3, repeats // 2), threads)
-        for row in report.layers:
-            if row.name in per_module:
-                row.latency_ms = per_module[row.name]
-                row.latency_share = per_module[row.name] / stats.median_ms if stats.median_ms else None
-        root = report.layers[0]
-        root.latency_ms, root.latency_share = stats.median_ms, 1.0
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+def _unique_bytes(tensors) -> int:
+    """Bytes of the distinct tensors (a tensor registered under two names counts once)."""
+    seen: set[Any] = set()
+    total = 0
+    for t in tensors:
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
-def _per_module_latency(model, example_inputs, repeats: int, threads: int | None) -> dict[str, float]:
-    """Median time inside each module's forward (children included) over ``repeats`` runs."""
-    samples: dict[str, list[float]] = defaultdict(list)
-    starts: dict[int, list[float]] = defaultdict(list)
-    names = {id(m): n for n, m in model.named_modules()}
-    handles = []
-    for module in model.modules():
-        if names.get(id(module)) == "":
-            continue
-        handles.append(module.register_forward_pre_hook(lambda m, i: starts[id(m)].append(time.perf_counter())))
-        handles.append(module.register_forward_hook(
-            lambda m, i, o: run_totals.__setitem__(names[id(m)], run_totals.get(names[id(m)], 0.0)
-                                                    + time.perf_counter() - starts[id(m)].pop())))
-    try:
-        with fixed_threads(threads), torch.no_grad():
-            for _ in range(repeats):
-                run_totals: dict[str, float] = {}
-                call_model(model, example_inputs)
-                for name, seconds in run_totals.items():
-                    samples[name].append(seconds * 1000.0)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: statistics.median(values) for name, values in samples.items()}
+class _preserved_state:
+    """Restore every module's training flag and every buffer's value on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc):
+        for module, flag in self.flags:
+            module.training = flag
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                if buf.shape == saved.shape and not torch.equal(buf, saved):
+                    buf.copy_(saved)
+        return False

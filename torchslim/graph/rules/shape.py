@@ -298,3 +298,20 @@ def index_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
         c.same(source, d, out, out_ndim - (src_ndim - d))
     for d in range(out_ndim - (src_ndim - k)):
         c.pin(out, d, "advanced indexing")
+
+
+@op_rule(aten.repeat)
+def repeat_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    """Tiling (``weight.repeat(b)`` inside instance_norm): output index j copies input j % n."""
+    source, out = op.inputs[0], op.outputs[0]
+    src, dst = c.shape(source), c.shape(out)
+    shift = len(dst) - len(src)
+    for d in range(len(dst)):
+        sd = d - shift
+        if sd < 0:
+            c.pin(out, d, "repeat adds this dimension")
+        elif src[sd] == dst[d]:
+            c.same(source, sd, out, d)
+        else:
+            index = np.arange(dst[d], dtype=np.int64)
+            c.union(c.ids(out, d), c.ids(source, sd, index % src[sd]))

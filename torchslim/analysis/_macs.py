@@ -1,0 +1,269 @@
+"""MAC counting on top of ``torch.utils.flop_counter.FlopCounterMode``.
+
+Convention: one multiply-accumulate = 1 MAC = 2 FLOPs.
+
+* **Convolutions and matrix products** (``conv*``, ``linear``/``addmm``/``mm``, ``bmm``,
+  ``baddbmm``, ``matmul`` and ``einsum``, which decompose to those): torch's own formulas,
+  MACs = FLOPs / 2. Bias additions count 0, as in torch's counter.
+* **Matrix-vector and friends torch does not count**: ``mv``/``addmv`` (m*n),
+  ``addbmm`` and ``_addmm_activation`` (b*m*n*k), ``dot``/``vdot`` (n).
+* **Attention**: ``scaled_dot_product_attention`` counts ``QK^T`` and ``AV`` with torch's
+  ``sdpa_flop_count`` (batch * heads * Lq * Lk * (Dq + Dv) MACs) for every kernel, including
+  the CPU flash kernel torch's counter misses. ``nn.MultiheadAttention`` /
+  ``nn.TransformerEncoderLayer`` are counted with the fused "fast path" disabled, so their
+  projections and attention are seen as the matmuls and SDPA they compute (the fused
+  kernels are invisible to torch's counter); timing keeps the fast path.
+* **Interpolation**, per output element (i.e. per channel and output pixel): bilinear 4
+  (its 4 taps), linear 2, trilinear 8, bicubic 16; antialiased variants as their plain
+  mode; nearest 0 (a copy). ``grid_sample``: bilinear 4, bicubic 16, nearest 0 per output
+  element (trilinear 8 in 3-D).
+* **Average pooling**: one MAC (an add) per input element read: ``kernel_size`` adds per
+  output element for ``avg_pool``; for adaptive pooling the exact window sizes, so global
+  average pooling counts C*H*W. ``mean`` and ``sum`` reductions count one MAC per input
+  element too, because PyTorch runs ``AdaptiveAvgPool2d(1)`` as ``mean``. Max pooling 0.
+* **Everything else counts 0**: elementwise ops, activations, normalisation layers,
+  softmax, concatenation, copies (memory-bound; thop and torch's counter do the same).
+
+Attribution: every op's MACs go to the innermost module whose forward was running (its
+``self_macs``); a module's ``macs`` is its ``self_macs`` plus its submodules' (by qualified
+name). FlopCounterMode's own per-module table counts by call nesting instead (a module that
+another module calls, like MODNet's backbone inside ``lr_branch``, counts in both); it is
+kept as ``MacProfile.by_call`` for comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from torchslim._inputs import ExampleInputs, call_model, iter_tensors
+
+aten = torch.ops.aten
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _first_shape(out_shape):
+    """The first output's shape (ops with several outputs get a tuple of shapes)."""
+    if isinstance(out_shape, (tuple, list)) and out_shape and isinstance(out_shape[0], (tuple, list, torch.Size)):
+        return out_shape[0]
+    return out_shape
+
+
+# Every formula below receives shapes in place of tensors (FlopCounterMode's shape_wrapper)
+# and returns FLOPs = 2 * MACs, so that the whole counter speaks FLOPs like torch's formulas.
+
+def _per_output_element(macs: int):
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        return 2 * macs * _numel(_first_shape(out_shape))
+
+    return formula
+
+
+def _avg_pool(dims: int):
+    def formula(input_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+        kernel = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size]
+        if len(kernel) == 1:
+            kernel = kernel * dims
+        return 2 * math.prod(kernel) * _numel(out_shape)
+
+    return formula
+
+
+def _adaptive_windows(size_in: int, size_out: int) -> int:
+    """Sum of the adaptive pooling window lengths along one dimension."""
+    return sum(math.ceil((i + 1) * size_in / size_out) - (i * size_in) // size_out for i in range(size_out))
+
+
+def _adaptive_avg_pool(input_shape, output_size, *args, out_shape=None, **kwargs) -> int:
+    n_spatial = len(output_size)
+    lead = _numel(input_shape[: len(input_shape) - n_spatial])
+    windows = math.prod(_adaptive_windows(i, o) for i, o in zip(input_shape[-n_spatial:], out_shape[-n_spatial:]))
+    return 2 * lead * windows
+
+
+def _reduction(input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(input_shape)
+
+
+def _mv(mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat_shape[0] * mat_shape[1]
+
+
+def _addmv(self_shape, mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return _mv(mat_shape, vec_shape)
+
+
+def _dot(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(a_shape)
+
+
+def _addbmm(self_shape, b1_shape, b2_shape, *args, out_shape=None, **kwargs) -> int:
+    b, m, k = b1_shape
+    return 2 * b * m * k * b2_shape[-1]
+
+
+def _addmm_activation(self_shape, m1_shape, m2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * m1_shape[0] * m1_shape[1] * m2_shape[1]
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _grid_sample(taps: dict[int, int]):
+    def formula(input_shape, grid_shape, interpolation_mode, *args, out_shape=None, **kwargs) -> int:
+        return 2 * taps.get(int(interpolation_mode), 0) * _numel(_first_shape(out_shape))
+
+    return formula
+
+
+def _packets(*names: str) -> list:
+    """aten op packets by name, skipping those this torch build lacks."""
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+def _mapping() -> dict[Any, Any]:
+    table: dict[Any, Any] = {}
+    for names, formula in (
+        (("upsample_bilinear2d", "_upsample_bilinear2d_aa"), _per_output_element(4)),
+        (("upsample_linear1d",), _per_output_element(2)),
+        (("upsample_trilinear3d",), _per_output_element(8)),
+        (("upsample_bicubic2d", "_upsample_bicubic2d_aa"), _per_output_element(16)),
+        (("avg_pool1d",), _avg_pool(1)),
+        (("avg_pool2d",), _avg_pool(2)),
+        (("avg_pool3d",), _avg_pool(3)),
+        (("_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d"), _adaptive_avg_pool),
+        (("mean", "sum"), _reduction),
+        (("mv",), _mv),
+        (("addmv",), _addmv),
+        (("dot", "vdot"), _dot),
+        (("addbmm",), _addbmm),
+        (("_addmm_activation",), _addmm_activation),
+        (("_scaled_dot_product_flash_attention_for_cpu",), _sdpa_cpu),
+        (("grid_sampler_2d",), _grid_sample({0: 4, 1: 0, 2: 16})),
+        (("grid_sampler_3d",), _grid_sample({0: 8, 1: 0})),
+    ):
+        for packet in _packets(*names):
+            table[packet] = formula
+    return table
+
+
+#: Extra formulas handed to ``FlopCounterMode(custom_mapping=...)`` (FLOPs, i.e. 2 x MACs).
+CUSTOM_MAPPING: dict[Any, Any] = _mapping()
+
+
+@dataclasses.dataclass
+class ModuleCalls:
+    """What one module did during the counted forward pass (all its calls)."""
+
+    self_macs: int = 0
+    calls: int = 0
+    output_shape: list[list[int]] = dataclasses.field(default_factory=list)
+    activation_bytes: int = 0
+
+
+@dataclasses.dataclass
+class MacProfile:
+    total: int                      # MACs of the whole forward pass (FlopCounterMode's Global / 2)
+    modules: dict[str, ModuleCalls]  # by qualified name; modules that never ran are absent
+    by_op: dict[str, int]           # MACs per aten op
+    by_call: dict[str, int]         # FlopCounterMode's per-module counts (call nesting) / 2
+
+
+@contextlib.contextmanager
+def _fastpath_disabled() -> Iterator[None]:
+    """Let MHA / TransformerEncoderLayer run their unfused path so their matmuls are seen."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def _tracker_names(counter: FlopCounterMode, model: nn.Module) -> dict[str, str]:
+    """FlopCounterMode's module names ('Model.a.b') -> qualified names ('a.b')."""
+    canonical = {id(m): name for name, m in model.named_modules()}
+    known = getattr(getattr(counter, "mod_tracker", None), "_known_modules", None)
+    mapping: dict[str, str] = {}
+    if known is not None:
+        for module, tracker_name in list(known.items()):
+            if id(module) in canonical:
+                mapping[tracker_name] = canonical[id(module)]
+        return mapping
+    root = type(model).__name__  # fallback: the tracker's naming scheme from the root down
+    mapping[root] = ""
+    for name, _ in model.named_modules(remove_duplicate=False):
+        if name:
+            mapping[f"{root}.{name}"] = name
+    return mapping
+
+
+def profile_macs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[MacProfile, Any]:
+    """Run ``model`` once under FlopCounterMode; return the per-module MACs and the output.
+
+    The caller chooses grad mode and training flags; this function adds nothing but the
+    counter, two global module hooks (removed on exit) and the disabled MHA fast path.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    modules: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=CUSTOM_MAPPING)
+    # frames: [module id, qualified name, FLOPs at entry, FLOPs inside child module calls]
+    stack: list[list] = []
+
+    def pre_hook(module, args):
+        name = names.get(id(module))
+        if name is not None:
+            stack.append([id(module), name, counter.get_total_flops(), 0])
+
+    def post_hook(module, args, output):
+        if names.get(id(module)) is None or not any(f[0] == id(module) for f in stack):
+            return
+        now = counter.get_total_flops()
+        while stack:
+            frame = stack.pop()
+            inclusive = now - frame[2]
+            record = modules[frame[1]]
+            record.self_macs += inclusive - frame[3]
+            if stack:
+                stack[-1][3] += inclusive
+            if frame[0] == id(module):
+                break
+        record.calls += 1
+        tensors = list(iter_tensors(output))
+        if record.calls == 1:
+            record.output_shape = [list(t.shape) for t in tensors]
+        record.activation_bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    post = torch.nn.modules.module.register_module_forward_hook(post_hook)
+    try:
+        with _fastpath_disabled(), counter:
+            output = call_model(model, example_inputs)
+    finally:
+        pre.remove()
+        post.remove()
+    total_flops = counter.get_total_flops()
+    attributed = sum(r.self_macs for r in modules.values())
+    if total_flops != attributed:  # ops outside any module call (e.g. in the root's forward hooks)
+        modules[""].self_macs += total_flops - attributed
+    for record in modules.values():
+        record.self_macs //= 2
+    counts = counter.get_flop_counts()
+    tracker = _tracker_names(counter, model)
+    by_call = {tracker[k]: sum(v.values()) // 2 for k, v in counts.items() if k in tracker}
+    by_op = {str(op): flops // 2 for op, flops in counts.get("Global", {}).items()}
+    return MacProfile(total=total_flops // 2, modules=dict(modules), by_op=by_op, by_call=by_call), output
