@@ -79,6 +79,15 @@ class RollupRow:
         return f"{base} (own ops)" if self.own else base
 
 
+def _column_style(col: str) -> dict[str, Any]:
+    """Narrow terminals fold cells onto several lines rather than cutting them."""
+    if col in ("module", "layer"):
+        return {"overflow": "fold", "min_width": 16, "ratio": 4}
+    if col in ("type", "output"):
+        return {"overflow": "ellipsis", "max_width": 16}
+    return {"overflow": "fold"}
+
+
 def _sort_value(row: Any, key: str) -> float:
     value = getattr(row, key)
     return float("-inf") if value is None else value
@@ -204,7 +213,7 @@ class AnalysisReport:
                                      ("MACs (M)", f"{self.total_macs / 1e6:,.2f}", "right"),
                                      ("MACs %", "100.0", "right"),
                                      ("latency ms", ms(self.latency_ms), "right"), ("time %", "", "right")):
-            table.add_column(col, footer=footer, justify=justify)
+            table.add_column(col, footer=footer, justify=justify, **_column_style(col))
         for r in self.rollup(depth):
             table.add_row(r.label, r.type, f"{r.params:,}", f"{r.macs / 1e6:,.2f}", pct(r.macs, self.total_macs),
                           ms(r.latency_ms), "-" if r.latency_share is None else f"{100 * r.latency_share:.1f}")
@@ -213,7 +222,8 @@ class AnalysisReport:
         if top > 0:
             table = Table(title=f"top {top} layers by MACs")
             for col in ("layer", "type", "params", "MACs (M)", "MACs %", "output", "act (KB)", "latency ms", "time %"):
-                table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
+                table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right",
+                                 **_column_style(col))
             for r in self.top(top):
                 table.add_row(r.name, r.type, f"{r.params:,}", f"{r.macs / 1e6:,.2f}", pct(r.macs, self.total_macs),
                               " ".join("x".join(map(str, s)) for s in r.output_shape[:2]),

@@ -1,6 +1,25 @@
 """CLI errors: one line on stderr and exit code 2; the traceback only with --debug."""
 from __future__ import annotations
 
+import sys
+
+#: Exit code for bad input (unknown model, missing file, rejected shape, malformed JSON, bad flag).
+EXIT_USAGE = 2
+#: Exit code for an unexpected failure inside torchslim (a bug: rerun with --debug and report it).
+EXIT_INTERNAL = 1
+
 
 class CliError(Exception):
     """A user-facing error: bad model spec, missing file, rejected input shape, malformed JSON."""
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line of ``text``, stripped."""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def print_error(message: str) -> None:
+    print(f"torchslim: error: {one_line(message)}", file=sys.stderr)

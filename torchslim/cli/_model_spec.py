@@ -1,144 +1,301 @@
-"""Resolve MODEL specs and build example inputs, shared by every CLI command.
+"""Resolve MODEL specs and build example inputs; shared by every CLI command.
 
-Specs: ``torchvision:NAME`` (weights=None), ``timm:NAME`` (pretrained=False),
-``hf:MODEL_TYPE`` (random init from the default config), a local HF directory,
-``path/to/file.py:ClassOrFactory`` (called with --model-kwargs), ``torchslim:NAME``
-(bundled models), or a ``torch.save``-d module (this unpickles: only load files you trust).
+MODEL specs (:func:`load_model`):
+
+* ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME, weights=None)`` (and
+  ``weights_backbone=None`` where the builder has it): random init, nothing downloaded.
+* ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``.
+* ``hf:MODEL_TYPE`` -- ``transformers.AutoModel.from_config(AutoConfig.for_model(MODEL_TYPE))``:
+  the default configuration of that model type, random init; ``--model-kwargs`` override
+  config fields (e.g. ``{"num_hidden_layers": 2}``).
+* a local Hugging Face directory (has ``config.json``) -- ``AutoModel.from_pretrained(DIR,
+  local_files_only=True)``.
+* ``torchslim:NAME`` -- a bundled model (``torchslim.models``: ``modnet``, ``digits_cnn``).
+* ``path/to/file.py:ClassOrFactory`` -- imports the file and calls the attribute with
+  ``--model-kwargs`` (none by default); a module-level ``nn.Module`` instance is used as is.
+* ``path/to/model.pt`` -- a whole module saved with ``torch.save(model, path)``, loaded with
+  ``torch.load(weights_only=False)``. **This unpickles the file, which can run arbitrary
+  code: only load files you trust.**
+
+Example inputs (:func:`make_inputs`): one tensor per ``--input`` shape, passed positionally.
+Floats from ``randn`` in ``dtype``, except for token models: a Hugging Face model whose main
+input is ``input_ids`` gets random token ids of the first shape as ``input_ids=`` (plus
+``decoder_input_ids`` of the same shape for encoder-decoder models), and a model whose
+first layer is an ``nn.Embedding`` gets token ids in ``[0, num_embeddings)``. Other Hugging
+Face models get their main input (``pixel_values``, ...) as a keyword. ``--kwargs`` JSON is
+passed to ``forward`` as keyword arguments. Inputs are seeded (0), so runs repeat.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim.cli._errors import CliError
+from torchslim.cli._errors import CliError, one_line
+
+ZOOS = ("torchvision", "timm", "hf", "torchslim")
+SPEC_HELP = ("torchvision:NAME | timm:NAME | hf:MODEL_TYPE | torchslim:NAME | path/file.py:ClassOrFactory | "
+             "local Hugging Face directory | torch.save'd module file (unpickled: only files you trust)")
+DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "float64": torch.float64, "double": torch.float64}
+
+
+# ----------------------------------------------------------------------------- parsing
 
 
 def parse_json(text: str | None, flag: str) -> dict:
-    if not text:
+    """A JSON object from a command-line flag (``None`` or empty: ``{}``)."""
+    if text is None or not text.strip():
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliError(f"{flag} is not valid JSON ({exc.msg} at column {exc.colno}): {text}") from None
+        raise CliError(f"{flag} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {text}") from None
     if not isinstance(value, dict):
-        raise CliError(f"{flag} must be a JSON object, got {type(value).__name__}")
+        raise CliError(f"{flag} must be a JSON object like '{{\"key\": 1}}', got a {type(value).__name__}: {text}")
     return value
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
     try:
-        shape = tuple(int(s) for s in text.split(","))
+        shape = tuple(int(p) for p in parts)
     except ValueError:
         raise CliError(f"--input must be comma-separated integers like 1,3,224,224, got '{text}'") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise CliError(f"--input sizes must be positive, got '{text}'")
+    if any(s <= 0 for s in shape):
+        raise CliError(f"--input sizes must be positive integers, got '{text}'")
     return shape
 
 
-def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build the model named by ``spec`` (see module docstring), in eval mode."""
-    kwargs = model_kwargs or {}
-    zoo, _, name = spec.partition(":")
-    if zoo == "torchvision" and name:
-        model = _zoo_module("torchvision.models", "torchvision", spec).get_model(name, weights=None, **kwargs) \
-            if name in _torchvision_names() else _fail(f"unknown torchvision model '{name}'")
-    elif zoo == "timm" and name:
-        timm = _zoo_module("timm", "timm", spec)
-        if not timm.is_model(name):
-            raise CliError(f"unknown timm model '{name}'")
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    elif zoo == "hf" and name:
-        transformers = _zoo_module("transformers", "transformers", spec)
-        try:
-            config = transformers.AutoConfig.for_model(name, **kwargs)
-        except ValueError as exc:
-            raise CliError(f"unknown Hugging Face model type '{name}': {str(exc).splitlines()[0]}") from None
-        model = transformers.AutoModel.from_config(config)
-    elif zoo == "torchslim" and name:
-        from torchslim.models import create_model
+def parse_dtype(text: str | None) -> torch.dtype:
+    if text is None:
+        return torch.float32
+    if text not in DTYPES:
+        raise CliError(f"unknown --dtype '{text}'; choose from {', '.join(DTYPES)}")
+    return DTYPES[text]
 
-        try:
-            model = create_model(name, **kwargs)
-        except KeyError as exc:
-            raise CliError(str(exc.args[0])) from None
-    elif Path(spec).is_dir() and (Path(spec) / "config.json").exists():
-        transformers = _zoo_module("transformers", "transformers", spec)
-        model = transformers.AutoModel.from_pretrained(spec, local_files_only=True)
-    elif ".py:" in spec:
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model named by ``spec`` (see the module docstring), in eval mode, on the CPU."""
+    kwargs = dict(model_kwargs or {})
+    zoo, sep, name = spec.partition(":")
+    path = Path(spec)
+    if sep and zoo in ZOOS and not path.exists():
+        if not name:
+            raise CliError(f"model spec '{spec}' names no model: use {zoo}:NAME")
+        model = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "torchslim": _bundled}[zoo](name, kwargs)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CliError(f"{spec} is a directory without config.json, not a Hugging Face model directory")
+        model = _hf_directory(path, kwargs)
+    elif sep and (name and not path.exists() and spec.rpartition(":")[0].endswith(".py")):
         model = _from_python_file(spec, kwargs)
-    elif Path(spec).is_file():
-        model = torch.load(spec, map_location="cpu", weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise CliError(f"{spec} holds a {type(model).__name__}, not a saved nn.Module (save the whole model)")
+    elif path.is_file():
+        model = _torch_load(path, kwargs)
+    elif sep and spec.rpartition(":")[0].endswith(".py"):
+        raise CliError(f"model spec '{spec}' names no attribute: use file.py:ClassOrFactory")
+    elif spec.endswith(".py"):
+        raise CliError(f"model spec '{spec}' names no class: use {spec}:ClassOrFactory")
+    elif sep:
+        raise CliError(f"unknown model spec '{spec}': '{zoo}:' is not a zoo; use {SPEC_HELP}")
     else:
-        raise CliError(f"cannot resolve model '{spec}': use torchvision:NAME, timm:NAME, hf:TYPE, "
-                       "torchslim:NAME, file.py:Class, a HF directory or a torch.save file")
+        raise CliError(f"model file not found and not a model spec: '{spec}' (use {SPEC_HELP})")
+    if not isinstance(model, nn.Module):
+        raise CliError(f"'{spec}' gave a {type(model).__name__}, not an nn.Module")
     return model.eval()
 
 
-def _fail(message: str):
-    raise CliError(message)
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _torchvision_names() -> set[str]:
-    import torchvision
-
-    return set(torchvision.models.list_models())
-
-
-def _zoo_module(module: str, package: str, spec: str):
+def _import_zoo(module: str, package: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError:
         raise CliError(f"'{spec}' needs {package}: pip install 'torchslim[zoo]'") from None
 
 
+def _construct(what: str, factory, kwargs: dict) -> nn.Module:
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise CliError(f"building {what} with --model-kwargs {json.dumps(kwargs)} failed: "
+                       f"{type(exc).__name__}: {one_line(str(exc))}") from None
+
+
+def _torchvision(name: str, kwargs: dict) -> nn.Module:
+    models = _import_zoo("torchvision.models", "torchvision", f"torchvision:{name}")
+    names = models.list_models()
+    if name not in names:
+        raise CliError(f"unknown torchvision model '{name}'{_suggest(name, names)}")
+    builder = models.get_model_builder(name)
+    params = inspect.signature(builder).parameters
+    kwargs.setdefault("weights", None)
+    if "weights_backbone" in params:  # detection / segmentation: no backbone download either
+        kwargs.setdefault("weights_backbone", None)
+    return _construct(f"torchvision:{name}", builder, kwargs)
+
+
+def _timm(name: str, kwargs: dict) -> nn.Module:
+    timm = _import_zoo("timm", "timm", f"timm:{name}")
+    if not timm.is_model(name):
+        raise CliError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
+    kwargs.setdefault("pretrained", False)
+    return _construct(f"timm:{name}", lambda **kw: timm.create_model(name, **kw), kwargs)
+
+
+def _hf(model_type: str, kwargs: dict) -> nn.Module:
+    transformers = _import_zoo("transformers", "transformers", f"hf:{model_type}")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except ValueError as exc:
+        known = getattr(getattr(transformers, "CONFIG_MAPPING", None), "keys", lambda: [])()
+        raise CliError(f"unknown Hugging Face model type '{model_type}'{_suggest(model_type, known)}"
+                       if model_type not in known else f"hf:{model_type}: {one_line(str(exc))}") from None
+    try:
+        return transformers.AutoModel.from_config(config)
+    except (ValueError, KeyError, ImportError) as exc:
+        raise CliError(f"hf:{model_type} has no AutoModel class: {one_line(str(exc))}") from None
+
+
+def _hf_directory(path: Path, kwargs: dict) -> nn.Module:
+    transformers = _import_zoo("transformers", "transformers", str(path))
+    try:
+        return transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot load the Hugging Face model in {path}: {one_line(str(exc))}") from None
+
+
+def _bundled(name: str, kwargs: dict) -> nn.Module:
+    from torchslim.models import create_model, list_models
+
+    if name not in list_models():
+        raise CliError(f"unknown torchslim model '{name}'; bundled: {', '.join(list_models())}")
+    return _construct(f"torchslim:{name}", lambda **kw: create_model(name, **kw), kwargs)
+
+
 def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
     path_text, _, attr = spec.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
-        raise CliError(f"file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        raise CliError(f"model file not found: {path}")
+    module_name = f"torchslim_user_model_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, attr):
-        raise CliError(f"{path} has no attribute '{attr}'")
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up
+    sys.path.insert(0, str(path.resolve().parent))  # sibling imports
     try:
-        model = getattr(module, attr)(**kwargs)
-    except TypeError as exc:
-        raise CliError(f"{path}:{attr}(**{kwargs}) failed: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise CliError(f"{path}:{attr} returned {type(model).__name__}, not an nn.Module")
-    return model
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file failed to import: say how
+        sys.modules.pop(module_name, None)
+        raise CliError(f"importing {path} failed: {type(exc).__name__}: {one_line(str(exc))}") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    if not hasattr(module, attr):
+        candidates = [n for n, v in vars(module).items() if not n.startswith("_") and
+                      (isinstance(v, nn.Module) or (inspect.isclass(v) and issubclass(v, nn.Module)) or inspect.isfunction(v))]
+        raise CliError(f"{path} has no attribute '{attr}'{_suggest(attr, candidates)}")
+    target = getattr(module, attr)
+    if isinstance(target, nn.Module):
+        if kwargs:
+            raise CliError(f"{path}:{attr} is a module instance; --model-kwargs cannot apply to it")
+        return target
+    if not callable(target):
+        raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
+    return _construct(f"{path}:{attr}", target, kwargs)
 
 
-def make_inputs(model: nn.Module, shapes: list[tuple[int, ...]], kwargs: dict[str, Any]):
-    """Example inputs: random floats, or token ids for models whose first layer is an embedding."""
-    tokens = _wants_token_ids(model)
-    tensors = [torch.randint(0, 100, shape) if tokens else torch.randn(shape) for shape in shapes]
-    if tokens and not kwargs:
-        return ((), {"input_ids": tensors[0]}) if len(tensors) == 1 else (tuple(tensors), {})
-    return (tuple(tensors), kwargs)
+def _torch_load(path: Path, kwargs: dict) -> nn.Module:
+    if kwargs:
+        raise CliError(f"{path} is a saved module; --model-kwargs cannot apply to it")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - not a torch file, a missing class, a truncated file ...
+        raise CliError(f"cannot load {path} with torch.load: {type(exc).__name__}: {one_line(str(exc))}") from None
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CliError(f"{path} holds a state_dict, not a module: build the model with file.py:Class and "
+                       "load the weights yourself, or save the whole module with torch.save(model, path)")
+    if not isinstance(obj, nn.Module):
+        raise CliError(f"{path} holds a {type(obj).__name__}, not a saved nn.Module")
+    return obj
 
 
-def _wants_token_ids(model: nn.Module) -> bool:
-    first = next((m for m in model.modules() if not list(m.children())), None)
-    return isinstance(first, nn.Embedding)
+# ----------------------------------------------------------------------------- inputs
 
 
-def check_runs(model: nn.Module, inputs, shapes) -> None:
-    """Run once so that a rejected input shape gives the model's own message."""
+def _hf_main_input(model: nn.Module) -> str | None:
+    if hasattr(model, "main_input_name") and hasattr(model, "config") and hasattr(model.config, "model_type"):
+        return model.main_input_name
+    return None
+
+
+def _token_bound(model: nn.Module) -> int | None:
+    """Token-id range for models that start with an embedding, else None."""
+    first = next((m for m in model.modules() if next(iter(m.children()), None) is None), None)
+    return first.num_embeddings if isinstance(first, nn.Embedding) else None
+
+
+def make_inputs(model: nn.Module, shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                kwargs: dict[str, Any] | None = None, *, seed: int = 0):
+    """Example inputs ``(args, kwargs)`` for ``model`` from ``--input`` shapes (see the module docstring)."""
+    if not shapes:
+        raise CliError("give at least one --input shape, e.g. --input 1,3,224,224")
+    kwargs = dict(kwargs or {})
+    gen = torch.Generator().manual_seed(seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    floats = lambda shape: torch.randn(shape, generator=gen, dtype=dtype).to(device)  # noqa: E731
+    main = _hf_main_input(model)
+    if main is not None:
+        if len(shapes) > 1:
+            raise CliError(f"Hugging Face models take one --input (the shape of {main}); got {len(shapes)}")
+        if main == "input_ids":
+            vocab = int(getattr(model.config, "vocab_size", None) or _token_bound(model) or 100)
+            ids = lambda: torch.randint(0, vocab, shapes[0], generator=gen).to(device)  # noqa: E731
+            kwargs.setdefault("input_ids", ids())
+            if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in inspect.signature(
+                    model.forward).parameters:
+                kwargs.setdefault("decoder_input_ids", ids())
+        else:
+            kwargs.setdefault(main, floats(shapes[0]))
+        return (), kwargs
+    bound = _token_bound(model)
+    if bound is not None:
+        tensors = [torch.randint(0, bound, shape, generator=gen).to(device) for shape in shapes]
+    else:
+        tensors = [floats(shape) for shape in shapes]
+    return tuple(tensors), kwargs
+
+
+def describe_inputs(inputs) -> str:
+    """``1x3x8x8, inference=False``: the shapes and keyword values tried, for error messages."""
+    args, kwargs = inputs
+    parts = ["x".join(map(str, t.shape)) for t in args]
+    for key, value in kwargs.items():
+        parts.append(f"{key}={'x'.join(map(str, value.shape)) if isinstance(value, torch.Tensor) else repr(value)}")
+    return ", ".join(parts)
+
+
+def check_runs(model: nn.Module, inputs, shapes=None) -> None:
+    """Run the model once (eval, no_grad) so that a rejected input gets the model's own message."""
     from torchslim._inputs import call_model
 
     try:
         with torch.no_grad():
             call_model(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the user's model said no: show its words
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"the model rejected input shape(s) {', '.join('x'.join(map(str, s)) for s in shapes)}: {first}") from None
+        message = one_line(str(exc)) or type(exc).__name__
+        raise CliError(f"the model rejected input shape(s) {describe_inputs(inputs)}: {type(exc).__name__}: {message}") from None

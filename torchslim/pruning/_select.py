@@ -74,15 +74,22 @@ def atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field:
 
 
 def keep_count(n: int, ratio: float, config: PruneConfig) -> int:
-    keep = int(np.ceil(n * (1.0 - ratio) / config.round_to) * config.round_to)
+    step = config.round_to if isinstance(config.round_to, int) else 1  # "latency" rounds per group later
+    keep = int(np.ceil(n * (1.0 - ratio) / step) * step)
     return max(min(keep, n), min(config.min_channels, n))
+
+
+LATENCY_ROUNDINGS = (4, 8, 16, 32)
+TIE_TOLERANCE = 0.02
 
 
 class Selector:
     """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?"."""
 
-    def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig):
+    def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig,
+                 latency=None):
         self.graph, self.groups, self.config = graph, groups, config
+        self.latency = latency  # torchslim.latency.LatencyModel when the config needs one
         self.scores = scores
         self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
         self.group_ratio = {g.index: self._module_ratio(g) for g in groups}
@@ -101,7 +108,7 @@ class Selector:
 
     # selection ------------------------------------------------------------------------
     def remove_at(self, ratio: float, banned: np.ndarray) -> np.ndarray:
-        if self.config.global_ranking:
+        if self.config.global_ranking or self.config.latency_aware:
             return self._global(ratio, banned)
         removed = []
         for group in self.groups:
@@ -111,13 +118,29 @@ class Selector:
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
             n_remove = min(len(ranked) - keep_count(len(ranked), group_ratio, self.config), len(candidates))
+            if n_remove > 0 and self.config.round_to == "latency":
+                n_remove = len(ranked) - self._fastest_width(group, len(ranked) - n_remove, candidates)
             if n_remove > 0:
                 removed.append(protect_slots(self.graph, group, candidates, n_remove, self.config.min_channels))
         return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
+    def _fastest_width(self, group: Group, keep: int, candidates: np.ndarray) -> int:
+        """Among ``keep`` and its roundings up, the kept width the latency table says is fastest
+        (a wider width wins within 2%): removing channels never makes the layer slower."""
+        n = len(group)
+        options = sorted({keep} | {min(n, int(np.ceil(keep / r) * r)) for r in LATENCY_ROUNDINGS})
+        best, best_ms = keep, float("inf")
+        for width in options:
+            removed = candidates[: n - width]
+            ms = self.latency.predict_layers(removed, only=group.atoms)
+            if ms <= best_ms * (1 + TIE_TOLERANCE):
+                best, best_ms = width, min(ms, best_ms)
+        return best
+
     def _global(self, ratio: float, banned: np.ndarray) -> np.ndarray:
         atoms, values, owners, caps = [], [], [], {}
-        costs = self._atom_costs() if (self.config.target_macs or self.config.target_params) else None
+        costs = self._atom_costs() if (self.config.target_macs or self.config.target_params
+                                       or self.config.target_latency or self.config.latency_aware) else None
         for group in self.groups:
             score = self.scores[group.index]
             normalized = score / (np.mean(np.abs(score)) or 1.0)
@@ -150,10 +173,19 @@ class Selector:
             removed.append(protect_slots(self.graph, group, ranked, len(ranked), self.config.min_channels))
         return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
+    def _measure_for_target(self):
+        """(field, value, measure(graph, removed), value of the unpruned model) for the config's target."""
+        config = self.config
+        if config.target_macs is not None:
+            return "target_macs", config.target_macs, estimate_macs, self.macs_before
+        if config.target_params is not None:
+            return "target_params", config.target_params, estimate_params, self.params_before
+        return "target_latency", config.target_latency, _latency_measure(self.latency), self.latency.measured_ms
+
     def _atom_costs(self) -> dict[int, float]:
         """MACs (or params) saved per atom of each group, from removing half of it on the graph."""
         if self._costs is None:
-            measure = estimate_macs if self.config.target_macs is not None else estimate_params
+            measure = _latency_measure(self.latency) if self.config.latency_aware else self._measure_for_target()[2]
             base = measure(self.graph)
             self._costs = {}
             for group in self.groups:
@@ -164,12 +196,9 @@ class Selector:
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
         config = self.config
-        if config.target_macs is None and config.target_params is None:
+        if config.target_macs is None and config.target_params is None and config.target_latency is None:
             return config.ratio, self.remove_at(config.ratio, banned)
-        if config.target_macs is not None:
-            field, value, measure, before = "target_macs", config.target_macs, estimate_macs, self.macs_before
-        else:
-            field, value, measure, before = "target_params", config.target_params, estimate_params, self.params_before
+        field, value, measure, before = self._measure_for_target()
         target = value * before if value <= 1 else value
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
         best = self.remove_at(hi, banned)
@@ -185,6 +214,10 @@ class Selector:
             else:
                 lo = mid
         return best_ratio, best
+
+
+def _latency_measure(latency):
+    return lambda graph, removed=None: latency.predict(removed)
 
 
 def protect_slots(graph: DependencyGraph, group: Group, ranked: np.ndarray, n_remove: int, min_keep: int) -> np.ndarray:

@@ -21,7 +21,15 @@ class PruneConfig:
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
                   the ratio then is searched and ``ratio`` is its upper bound.
-    round_to:     keep a multiple of this many channels (atoms) per group.
+    round_to:     keep a multiple of this many channels (atoms) per group; ``"latency"`` picks,
+                  per group, the kept width whose measured latency is lowest among the exact
+                  width and its roundings up to 4/8/16/32 (a wider width wins ties), so pruning
+                  never lands on a width slower than a wider one.
+    target_latency: prune until the predicted latency (per-layer table measured on this machine,
+                  see ``torchslim.latency``) is <= target: a fraction of the measured original if
+                  <= 1, else milliseconds. ``latency_threads`` fixes the thread count measured.
+    latency_aware: rank atoms across groups by importance per millisecond saved (measured
+                  per-layer table), so a MACs or params target is met where the time is.
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
@@ -43,13 +51,16 @@ class PruneConfig:
     exclude: Sequence[str] = ()
     filter_fn: ModuleFilter | None = None
     target_macs: float | None = None
-    round_to: int = 1
+    round_to: int | str = 1
     min_channels: int = 1
     target_params: float | None = None
     ratios: dict[str, float] | None = None
     global_ranking: bool = False
     max_sparsity_per_layer: float = 1.0
     protect_inputs: Sequence[str] = ()
+    target_latency: float | None = None
+    latency_threads: int = 1
+    latency_aware: bool = False
     exact_only: bool = False
     seed: int = 0
     verify: bool = True
@@ -59,16 +70,19 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
-        if int(self.round_to) < 1:
-            raise ValueError(f"PruneConfig.round_to must be >= 1, got {self.round_to}")
+        if self.round_to != "latency" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"PruneConfig.round_to must be an int >= 1 or 'latency', got {self.round_to!r}")
+        if self.target_latency is not None and not float(self.target_latency) > 0:
+            raise ValueError(f"PruneConfig.target_latency must be > 0, got {self.target_latency}")
         if int(self.min_channels) < 1:
             raise ValueError(f"PruneConfig.min_channels must be >= 1, got {self.min_channels}")
         if self.target_macs is not None and not float(self.target_macs) > 0:
             raise ValueError(f"PruneConfig.target_macs must be > 0, got {self.target_macs}")
         if self.target_params is not None and not float(self.target_params) > 0:
             raise ValueError(f"PruneConfig.target_params must be > 0, got {self.target_params}")
-        if self.target_macs is not None and self.target_params is not None:
-            raise ValueError("PruneConfig.target_macs and PruneConfig.target_params conflict: give one target")
+        targets = [f for f in ("target_macs", "target_params", "target_latency") if getattr(self, f) is not None]
+        if len(targets) > 1:
+            raise ValueError(f"PruneConfig.{targets[0]} and PruneConfig.{targets[1]} conflict: give one target")
         if not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
             raise ValueError(f"PruneConfig.max_sparsity_per_layer must be in (0, 1], got {self.max_sparsity_per_layer}")
         for pattern, value in (self.ratios or {}).items():
@@ -81,3 +95,7 @@ class PruneConfig:
 
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
+
+    @property
+    def needs_latency(self) -> bool:
+        return self.target_latency is not None or self.round_to == "latency" or self.latency_aware

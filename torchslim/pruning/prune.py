@@ -32,6 +32,8 @@ class PruneResult:
     groups_pruned: int
     max_abs_error: float | None = None
     skipped: list[str] = dataclasses.field(default_factory=list)
+    latency_before_ms: float | None = None  # measured, when the config used the latency model
+    latency_predicted_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
@@ -54,7 +56,13 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     importance = make_importance(config.criterion, config.seed)
     if hasattr(importance, "prepare"):
         importance.prepare(graph, data, loss_fn)
-    selector = Selector(graph, groups, {g.index: np.asarray(importance(graph, g), dtype=np.float64) for g in groups}, config)
+    latency = None
+    if config.needs_latency:
+        from torchslim.latency import LatencyModel, LatencyTable
+
+        latency = LatencyModel(graph, example_inputs, LatencyTable(threads=config.latency_threads))
+    scores = {g.index: np.asarray(importance(graph, g), dtype=np.float64) for g in groups}
+    selector = Selector(graph, groups, scores, config, latency)
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = selector.macs_before
     banned = np.zeros(graph.n_atoms, dtype=bool)
@@ -68,6 +76,9 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
         if isinstance(outcome, PruneResult):
             outcome.macs_before, outcome.params_before, outcome.ratio = macs_before, params_before, ratio
             outcome.macs_after = estimate_macs(graph, removed)
+            if latency is not None:
+                outcome.latency_before_ms = latency.measured_ms
+                outcome.latency_predicted_ms = latency.predict(removed)
             outcome.skipped = skipped
             return outcome
         culprits, reason = outcome
