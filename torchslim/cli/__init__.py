@@ -17,6 +17,7 @@ from torchslim.cli._errors import EXIT_INTERNAL, EXIT_USAGE, CliError, one_line,
 COMMANDS: dict[str, str] = {
     "analyze": "torchslim.cli.analyze",
     "prune": "torchslim.cli.prune",
+    "bench": "torchslim.cli.bench",
     "demo": "torchslim.cli.demo",
 }
 

@@ -1,0 +1,64 @@
+"""Latency model plumbing (speed goals themselves live in benchmarks/latency.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.graph import DependencyGraph
+from torchslim.latency import LatencyModel, LatencyTable, measure_model
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path))
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 5)).eval()
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def test_table_measures_once_and_persists(tmp_path):
+    table = LatencyTable(repeats=3)
+    spec = ("conv", 2, (3, 3), (1, 1), (1, 1), (1, 1), False, 1, False, 1, (8, 8))
+    first = table.lookup(spec, 8, 16)
+    table.entries[next(iter(table.entries))] = 123.0  # a second lookup must read, not re-measure
+    assert table.lookup(spec, 8, 16) == 123.0 and first > 0
+    table.save()
+    assert LatencyTable(repeats=3).lookup(spec, 8, 16) == 123.0
+    assert table.path.parent == tmp_path
+
+
+def test_prediction_of_the_unpruned_model_is_the_measurement():
+    graph = DependencyGraph.build(net(), X)
+    model = LatencyModel(graph, X, LatencyTable(repeats=3))
+    assert len(model.layers) == 3  # two convs and the linear
+    assert model.predict() == pytest.approx(model.measured_ms, rel=1e-6)
+    half = graph.groups[0].atoms[: len(graph.groups[0]) // 2]
+    assert model.predict(half) < model.predict()
+
+
+def test_target_latency_meets_its_prediction():
+    model = net()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_latency=0.6))
+    assert result.latency_predicted_ms <= 0.6 * result.latency_before_ms + 1e-9
+    assert result.plan
+
+
+def test_round_to_latency_never_picks_a_slower_wider_alternative():
+    model = net()
+    config = torchslim.PruneConfig(ratio=0.45, round_to="latency")
+    torchslim.prune_(model, X, config)
+    width = model[0].out_channels
+    assert width in {18, 20, 24, 32}  # 32 * 0.55 = 17.6 -> 18, or its roundings up to 4/8/16/32
+
+
+def test_onnxruntime_latency_runs():
+    stats = measure_model(net(), X, runtime="onnxruntime", repeats=3, warmup=1)
+    assert stats.median_ms > 0 and stats.runs == 3

@@ -1,0 +1,80 @@
+"""``torchslim bench MODEL --input ... [--runtime torch|onnxruntime]``: original vs pruned,
+params, MACs, size and measured latency with its spread."""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from torchslim.cli._common import add_model_arguments, model_and_inputs
+from torchslim.cli._errors import CliError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="compare an original and a pruned model: params, MACs, size, latency")
+    add_model_arguments(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="prune each group by this fraction")
+    how.add_argument("--target-macs", type=float, help="prune to this fraction of MACs")
+    how.add_argument("--target-latency", type=float, help="prune to this fraction of the measured latency")
+    p.add_argument("--latency-aware", action="store_true", help="rank by importance per millisecond saved")
+    p.add_argument("--round-to", default="1", help="an int, or 'latency' for measured-fastest widths")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--json", type=Path, help="write the comparison as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torchslim
+    from torchslim.graph import DependencyGraph
+    from torchslim.graph.macs import estimate_macs
+    from torchslim.latency import measure_model
+
+    model, inputs = model_and_inputs(args)
+    round_to = args.round_to if args.round_to == "latency" else int(args.round_to)
+    try:
+        config = torchslim.PruneConfig(ratio=args.ratio or 0.5, target_macs=args.target_macs,
+                                       target_latency=args.target_latency, latency_aware=args.latency_aware,
+                                       round_to=round_to, latency_threads=args.threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    pruned = copy.deepcopy(model)
+    try:
+        torchslim.prune_(pruned, inputs, config)
+    except (ValueError, torchslim.PruningError) as exc:
+        raise CliError(str(exc)) from None
+    rows = {}
+    for label, net in (("original", model), ("pruned", pruned)):
+        stats = measure_model(net, inputs, runtime=args.runtime, threads=args.threads, repeats=args.repeats)
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        rows[label] = {"params": sum(p.numel() for p in net.parameters()),
+                       "macs": estimate_macs(DependencyGraph.build(net, inputs)), "size_bytes": buffer.tell(),
+                       "latency_ms": stats.median_ms, "latency_p10_ms": stats.p10_ms, "latency_p90_ms": stats.p90_ms}
+    result = {"runtime": args.runtime, "threads": args.threads, **rows}
+    _print(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    o, p = result["original"], result["pruned"]
+    table = Table(title=f"{result['runtime']}, {result['threads']} thread(s)")
+    for col in ("", "original", "pruned", "pruned / original"):
+        table.add_column(col, justify="right")
+    for key in ("params", "macs", "size_bytes"):
+        table.add_row(key, f"{o[key]:,}", f"{p[key]:,}", f"{p[key] / o[key]:.3f}")
+    spread = lambda r: f"{r['latency_ms']:.2f} ({r['latency_p10_ms']:.2f}-{r['latency_p90_ms']:.2f})"  # noqa: E731
+    table.add_row("latency ms (p10-p90)", spread(o), spread(p), f"{p['latency_ms'] / o['latency_ms']:.3f}")
+    Console().print(table)
