@@ -39,7 +39,8 @@ def _measure_onnxruntime(model, example_inputs, threads, warmup, repeats) -> Lat
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]  # Python flags are baked into the graph
+        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), tensors)}
         stats = measure_latency(lambda: session.run(None, feeds), warmup=warmup, repeats=repeats)
         stats.threads = threads or 0
         return stats

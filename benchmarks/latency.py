@@ -1,0 +1,130 @@
+"""Measured speed at equal MACs: torchslim (latency-aware) vs Torch-Pruning 1.6.1, same run.
+
+For each model and MACs level (75/50/25% of the original) prints latency ratio next to
+MACs ratio on PyTorch eager and ONNX Runtime (CPU, fixed threads), and writes
+benchmarks/results/latency.json with the machine described.
+Usage: python benchmarks/latency.py [--models resnet50 mobilenet_v2 vit_b_16 modnet] [--levels 0.75 0.5 0.25]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+
+import torchslim
+from torchslim.graph import DependencyGraph
+from torchslim.graph.macs import estimate_macs
+from torchslim.latency import measure_model
+
+
+def build(name: str):
+    if name == "modnet":
+        from torchslim.models import create_model
+
+        return create_model("modnet").eval(), (torch.randn(1, 3, 256, 256), False)
+    return getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def macs(model, inputs) -> int:
+    return estimate_macs(DependencyGraph.build(model, inputs))
+
+
+def ours(model, inputs, level: float):
+    pruned = copy.deepcopy(model)
+    start = time.perf_counter()
+    torchslim.prune_(pruned, inputs, torchslim.PruneConfig(target_macs=level, latency_aware=True, round_to="latency",
+                                                           verify=False))
+    return pruned, time.perf_counter() - start
+
+
+def torch_pruning_at(model, inputs, target_macs: int):
+    """Torch-Pruning's magnitude pruner, its ratio bisected until our MAC count meets the target."""
+    import torch_pruning as tp
+
+    lo, hi, best = 0.0, 0.95, None
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        candidate = copy.deepcopy(model)
+        ignored = [m for m in candidate.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000] if head else []
+        pruner = tp.pruner.MagnitudePruner(candidate, inputs[0] if len(inputs) == 1 else inputs,
+                                           importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=mid,
+                                           ignored_layers=ignored, round_to=8)
+        pruner.step()
+        if macs(candidate, inputs) <= target_macs:
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best
+
+
+def latency(model, inputs, runtime: str, threads: int) -> float:
+    return min(measure_model(model, inputs, runtime=runtime, threads=threads, repeats=20).median_ms for _ in range(2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "vit_b_16", "modnet"])
+    parser.add_argument("--levels", nargs="*", type=float, default=[0.75, 0.5, 0.25])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
+    args = parser.parse_args()
+    console = Console()
+    rows = []
+    for name in args.models:
+        model, inputs = build(name)
+        base_macs = macs(model, inputs)
+        base = {rt: latency(model, inputs, rt, args.threads) for rt in ("torch", "onnxruntime") if _runs(name, rt)}
+        for level in args.levels:
+            pruned, seconds = ours(model, inputs, level)
+            row = {"model": name, "level": level, "prune_seconds": seconds,
+                   "torchslim": _entry(pruned, inputs, base, base_macs, args.threads)}
+            try:
+                theirs = torch_pruning_at(model, inputs, macs(pruned, inputs))
+                row["torch_pruning"] = _entry(theirs, inputs, base, base_macs, args.threads) if theirs is not None \
+                    else {"error": "no ratio met the MACs"}
+            except Exception as exc:  # noqa: BLE001 - the anchor failing is a result
+                row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            rows.append(row)
+            console.print(row)
+    table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
+    for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT", "ORT/MACs", "TP MACs", "TP torch", "TP ORT"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        o, t = r["torchslim"], r["torch_pruning"]
+        f = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+        table.add_row(r["model"], f"{r['level']:.2f}", f(o, "macs_ratio"), f(o, "torch_ratio"), f(o, "torch_per_macs"),
+                      f(o, "onnxruntime_ratio"), f(o, "onnxruntime_per_macs"), f(t, "macs_ratio"), f(t, "torch_ratio"),
+                      f(t, "onnxruntime_ratio"))
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),
+                                                "cores": os.cpu_count(), "threads": args.threads,
+                                                "torch": torch.__version__}, "rows": rows}, indent=2))
+
+
+def _runs(name: str, runtime: str) -> bool:
+    return not (runtime == "onnxruntime" and name == "modnet_kwargs")
+
+
+def _entry(model, inputs, base: dict, base_macs: int, threads: int) -> dict:
+    entry = {"macs_ratio": macs(model, inputs) / base_macs}
+    for runtime, base_ms in base.items():
+        ms = latency(model, inputs, runtime, threads)
+        entry[f"{runtime}_ms"] = ms
+        entry[f"{runtime}_ratio"] = ms / base_ms
+        entry[f"{runtime}_per_macs"] = ms / base_ms / entry["macs_ratio"]
+    return entry
+
+
+if __name__ == "__main__":
+    main()
