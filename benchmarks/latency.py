@@ -67,8 +67,18 @@ def torch_pruning_at(model, inputs, target_macs: int):
     return best
 
 
-def latency(model, inputs, runtime: str, threads: int) -> float:
-    return min(measure_model(model, inputs, runtime=runtime, threads=threads, repeats=20).median_ms for _ in range(2))
+ROUNDS = 3
+
+
+def interleaved(models: dict, inputs, runtime: str, threads: int) -> dict:
+    """Min over rounds of the median latency, models measured in turn each round, so that load
+    from other processes hits all of them alike and the least-disturbed round counts."""
+    best = {name: float("inf") for name in models}
+    for _ in range(ROUNDS):
+        for name, model in models.items():
+            ms = measure_model(model, inputs, runtime=runtime, threads=threads, repeats=15).median_ms
+            best[name] = min(best[name], ms)
+    return best
 
 
 def main() -> None:
@@ -83,17 +93,29 @@ def main() -> None:
     for name in args.models:
         model, inputs = build(name)
         base_macs = macs(model, inputs)
-        base = {rt: latency(model, inputs, rt, args.threads) for rt in ("torch", "onnxruntime") if _runs(name, rt)}
         for level in args.levels:
             pruned, seconds = ours(model, inputs, level)
-            row = {"model": name, "level": level, "prune_seconds": seconds,
-                   "torchslim": _entry(pruned, inputs, base, base_macs, args.threads)}
+            row = {"model": name, "level": level, "prune_seconds": seconds}
+            contenders = {"original": model, "torchslim": pruned}
             try:
                 theirs = torch_pruning_at(model, inputs, macs(pruned, inputs))
-                row["torch_pruning"] = _entry(theirs, inputs, base, base_macs, args.threads) if theirs is not None \
-                    else {"error": "no ratio met the MACs"}
+                if theirs is None:
+                    row["torch_pruning"] = {"error": "no ratio met the MACs"}
+                else:
+                    contenders["torch_pruning"] = theirs
             except Exception as exc:  # noqa: BLE001 - the anchor failing is a result
                 row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            times = {rt: interleaved(contenders, inputs, rt, args.threads) for rt in ("torch", "onnxruntime")}
+            for label, net in contenders.items():
+                if label == "original":
+                    continue
+                entry = {"macs_ratio": macs(net, inputs) / base_macs}
+                for rt, measured in times.items():
+                    entry[f"{rt}_ms"] = measured[label]
+                    entry[f"{rt}_ratio"] = measured[label] / measured["original"]
+                    entry[f"{rt}_per_macs"] = entry[f"{rt}_ratio"] / entry["macs_ratio"]
+                row[label] = entry
+            row["original_ms"] = {rt: times[rt]["original"] for rt in times}
             rows.append(row)
             console.print(row)
     table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
@@ -110,20 +132,6 @@ def main() -> None:
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),
                                                 "cores": os.cpu_count(), "threads": args.threads,
                                                 "torch": torch.__version__}, "rows": rows}, indent=2))
-
-
-def _runs(name: str, runtime: str) -> bool:
-    return not (runtime == "onnxruntime" and name == "modnet_kwargs")
-
-
-def _entry(model, inputs, base: dict, base_macs: int, threads: int) -> dict:
-    entry = {"macs_ratio": macs(model, inputs) / base_macs}
-    for runtime, base_ms in base.items():
-        ms = latency(model, inputs, runtime, threads)
-        entry[f"{runtime}_ms"] = ms
-        entry[f"{runtime}_ratio"] = ms / base_ms
-        entry[f"{runtime}_per_macs"] = ms / base_ms / entry["macs_ratio"]
-    return entry
 
 
 if __name__ == "__main__":

