@@ -259,3 +259,19 @@ def test_unknown_op_blocks_with_a_named_error():
     with pytest.raises(torchslim.PruningError, match=r"aten\._fft.*module '<root>'.*register a rule"):
         torchslim.prune_(model, torch.randn(1, 3, 4, 4), torchslim.PruneConfig(op_names=["a"]))
     assert model.a.out_channels == 8
+
+
+def test_modnet_to_half_macs_in_one_call():
+    """The brief's user story: one call, exact, <= 50% MACs, IBNorm split points follow."""
+    from torchslim.models import create_model
+
+    torch.manual_seed(0)
+    model = randomize_norms_(create_model("modnet"))
+    inputs = ((torch.randn(1, 3, 128, 128),), {"inference": False})
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(target_macs=0.5, exact_only=True))
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert torchslim.verify(original, model, inputs, result.plan).ok
+    for module in model.modules():
+        if hasattr(module, "bnorm_channels"):
+            assert module.bnorm_channels == module.bnorm.num_features
