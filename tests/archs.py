@@ -1025,10 +1025,10 @@ class SwiGLU(nn.Module):
 class AttentionNoNorm(nn.Module):
     """Linear embed -> attention residual -> MLP residual -> head (no normalisation)."""
 
-    def __init__(self, sdpa: bool = False):
+    def __init__(self, sdpa: bool = False, heads: int = 4):
         super().__init__()
         self.embed = nn.Linear(8, 32)
-        self.attn = HFAttention(32, 4, sdpa=sdpa)
+        self.attn = HFAttention(32, heads, sdpa=sdpa)
         self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         self.head = nn.Linear(32, 5)
 
@@ -1259,6 +1259,9 @@ ARCHS: dict[str, Arch] = {
     "tied_embedding_lm": Arch(_wrap(TiedEmbeddingLM, lambda: torch.randint(0, 40, (2, 6))), must_shrink=("up.weight",)),
     "multihead_attention": Arch(_wrap(MHAModel, lambda: torch.randn(2, 5, 8)), exact=False, must_shrink=("head.0.weight",)),
     "hf_attention": Arch(_wrap(AttentionNoNorm, lambda: torch.randn(2, 6, 8)), exact=False, must_shrink=("mlp.0.weight",)),
+    "hf_attention_single_head": Arch(_wrap(lambda: AttentionNoNorm(heads=1), lambda: torch.randn(2, 6, 8)), exact=False,
+                                     must_shrink=("mlp.0.weight",),
+                                     notes="head_dim is the whole q/k width: pruning it changes 1/sqrt(head_dim)"),
     "hf_attention_sdpa": Arch(_wrap(lambda: AttentionNoNorm(sdpa=True), lambda: torch.randn(2, 6, 8)), exact=False,
                               must_shrink=("mlp.0.weight",)),
     "llama_gqa_rmsnorm_swiglu": Arch(_wrap(LlamaMini, lambda: torch.randint(0, 30, (2, 6))), exact=False,
@@ -1318,7 +1321,7 @@ CNN_OPS = ("conv", "residual", "binary", "cat", "chunk", "split_attr", "slice_at
            "transpose_hw", "cat_spatial", "index_select", "dropout")
 TOKEN_OPS = ("linear", "mlp_residual", "swiglu", "attention", "norm", "act", "binary", "cat", "chunk", "gate")
 # how often each op is drawn (ops that create prunable widths more often)
-OP_WEIGHTS = {"conv": 6, "residual": 2, "binary": 2, "cat": 2, "linear": 3, "mlp_residual": 2}
+OP_WEIGHTS = {"conv": 6, "residual": 2, "binary": 2, "cat": 2, "linear": 3, "mlp_residual": 2, "attention": 2}
 
 
 def _weighted(ops: Sequence[str]) -> tuple[str, ...]:
@@ -2011,6 +2014,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """``(args, kwargs)`` for a tensor, a tuple of positional inputs or an ``(args, kwargs)`` pair."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
     if (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
             and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)):
         return tuple(example_inputs[0]), dict(example_inputs[1])
@@ -2130,7 +2135,7 @@ def plan_problems(removed: dict[str, dict[int, list[int]]], original: nn.Module,
     """Check a plan's ``removed`` map against the original and the pruned model.
 
     * every name is a parameter or buffer of the original, every dim exists, indices are
-      sorted, unique, in range, and never the whole dimension;
+      ints, unique, in range, and never the whole dimension;
     * every tensor of the pruned model (under every alias) equals the original's tensor with
       exactly those indices removed: survivors are bit-identical (weights and BN statistics
       kept), untouched tensors are unchanged, and nothing else moved.
@@ -2156,8 +2161,8 @@ def plan_problems(removed: dict[str, dict[int, list[int]]], original: nn.Module,
             if not all(isinstance(i, int) for i in idx):
                 problems.append(f"{name}[{dim}]: indices are not ints")
                 continue
-            if idx != sorted(set(idx)) or (idx and not 0 <= idx[0] <= idx[-1] < t.shape[dim]):
-                problems.append(f"{name}[{dim}]: indices not sorted, unique and in range: {idx}")
+            if len(set(idx)) != len(idx) or not all(0 <= i < t.shape[dim] for i in idx):
+                problems.append(f"{name}[{dim}]: indices not unique and in range: {idx}")
             if len(set(idx)) >= t.shape[dim]:
                 problems.append(f"{name}[{dim}]: removes the whole dimension")
     if set(orig) != set(new):

@@ -76,7 +76,8 @@ def check_case(spec: dict[str, Any], ratio: float, seed: int, round_to: int = 1,
     """Build, prune and check one random network; never raises, returns an outcome record.
 
     ``ok`` is False with ``stage`` naming the first failed check: ``build``, ``prune``
-    (raised; or raised and left the model changed with ``allow_failure``), ``forward``,
+    (raised; or raised and left the model changed with ``allow_failure``), ``untouched`` (an
+    empty plan, yet the model changed), ``forward``,
     ``shapes``, ``accounting``, ``plan`` (plan or module attributes) or ``verify``.
     """
     exact_only = not spec_is_exact(spec)
@@ -108,6 +109,12 @@ def check_case(spec: dict[str, Any], ratio: float, seed: int, round_to: int = 1,
         outcome.update(params_before=result.params_before, params_after=result.params_after,
                        macs_before=result.macs_before, macs_after=result.macs_after,
                        pruned=bool(result.plan.removed))
+        if not result.plan.removed:
+            outcome["stage"] = "untouched"
+            problems = snapshot_diff(before, model)
+            if problems:
+                outcome["message"] = "empty plan but the model changed: " + "; ".join(problems[:5])
+                return outcome
         outcome["stage"] = "forward"
         out = run(model, x)
         outcome["stage"] = "shapes"

@@ -28,24 +28,24 @@ concatenated with the raw image at 1/1, 1/2 and 1/4 scale.
 ``forward(img, inference)`` returns ``(pred_semantic, pred_detail, pred_matte)``; with
 ``inference=True`` the first two are ``None`` and ``conv_lr`` / ``conv_hr`` do not run.
 
-Figures at 1x3x512x512 (``tests/test_modnet.py`` checks them):
+Figures at 1x3x512x512 (``tests/test_modnet.py`` checks them against hand formulas):
 
-* parameters: 6,487,795 (the brief: 6.45 M; +0.6%). The 1x1 / 3x3 head convolutions keep
-  their biases as in the original (``bias=True`` default of ``Conv2dIBNormRelu``).
-* MACs, torchslim's convention (convolutions and linear layers from torch's FLOP counter,
-  bilinear resize 4 per output element, pooling 1 per element read, norms and activations
-  0): **18,231 M with ``inference=False``** -- the brief's 18,117 M is matched within 0.63%.
-  Where the rest comes from: the convolution and linear layers alone give 18,115 M
-  (within 0.01% of the brief: the post's figure counts exactly the weight layers, as
-  thop-style counters do for an ``(img, False)`` call); the 116 M difference is
-  torchslim's bilinear interpolation (115.6 M) plus the SE block's pooling (0.3 M), which a
-  module-hook counter does not see because they are functional calls. With
-  ``inference=True`` (no ``conv_lr`` / ``conv_hr``) the count is 17,818 M (conv+linear
-  17,702 M), 2.3% below the brief: the post counted the training-mode graph.
-* Where the MACs go (``inference=False``): backbone 3,130 M (17%), lr_branch 2,002 M,
-  hr_branch 10,155 M and f_branch 2,944 M -- the HR and fusion branches hold 72% of the
-  compute, which is why pruning the backbone halved the parameters but barely moved the
-  MACs in the post.
+* The brief's 6.45 M params and 18,117 M MACs are exactly the **Conv2d + Linear layers of the
+  training-mode graph** (``inference=False``, so ``conv_lr`` and ``conv_hr`` run):
+  6,452,243 params and 18,117.07 M MACs -- consistent with a module-hook counter
+  (thop-style) that counts weight layers only, called as ``model(img, False)``; functional
+  ops (``F.interpolate``, ``x * w``) are invisible to such a counter.
+* torchslim's convention (:mod:`torchslim.analysis._macs`) also counts the bilinear resizes
+  (4 MACs per output element: 95.88 M) and the SE block's global pooling (0.33 M):
+  **18,213.27 M, 0.53% above the brief**. BatchNorm adds 34,832 params: 6,487,075 in all
+  (+0.6%).
+* With ``inference=True`` the weight layers come to 15,466 M (torchslim's total 15,529 M),
+  14.6% below the brief: the post counted the training-mode graph.
+* Where the MACs go (``inference=False``, roll-up at depth 1): ``hr_branch`` 10,183 M (55.9%),
+  ``lr_branch`` 3,469 M (19.0%; its 1280->96 5x5 ``conv_lr16x`` alone is 3,146 M, the
+  heaviest layer), ``f_branch`` 2,997 M (16.5%), ``backbone`` 1,565 M (8.6%) -- while the
+  backbone holds 2.2 M of the parameters. Hence the post's "params halved, compute barely
+  moved" after pruning the backbone.
 """
 from __future__ import annotations
 

@@ -64,8 +64,8 @@ class PruneConfig:
     exact_only: bool = False
     seed: int = 0
     verify: bool = True
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    atol: float = 1e-5
+    rtol: float = 1e-4
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:

@@ -138,9 +138,10 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         report = compare_outputs(reference, actual, atol, rtol)
         if not report.ok:
             tx.rollback()
-            atoms = np.concatenate([_atoms_of_op(graph, op, removed) for op in suspects]) if suspects else np.zeros(0, np.int64)
+            # a wrong number names no op: the caller bisects the groups to find the one at fault
             names = ", ".join(sorted({f"{op.name} in '{op.module or '<root>'}'" for op in suspects})[:3])
-            return atoms, f"pruned model differs from the zeroed original ({report.message}); suspects: {names or 'none'}"
+            return np.zeros(0, np.int64), (f"pruned model differs from the zeroed original ({report.message}); "
+                                           f"sizes read in Python: {names or 'none'}")
     if not commit:
         tx.rollback()
     plan = PruningPlan([PlanStep({n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in removal.items()},
