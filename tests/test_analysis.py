@@ -249,6 +249,26 @@ def test_input_forms_tensor_tuple_and_args_kwargs_agree():
         torchslim.analyze(model, "not an input", latency=False)
 
 
+class NoneOut(nn.Module):
+    """Returns nothing: writes its result into a buffer (analysis must restore the buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("last", torch.zeros(2, 4))
+
+    def forward(self, x):
+        self.last.copy_(self.fc(x))
+
+
+def test_none_output_and_buffers_written_by_forward_are_restored():
+    model = NoneOut().eval()
+    report = torchslim.analyze(model, torch.randn(2, 4), warmup=0, repeats=1)
+    assert report.total_macs == 2 * 4 * 4 and report.layers[0].output_shape == []
+    assert report.layer("fc").output_shape == [[2, 4]]
+    assert torch.equal(model.last, torch.zeros(2, 4))
+
+
 # ----------------------------------------------------------------------------- functional ops
 
 

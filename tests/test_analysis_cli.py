@@ -111,3 +111,19 @@ def test_demo_meets_its_promise(tmp_path):
     assert report["accuracy_after"] >= report["accuracy_before"] - 0.01
     assert report["latency_after_ms"] < report["latency_before_ms"]
     assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: (__import__("torchvision").models.mobilenet_v2(), torch.randn(1, 3, 64, 64)),
+    lambda: (nn.MultiheadAttention(32, 4, batch_first=True), ((torch.randn(1, 5, 32),) * 3, {"need_weights": False})),
+    lambda: (__import__("torchslim.models", fromlist=["create_model"]).create_model("modnet"),
+             ((torch.randn(1, 3, 64, 64),), {"inference": False})),
+])
+def test_pruner_estimates_count_like_the_analysis(build):
+    """One convention: the graph's MACs estimate (used for targets) equals analyze's total."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.graph.macs import estimate_macs
+
+    model, inputs = build()
+    model.eval()
+    assert estimate_macs(DependencyGraph.build(model, inputs)) == torchslim.analyze(model, inputs, latency=False).total_macs

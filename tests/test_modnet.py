@@ -10,7 +10,6 @@ element) and the SE block's pooling, 18,213.27 M: 0.53% above the brief. BatchNo
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

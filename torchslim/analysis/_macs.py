@@ -34,131 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections import defaultdict
 from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
-
-aten = torch.ops.aten
-
-
-def _numel(shape) -> int:
-    return math.prod(shape) if shape is not None else 0
-
-
-def _first_shape(out_shape):
-    """The first output's shape (ops with several outputs get a tuple of shapes)."""
-    if isinstance(out_shape, (tuple, list)) and out_shape and isinstance(out_shape[0], (tuple, list, torch.Size)):
-        return out_shape[0]
-    return out_shape
-
-
-# Every formula below receives shapes in place of tensors (FlopCounterMode's shape_wrapper)
-# and returns FLOPs = 2 * MACs, so that the whole counter speaks FLOPs like torch's formulas.
-
-def _per_output_element(macs: int):
-    def formula(*args, out_shape=None, **kwargs) -> int:
-        return 2 * macs * _numel(_first_shape(out_shape))
-
-    return formula
-
-
-def _avg_pool(dims: int):
-    def formula(input_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
-        kernel = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size]
-        if len(kernel) == 1:
-            kernel = kernel * dims
-        return 2 * math.prod(kernel) * _numel(out_shape)
-
-    return formula
-
-
-def _adaptive_windows(size_in: int, size_out: int) -> int:
-    """Sum of the adaptive pooling window lengths along one dimension."""
-    return sum(math.ceil((i + 1) * size_in / size_out) - (i * size_in) // size_out for i in range(size_out))
-
-
-def _adaptive_avg_pool(input_shape, output_size, *args, out_shape=None, **kwargs) -> int:
-    n_spatial = len(output_size)
-    lead = _numel(input_shape[: len(input_shape) - n_spatial])
-    windows = math.prod(_adaptive_windows(i, o) for i, o in zip(input_shape[-n_spatial:], out_shape[-n_spatial:]))
-    return 2 * lead * windows
-
-
-def _reduction(input_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _numel(input_shape)
-
-
-def _mv(mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * mat_shape[0] * mat_shape[1]
-
-
-def _addmv(self_shape, mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
-    return _mv(mat_shape, vec_shape)
-
-
-def _dot(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _numel(a_shape)
-
-
-def _addbmm(self_shape, b1_shape, b2_shape, *args, out_shape=None, **kwargs) -> int:
-    b, m, k = b1_shape
-    return 2 * b * m * k * b2_shape[-1]
-
-
-def _addmm_activation(self_shape, m1_shape, m2_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * m1_shape[0] * m1_shape[1] * m2_shape[1]
-
-
-def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _grid_sample(taps: dict[int, int]):
-    def formula(input_shape, grid_shape, interpolation_mode, *args, out_shape=None, **kwargs) -> int:
-        return 2 * taps.get(int(interpolation_mode), 0) * _numel(_first_shape(out_shape))
-
-    return formula
-
-
-def _packets(*names: str) -> list:
-    """aten op packets by name, skipping those this torch build lacks."""
-    return [getattr(aten, n) for n in names if hasattr(aten, n)]
-
-
-def _mapping() -> dict[Any, Any]:
-    table: dict[Any, Any] = {}
-    for names, formula in (
-        (("upsample_bilinear2d", "_upsample_bilinear2d_aa"), _per_output_element(4)),
-        (("upsample_linear1d",), _per_output_element(2)),
-        (("upsample_trilinear3d",), _per_output_element(8)),
-        (("upsample_bicubic2d", "_upsample_bicubic2d_aa"), _per_output_element(16)),
-        (("avg_pool1d",), _avg_pool(1)),
-        (("avg_pool2d",), _avg_pool(2)),
-        (("avg_pool3d",), _avg_pool(3)),
-        (("_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool1d"), _adaptive_avg_pool),
-        (("mean", "sum"), _reduction),
-        (("mv",), _mv),
-        (("addmv",), _addmv),
-        (("dot", "vdot"), _dot),
-        (("addbmm",), _addbmm),
-        (("_addmm_activation",), _addmm_activation),
-        (("_scaled_dot_product_flash_attention_for_cpu",), _sdpa_cpu),
-        (("grid_sampler_2d",), _grid_sample({0: 4, 1: 0, 2: 16})),
-        (("grid_sampler_3d",), _grid_sample({0: 8, 1: 0})),
-    ):
-        for packet in _packets(*names):
-            table[packet] = formula
-    return table
-
-
-#: Extra formulas handed to ``FlopCounterMode(custom_mapping=...)`` (FLOPs, i.e. 2 x MACs).
-CUSTOM_MAPPING: dict[Any, Any] = _mapping()
+from torchslim.graph._formulas import CUSTOM_MAPPING
 
 
 @dataclasses.dataclass

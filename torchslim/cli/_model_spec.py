@@ -197,14 +197,16 @@ def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up
-    sys.path.insert(0, str(path.resolve().parent))  # sibling imports
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # sibling imports
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's file failed to import: say how
         sys.modules.pop(module_name, None)
         raise CliError(f"importing {path} failed: {type(exc).__name__}: {one_line(str(exc))}") from None
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        if folder in sys.path:
+            sys.path.remove(folder)
     if not hasattr(module, attr):
         candidates = [n for n, v in vars(module).items() if not n.startswith("_") and
                       (isinstance(v, nn.Module) or (inspect.isclass(v) and issubclass(v, nn.Module)) or inspect.isfunction(v))]

@@ -27,6 +27,7 @@ concatenated with the raw image at 1/1, 1/2 and 1/4 scale.
 
 ``forward(img, inference)`` returns ``(pred_semantic, pred_detail, pred_matte)``; with
 ``inference=True`` the first two are ``None`` and ``conv_lr`` / ``conv_hr`` do not run.
+(``inference`` defaults to ``True`` here, the deployment case; the original requires it.)
 
 Figures at 1x3x512x512 (``tests/test_modnet.py`` checks them against hand formulas):
 
