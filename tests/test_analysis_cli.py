@@ -127,3 +127,20 @@ def test_pruner_estimates_count_like_the_analysis(build):
     model, inputs = build()
     model.eval()
     assert estimate_macs(DependencyGraph.build(model, inputs)) == torchslim.analyze(model, inputs, latency=False).total_macs
+
+
+def test_cli_prune_with_recipe(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"criterion": "l2", "rules": [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5},
+                                                                {"op_names": ["features.0"], "exclude": True}]}))
+    out = tmp_path / "out"
+    assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--recipe", str(recipe), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"][1] < report["params"][0] and report["exact"] is True
+
+
+def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rules": [{"op_names": ["nothing"], "sparsity": 0.5}]}))
+    assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--recipe", str(recipe), "--out", "x"]) == 2
+    assert "rules[0]" in capsys.readouterr().err

@@ -1,28 +1,11 @@
 """MAC counting on top of ``torch.utils.flop_counter.FlopCounterMode``.
 
-Convention: one multiply-accumulate = 1 MAC = 2 FLOPs.
-
-* **Convolutions and matrix products** (``conv*``, ``linear``/``addmm``/``mm``, ``bmm``,
-  ``baddbmm``, ``matmul`` and ``einsum``, which decompose to those): torch's own formulas,
-  MACs = FLOPs / 2. Bias additions count 0, as in torch's counter.
-* **Matrix-vector and friends torch does not count**: ``mv``/``addmv`` (m*n),
-  ``addbmm`` and ``_addmm_activation`` (b*m*n*k), ``dot``/``vdot`` (n).
-* **Attention**: ``scaled_dot_product_attention`` counts ``QK^T`` and ``AV`` with torch's
-  ``sdpa_flop_count`` (batch * heads * Lq * Lk * (Dq + Dv) MACs) for every kernel, including
-  the CPU flash kernel torch's counter misses. ``nn.MultiheadAttention`` /
-  ``nn.TransformerEncoderLayer`` are counted with the fused "fast path" disabled, so their
-  projections and attention are seen as the matmuls and SDPA they compute (the fused
-  kernels are invisible to torch's counter); timing keeps the fast path.
-* **Interpolation**, per output element (i.e. per channel and output pixel): bilinear 4
-  (its 4 taps), linear 2, trilinear 8, bicubic 16; antialiased variants as their plain
-  mode; nearest 0 (a copy). ``grid_sample``: bilinear 4, bicubic 16, nearest 0 per output
-  element (trilinear 8 in 3-D).
-* **Average pooling**: one MAC (an add) per input element read: ``kernel_size`` adds per
-  output element for ``avg_pool``; for adaptive pooling the exact window sizes, so global
-  average pooling counts C*H*W. ``mean`` and ``sum`` reductions count one MAC per input
-  element too, because PyTorch runs ``AdaptiveAvgPool2d(1)`` as ``mean``. Max pooling 0.
-* **Everything else counts 0**: elementwise ops, activations, normalisation layers,
-  softmax, concatenation, copies (memory-bound; thop and torch's counter do the same).
+Convention: one multiply-accumulate = 1 MAC = 2 FLOPs; torch's formulas for convolutions and
+matrix products, the shared table in ``torchslim.graph._formulas`` for what torch does not
+count (attention kernels, interpolation, pooling, reductions), 0 for memory-bound ops. The
+pruner's graph estimates use the same table, so both always agree. ``nn.MultiheadAttention``
+is counted with its fused fast path disabled, so its projections and attention are seen as
+the matmuls and SDPA they compute; timing keeps the fast path.
 
 Attribution: every op's MACs go to the innermost module whose forward was running (its
 ``self_macs``); a module's ``macs`` is its ``self_macs`` plus its submodules' (by qualified

@@ -33,3 +33,48 @@ def model_and_inputs(args: argparse.Namespace):
     inputs = make_inputs(model, shapes, dtype, kwargs)
     check_runs(model, inputs, shapes)
     return model, inputs
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bool = True) -> None:
+    """How much and how to prune: one of --ratio/--target-macs/--target-latency/--recipe, plus options."""
+    from torchslim.criteria import CRITERIA
+
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove")
+    how.add_argument("--target-macs", type=float, help="MACs to reach: fraction of the original (<=1) or absolute")
+    if latency_target:
+        how.add_argument("--target-latency", type=float, help="latency to reach: fraction of the measured original")
+    how.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe: PruneConfig fields plus NNI-style rules")
+    parser.add_argument("--criterion", choices=sorted(CRITERIA), default="l1")
+    parser.add_argument("--round-to", default="1", help="keep multiples of N channels, or 'latency'")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep this module's outputs")
+    parser.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
+    parser.add_argument("--latency-aware", action="store_true", help="rank by importance per millisecond saved")
+    parser.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
+
+
+def config_from_args(args: argparse.Namespace, model):
+    """The PruneConfig the flags describe; a bad value is a one-line CliError naming the field."""
+    import torchslim
+    from torchslim.cli._errors import CliError
+    from torchslim.pruning import config_from_recipe
+
+    round_to = args.round_to if args.round_to == "latency" else _int(args.round_to, "--round-to")
+    fields = dict(criterion=args.criterion, round_to=round_to, exclude=tuple(args.exclude),
+                  exact_only=args.exact_only, latency_aware=args.latency_aware, latency_threads=args.threads)
+    try:
+        if args.recipe:
+            return config_from_recipe(model, args.recipe)
+        return torchslim.PruneConfig(ratio=args.ratio or 0.5, target_macs=args.target_macs,
+                                     target_latency=getattr(args, "target_latency", None), **fields)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _int(text: str, flag: str) -> int:
+    from torchslim.cli._errors import CliError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise CliError(f"{flag} takes an integer or 'latency', got '{text}'") from None

@@ -10,21 +10,15 @@ from pathlib import Path
 
 import torch
 
-from torchslim.cli._common import add_model_arguments, model_and_inputs
+from torchslim.cli._common import add_model_arguments, add_pruning_arguments, config_from_args, model_and_inputs
 from torchslim.cli._errors import CliError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare an original and a pruned model: params, MACs, size, latency")
     add_model_arguments(p)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--ratio", type=float, help="prune each group by this fraction")
-    how.add_argument("--target-macs", type=float, help="prune to this fraction of MACs")
-    how.add_argument("--target-latency", type=float, help="prune to this fraction of the measured latency")
-    p.add_argument("--latency-aware", action="store_true", help="rank by importance per millisecond saved")
-    p.add_argument("--round-to", default="1", help="an int, or 'latency' for measured-fastest widths")
+    add_pruning_arguments(p)
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", type=Path, help="write the comparison as JSON")
     p.set_defaults(run=run)
@@ -37,13 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from torchslim.latency import measure_model
 
     model, inputs = model_and_inputs(args)
-    round_to = args.round_to if args.round_to == "latency" else int(args.round_to)
-    try:
-        config = torchslim.PruneConfig(ratio=args.ratio or 0.5, target_macs=args.target_macs,
-                                       target_latency=args.target_latency, latency_aware=args.latency_aware,
-                                       round_to=round_to, latency_threads=args.threads)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    config = config_from_args(args, model)
     pruned = copy.deepcopy(model)
     try:
         torchslim.prune_(pruned, inputs, config)

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import torch
 
-from torchslim.cli._common import add_model_arguments, model_and_inputs
+from torchslim.cli._common import add_model_arguments, add_pruning_arguments, config_from_args, model_and_inputs
 from torchslim.cli._errors import CliError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("prune", help="structurally prune a model and write it with a before/after report")
     add_model_arguments(p)
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--ratio", type=float, help="fraction of each group's channels to remove")
-    group.add_argument("--target-macs", type=float, help="MACs to reach: fraction of the original (<=1) or absolute")
-    p.add_argument("--criterion", default="l1", help="l1 | l2 | random")
-    p.add_argument("--round-to", type=int, default=1)
-    p.add_argument("--exclude", action="append", default=[], help="module glob to keep (repeatable)")
-    p.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
+    add_pruning_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(run=run)
 
@@ -31,11 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from torchslim.analysis import analyze
 
     model, inputs = model_and_inputs(args)
-    try:
-        config = torchslim.PruneConfig(ratio=args.ratio or 0.5, target_macs=args.target_macs, criterion=args.criterion,
-                                       round_to=args.round_to, exclude=tuple(args.exclude), exact_only=args.exact_only)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    config = config_from_args(args, model)
     before = analyze(model, inputs)
     original = copy.deepcopy(model)
     try:

@@ -46,19 +46,12 @@ def has_macs(op: OpCall) -> bool:
     return packet in FUSED or packet in CUSTOM_MAPPING or _formula(op) is not None
 
 
-def _as_shapes(value, shapes):
+def _replace_nodes(value, leaf):
+    """Recorded arguments with every tensor placeholder replaced by ``leaf(node)``."""
     if isinstance(value, NodeRef):
-        return tuple(shapes(value.node))
+        return leaf(value.node)
     if isinstance(value, (list, tuple)):
-        return type(value)(_as_shapes(v, shapes) for v in value)
-    return value
-
-
-def _materialize(value, shapes):
-    if isinstance(value, NodeRef):
-        return _meta(shapes(value.node))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_materialize(v, shapes) for v in value)
+        return type(value)(_replace_nodes(v, leaf) for v in value)
     return value
 
 
@@ -68,8 +61,9 @@ def op_macs(op: OpCall, shapes) -> int:
     if packet in FUSED:
         return int(FUSED[packet](op, shapes))
     if packet in CUSTOM_MAPPING:  # these formulas take shapes, as FlopCounterMode hands them
-        args = _as_shapes(op.args, shapes)
-        kwargs = {k: _as_shapes(v, shapes) for k, v in op.kwargs.items()}
+        as_shape = lambda node: tuple(shapes(node))  # noqa: E731
+        args = _replace_nodes(op.args, as_shape)
+        kwargs = {k: _replace_nodes(v, as_shape) for k, v in op.kwargs.items()}
         out = [tuple(shapes(n)) for n in op.outputs]
         try:
             return int(CUSTOM_MAPPING[packet](*args, out_shape=out[0] if len(out) == 1 else tuple(out), **kwargs)) // 2
@@ -78,8 +72,9 @@ def op_macs(op: OpCall, shapes) -> int:
     formula = _formula(op)
     if formula is None:
         return 0
-    args = _materialize(op.args, shapes)
-    kwargs = {k: _materialize(v, shapes) for k, v in op.kwargs.items()}
+    as_meta = lambda node: _meta(shapes(node))  # noqa: E731
+    args = _replace_nodes(op.args, as_meta)
+    kwargs = {k: _replace_nodes(v, as_meta) for k, v in op.kwargs.items()}
     outs = [_meta(shapes(n)) for n in op.outputs]
     out_val = outs[0] if len(outs) == 1 else tuple(outs)
     try:

@@ -143,17 +143,23 @@ def transpose_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
         c.same(source, p, target, d)
 
 
-@op_rule(aten.expand, aten.expand_as)
-def expand_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    source, target = op.inputs[0], op.outputs[0]
-    src, dst = c.shape(source), c.shape(target)
+@op_rule(aten.expand, aten.expand_as, aten.repeat)
+def tile_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    """expand (size-1 dims broadcast) and repeat (``weight.repeat(b)`` inside instance_norm):
+    output index j copies input index j % n; a broadcast or new leading dim is pinned."""
+    source, out = op.inputs[0], op.outputs[0]
+    src, dst = c.shape(source), c.shape(out)
     shift = len(dst) - len(src)
     for d in range(len(dst)):
         sd = d - shift
         if sd >= 0 and src[sd] == dst[d]:
-            c.same(source, sd, target, d)
-        elif dst[d] > 1:
-            c.pin(target, d, "expanded dimension")
+            c.same(source, sd, out, d)
+        elif sd < 0 or src[sd] == 1:
+            if dst[d] > 1:
+                c.pin(out, d, "broadcast or added dimension")
+        else:
+            index = np.arange(dst[d], dtype=np.int64)
+            c.union(c.ids(out, d), c.ids(source, sd, index % src[sd]))
 
 
 def _clamp(value: int | None, size: int, default: int) -> int:
@@ -298,20 +304,3 @@ def index_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
         c.same(source, d, out, out_ndim - (src_ndim - d))
     for d in range(out_ndim - (src_ndim - k)):
         c.pin(out, d, "advanced indexing")
-
-
-@op_rule(aten.repeat)
-def repeat_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    """Tiling (``weight.repeat(b)`` inside instance_norm): output index j copies input j % n."""
-    source, out = op.inputs[0], op.outputs[0]
-    src, dst = c.shape(source), c.shape(out)
-    shift = len(dst) - len(src)
-    for d in range(len(dst)):
-        sd = d - shift
-        if sd < 0:
-            c.pin(out, d, "repeat adds this dimension")
-        elif src[sd] == dst[d]:
-            c.same(source, sd, out, d)
-        else:
-            index = np.arange(dst[d], dtype=np.int64)
-            c.union(c.ids(out, d), c.ids(source, sd, index % src[sd]))
