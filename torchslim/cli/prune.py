@@ -24,15 +24,24 @@ def run(args: argparse.Namespace) -> int:
     import torchslim
     from torchslim.analysis import analyze
 
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     model, inputs = model_and_inputs(args)
     config = config_from_args(args, model)
-    before = analyze(model, inputs)
-    original = copy.deepcopy(model)
-    try:
-        result = torchslim.prune_(model, inputs, config)
-    except (ValueError, torchslim.PruningError) as exc:
-        raise CliError(str(exc)) from None
-    after = analyze(model, inputs)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        step = progress.add_task("analysing the original", total=4)
+        before = analyze(model, inputs)
+        original = copy.deepcopy(model)
+        progress.update(step, advance=1, description="tracing, ranking and removing channels")
+        try:
+            result = torchslim.prune_(model, inputs, config)
+        except (ValueError, torchslim.PruningError) as exc:
+            raise CliError(str(exc)) from None
+        progress.update(step, advance=1, description="analysing the pruned model")
+        after = analyze(model, inputs)
+        progress.update(step, advance=1, description="verifying against the zeroed original")
+        exact = torchslim.verify(original, model, inputs, result.plan).ok
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "plan.json").write_text(json.dumps(result.plan.to_dict()))
     torch.save(model.state_dict(), args.out / "state_dict.pt")
@@ -41,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "macs": [before.total_macs, after.total_macs],
         "size_bytes": [before.disk_bytes, after.disk_bytes],
         "latency_ms": [before.latency_ms, after.latency_ms],
-        "exact": torchslim.verify(original, model, inputs, result.plan).ok if not result.skipped else None,
+        "exact": exact,
         "result": result.to_dict(),
     }
     (args.out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
