@@ -47,7 +47,7 @@ class MacProfile:
 
 
 @contextlib.contextmanager
-def _fastpath_disabled() -> Iterator[None]:
+def fastpath_disabled() -> Iterator[None]:
     """Let MHA / TransformerEncoderLayer run their unfused path so their matmuls are seen."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
@@ -118,7 +118,7 @@ def profile_macs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[MacPr
     pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     post = torch.nn.modules.module.register_module_forward_hook(post_hook)
     try:
-        with _fastpath_disabled(), counter:
+        with fastpath_disabled(), counter:
             output = call_model(model, example_inputs)
     finally:
         pre.remove()

@@ -32,7 +32,9 @@ def _measure_onnxruntime(model, example_inputs, threads, warmup, repeats) -> Lat
         raise ValueError("ONNX latency takes positional tensor inputs only")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        from torchslim.analysis._macs import fastpath_disabled
+
+        with torch.no_grad(), fastpath_disabled():  # the fused MHA kernel has no ONNX export
             torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17)
         options = ort.SessionOptions()
         if threads:
