@@ -42,7 +42,9 @@ class PruneConfig:
                   softmax, mean), where removal is not identical to zeroing.
     seed:         seed for the random criterion.
     verify:       compare the pruned model with the zeroed original on the example inputs and
-                  roll back on mismatch.
+                  roll back on mismatch (``atol`` + ``rtol`` x the output's magnitude: float32
+                  sums in a different order drift by ~1e-4 relative in 100-layer models, while a
+                  wrong structure is off by far more).
     """
 
     ratio: float = 0.5
@@ -65,7 +67,7 @@ class PruneConfig:
     seed: int = 0
     verify: bool = True
     atol: float = 1e-5
-    rtol: float = 1e-4
+    rtol: float = 5e-4
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
