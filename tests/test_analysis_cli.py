@@ -103,6 +103,27 @@ def test_cli_prune_writes_outputs(tmp_path):
     assert (tmp_path / "plan.json").exists()
 
 
+def test_cli_prune_checkpoint_is_a_model_spec(tmp_path):
+    """prune --out writes a torchslim checkpoint that every command takes as MODEL (rebuilt, not unpickled)."""
+    from torchslim.cli._model_spec import load_model
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--ratio", "0.5", "--onnx",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "plan.json", "meta.json", "model.onnx"}
+    assert report["onnx"]["ok"] is True and report["onnx"]["max_abs_error"] < 1e-4
+    assert main(["analyze", str(out), "--input", "1,1,8,8", "--no-latency", "--json", str(tmp_path / "a.json")]) == 0
+    analysed = json.loads((tmp_path / "a.json").read_text())
+    assert analysed["total_params"] == report["params"][1] < report["params"][0]
+    assert analysed["total_macs"] == report["macs"][1]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    loaded = load_model(str(out)).state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
 def test_demo_meets_its_promise(tmp_path):
     from torchslim.demo import run_demo
 

@@ -5,6 +5,7 @@ Front door::
     report = torchslim.analyze(model, example_inputs)
     result = torchslim.prune_(model, example_inputs, torchslim.PruneConfig(ratio=0.5))
     torchslim.verify(original, model, example_inputs, result.plan)
+    torchslim.save(model, "pruned/", result); torchslim.load("pruned/", fresh_original)
 
 Names are imported lazily so that ``import torchslim`` and the CLI start fast.
 """
@@ -37,6 +38,10 @@ _EXPORTS = {
     "bn_l1_penalty": "torchslim.criteria",
     "AGPPruner": "torchslim.schedules",
     "prune_iteratively": "torchslim.schedules",
+    "save": "torchslim.io",
+    "load": "torchslim.io",
+    "export_onnx": "torchslim.io",
+    "CheckpointError": "torchslim.io",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -13,6 +13,9 @@ MODEL specs (:func:`load_model`):
 * ``torchslim:NAME`` -- a bundled model (``torchslim.models``: ``modnet``, ``digits_cnn``).
 * ``path/to/file.py:ClassOrFactory`` -- imports the file and calls the attribute with
   ``--model-kwargs`` (none by default); a module-level ``nn.Module`` instance is used as is.
+* a torchslim checkpoint directory (``meta.json`` + ``plan.json`` + ``model.safetensors``,
+  written by ``torchslim prune --out``) -- the original is rebuilt from the spec recorded at
+  save time and the checkpoint is loaded into it with :func:`torchslim.load` (no unpickling).
 * ``path/to/model.pt`` -- a whole module saved with ``torch.save(model, path)``, loaded with
   ``torch.load(weights_only=False)``. **This unpickles the file, which can run arbitrary
   code: only load files you trust.**
@@ -43,7 +46,8 @@ from torchslim.cli._errors import CliError, one_line
 
 ZOOS = ("torchvision", "timm", "hf", "torchslim")
 SPEC_HELP = ("torchvision:NAME | timm:NAME | hf:MODEL_TYPE | torchslim:NAME | path/file.py:ClassOrFactory | "
-             "local Hugging Face directory | torch.save'd module file (unpickled: only files you trust)")
+             "local Hugging Face directory | torchslim checkpoint directory | "
+             "torch.save'd module file (unpickled: only files you trust)")
 DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "float64": torch.float64, "double": torch.float64}
 
@@ -96,9 +100,12 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Modu
         if not name:
             raise CliError(f"model spec '{spec}' names no model: use {zoo}:NAME")
         model = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "torchslim": _bundled}[zoo](name, kwargs)
+    elif path.is_dir() and (path / "meta.json").is_file() and not (path / "config.json").is_file():
+        model = _torchslim_checkpoint(path, kwargs)
     elif path.is_dir():
         if not (path / "config.json").is_file():
-            raise CliError(f"{spec} is a directory without config.json, not a Hugging Face model directory")
+            raise CliError(f"{spec} is a directory without config.json or meta.json: neither a Hugging Face "
+                           "model directory nor a torchslim checkpoint")
         model = _hf_directory(path, kwargs)
     elif sep and (name and not path.exists() and spec.rpartition(":")[0].endswith(".py")):
         model = _from_python_file(spec, kwargs)
@@ -219,6 +226,39 @@ def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
     if not callable(target):
         raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
     return _construct(f"{path}:{attr}", target, kwargs)
+
+
+def source_metadata(spec: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records so that the CLI can rebuild its original: the spec (a Python
+    file's path made absolute) and the constructor's keyword arguments."""
+    path_text, sep, attr = spec.rpartition(":")
+    if sep and path_text.endswith(".py") and Path(path_text).is_file():
+        spec = f"{Path(path_text).resolve()}:{attr}"
+    elif Path(spec).exists():
+        spec = str(Path(spec).resolve())
+    return {"model": spec, "model_kwargs": dict(model_kwargs)}
+
+
+def _torchslim_checkpoint(path: Path, kwargs: dict) -> nn.Module:
+    from torchslim.io import CheckpointError, load, read_metadata
+
+    if kwargs:
+        raise CliError(f"{path} is a torchslim checkpoint; --model-kwargs cannot apply to it (they were recorded "
+                       "when it was saved)")
+    try:
+        source = read_metadata(path).get("source")
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+    if not isinstance(source, dict) or not isinstance(source.get("model"), str):
+        raise CliError(f"{path}: the checkpoint does not record which model it was pruned from; load it in "
+                       "Python with torchslim.load(path, freshly_built_original)")
+    if Path(source["model"]).resolve() == path.resolve():
+        raise CliError(f"{path}: the checkpoint names itself as its original")
+    original = load_model(source["model"], source.get("model_kwargs") or {})
+    try:
+        return load(path, original)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _torch_load(path: Path, kwargs: dict) -> nn.Module:

@@ -6,8 +6,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
-
 from torchslim.cli._common import add_model_arguments, add_pruning_arguments, config_from_args, model_and_inputs
 from torchslim.cli._errors import CliError
 
@@ -16,7 +14,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("prune", help="structurally prune a model and write it with a before/after report")
     add_model_arguments(p)
     add_pruning_arguments(p)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: a torchslim checkpoint (model.safetensors, plan.json, meta.json) "
+                        "plus report.json; usable as MODEL by every command")
+    p.add_argument("--onnx", action="store_true", help="also export DIR/model.onnx, checked with onnxruntime")
     p.set_defaults(run=run)
 
 
@@ -42,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
         after = analyze(model, inputs)
         progress.update(step, advance=1, description="verifying against the zeroed original")
         exact = torchslim.verify(original, model, inputs, result.plan).ok
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "plan.json").write_text(json.dumps(result.plan.to_dict()))
-    torch.save(model.state_dict(), args.out / "state_dict.pt")
+    _write_checkpoint(args, model, result)
     summary = {
         "params": [before.total_params, after.total_params],
         "macs": [before.total_macs, after.total_macs],
@@ -53,9 +52,35 @@ def run(args: argparse.Namespace) -> int:
         "exact": exact,
         "result": result.to_dict(),
     }
+    if args.onnx:
+        summary["onnx"] = _export_onnx(model, inputs, args.out / "model.onnx")
     (args.out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_table(summary)
     return 0
+
+
+def _write_checkpoint(args: argparse.Namespace, model, result) -> None:
+    """The pruned model as a torchslim checkpoint that records how to rebuild its original."""
+    import torchslim
+    from torchslim.cli._model_spec import parse_json, source_metadata
+
+    source = source_metadata(args.model, parse_json(args.model_kwargs, "--model-kwargs"))
+    source.update(dtype=args.dtype, inputs=args.input, kwargs=parse_json(args.kwargs, "--kwargs"))
+    try:
+        torchslim.save(model, args.out, result, metadata={"source": source})
+    except (OSError, torchslim.CheckpointError) as exc:
+        raise CliError(f"cannot write the checkpoint to {args.out}: {exc}") from None
+
+
+def _export_onnx(model, inputs, path: Path) -> dict:
+    from torchslim.io import OnnxCheckError, export_onnx
+
+    try:
+        return export_onnx(model, inputs, path).to_dict()
+    except (ImportError, RuntimeError) as exc:  # OnnxCheckError is a RuntimeError
+        report = exc.report.to_dict() if isinstance(exc, OnnxCheckError) else {"ok": False}
+        report["message"] = str(exc).splitlines()[0]
+        return report
 
 
 def _print_table(summary: dict) -> None:

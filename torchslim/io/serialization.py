@@ -1,0 +1,495 @@
+"""Pruned checkpoints: ``save`` a pruned model with its plan, ``load`` it into a freshly built original.
+
+A checkpoint is a directory of three files, none of them pickled::
+
+    model.safetensors   the pruned state_dict (tied/shared tensors stored once)
+    plan.json           PruningPlan.to_dict(): what was removed, step by step, and the
+                        module attributes each step changed (in_channels, num_heads...)
+    meta.json           format, versions, model class, parameter count, sha256 of the
+                        two other files, aliases of tied tensors, user metadata
+
+``load`` validates everything against the model *before* touching it (files, hashes,
+every plan name and shape, every weight key and shape, every attribute), then replays
+the plan and sets the weights inside a :class:`~torchslim.pruning._surgery.Transaction`,
+so a failure at any point leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners
+from torchslim.pruning.plan import PruningPlan
+
+FORMAT = "torchslim.checkpoint/1"
+WEIGHTS_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
+META_FILE = "meta.json"
+
+# attribute values a plan may set, and the current values it may replace: plain data only,
+# so a tampered plan.json can never swap a method, a module or a tensor
+_PLAIN = (type(None), bool, int, float, str, tuple, list, torch.Size)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+# ----------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------
+def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
+         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (pruned) and ``plan`` to the directory ``path``; returns the directory.
+
+    ``plan`` is the ``PruningPlan`` (or the ``PruneResult``) of every pruning applied to the
+    original model since it was built (``plan1.extend(plan2)`` for successive prunings);
+    ``None`` means the model was not pruned. ``metadata`` is any JSON-serialisable dict,
+    stored in ``meta.json``. Files are written atomically (temporary file, then rename).
+    """
+    plan = _as_plan(plan)
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory (a checkpoint is a directory)")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    _check_plan_matches_model(plan, model)
+    plan_text = _dumps(plan.to_dict(), PLAN_FILE)
+    meta_user = json.loads(_dumps(metadata or {}, "metadata"))  # fail early on non-JSON metadata
+    tensors, aliases = _dedupe_state_dict(model.state_dict())
+
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    weights_tmp = _tmp_path(directory, WEIGHTS_FILE)
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "torchslim": FORMAT})
+        weights_sha = _sha256_file(weights_tmp)
+        meta = {
+            "format": FORMAT,
+            "torchslim_version": _torchslim_version(),
+            "torch_version": torch.__version__,
+            "model_class": _qualname(model),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "plan_steps": len(plan.steps),
+            "num_removed": plan.num_removed,
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": weights_sha,
+            "plan_sha256": hashlib.sha256(plan_text.encode()).hexdigest(),
+            "aliases": aliases,
+            "metadata": meta_user,
+        }
+        os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    finally:
+        if weights_tmp.exists():
+            weights_tmp.unlink()
+    _write_text(directory / PLAN_FILE, plan_text)
+    _write_text(directory / META_FILE, _dumps(meta, META_FILE))  # last: a complete meta means a complete save
+    return directory
+
+
+def _as_plan(plan: Any) -> PruningPlan:
+    if plan is None:
+        return PruningPlan()
+    if hasattr(plan, "plan") and isinstance(plan.plan, PruningPlan):  # a PruneResult
+        return plan.plan
+    if isinstance(plan, PruningPlan):
+        return plan
+    raise TypeError(f"plan must be a PruningPlan or a PruneResult, got {type(plan).__name__}")
+
+
+def _check_plan_matches_model(plan: PruningPlan, model: nn.Module) -> None:
+    """The plan's final shapes must be the model's current shapes (catches passing the wrong plan)."""
+    final: dict[str, list[int]] = {}
+    for step in plan.steps:
+        for name, shape in step.shapes.items():
+            new = list(shape)
+            for dim, gone in step.removed.get(name, {}).items():
+                new[dim] -= len(set(gone))
+            final[name] = new
+    tensors = _named_tensors(model)
+    for name, shape in final.items():
+        if name not in tensors:
+            raise CheckpointError(f"the plan names '{name}', which {_qualname(model)} does not have: "
+                                  "is this the plan of this model?")
+        if list(tensors[name].shape) != shape:
+            raise CheckpointError(f"the plan leaves '{name}' with shape {shape} but the model's is "
+                                  f"{list(tensors[name].shape)}: pass the plan of every pruning applied "
+                                  "(plan1.extend(plan2) for successive prunings)")
+
+
+def _dedupe_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU, contiguous tensors with tied entries stored once; returns (tensors, alias -> stored key).
+
+    safetensors refuses tensors sharing memory: exact aliases (tied weights, a module
+    registered twice) are stored once and named in ``aliases``; partial overlaps are cloned.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: dict[int, int] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"state_dict entry '{key}' is a {type(value).__name__}, not a tensor: "
+                                  "extra state cannot be stored in safetensors")
+        value = value.detach()
+        if value.numel() and value.device.type != "meta":
+            ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+                     tuple(value.shape), tuple(value.stride()), value.dtype)
+            if ident in seen:
+                aliases[key] = seen[ident]
+                continue
+            seen[ident] = key
+            ptr = value.untyped_storage().data_ptr()
+            storages[ptr] = storages.get(ptr, 0) + 1
+        tensors[key] = value
+    out = {}
+    for key, value in tensors.items():
+        shared = value.numel() and value.device.type != "meta" and storages[value.untyped_storage().data_ptr()] > 1
+        value = value.cpu().contiguous()
+        out[key] = value.clone() if shared else value
+    return out, aliases
+
+
+# ----------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------
+def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Re-create a saved pruned model from ``model``, a freshly built *unpruned* original.
+
+    The plan is replayed step by step (every parameter and buffer sliced to the kept
+    indices, every recorded module attribute set), then the saved weights are set strictly
+    (same keys, same shapes). Everything is validated first; on any error a
+    :class:`CheckpointError` (a ``ValueError``) names the file or key at fault and the model
+    is left untouched. Returns ``model``, modified in place. Parameters are replaced by new
+    objects: create optimizers after loading.
+    """
+    directory = Path(path)
+    if directory.is_file() and directory.name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
+        directory = directory.parent  # a file of the checkpoint names its directory
+    meta, plan, state = _read_checkpoint(directory)
+    try:
+        tensors_after = _validate(directory, meta, plan, state, model)
+    except CheckpointError as exc:
+        saved_class = meta.get("model_class")
+        if saved_class and saved_class != _qualname(model):
+            raise CheckpointError(f"{exc} (the checkpoint was saved from {saved_class}, the model is "
+                                  f"{_qualname(model)})") from None
+        raise
+    if meta.get("model_class") != _qualname(model):
+        warnings.warn(f"{directory}: checkpoint saved from {meta.get('model_class')}, loading into "
+                      f"{_qualname(model)} (every name and shape matches)", stacklevel=2)
+    tx = Transaction()
+    try:
+        _replay_plan(model, plan, tx)
+        _set_weights(model, state, meta.get("aliases", {}), tx)
+        _final_check(model, tensors_after)
+    except BaseException:
+        tx.rollback()
+        raise
+    return model
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The user ``metadata`` stored by :func:`save` (JSON only; weights are not read)."""
+    directory = Path(path)
+    if not (directory / META_FILE).is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {META_FILE}")
+    meta = _read_json(directory / META_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / META_FILE}: not a torchslim checkpoint (format is not '{FORMAT}')")
+    user = meta.get("metadata", {})
+    if not isinstance(user, dict):
+        raise CheckpointError(f"{directory / META_FILE}: 'metadata' must be an object")
+    return user
+
+
+def _read_checkpoint(directory: Path) -> tuple[dict, PruningPlan, dict[str, torch.Tensor]]:
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    for name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} has no {name}")
+    meta = _read_json(directory / META_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / META_FILE}: not a torchslim checkpoint (format is not '{FORMAT}')")
+    for key in ("weights_sha256", "plan_sha256"):
+        if not isinstance(meta.get(key), str):
+            raise CheckpointError(f"{directory / META_FILE}: missing '{key}'")
+    if not isinstance(meta.get("aliases", {}), dict):
+        raise CheckpointError(f"{directory / META_FILE}: 'aliases' must be an object")
+
+    plan_bytes = (directory / PLAN_FILE).read_bytes()
+    if hashlib.sha256(plan_bytes).hexdigest() != meta["plan_sha256"]:
+        raise CheckpointError(f"{directory / PLAN_FILE}: sha256 does not match meta.json (file modified or corrupt)")
+    plan_data = _parse_json(plan_bytes, directory / PLAN_FILE)
+    try:
+        plan = PruningPlan.from_dict(plan_data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{directory / PLAN_FILE}: malformed plan ({type(exc).__name__}: {exc})") from None
+
+    weights = directory / WEIGHTS_FILE
+    if _sha256_file(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match meta.json (file truncated, modified or corrupt)")
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{weights}: cannot be read as safetensors ({exc})") from None
+    return meta, plan, state
+
+
+def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, torch.Tensor],
+              model: nn.Module) -> dict[str, list[int]]:
+    """Check the plan and weights against ``model`` without touching it; returns expected
+    post-load shapes per state_dict key."""
+    plan_file = directory / PLAN_FILE
+    weights_file = directory / WEIGHTS_FILE
+    named = _named_tensors(model, remove_duplicate=False)
+    group = {name: id(t) for name, t in named.items()}  # tied names share a group
+    shapes = {id(t): list(t.shape) for t in named.values()}
+    for i, step in enumerate(plan.steps, 1):
+        where = f"{plan_file} step {i}"
+        for name in step.removed:
+            if name not in step.shapes:
+                raise CheckpointError(f"{where}: '{name}' is removed from but has no recorded shape")
+        after: dict[int, list[int]] = {}
+        for name, expected in step.shapes.items():
+            if name not in group:
+                raise CheckpointError(f"{where}: the plan names '{name}', which the model ({_qualname(model)}) "
+                                      "has no parameter or buffer called")
+            current = shapes[group[name]]
+            if current != list(expected):
+                raise CheckpointError(f"{where}: '{name}' has shape {current} in the model, the plan expects "
+                                      f"{list(expected)} (is the model freshly built and unpruned, with the same "
+                                      "configuration?)")
+            new = list(current)
+            for dim, gone in step.removed.get(name, {}).items():
+                if not 0 <= dim < len(current):
+                    raise CheckpointError(f"{where}: '{name}' has no dim {dim}")
+                arr = np.asarray(gone, dtype=np.int64)
+                if arr.size and (arr.min() < 0 or arr.max() >= current[dim]):
+                    raise CheckpointError(f"{where}: '{name}' dim {dim}: removed index out of range "
+                                          f"[0, {current[dim]})")
+                if np.unique(arr).size != arr.size:
+                    raise CheckpointError(f"{where}: '{name}' dim {dim}: duplicate removed indices")
+                new[dim] -= arr.size
+            previous = after.setdefault(group[name], new)
+            if previous != new:
+                raise CheckpointError(f"{where}: '{name}' is tied to another entry of the plan that is "
+                                      "sliced differently")
+        shapes.update(after)
+        for label, attrs in step.attributes.items():
+            if not isinstance(attrs, dict):
+                raise CheckpointError(f"{where}: attributes of '{label}' must be an object")
+            module = _submodule(model, label, where)
+            for attr, value in attrs.items():
+                _check_attribute(module, label, attr, value, where)
+
+    # weights: strict key and shape match against the post-plan state_dict
+    aliases = meta.get("aliases", {})
+    for alias, target in aliases.items():
+        if target not in state:
+            raise CheckpointError(f"{directory / META_FILE}: alias '{alias}' points to '{target}', which "
+                                  f"{weights_file} does not hold")
+    state_vars = model.state_dict(keep_vars=True)
+    by_id = {id(t): t for t in named.values()}
+    expected: dict[str, list[int]] = {}
+    for key, value in state_vars.items():
+        if not isinstance(value, torch.Tensor) or id(value) not in by_id:
+            raise CheckpointError(f"state_dict entry '{key}' of {_qualname(model)} is not a parameter or buffer "
+                                  "of a submodule; such models cannot be loaded from a plan")
+        expected[key] = shapes[id(value)]
+    stored = set(state) | set(aliases)
+    missing = sorted(set(expected) - stored)
+    unexpected = sorted(stored - set(expected))
+    if missing:
+        raise CheckpointError(f"{weights_file}: missing key(s) {_few(missing)} of {_qualname(model)}")
+    if unexpected:
+        raise CheckpointError(f"{weights_file}: unexpected key(s) {_few(unexpected)} for {_qualname(model)}")
+    for key, shape in expected.items():
+        value = state[aliases.get(key, key)]
+        if list(value.shape) != shape:
+            raise CheckpointError(f"{weights_file}: '{key}' has shape {list(value.shape)}, the model after the "
+                                  f"plan has {shape}")
+        target = state_vars[key]
+        if value.is_floating_point() != target.is_floating_point() or value.is_complex() != target.is_complex():
+            raise CheckpointError(f"{weights_file}: '{key}' is {value.dtype}, the model's is {target.dtype}")
+    # tied in the model: the file must hold one value for all its names
+    first_key: dict[int, str] = {}
+    for key, value in state_vars.items():
+        other = first_key.setdefault(id(value), key)
+        if other != key:
+            a, b = aliases.get(other, other), aliases.get(key, key)
+            if a != b and not torch.equal(state[a], state[b]):
+                raise CheckpointError(f"{weights_file}: '{other}' and '{key}' are tied in the model but hold "
+                                      "different values")
+    return expected
+
+
+def _check_attribute(module: nn.Module, label: str, attr: str, value: Any, where: str) -> None:
+    if not isinstance(attr, str) or not hasattr(module, attr):
+        raise CheckpointError(f"{where}: module '{label}' ({type(module).__name__}) has no attribute '{attr}'")
+    current = getattr(module, attr)
+    if not isinstance(current, _PLAIN) or isinstance(current, nn.Module) or not _is_plain(value):
+        raise CheckpointError(f"{where}: attribute '{label}.{attr}' cannot be set to {value!r} "
+                              f"(current value is a {type(current).__name__}; a plan sets sizes only)")
+    numeric = (int, float)
+    if isinstance(current, (tuple, list)) != isinstance(value, (tuple, list)) or (
+            isinstance(current, numeric) and not isinstance(current, bool)
+            and not (isinstance(value, numeric) and not isinstance(value, bool))):
+        raise CheckpointError(f"{where}: attribute '{label}.{attr}' is {current!r}, the plan sets {value!r} "
+                              "(a different kind of value)")
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (type(None), bool, int, str))
+
+
+def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
+    """Slice every planned tensor to its kept indices and set the recorded attributes, per step."""
+    for step in plan.steps:
+        owners = _tensor_owners(model)
+        for name, dims in step.removed.items():
+            tensor = _get_tensor(model, name)
+            new = tensor.detach()
+            for dim in sorted(dims):
+                keep = torch.as_tensor(step.kept(name, dim), dtype=torch.long, device=new.device)
+                new = new.index_select(dim, keep)
+            new = new.contiguous().clone()
+            replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+            for module, attr in owners[id(tensor)]:
+                tx.set_tensor(module, attr, replacement)
+        for label, attrs in step.attributes.items():
+            module = model.get_submodule(label) if label else model
+            for attr, value in attrs.items():
+                tx.setattr(module, attr, _coerce(getattr(module, attr), value), label)
+
+
+def _coerce(current: Any, value: Any) -> Any:
+    """JSON turned tuples into lists: give the value back the container type it replaces."""
+    if isinstance(value, list) and isinstance(current, (tuple, list)):
+        if isinstance(current, torch.Size):
+            return torch.Size(value)
+        return type(current)(value) if type(current) in (tuple, list) else tuple(value)
+    if isinstance(current, float) and type(value) is int:
+        return float(value)
+    return value
+
+
+def _set_weights(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], tx: Transaction) -> None:
+    """Replace every parameter/buffer in the state_dict by the saved value (cast to the model's
+    dtype and device, like ``load_state_dict``), keeping tied tensors tied."""
+    owners = _tensor_owners(model)
+    done: set[int] = set()
+    for key, current in model.state_dict(keep_vars=True).items():
+        if id(current) in done:
+            continue
+        done.add(id(current))
+        stored = state[aliases.get(key, key)]
+        value = stored.to(device=current.device, dtype=current.dtype).detach()
+        if value.data_ptr() == stored.data_ptr():  # own, aligned memory (not a view into the file's buffer):
+            value = value.clone()  # kernels pick alignment-dependent paths, outputs must be bit-identical
+        if isinstance(current, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=current.requires_grad)
+        for module, attr in owners[id(current)]:
+            tx.set_tensor(module, attr, value)
+
+
+def _final_check(model: nn.Module, expected: dict[str, list[int]]) -> None:
+    actual = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if actual != expected:
+        bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+        raise CheckpointError(f"after replaying the plan the model's state_dict differs at {_few(bad)}")
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+def _named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    tensors.update(dict(model.named_buffers(remove_duplicate=remove_duplicate)))
+    return tensors
+
+
+def _submodule(model: nn.Module, label: str, where: str) -> nn.Module:
+    if not isinstance(label, str):
+        raise CheckpointError(f"{where}: module name {label!r} is not a string")
+    try:
+        return model.get_submodule(label) if label else model
+    except AttributeError:
+        raise CheckpointError(f"{where}: the plan sets attributes of module '{label}', which the model "
+                              f"({_qualname(model)}) does not have") from None
+
+
+def _qualname(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _torchslim_version() -> str:
+    import torchslim
+
+    return getattr(torchslim, "__version__", "unknown")
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _dumps(data: Any, what: str) -> str:
+    try:
+        return json.dumps(data, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _parse_json(raw: bytes, path: Path) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _read_json(path: Path) -> Any:
+    return _parse_json(path.read_bytes(), path)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tmp_path(directory: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_text(target: Path, text: str) -> None:
+    tmp = _tmp_path(target.parent, target.name)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
