@@ -18,6 +18,7 @@ by object identity, so the graph knows which weight slice belongs to which modul
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -92,6 +93,16 @@ class Trace:
     module_calls: dict[str, list[ModuleCall]]
     param_nodes: dict[str, int]  # qualified param/buffer name -> node index
     values: dict[int, torch.Tensor]  # small integer tensors (indices), by node
+
+    @functools.cached_property
+    def input_dependent(self) -> frozenset[int]:
+        """Nodes whose values depend on the model's inputs (activations, as opposed to weights
+        and what is computed from weights alone, such as ``weight.t()``)."""
+        dependent = set(self.input_nodes)
+        for op in self.ops:
+            if any(i in dependent for i in op.inputs):
+                dependent.update(op.outputs)
+        return frozenset(dependent)
 
 
 class _Recorder(TorchDispatchMode):

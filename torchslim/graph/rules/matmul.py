@@ -13,8 +13,12 @@ from torchslim.graph.rules._registry import align_broadcast, node_arg, op_rule
 aten = torch.ops.aten
 
 
-def _couple_product(c: Coupling, a: int, b: int, out: int) -> None:
+def _couple_product(c: Coupling, a: int, b: int, out: int, trace: Trace) -> None:
     ndim = len(c.shape(out))
+    if a in trace.input_dependent and b in trace.input_dependent:
+        # a product of two activations (attention scores q @ k^T) is usually rescaled by a
+        # size read in Python (1 / sqrt(head_dim)), which no op shows: not provably exact
+        c.mark_inexact(a, -1, "product of two activations (a scale may depend on this width)")
     for d in range(ndim - 2):  # batch dims
         c.same(a, d, out, d)
         c.same(b, d, out, d)
@@ -25,7 +29,7 @@ def _couple_product(c: Coupling, a: int, b: int, out: int) -> None:
 
 @op_rule(aten.mm, aten.bmm)
 def mm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    _couple_product(c, op.inputs[0], op.inputs[1], op.outputs[0])
+    _couple_product(c, op.inputs[0], op.inputs[1], op.outputs[0], trace)
 
 
 @op_rule(aten.addmm, aten.baddbmm, aten.addbmm)
@@ -33,5 +37,5 @@ def addmm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     bias, a, b = node_arg(op, 0, "self"), node_arg(op, 1, "mat1"), node_arg(op, 2, "mat2")
     if a is None:  # baddbmm names them batch1/batch2
         a, b = node_arg(op, 1, "batch1"), node_arg(op, 2, "batch2")
-    _couple_product(c, a, b, op.outputs[0])
+    _couple_product(c, a, b, op.outputs[0], trace)
     align_broadcast(c, bias, op.outputs[0])
