@@ -60,3 +60,31 @@ def test_bert_heads_follow_attributes():
     attn = model.encoder.layer[0].attention.self
     assert attn.query.out_features == attn.num_attention_heads * attn.attention_head_size == attn.all_head_size
     assert attn.num_attention_heads == 2
+
+
+@pytest.mark.parametrize("kind, exclude", [("llama", ()), ("gpt2", ("*attn*",)), ("bert", ("*attention*",))])
+def test_uniform_pruning_round_trips_through_save_pretrained(kind, exclude, tmp_path):
+    """The HF config follows the pruned widths, so from_pretrained rebuilds the pruned model."""
+    model, inputs = _build(kind)
+    before = model.config.to_dict()
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.5, exact_only=True, exclude=exclude))
+    assert result.hf_config, result.hf_config
+    assert all(before.get(k) != v for k, v in result.hf_config.items())
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(back(inputs).last_hidden_state, model(inputs).last_hidden_state)
+    # torchslim.load into a fresh original syncs the config the same way
+    fresh, _ = _build(kind)
+    torchslim.save(model, tmp_path / "ck", result)
+    torchslim.load(tmp_path / "ck", fresh)
+    assert {k: getattr(fresh.config, k) for k in result.hf_config} == result.hf_config
+
+
+def test_config_that_cannot_describe_the_pruned_model_is_left_alone():
+    """BERT derives head size as hidden_size // num_heads: pruned heads have no config."""
+    model, ids = _build("bert")
+    before = model.config.to_dict()
+    result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert result.hf_config is None and model.config.to_dict() == before

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners
 from torchslim.pruning.plan import PruningPlan
 
@@ -197,6 +198,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except BaseException:
         tx.rollback()
         raise
+    sync_hf_config(model)  # the config follows the replayed widths, as it did after pruning
     return model
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
+from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._select import PruningError, Selector, eligible_groups
 from torchslim.pruning._surgery import Transaction, apply_removal
 from torchslim.pruning.config import PruneConfig
@@ -34,6 +35,9 @@ class PruneResult:
     skipped: list[str] = dataclasses.field(default_factory=list)
     latency_before_ms: float | None = None  # measured, when the config used the latency model
     latency_predicted_ms: float | None = None
+    # Hugging Face models: the model.config fields updated to the pruned widths (so that
+    # save_pretrained/from_pretrained round-trip); None when no uniform config describes them
+    hf_config: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
@@ -80,6 +84,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
                 outcome.latency_before_ms = latency.measured_ms
                 outcome.latency_predicted_ms = latency.predict(removed)
             outcome.skipped = skipped
+            outcome.hf_config = sync_hf_config(model)
             return outcome
         culprits, reason = outcome
         if culprits.size == 0 or banned[culprits].all():
