@@ -1,7 +1,9 @@
 """Prune a seeded sample of timm models (pretrained=False) at 50% and check exactness.
 
 Prints a rich table and writes benchmarks/results/coverage_timm.json.
-Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ...]
+Each model runs in its own process with a time limit (--timeout), at its native input size capped
+to 224 unless the model fixes its size.
+Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ...] [--timeout 600]
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import copy
 import json
 import platform
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,8 +42,17 @@ def sample(n: int, seed: int) -> list[str]:
 def run_one(name: str, ratio: float) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = torch.rand(1, size[0], min(size[1], MAX_SIDE * 2), min(size[2], MAX_SIDE * 2))
+    cfg = model.pretrained_cfg
+    size = cfg.get("input_size", (3, 224, 224))
+    x = torch.rand(1, *size)
+    if not cfg.get("fixed_input_size", False):  # coupling does not depend on resolution: keep it cheap
+        small = torch.rand(1, size[0], min(size[1], MAX_SIDE), min(size[2], MAX_SIDE))
+        try:
+            with torch.no_grad():
+                model(small)
+            x = small
+        except Exception:  # noqa: BLE001 - the model fixes its size after all (e.g. attention feat_size)
+            pass
     original = copy.deepcopy(model)
     start = time.perf_counter()
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=ratio, exact_only=True))
@@ -50,23 +63,44 @@ def run_one(name: str, ratio: float) -> dict:
             "macs_ratio": result.macs_after / max(result.macs_before, 1), "retries": len(result.skipped)}
 
 
+def run_isolated(name: str, ratio: float, timeout: float) -> dict:
+    """One model in its own process: a crash or a hang is a recorded failure, memory is returned."""
+    command = [sys.executable, __file__, "--one", name, "--ratio", str(ratio)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "ok": False, "error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"model": name, "ok": False, "error": f"exit {done.returncode}: {tail}"[:300],
+                "seconds": round(time.perf_counter() - start, 1)}
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model (its own process)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coverage_timm.json")
     args = parser.parse_args()
     console = Console()
+    if args.one:  # child process: one model, one JSON line on stdout
+        try:
+            row = run_one(args.one, args.ratio)
+        except Exception as exc:  # noqa: BLE001 - a benchmark records failures
+            row = {"model": args.one, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps(row))
+        return
     rows = []
     for name in args.only or sample(args.n, args.seed):
-        try:
-            row = run_one(name, args.ratio)
-        except Exception as exc:  # noqa: BLE001 - a benchmark records failures
-            row = {"model": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        rows.append(row)
-        console.print(row)
+        rows.append(run_isolated(name, args.ratio, args.timeout))
+        console.print(rows[-1])
     table = Table(title=f"timm sample at ratio {args.ratio}")
     for col in ("model", "ok", "pruned", "exact", "params", "MACs", "s"):
         table.add_column(col)

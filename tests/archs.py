@@ -1094,6 +1094,33 @@ class TimmAttention(nn.Module):
         return self.proj(x)
 
 
+class RelPosWindowAttention(nn.Module):
+    """Swin/MaxViT-style window attention: a relative-position bias table gathered by an
+    integer index buffer and viewed with literal window sizes. The index buffer's positions
+    hold no weight, so they must never be pruned (tokens are not channels)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, window: int = 4):
+        super().__init__()
+        self.heads, self.n = heads, window * window
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # [B, 16 tokens, dim]
+        B, N, C = t.shape
+        q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(self.n, self.n, -1).permute(2, 0, 1)
+        attn = ((q @ k.transpose(-2, -1)) * 0.25 + bias).softmax(-1)
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return self.head(out.mean(1))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -1268,6 +1295,8 @@ ARCHS: dict[str, Arch] = {
                                      must_shrink=("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "llama_gqa_sdpa": Arch(_wrap(lambda: LlamaMini(sdpa=True), lambda: torch.randint(0, 30, (2, 6))), exact=False,
                            must_shrink=("mlp.gate_proj.weight",)),
+    "relpos_window_attention": Arch(_wrap(RelPosWindowAttention, lambda: img(3, 4)), exact=False,
+                                    must_shrink=("proj.weight",)),
     "vit_cls_pos_embed": Arch(_wrap(TinyViT, lambda: img(3, 16, b=2)), exact=False, must_shrink=("blocks.0.fc1.weight",)),
     # MODNet
     "modnet_mini": Arch(_wrap(MiniMODNet, lambda: ((img(3, 32),), {"inference": False})),

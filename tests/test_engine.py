@@ -275,3 +275,14 @@ def test_modnet_to_half_macs_in_one_call():
     for module in model.modules():
         if hasattr(module, "bnorm_channels"):
             assert module.bnorm_channels == module.bnorm.num_features
+
+
+def test_groups_without_weights_are_not_candidates():
+    """An index buffer's token positions (relative-position bias of Swin/MaxViT) hold no weight:
+    no group may consist of buffers only, so pruning never tries to remove tokens."""
+    from tests.archs import RelPosWindowAttention, img
+
+    model = RelPosWindowAttention().eval()
+    graph = torchslim.DependencyGraph.build(model, img(3, 4))
+    weights = {n for n, _ in model.named_parameters()}
+    assert graph.groups and all(any(name in weights for name, _ in g.params) for g in graph.groups)

@@ -108,7 +108,7 @@ class DependencyGraph:
         """Atoms that share a (tensor, dim) slot form one group; only prunable atoms count."""
         prunable = ~self.atom_pinned
         c, labels = self.coupling, self.labels
-        left, right, slot_params = [], [], {}
+        left, right, slot_params, weighted = [], [], {}, set()
         for node in self.trace.nodes:
             for d in range(node.ndim):
                 atoms = np.unique(labels[c.ids(node.index, d)])
@@ -119,6 +119,8 @@ class DependencyGraph:
                 right.append(np.full(atoms.size, atoms[0]))
                 if node.kind in (PARAM, BUFFER):
                     slot_params.setdefault(int(atoms[0]), []).append((node.name, d))
+                if node.kind == PARAM:
+                    weighted.add(int(atoms[0]))
         if not left:
             return []
         left_a, right_a = np.concatenate(left), np.concatenate(right)
@@ -131,8 +133,10 @@ class DependencyGraph:
         for rep, slots in slot_params.items():
             params_by_family.setdefault(int(family[rep]), []).extend(slots)
         groups = []
+        with_weights = {int(family[rep]) for rep in weighted}
         for fam, atoms in members.items():
-            if fam not in params_by_family:  # activations only: nothing to remove
+            # activations only, or buffers only (e.g. a position index table): no weight to remove
+            if fam not in params_by_family or fam not in with_weights:
                 continue
             atoms_a = np.asarray(sorted(atoms), dtype=np.int64)
             params = sorted(set(params_by_family[fam]))
