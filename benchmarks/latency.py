@@ -1,7 +1,8 @@
 """Measured speed at equal MACs: torchslim (latency-aware) vs Torch-Pruning 1.6.1, same run.
 
 For each model and MACs level (75/50/25% of the original) prints latency ratio next to
-MACs ratio on PyTorch eager and ONNX Runtime (CPU, fixed threads), and writes
+MACs ratio on PyTorch eager and ONNX Runtime (CPU, fixed threads) -- torchslim prunes once per
+runtime, with its latency table measured on that runtime -- and writes
 benchmarks/results/latency.json with the machine described.
 Usage: python benchmarks/latency.py [--models resnet50 mobilenet_v2 vit_b_16 modnet] [--levels 0.75 0.5 0.25]
 """
@@ -38,11 +39,12 @@ def macs(model, inputs) -> int:
     return estimate_macs(DependencyGraph.build(model, inputs))
 
 
-def ours(model, inputs, level: float):
+def ours(model, inputs, level: float, runtime: str = "torch"):
+    """Pruned for the runtime it will ship on: the latency table is measured there."""
     pruned = copy.deepcopy(model)
     start = time.perf_counter()
     torchslim.prune_(pruned, inputs, torchslim.PruneConfig(target_macs=level, latency_aware=True, round_to="latency",
-                                                           verify=False))
+                                                           latency_runtime=runtime, verify=False))
     return pruned, time.perf_counter() - start
 
 
@@ -95,8 +97,9 @@ def main() -> None:
         base_macs = macs(model, inputs)
         for level in args.levels:
             pruned, seconds = ours(model, inputs, level)
+            pruned_ort, _ = ours(model, inputs, level, "onnxruntime")
             row = {"model": name, "level": level, "prune_seconds": seconds}
-            contenders = {"original": model, "torchslim": pruned}
+            contenders = {"original": model, "torchslim": pruned, "torchslim_ort": pruned_ort}
             try:
                 theirs = torch_pruning_at(model, inputs, macs(pruned, inputs))
                 if theirs is None:
@@ -119,14 +122,16 @@ def main() -> None:
             rows.append(row)
             console.print(row)
     table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
-    for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT", "ORT/MACs", "TP MACs", "TP torch", "TP ORT"):
+    # torch columns: pruned with the torch table; ORT columns: pruned with the ONNX Runtime table
+    for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT MACs", "ORT", "ORT/MACs", "TP MACs",
+                "TP torch", "TP ORT"):
         table.add_column(col, justify="right")
     for r in rows:
-        o, t = r["torchslim"], r["torch_pruning"]
+        o, q, t = r["torchslim"], r["torchslim_ort"], r.get("torch_pruning", {})
         f = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
         table.add_row(r["model"], f"{r['level']:.2f}", f(o, "macs_ratio"), f(o, "torch_ratio"), f(o, "torch_per_macs"),
-                      f(o, "onnxruntime_ratio"), f(o, "onnxruntime_per_macs"), f(t, "macs_ratio"), f(t, "torch_ratio"),
-                      f(t, "onnxruntime_ratio"))
+                      f(q, "macs_ratio"), f(q, "onnxruntime_ratio"), f(q, "onnxruntime_per_macs"), f(t, "macs_ratio"),
+                      f(t, "torch_ratio"), f(t, "onnxruntime_ratio"))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),

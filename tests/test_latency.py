@@ -1,6 +1,8 @@
 """Latency model plumbing (speed goals themselves live in benchmarks/latency.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -62,3 +64,16 @@ def test_round_to_latency_never_picks_a_slower_wider_alternative():
 def test_onnxruntime_latency_runs():
     stats = measure_model(net(), X, runtime="onnxruntime", repeats=3, warmup=1)
     assert stats.median_ms > 0 and stats.runs == 3
+
+
+def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
+    """Pruning for ONNX Runtime measures layers in ONNX Runtime, cached apart from torch's."""
+    ort_table = LatencyTable("onnxruntime", repeats=3)
+    assert ort_table.path != LatencyTable("torch", repeats=3).path and "onnxruntime" in ort_table.path.name
+    model = net()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_latency=0.6, latency_runtime="onnxruntime"))
+    assert result.plan and result.latency_predicted_ms <= 0.6 * result.latency_before_ms + 1e-9
+    saved = json.loads(ort_table.path.read_text())
+    assert saved and all(v > 0 for v in saved.values())
+    with pytest.raises(ValueError, match="latency_runtime"):
+        torchslim.PruneConfig(target_latency=0.5, latency_runtime="tensorrt")

@@ -51,6 +51,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
     parser.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
     parser.add_argument("--latency-aware", action="store_true", help="rank by importance per millisecond saved")
     parser.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
+    parser.add_argument("--latency-runtime", choices=("torch", "onnxruntime"), default=None,
+                        help="runtime the latency table is measured on (default: --runtime where the command "
+                             "has one, else torch)")
 
 
 def config_from_args(args: argparse.Namespace, model):
@@ -61,7 +64,8 @@ def config_from_args(args: argparse.Namespace, model):
 
     round_to = args.round_to if args.round_to == "latency" else _int(args.round_to, "--round-to")
     fields = dict(criterion=args.criterion, round_to=round_to, exclude=tuple(args.exclude),
-                  exact_only=args.exact_only, latency_aware=args.latency_aware, latency_threads=args.threads)
+                  exact_only=args.exact_only, latency_aware=args.latency_aware, latency_threads=args.threads,
+                  latency_runtime=args.latency_runtime or getattr(args, "runtime", None) or "torch")
     try:
         if args.recipe:
             return config_from_recipe(model, args.recipe)

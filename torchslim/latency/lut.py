@@ -4,7 +4,7 @@ Each convolution or matrix product of the traced graph is a *layer spec* (kind, 
 stride, groups mode, input size); the table maps ``(spec, in_channels, out_channels)`` to
 the median latency of that layer alone, measured once with warm-up and repeats and cached
 as JSON under ``~/.cache/torchslim/`` (override with ``TORCHSLIM_CACHE``) per machine,
-runtime and thread count. Summed over the graph's layers, plus the measured remainder of
+runtime (PyTorch eager, or ONNX Runtime with the layer exported alone) and thread count. Summed over the graph's layers, plus the measured remainder of
 the model (everything the table does not model), it predicts the latency of any pruning
 of the graph without building it.
 """
@@ -23,6 +23,7 @@ from torch import nn
 from torchslim._timing import measure_latency
 from torchslim.graph import DependencyGraph
 from torchslim.graph._trace import OpCall
+from torchslim.latency.runtime import RUNTIMES, measure_model
 
 aten = torch.ops.aten
 
@@ -41,8 +42,8 @@ class LatencyTable:
     """Measured latency of single layers at given widths, cached on disk."""
 
     def __init__(self, runtime: str = "torch", threads: int = 1, repeats: int = 15, path: Path | None = None):
-        if runtime != "torch":
-            raise ValueError("the per-layer table measures PyTorch eager; ONNX Runtime is measured whole-model")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.runtime, self.threads, self.repeats = runtime, threads, repeats
         self.path = path or cache_dir() / f"latency-{runtime}-{machine_key(runtime, threads)}.json"
         self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -64,7 +65,11 @@ class LatencyTable:
     def _measure(self, spec: tuple, cin: int, cout: int) -> float:
         layer, x = _instantiate(spec, cin, cout)
         layer.eval()
-        return measure_latency(lambda: layer(x), warmup=3, repeats=self.repeats, threads=self.threads).median_ms
+        if self.runtime == "onnxruntime":  # the layer alone, exported and run as ONNX Runtime runs it
+            return measure_model(layer, (x,), runtime="onnxruntime", threads=self.threads, warmup=3,
+                                 repeats=self.repeats).median_ms
+        with torch.no_grad():
+            return measure_latency(lambda: layer(x), warmup=3, repeats=self.repeats, threads=self.threads).median_ms
 
 
 def _instantiate(spec: tuple, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
@@ -112,16 +117,13 @@ class LatencyModel:
 
     def __init__(self, graph: DependencyGraph, example_inputs, table: LatencyTable | None = None,
                  measured_ms: float | None = None):
-        from torchslim._inputs import call_model
-
         self.graph = graph
         self.table = table or LatencyTable()
         views = _weight_views(graph)
         self.layers = [s for s in (layer_spec(graph, op, views) for op in graph.trace.ops) if s is not None]
-        model = graph.model
         if measured_ms is None:
-            measured_ms = measure_latency(lambda: call_model(model, example_inputs), warmup=3, repeats=15,
-                                          threads=self.table.threads).median_ms
+            measured_ms = measure_model(graph.model, example_inputs, runtime=self.table.runtime, warmup=3,
+                                        repeats=15, threads=self.table.threads).median_ms
         self.measured_ms = measured_ms
         self.layers_ms = self.predict_layers(None)
         self.rest_ms = max(measured_ms - self.layers_ms, 0.0)

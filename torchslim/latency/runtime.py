@@ -11,6 +11,9 @@ from torchslim._inputs import ExampleInputs, call_model, normalize_inputs
 from torchslim._timing import LatencyStats, measure_latency
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
 def measure_model(model: nn.Module, example_inputs: ExampleInputs, *, runtime: str = "torch", threads: int | None = 1,
                   warmup: int = 5, repeats: int = 30) -> LatencyStats:
     """Median latency of ``model`` on ``runtime`` ("torch" or "onnxruntime")."""

@@ -27,7 +27,9 @@ class PruneConfig:
                   never lands on a width slower than a wider one.
     target_latency: prune until the predicted latency (per-layer table measured on this machine,
                   see ``torchslim.latency``) is <= target: a fraction of the measured original if
-                  <= 1, else milliseconds. ``latency_threads`` fixes the thread count measured.
+                  <= 1, else milliseconds. ``latency_threads`` fixes the thread count measured,
+                  ``latency_runtime`` the runtime you deploy on ("torch" or "onnxruntime":
+                  their kernels favour different widths, so prune for the one you ship).
     latency_aware: rank atoms across groups by importance per millisecond saved (measured
                   per-layer table), so a MACs or params target is met where the time is.
     min_channels: never keep fewer than this many atoms in a group.
@@ -62,6 +64,7 @@ class PruneConfig:
     protect_inputs: Sequence[str] = ()
     target_latency: float | None = None
     latency_threads: int = 1
+    latency_runtime: str = "torch"
     latency_aware: bool = False
     exact_only: bool = False
     seed: int = 0
@@ -74,6 +77,8 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
         if self.round_to != "latency" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"PruneConfig.round_to must be an int >= 1 or 'latency', got {self.round_to!r}")
+        if self.latency_runtime not in ("torch", "onnxruntime"):
+            raise ValueError(f"PruneConfig.latency_runtime must be 'torch' or 'onnxruntime', got {self.latency_runtime!r}")
         if self.target_latency is not None and not float(self.target_latency) > 0:
             raise ValueError(f"PruneConfig.target_latency must be > 0, got {self.target_latency}")
         if int(self.min_channels) < 1:

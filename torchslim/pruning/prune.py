@@ -64,7 +64,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     if config.needs_latency:
         from torchslim.latency import LatencyModel, LatencyTable
 
-        latency = LatencyModel(graph, example_inputs, LatencyTable(threads=config.latency_threads))
+        latency = LatencyModel(graph, example_inputs, LatencyTable(config.latency_runtime, config.latency_threads))
     scores = {g.index: np.asarray(importance(graph, g), dtype=np.float64) for g in groups}
     selector = Selector(graph, groups, scores, config, latency)
     params_before = sum(p.numel() for p in model.parameters())
