@@ -2,7 +2,8 @@
 and a ~1B-parameter Llama (grouped-query attention) pruned from its config.
 
 Prints a rich table and writes benchmarks/results/speed_engine.json.
-Usage: python benchmarks/speed_engine.py [--skip-llama]
+Also the graph's memory across ResNet depths (linear in model size).
+Usage: python benchmarks/speed_engine.py [--skip-llama] [--parts speed llama memory]
 """
 from __future__ import annotations
 
@@ -63,15 +64,41 @@ def llama_1b() -> dict:
             "intermediate_after": model.model.layers[0].mlp.up_proj.out_features}
 
 
+def graph_memory() -> list[dict]:
+    """Peak Python/numpy memory of building the dependency graph (tracemalloc) across ResNet
+    depths: it should grow linearly with the model (bytes per parameter roughly constant)."""
+    import tracemalloc
+
+    from torchslim.graph import DependencyGraph
+
+    rows = []
+    x = torch.randn(1, 3, 224, 224)
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        model = getattr(torchvision.models, name)().eval()
+        params = sum(p.numel() for p in model.parameters())
+        gc.collect()
+        tracemalloc.start()
+        graph = DependencyGraph.build(model, x)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows.append({"model": name, "params": params, "elements": int(graph.coupling.inexact.size),
+                     "peak_bytes": peak, "bytes_per_param": peak / params})
+        del graph, model
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="*", default=["speed", "llama", "memory"], choices=["speed", "llama", "memory"])
     args = parser.parse_args()
+    if args.skip_llama and "llama" in args.parts:
+        args.parts.remove("llama")
     console = Console()
     x = torch.randn(1, 3, 224, 224)
     results: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
-    for name in ("resnet50", "mobilenet_v2", "vit_b_16"):
+    for name in ("resnet50", "mobilenet_v2", "vit_b_16") if "speed" in args.parts else ():
         build = lambda: getattr(torchvision.models, name)().eval()  # noqa: E731
         ours = min((time_torchslim(build, x, torchslim.PruneConfig(ratio=0.5, verify=False)) for _ in range(args.repeats)),
                    key=lambda r: r["seconds"])
@@ -82,12 +109,14 @@ def main() -> None:
             theirs = {"error": f"{type(exc).__name__}: {exc}"[:200]}
         results[name] = {"torchslim": ours, "torchslim_with_verify": ours_verified, "torch_pruning": theirs}
         gc.collect()
-    if not args.skip_llama:
+    if "llama" in args.parts:
         results["llama_1b"] = llama_1b()
+    if "memory" in args.parts:
+        results["graph_memory"] = graph_memory()
     table = Table(title="graph + 50% pruning time (s), best of repeats")
     for col in ("model", "torchslim", "torchslim + verify", "Torch-Pruning 1.6.1", "ratio"):
         table.add_column(col, justify="right")
-    for name in ("resnet50", "mobilenet_v2", "vit_b_16"):
+    for name in ("resnet50", "mobilenet_v2", "vit_b_16") if "speed" in args.parts else ():
         r = results[name]
         tp_s = r["torch_pruning"].get("seconds")
         table.add_row(name, f"{r['torchslim']['seconds']:.2f}", f"{r['torchslim_with_verify']['seconds']:.2f}",
@@ -96,9 +125,18 @@ def main() -> None:
     console.print(table)
     if "llama_1b" in results:
         console.print({"llama_1b": results["llama_1b"]})
+    if "graph_memory" in results:
+        memory = Table(title="dependency graph memory (tracemalloc peak)")
+        for col in ("model", "params (M)", "elements (M)", "peak MB", "bytes / param"):
+            memory.add_column(col, justify="right")
+        for r in results["graph_memory"]:
+            memory.add_row(r["model"], f"{r['params'] / 1e6:.1f}", f"{r['elements'] / 1e6:.1f}",
+                           f"{r['peak_bytes'] / 2**20:.0f}", f"{r['bytes_per_param']:.2f}")
+        console.print(memory)
     out = Path(__file__).parent / "results" / "speed_engine.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**previous, **results}, indent=2))  # a partial run keeps the other parts
 
 
 if __name__ == "__main__":
