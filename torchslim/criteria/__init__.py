@@ -1,7 +1,7 @@
 """Importance criteria, one per file; ``make_importance(name)`` is the front door.
 
 Every criterion returns one score per atom of a group (higher = keep); see ``_base`` for
-how per-slot values reduce to atoms. Data-driven ones (taylor, apoz, mean_activation)
+how per-slot values reduce to atoms. Data-driven ones (taylor, fisher, apoz, mean_activation)
 measure the model on ``data=`` batches passed to ``prune_`` first.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, Callable
 from torchslim.criteria._base import DataDriven, Importance, scatter_to_atoms
 from torchslim.criteria.activation import ActivationImportance
 from torchslim.criteria.bn_scale import BNScaleImportance, bn_l1_penalty
+from torchslim.criteria.fisher import FisherImportance, random_projection_loss
 from torchslim.criteria.fpgm import FPGMImportance
 from torchslim.criteria.lamp import LAMPImportance
 from torchslim.criteria.norm import NormImportance
@@ -24,6 +25,7 @@ CRITERIA: dict[str, Callable[[int], Importance]] = {
     "bn_scale": lambda seed: BNScaleImportance(),
     "lamp": lambda seed: LAMPImportance(),
     "taylor": lambda seed: TaylorImportance(),
+    "fisher": lambda seed: FisherImportance(),
     "apoz": lambda seed: ActivationImportance("apoz"),
     "mean_activation": lambda seed: ActivationImportance("mean"),
     "random": lambda seed: RandomImportance(seed),
@@ -42,7 +44,7 @@ def make_importance(criterion: Any, seed: int = 0) -> Importance:
 
 
 __all__ = [
-    "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FPGMImportance", "Importance",
+    "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance", "Importance",
     "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "bn_l1_penalty", "make_importance",
-    "scatter_to_atoms",
+    "random_projection_loss", "scatter_to_atoms",
 ]

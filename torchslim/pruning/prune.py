@@ -17,7 +17,7 @@ from torchslim.pruning._surgery import Transaction, apply_removal
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
 from torchslim.pruning.plan import PlanStep, PruningPlan
-from torchslim.pruning.verify import compare_outputs, run_eval
+from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded
 
 MAX_ATTEMPTS = 12
 
@@ -127,7 +127,7 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
     shapes = {name: list(t.shape) for name, t in _named_tensors(model).items() if name in removal}
     try:
         _, suspects = apply_removal(graph, removed, tx)
-        actual = run_eval(model, example_inputs)
+        actual = run_recorded(model, example_inputs)
     except Exception as exc:  # noqa: BLE001 - anything the pruned model raises means: roll back
         tx.rollback()
         op = _failing_op(model, graph, example_inputs, removed)
@@ -140,7 +140,7 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
     if reference is not None:
         # inexact groups (LayerNorm statistics...) can only be checked for output shapes
         atol, rtol = (config.atol, config.rtol) if exact else (float("inf"), float("inf"))
-        report = compare_outputs(reference, actual, atol, rtol)
+        report = compare_runs(reference, actual, atol, rtol)
         if not report.ok:
             tx.rollback()
             # a wrong number names no op: the caller bisects the groups to find the one at fault
@@ -163,8 +163,9 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs) -> list[torch.Tensor]:
-    """Outputs of ``model`` with the removed slices zeroed in place, then restored bit for bit."""
+def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs) -> Run:
+    """Outputs (and selections) of ``model`` with the removed slices zeroed in place, then
+    restored bit for bit."""
     tensors = _named_tensors(model)
     saved = {name: tensors[name].detach().clone() for name in removal}
     try:
@@ -172,7 +173,7 @@ def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInpu
             for name, dims in removal.items():
                 for dim, index in dims.items():
                     tensors[name].index_fill_(dim, torch.as_tensor(index, dtype=torch.long), 0)
-        return run_eval(model, example_inputs)
+        return run_recorded(model, example_inputs)
     finally:
         with torch.no_grad():
             for name, value in saved.items():

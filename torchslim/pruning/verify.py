@@ -4,11 +4,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-
 import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
+from torchslim.pruning._selections import Selection, SelectionRecorder, near_tie_explains
 from torchslim.pruning.plan import PruningPlan
 
 
@@ -48,6 +48,31 @@ def run_eval(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tens
             m.training = flag
 
 
+@dataclasses.dataclass
+class Run:
+    """A model's outputs on the example inputs, with the selections (top-k, NMS...) it made."""
+
+    outputs: list[torch.Tensor]
+    selections: list[Selection]
+
+
+def run_recorded(model: nn.Module, example_inputs: ExampleInputs) -> Run:
+    with SelectionRecorder() as recorder:
+        outputs = run_eval(model, example_inputs)
+    return Run(outputs, recorder.selections)
+
+
+def compare_runs(expected: Run, actual: Run, atol: float, rtol: float) -> VerifyReport:
+    """``compare_outputs``, except that outputs which differ only because a selection broke a
+    near-tie differently (see ``_selections``) count as exact, with the reason in ``message``."""
+    report = compare_outputs(expected.outputs, actual.outputs, atol, rtol)
+    if not report.ok:
+        reason = near_tie_explains(expected.selections, actual.selections, atol, rtol)
+        if reason is not None:
+            report.ok, report.message = True, reason
+    return report
+
+
 def compare_outputs(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: float, rtol: float) -> VerifyReport:
     if len(expected) != len(actual):
         return VerifyReport(False, float("inf"), float("inf"), len(actual), f"{len(actual)} outputs, expected {len(expected)}")
@@ -79,6 +104,6 @@ def verify(original: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs
     """
     reference = copy.deepcopy(original)
     zero_removed_(reference, plan.removed)
-    return compare_outputs(run_eval(reference, example_inputs), run_eval(pruned, example_inputs), atol, rtol)
+    return compare_runs(run_recorded(reference, example_inputs), run_recorded(pruned, example_inputs), atol, rtol)
 
 

@@ -1,0 +1,76 @@
+"""Fisher / squared group Taylor (Molchanov et al. 2019, Theis et al. 2018): an atom's score is
+the mean over batches of ``(sum of w * dL/dw over every weight the atom owns)^2``.
+
+Unlike :mod:`taylor` (signed contributions summed over batches, then ``abs``), each batch's
+group sum is squared before averaging, so contributions of opposite sign do not cancel.
+That makes it work without labels: with ``loss_fn = (output * random_direction).sum()``
+(a new random direction per batch) the expectation of the square is the squared change
+of the output when the atom is removed, to first order -- a direct measure of how much
+the model's function depends on it (see :func:`random_projection_loss`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from torchslim._inputs import call_model
+from torchslim.criteria._base import iter_batches, rows, score_slots
+from torchslim.criteria.taylor import batch_inputs
+from torchslim.graph import DependencyGraph, Group
+
+
+class FisherImportance:
+    def __init__(self, max_batches: int | None = None):
+        self.max_batches = max_batches
+        self.scores: dict[int, np.ndarray] = {}
+
+    def prepare(self, graph: DependencyGraph, data: Iterable[Any], loss_fn: Callable | None) -> None:
+        if data is None or loss_fn is None:
+            raise ValueError("criterion 'fisher' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_ "
+                             "(torchslim.criteria.random_projection_loss works without labels)")
+        model = graph.model
+        params = dict(model.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        sums = {g.index: np.zeros(len(g)) for g in graph.groups}
+        batches = 0
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            for batch in iter_batches(data, self.max_batches):
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss_fn(call_model(model, batch_inputs(batch)), batch).backward()
+                saliency = {n: (p.detach() * p.grad.detach()).float() for n, p in params.items() if p.grad is not None}
+                for group in graph.groups:
+                    signed = score_slots(graph, group, lambda name, dim, w: rows(saliency[name], dim).sum(1),
+                                         select=lambda name: name in saliency)
+                    sums[group.index] += signed ** 2
+                batches += 1
+        finally:
+            model.zero_grad(set_to_none=True)
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+        if batches == 0:
+            raise ValueError("criterion 'fisher' got no batches in data=")
+        self.scores = {index: total / batches for index, total in sums.items()}
+
+    def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
+        if not self.scores:
+            raise RuntimeError("FisherImportance.prepare(graph, data, loss_fn) must run first")
+        return self.scores[group.index]
+
+
+def random_projection_loss(embed: Callable[[Any, Any], torch.Tensor] | None = None, seed: int = 0):
+    """A label-free ``loss_fn`` for ``fisher``: the output (or ``embed(output, batch)``) projected
+    on a fresh random direction per batch; ``embed`` picks the tensor that matters (e.g. pooled
+    sentence embeddings, which need the batch's attention mask) from the model's output."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(output: Any, batch: Any) -> torch.Tensor:
+        value = embed(output, batch) if embed is not None else output
+        direction = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        return (value * direction.to(value.device)).sum()
+
+    return loss
