@@ -316,3 +316,14 @@ def test_selection_recorder_sees_topk_and_thresholds():
 
     run = run_recorded(Picker(), torch.randn(2, 5))
     assert [s.name.split(".")[1] for s in run.selections] == ["topk", "gt", "nonzero"]
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Mish, nn.ELU, nn.ReLU6])
+def test_inplace_activations_couple_like_their_functional_op(act):
+    """``hardswish_`` has no pointwise tag and no rule of its own: it must not pin the channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act(inplace=True), nn.Conv2d(8, 4, 1)).eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(1, 3, 8, 8)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+    assert model[0].out_channels == 4 and torchslim.verify(original, model, x, result.plan).ok

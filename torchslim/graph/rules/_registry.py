@@ -31,14 +31,30 @@ def op_rule(*ops: Any) -> Callable[[OpRule], OpRule]:
 
 
 def rule_for(func: Any) -> OpRule | None:
+    """The op's rule; an in-place variant (``hardswish_``) without one uses its functional op's."""
     rule = _RULES.get(func)
     if rule is None:
         rule = _RULES.get(getattr(func, "overloadpacket", None))
+    functional = _functional_of(func)
+    if rule is None and functional is not None:
+        rule = _RULES.get(functional) or _RULES.get(functional.overloadpacket)
     return rule
 
 
 def is_pointwise(func: Any) -> bool:
-    return torch.Tag.pointwise in getattr(func, "tags", ())
+    """aten's pointwise tag; in-place variants inherit their functional op's."""
+    functional = _functional_of(func)
+    return torch.Tag.pointwise in getattr(func, "tags", ()) or (
+        functional is not None and torch.Tag.pointwise in getattr(functional, "tags", ()))
+
+
+def _functional_of(func: Any) -> Any:
+    """``aten.hardswish.default`` for ``aten.hardswish_.default`` (same overload), else None."""
+    if torch.Tag.inplace not in getattr(func, "tags", ()):
+        return None
+    name = func.overloadpacket.__name__
+    packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
+    return getattr(packet, func._overloadname, None) if packet is not None else None
 
 
 def node_arg(op: OpCall, position: int, keyword: str) -> int | None:
