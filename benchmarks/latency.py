@@ -87,15 +87,31 @@ def interleaved(models: dict, inputs, runtime: str, threads: int) -> dict:
     return best
 
 
+def latency_target_row(name: str, model, inputs, target: float, threads: int) -> dict:
+    """``target_latency=target`` on each runtime: the measured ratio should be within 10% of it."""
+    row = {"model": name, "target_latency": target}
+    for runtime in ("torch", "onnxruntime"):
+        pruned = copy.deepcopy(model)
+        result = torchslim.prune_(pruned, inputs, torchslim.PruneConfig(
+            target_latency=target, latency_runtime=runtime, latency_threads=threads,
+            max_sparsity_per_layer=MAX_SPARSITY, verify=False))
+        measured = interleaved({"original": model, "pruned": pruned}, inputs, runtime, threads)
+        ratio = measured["pruned"] / measured["original"]
+        row[runtime] = {"measured_ratio": ratio, "predicted_ratio": result.latency_predicted_ms / result.latency_before_ms,
+                        "macs_ratio": result.macs_after / result.macs_before, "within_10pct": abs(ratio - target) <= 0.1 * target}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "vit_b_16", "modnet"])
     parser.add_argument("--levels", nargs="*", type=float, default=[0.75, 0.5, 0.25])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--target-latency", type=float, default=0.5, help="also prune to this latency fraction (0: skip)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     args = parser.parse_args()
     console = Console()
-    rows = []
+    rows, targets = [], []
     for name in args.models:
         model, inputs = build(name)
         base_macs = macs(model, inputs)
@@ -125,6 +141,9 @@ def main() -> None:
             row["original_ms"] = {rt: times[rt]["original"] for rt in times}
             rows.append(row)
             console.print(row)
+        if args.target_latency:
+            targets.append(latency_target_row(name, model, inputs, args.target_latency, args.threads))
+            console.print(targets[-1])
     table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
     # torch columns: pruned with the torch table; ORT columns: pruned with the ONNX Runtime table
     for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT MACs", "ORT", "ORT/MACs", "TP MACs",
@@ -140,7 +159,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),
                                                 "cores": os.cpu_count(), "threads": args.threads,
-                                                "torch": torch.__version__}, "rows": rows}, indent=2))
+                                                "torch": torch.__version__}, "rows": rows,
+                                    "latency_targets": targets}, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Selector:
         self.macs_before = estimate_macs(graph)
         self.params_before = estimate_params(graph)
         self._costs: dict[int, float] | None = None
+        self.latency_goal_ms: float | None = None  # target_latency as handed to the table, once calibrated
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group) -> float | None:
@@ -193,6 +194,10 @@ class Selector:
                 self._costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
         return self._costs
 
+    def latency_target_ms(self) -> float:
+        value = self.config.target_latency
+        return value * self.latency.measured_ms if value <= 1 else value
+
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
         config = self.config
@@ -200,6 +205,8 @@ class Selector:
             return config.ratio, self.remove_at(config.ratio, banned)
         field, value, measure, before = self._measure_for_target()
         target = value * before if value <= 1 else value
+        if field == "target_latency" and self.latency_goal_ms is not None:
+            target = self.latency_goal_ms
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
         best = self.remove_at(hi, banned)
         if measure(self.graph, best) > target:

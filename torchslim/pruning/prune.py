@@ -12,6 +12,7 @@ from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
+from torchslim.pruning._latency_loop import calibrate_latency_goal
 from torchslim.pruning._select import PruningError, Selector, eligible_groups
 from torchslim.pruning._surgery import Transaction, apply_removal
 from torchslim.pruning.config import PruneConfig
@@ -38,6 +39,9 @@ class PruneResult:
     # Hugging Face models: the model.config fields updated to the pruned widths (so that
     # save_pretrained/from_pretrained round-trip); None when no uniform config describes them
     hf_config: dict[str, int] | None = None
+    # target_latency: per round, the goal handed to the latency table, its prediction and the
+    # measured latency of that removal (the last measured value is the pruned model's)
+    latency_calibration: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
@@ -71,6 +75,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     macs_before = selector.macs_before
     banned = np.zeros(graph.n_atoms, dtype=bool)
     skipped: list[str] = []
+    calibration = calibrate_latency_goal(selector, graph, example_inputs, config, banned) \
+        if config.target_latency is not None else []
     for _ in range(MAX_ATTEMPTS):
         ratio, removed = selector.select(banned)
         if removed.size == 0:
@@ -83,6 +89,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             if latency is not None:
                 outcome.latency_before_ms = latency.measured_ms
                 outcome.latency_predicted_ms = latency.predict(removed)
+                outcome.latency_calibration = calibration
             outcome.skipped = skipped
             outcome.hf_config = sync_hf_config(model)
             return outcome
