@@ -15,9 +15,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from torchslim._inputs import call_model
-from torchslim.criteria._base import iter_batches, rows, score_slots
-from torchslim.criteria.taylor import batch_inputs
+from torchslim.criteria._base import rows, score_slots
+from torchslim.criteria.taylor import batch_saliencies
 from torchslim.graph import DependencyGraph, Group
 
 
@@ -30,28 +29,14 @@ class FisherImportance:
         if data is None or loss_fn is None:
             raise ValueError("criterion 'fisher' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_ "
                              "(torchslim.criteria.random_projection_loss works without labels)")
-        model = graph.model
-        params = dict(model.named_parameters())
-        flags = {n: p.requires_grad for n, p in params.items()}
         sums = {g.index: np.zeros(len(g)) for g in graph.groups}
         batches = 0
-        try:
-            for p in params.values():
-                p.requires_grad_(True)
-            for batch in iter_batches(data, self.max_batches):
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss_fn(call_model(model, batch_inputs(batch)), batch).backward()
-                saliency = {n: (p.detach() * p.grad.detach()).float() for n, p in params.items() if p.grad is not None}
-                for group in graph.groups:
-                    signed = score_slots(graph, group, lambda name, dim, w: rows(saliency[name], dim).sum(1),
-                                         select=lambda name: name in saliency)
-                    sums[group.index] += signed ** 2
-                batches += 1
-        finally:
-            model.zero_grad(set_to_none=True)
-            for n, p in params.items():
-                p.requires_grad_(flags[n])
+        for saliency in batch_saliencies(graph.model, data, loss_fn, self.max_batches):
+            for group in graph.groups:
+                signed = score_slots(graph, group, lambda name, dim, w: rows(saliency[name], dim).sum(1),
+                                     select=lambda name: name in saliency)
+                sums[group.index] += signed ** 2
+            batches += 1
         if batches == 0:
             raise ValueError("criterion 'fisher' got no batches in data=")
         self.scores = {index: total / batches for index, total in sums.items()}

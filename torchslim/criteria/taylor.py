@@ -3,7 +3,7 @@ approximated by ``|sum(w * dL/dw)|`` over the channel's weights, accumulated ove
 batches with real gradients from ``loss_fn(output, batch)``."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -21,25 +21,10 @@ class TaylorImportance:
     def prepare(self, graph: DependencyGraph, data: Iterable[Any], loss_fn: Callable | None) -> None:
         if data is None or loss_fn is None:
             raise ValueError("criterion 'taylor' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_")
-        model = graph.model
-        params = dict(model.named_parameters())
-        flags = {n: p.requires_grad for n, p in params.items()}
-        totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        try:
-            for p in params.values():
-                p.requires_grad_(True)
-            for batch in iter_batches(data, self.max_batches):
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss = loss_fn(call_model(model, batch_inputs(batch)), batch)
-                    loss.backward()
-                for n, p in params.items():
-                    if p.grad is not None:
-                        totals[n] += (p.detach() * p.grad.detach()).float()
-        finally:
-            model.zero_grad(set_to_none=True)
-            for n, p in params.items():
-                p.requires_grad_(flags[n])
+        totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in graph.model.named_parameters()}
+        for saliency in batch_saliencies(graph.model, data, loss_fn, self.max_batches):
+            for n, value in saliency.items():
+                totals[n] += value
         self.saliency = totals
 
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
@@ -53,3 +38,23 @@ def batch_inputs(batch: Any) -> Any:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[1], dict):
         return batch[0]
     return batch
+
+
+def batch_saliencies(model: torch.nn.Module, data: Iterable[Any], loss_fn: Callable,
+                     max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Per batch, ``w * dL/dw`` for every parameter that got a gradient (real autograd on
+    ``loss_fn(output, batch)``); parameters' ``requires_grad`` flags are restored afterwards."""
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in iter_batches(data, max_batches):
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss_fn(call_model(model, batch_inputs(batch)), batch).backward()
+            yield {n: (p.detach() * p.grad.detach()).float() for n, p in params.items() if p.grad is not None}
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])

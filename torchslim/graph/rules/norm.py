@@ -9,7 +9,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
-from torchslim.graph.rules._registry import align_broadcast, node_arg, op_rule
+from torchslim.graph.rules._registry import node_arg, op_rule
 
 aten = torch.ops.aten
 
