@@ -326,3 +326,28 @@ def test_inplace_activations_couple_like_their_functional_op(act):
     x = torch.randn(1, 3, 8, 8)
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
     assert model[0].out_channels == 4 and torchslim.verify(original, model, x, result.plan).ok
+
+
+class StdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: the weight is standardised per output channel with F.batch_norm."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_batch_statistics_mark_their_reduced_dims_inexact():
+    """Removing a weight-standardised conv's input channels changes its weight statistics:
+    such groups are inexact (skipped with exact_only), and the rest prunes exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), StdConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    graph = DependencyGraph.build(model, x)
+    first = next(g for g in graph.groups if ("0.weight", 0) in g.params)
+    second = next(g for g in graph.groups if ("2.weight", 0) in g.params)
+    assert not first.exact and second.exact
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    assert model[0].out_channels == 8 and model[2].out_channels == 4
+    assert torchslim.verify(original, model, x, result.plan).ok

@@ -1,5 +1,6 @@
 """Normalisations. BatchNorm (and InstanceNorm, which runs as a reshaped BatchNorm) is
-per channel; LayerNorm's statistics run over the normalised dims, so pruning them is
+per channel; when it normalises with its input's own statistics (training mode, weight
+standardisation) the dims it reduces over are marked inexact; LayerNorm's statistics run over the normalised dims, so pruning them is
 marked inexact; GroupNorm channels are removed a whole group at a time, which keeps the
 other groups' statistics and therefore the outputs exact."""
 from __future__ import annotations
@@ -28,6 +29,21 @@ def batch_norm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
             c.same_all(x, out)
         elif len(c.shape(out)) == 1 and c.shape(out)[0] == c.shape(x)[1]:
             c.same(out, 0, x, 1)
+    if _uses_batch_statistics(op):  # e.g. timm's ScaledStdConv2d standardises its weight this way
+        for d in range(len(c.shape(x))):
+            if d != 1:
+                c.mark_inexact(x, d, f"{op.name} computes statistics over this dimension")
+
+
+def _uses_batch_statistics(op: OpCall) -> bool:
+    """Whether the batch norm normalises with statistics of its input (training mode, no
+    running stats) rather than stored running statistics."""
+    packet = op.func.overloadpacket
+    if packet in (aten._native_batch_norm_legit_no_training, aten._batch_norm_no_update):
+        return False
+    if packet is aten._batch_norm_with_update or op.func._overloadname == "no_stats":
+        return True
+    return bool(op.arg(5, "training", False))
 
 
 @op_rule(aten.native_layer_norm, aten.layer_norm, aten._fused_rms_norm, aten.rms_norm)
