@@ -3,7 +3,7 @@
 Prints a rich table and writes benchmarks/results/coverage_timm.json.
 Each model runs in its own process with a time limit (--timeout), at its native input size capped
 to 224 unless the model fixes its size.
-Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ...] [--timeout 600]
+Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ... [--update]] [--timeout 600]
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model (its own process)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--update", action="store_true", help="with --only: replace those rows in the existing JSON")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coverage_timm.json")
     args = parser.parse_args()
     console = Console()
@@ -101,6 +102,9 @@ def main() -> None:
     for name in args.only or sample(args.n, args.seed):
         rows.append(run_isolated(name, args.ratio, args.timeout))
         console.print(rows[-1])
+    if args.update and args.out.exists():  # rerun a few models inside the full sample's results
+        fresh = {r["model"]: r for r in rows}
+        rows = [fresh.pop(r["model"], r) for r in json.loads(args.out.read_text())["rows"]] + list(fresh.values())
     table = Table(title=f"timm sample at ratio {args.ratio}")
     for col in ("model", "ok", "pruned", "exact", "params", "MACs", "s"):
         table.add_column(col)

@@ -4,7 +4,7 @@ the cosine similarity of sentence embeddings to the unpruned model's on held-out
 text (scikit-learn's bundled dataset descriptions), before and after a short distillation
 on other local text (the Python standard library's docstrings),
 plus params and latency. Writes benchmarks/results/minilm.json.
-Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--epochs 2]
+Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher] [--epochs 3] [--lr 1e-4]
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def cosine(student, teacher, batches) -> float:
         return float(torch.cat([(embed(student, b) * embed(teacher, b)).sum(-1) for b in batches]).mean())
 
 
-def distill(student, teacher, batches, epochs: int, lr: float = 5e-5) -> None:
+def distill(student, teacher, batches, epochs: int, lr: float) -> None:
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     student.train()
     for _ in range(epochs):
@@ -90,7 +90,9 @@ def distill(student, teacher, batches, epochs: int, lr: float = 5e-5) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-sentences", type=int, default=1200)
     parser.add_argument("--criteria", nargs="*", default=["l1", "fisher"],
                         help="channel criteria to compare (data-driven ones measure on the training text)")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     teacher = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    train, held_out = training_sentences(), held_out_sentences()
+    train, held_out = training_sentences(args.train_sentences), held_out_sentences()
     # one padded length for every batch: activation criteria match the batches to the traced shapes
     batch = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
                                     return_tensors="pt")
@@ -124,7 +126,7 @@ def main() -> None:
                "heads_after": layer.attention.self.num_attention_heads,
                "ffn_after": layer.intermediate.dense.out_features,
                "cosine_before_distill": cosine(student, teacher, eval_batches)}
-        distill(student, teacher, train_batches, args.epochs)
+        distill(student, teacher, train_batches, args.epochs, args.lr)
         row["cosine_after_distill"] = cosine(student, teacher, eval_batches)
         row["latency_ratio"] = measure_model(student, bench_inputs, repeats=10).median_ms / base_ms
         rows.append(row)
