@@ -53,12 +53,18 @@ def test_quick_demo_writes_its_outputs(quick_demo):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| accuracy |" in md and "| MACs |" in md and "plot.png" in md
-    plan = torchslim.PruningPlan.from_dict(json.loads((out / "plan.json").read_text()))
+    plan = torchslim.PruningPlan.from_dict(json.loads((out / "pruned" / "plan.json").read_text()))
     assert len(plan.steps) == 2 and plan.num_removed > 0
-    model = torch.load(out / "pruned_model.pt", weights_only=False)
-    model.load_state_dict(torch.load(out / "pruned_state_dict.pt"))
+    from torchslim.cli._model_spec import load_model
+    from torchslim.models import create_model
+
+    model = torchslim.load(out / "pruned", create_model("digits_cnn")).eval()
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    via_cli = load_model(str(out / "pruned"))  # the checkpoint records the spec it was built from
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(via_cli(x), model(x))
 
 
 def test_demo_rejects_bad_targets(tmp_path):

@@ -3,8 +3,9 @@
 report accuracy, MACs, parameters and measured latency before and after.
 
 Outputs in ``out_dir``: ``report.json``, ``report.md``, ``plot.png`` (per-layer MACs before
-and after; accuracy against MACs over the steps), ``plan.json`` (the composed pruning plan),
-``pruned_state_dict.pt`` and ``pruned_model.pt`` (the whole pruned module, pickled).
+and after; accuracy against MACs over the steps) and ``pruned/``, the pruned model as a
+torchslim checkpoint (weights in safetensors, the composed plan as JSON; ``torchslim.load``
+or any CLI command re-creates it from a fresh ``torchslim:digits_cnn``).
 """
 from __future__ import annotations
 
@@ -174,9 +175,9 @@ def _run(out: Path, seed: int, s: dict, target_macs: float, criterion: str, roun
     report["channels"] = {n: [int(m.in_channels), int(m.out_channels)]
                           for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
-    (out / "plan.json").write_text(json.dumps(plan.to_dict()))
-    torch.save(model.state_dict(), out / "pruned_state_dict.pt")
-    torch.save(model, out / "pruned_model.pt")
+    # a torchslim checkpoint (safetensors + JSON plan, no pickle): `torchslim analyze DIR/pruned ...`
+    torchslim.save(model, out / "pruned", plan, metadata={"source": {"model": "torchslim:digits_cnn", "model_kwargs": {},
+                                                                      "inputs": ["1,1,8,8"]}, "report": "report.json"})
     _plot(before, after, report, out / "plot.png")
     return report
 

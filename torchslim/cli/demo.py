@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
                        description="Train DigitsCNN on scikit-learn's bundled digits, prune it iteratively to "
                                    "--target-macs of its MACs with distillation fine-tuning between steps, "
                                    "recalibrate BatchNorm, and write report.json, report.md, plot.png, "
-                                   "plan.json and the pruned model into --out.")
+                                   "and the pruned model as a torchslim checkpoint (pruned/) into --out.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, initialisation and shuffling")
     p.add_argument("--quick", action="store_true", help="train and time less (a few seconds)")
