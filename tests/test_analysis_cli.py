@@ -116,6 +116,8 @@ def test_cli_prune_checkpoint_is_a_model_spec(tmp_path):
     assert main(["analyze", str(out), "--input", "1,1,8,8", "--no-latency", "--json", str(tmp_path / "a.json")]) == 0
     analysed = json.loads((tmp_path / "a.json").read_text())
     assert analysed["total_params"] == report["params"][1] < report["params"][0]
+    assert main(["analyze", str(out), "--no-latency", "--json", str(tmp_path / "b.json")]) == 0  # shapes recorded
+    assert json.loads((tmp_path / "b.json").read_text())["input_shapes"] == [[1, 1, 8, 8]]
     assert analysed["total_macs"] == report["macs"][1]
     from safetensors.torch import load_file
 

@@ -215,7 +215,7 @@ def _rejected_message(model, shape) -> str:
      ["--model-kwargs must be a JSON object"]),
     (["analyze", "torchvision:resnet18", "--input", "1,3,a"], ["--input must be comma-separated integers", "1,3,a"]),
     (["analyze", "torchvision:resnet18", "--input", "1,0,8,8"], ["--input sizes must be positive"]),
-    (["analyze", "torchvision:resnet18"], ["the following arguments are required: --input"]),
+    (["analyze", "torchvision:resnet18"], ["--input is required"]),
     (["analyze", "torchvision:resnet18", "--input", "1,3,8,8", "--dtype", "int3"], ["--dtype", "invalid choice"]),
     (["analyze", "torchvision:resnet18", "--input", "1,3,8,8", "--depth", "0"], ["--depth must be >= 1"]),
     (["analyze", "torchslim:modnet", "--input", "1,3,8,8", "--model-kwargs", '{"nope": 1}'],

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 
+from torchslim.cli._errors import CliError
 from torchslim.cli._model_spec import (SPEC_HELP, DTYPES, check_runs, load_model, make_inputs, parse_dtype,
-                                       parse_json, parse_shape)
+                                       parse_json, parse_shape, recorded_source)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL, --input (repeatable), --dtype, --kwargs, --model-kwargs, --debug."""
     parser.add_argument("model", metavar="MODEL", help=SPEC_HELP)
-    parser.add_argument("--input", action="append", required=True, metavar="SHAPE",
+    parser.add_argument("--input", action="append", metavar="SHAPE",
                         help="input shape, e.g. 1,3,224,224; repeat for several positional inputs. Hugging Face "
-                             "token models: the shape of input_ids, e.g. 1,16")
+                             "token models: the shape of input_ids, e.g. 1,16. Required, except for a torchslim "
+                             "checkpoint written by 'torchslim prune', which records its shapes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the model and its float inputs (default float32)")
     parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for forward, e.g. '{\"inference\": false}'")
@@ -23,6 +26,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_and_inputs(args: argparse.Namespace):
     """Parse the shared flags, build the model and its inputs, and check the model accepts them."""
+    if not args.input:
+        recorded = recorded_source(args.model)
+        if not recorded.get("inputs"):
+            raise CliError("--input is required (e.g. --input 1,3,224,224)")
+        args.input = list(recorded["inputs"])
+        if args.kwargs is None and recorded.get("kwargs"):
+            args.kwargs = json.dumps(recorded["kwargs"])
     shapes = [parse_shape(s) for s in args.input]
     dtype = parse_dtype(getattr(args, "dtype", None))
     kwargs = parse_json(args.kwargs, "--kwargs")
@@ -59,7 +69,6 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
 def config_from_args(args: argparse.Namespace, model):
     """The PruneConfig the flags describe; a bad value is a one-line CliError naming the field."""
     import torchslim
-    from torchslim.cli._errors import CliError
     from torchslim.pruning import config_from_recipe
 
     round_to = args.round_to if args.round_to == "latency" else _int(args.round_to, "--round-to")
@@ -76,7 +85,6 @@ def config_from_args(args: argparse.Namespace, model):
 
 
 def _int(text: str, flag: str) -> int:
-    from torchslim.cli._errors import CliError
 
     try:
         return int(text)

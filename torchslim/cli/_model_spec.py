@@ -239,6 +239,20 @@ def source_metadata(spec: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"model": spec, "model_kwargs": dict(model_kwargs)}
 
 
+def recorded_source(spec: str) -> dict[str, Any]:
+    """What a torchslim checkpoint directory records about how it was made ({} otherwise)."""
+    path = Path(spec)
+    if not (path.is_dir() and (path / "meta.json").is_file()):
+        return {}
+    from torchslim.io import CheckpointError, read_metadata
+
+    try:
+        source = read_metadata(path).get("source")
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+    return source if isinstance(source, dict) else {}
+
+
 def _torchslim_checkpoint(path: Path, kwargs: dict) -> nn.Module:
     from torchslim.io import CheckpointError, load, read_metadata
 
