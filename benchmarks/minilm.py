@@ -78,9 +78,11 @@ def distill(student, teacher, batches, epochs: int, lr: float) -> None:
     for _ in range(epochs):
         for tokens in batches:
             with torch.no_grad():
-                target = teacher(**tokens).last_hidden_state
-            loss = F.mse_loss(student(**tokens).last_hidden_state, target) + \
-                (1 - (embed(student, tokens) * embed(teacher, tokens).detach()).sum(-1)).mean()
+                target = teacher(**tokens)
+            output = student(**tokens)  # one forward each: hidden-state MSE plus embedding cosine
+            mask = tokens["attention_mask"]
+            cosine_gap = 1 - (embed_output(output, mask) * embed_output(target, mask)).sum(-1)
+            loss = F.mse_loss(output.last_hidden_state, target.last_hidden_state) + cosine_gap.mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
