@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from torchslim.latency import measure_model
+from torchslim.pruning._select import TARGET_SEARCH_MAX_RATIO
 from torchslim.pruning._surgery import Transaction, apply_removal
 
 ROUNDS = 3
@@ -37,7 +38,8 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
         if saved_predicted <= 0 or saved_measured <= 0:
             break
         goal = original - (original - target) * saved_predicted / saved_measured
-        selector.latency_goal_ms = float(np.clip(goal, 0.05 * original, original))
+        lowest = latency.predict(selector.remove_at(TARGET_SEARCH_MAX_RATIO, banned))  # the most this config allows
+        selector.latency_goal_ms = float(np.clip(goal, lowest, original))
     return history
 
 
