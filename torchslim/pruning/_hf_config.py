@@ -12,6 +12,7 @@ model built from the new config has exactly the pruned model's shapes.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -26,13 +27,13 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def hf_config_of(model: nn.Module) -> Any | None:
-    """The model's ``transformers.PretrainedConfig``, or None."""
+    """The model's ``transformers.PretrainedConfig``, or None. Never imports transformers (half
+    a second): a Hugging Face model's config means it is imported already."""
     config = getattr(model, "config", None)
-    try:
-        from transformers import PretrainedConfig
-    except ImportError:
+    transformers = sys.modules.get("transformers")
+    if config is None or transformers is None:
         return None
-    return config if isinstance(config, PretrainedConfig) else None
+    return config if isinstance(config, transformers.PretrainedConfig) else None
 
 
 def sync_hf_config(model: nn.Module) -> dict[str, int] | None:
