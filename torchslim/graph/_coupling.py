@@ -77,9 +77,9 @@ class Coupling:
         return len(self._left)
 
     def touched_since(self, first: int) -> np.ndarray:
-        """Elements named by unions declared after the first ``first`` declarations."""
+        """Elements named by unions declared after the first ``first`` declarations (repeats kept)."""
         parts = self._left[first:] + self._right[first:]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def same(self, node_a: int, dim_a: int, node_b: int, dim_b: int) -> None:
         """Index ``i`` of ``node_a.dim_a`` is index ``i`` of ``node_b.dim_b`` (equal sizes required)."""

@@ -292,10 +292,11 @@ def _pin_unlinked_outputs(c: Coupling, op: OpCall, first_edge: int) -> None:
     touched = c.touched_since(first_edge)
     for out in op.outputs:
         for d in range(c.nodes[out].ndim):
-            ids = c.ids(out, d)
-            free = ids[~np.isin(ids, touched)] if touched.size else ids
-            if free.size:
-                c.pin_elements(free)
+            start, size = c.offsets[out][d], c.nodes[out].shape[d]
+            free = np.ones(size, dtype=bool)  # a dim's ids are one contiguous range: mask, don't search
+            free[touched[(touched >= start) & (touched < start + size)] - start] = False
+            if free.any():
+                c.pin_elements(start + np.flatnonzero(free))
 
 
 def _pin_fixed_tensors(c: Coupling, recorded: Trace, keep_inputs: bool, keep_outputs: bool) -> None:
