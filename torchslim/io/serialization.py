@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners
+from torchslim.pruning._surgery import Transaction, _tensor_owners, named_tensors, slice_to_kept
 from torchslim.pruning.plan import PruningPlan
 
 FORMAT = "torchslim.checkpoint/1"
@@ -118,7 +118,7 @@ def _check_plan_matches_model(plan: PruningPlan, model: nn.Module) -> None:
             for dim, gone in step.removed.get(name, {}).items():
                 new[dim] -= len(set(gone))
             final[name] = new
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
     for name, shape in final.items():
         if name not in tensors:
             raise CheckpointError(f"the plan names '{name}', which {_qualname(model)} does not have: "
@@ -258,7 +258,7 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
     post-load shapes per state_dict key."""
     plan_file = directory / PLAN_FILE
     weights_file = directory / WEIGHTS_FILE
-    named = _named_tensors(model, remove_duplicate=False)
+    named = named_tensors(model, remove_duplicate=False)
     group = {name: id(t) for name, t in named.items()}  # tied names share a group
     shapes = {id(t): list(t.shape) for t in named.values()}
     for i, step in enumerate(plan.steps, 1):
@@ -368,15 +368,7 @@ def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
     for step in plan.steps:
         owners = _tensor_owners(model)
         for name, dims in step.removed.items():
-            tensor = _get_tensor(model, name)
-            new = tensor.detach()
-            for dim in sorted(dims):
-                keep = torch.as_tensor(step.kept(name, dim), dtype=torch.long, device=new.device)
-                new = new.index_select(dim, keep)
-            new = new.contiguous().clone()
-            replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
-            for module, attr in owners[id(tensor)]:
-                tx.set_tensor(module, attr, replacement)
+            slice_to_kept(model, owners, name, {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
         for label, attrs in step.attributes.items():
             module = model.get_submodule(label) if label else model
             for attr, value in attrs.items():
@@ -423,12 +415,6 @@ def _final_check(model: nn.Module, expected: dict[str, list[int]]) -> None:
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-def _named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters(remove_duplicate=remove_duplicate))
-    tensors.update(dict(model.named_buffers(remove_duplicate=remove_duplicate)))
-    return tensors
-
-
 def _submodule(model: nn.Module, label: str, where: str) -> nn.Module:
     if not isinstance(label, str):
         raise CheckpointError(f"{where}: module name {label!r} is not a string")

@@ -108,15 +108,9 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     removal = graph.removal(removed_atoms)
     owners = _tensor_owners(model)
     for name, dims in removal.items():
-        tensor = _get_tensor(model, name)
-        new = tensor.detach()
-        for dim, gone in dims.items():
-            keep = torch.as_tensor(np.setdiff1d(np.arange(tensor.shape[dim]), gone), dtype=torch.long, device=new.device)
-            new = new.index_select(dim, keep)
-        new = new.contiguous().clone()
-        replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
-        for module, attr in owners[id(tensor)]:
-            tx.set_tensor(module, attr, replacement)
+        shape = _get_tensor(model, name).shape
+        slice_to_kept(model, owners, name, {dim: np.setdiff1d(np.arange(shape[dim]), gone) for dim, gone in dims.items()},
+                      tx)
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     ctx = SurgeryContext(graph, removed_atoms, tx)
@@ -127,6 +121,27 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
                 break
     unresolved = _rewrite_literals(graph, ctx)
     return removal, unresolved
+
+
+def slice_to_kept(model: nn.Module, owners: dict[int, list[tuple[nn.Module, str]]], name: str,
+                  kept: dict[int, np.ndarray], tx: Transaction) -> None:
+    """Replace the parameter or buffer ``name`` (under every name it is registered as) by a
+    contiguous copy holding only the ``kept`` indices of each dim, inside ``tx``."""
+    tensor = _get_tensor(model, name)
+    new = tensor.detach()
+    for dim, keep in kept.items():
+        new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=new.device))
+    new = new.contiguous().clone()
+    replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+    for module, attr in owners[id(tensor)]:
+        tx.set_tensor(module, attr, replacement)
+
+
+def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by qualified name."""
+    tensors = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    tensors.update(dict(model.named_buffers(remove_duplicate=remove_duplicate)))
+    return tensors
 
 
 def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

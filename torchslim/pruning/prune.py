@@ -14,11 +14,11 @@ from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._latency_loop import calibrate_latency_goal
 from torchslim.pruning._select import PruningError, Selector, eligible_groups
-from torchslim.pruning._surgery import Transaction, apply_removal
+from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
 from torchslim.pruning.plan import PlanStep, PruningPlan
-from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded
+from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded, zero_removed_
 
 MAX_ATTEMPTS = 12
 
@@ -131,7 +131,7 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
     exact = all(g.exact for g in groups if np.isin(g.atoms, removed).any())
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
     tx = Transaction()
-    shapes = {name: list(t.shape) for name, t in _named_tensors(model).items() if name in removal}
+    shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
     try:
         _, suspects = apply_removal(graph, removed, tx)
         actual = run_recorded(model, example_inputs)
@@ -164,22 +164,13 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
                        max_abs_error=report.max_abs_error if report is not None else None)
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(model.named_buffers()))
-    return tensors
-
-
 def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs) -> Run:
     """Outputs (and selections) of ``model`` with the removed slices zeroed in place, then
     restored bit for bit."""
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
     saved = {name: tensors[name].detach().clone() for name in removal}
     try:
-        with torch.no_grad():
-            for name, dims in removal.items():
-                for dim, index in dims.items():
-                    tensors[name].index_fill_(dim, torch.as_tensor(index, dtype=torch.long), 0)
+        zero_removed_(model, removal)
         return run_recorded(model, example_inputs)
     finally:
         with torch.no_grad():

@@ -9,6 +9,7 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
 from torchslim.pruning._selections import Selection, SelectionRecorder, near_tie_explains
+from torchslim.pruning._surgery import named_tensors
 from torchslim.pruning.plan import PruningPlan
 
 
@@ -26,8 +27,7 @@ class VerifyReport:
 
 def zero_removed_(model: nn.Module, removed: dict[str, dict[int, list[int]]]) -> None:
     """Zero, in place, every slice a plan removes (weights, biases and running statistics)."""
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(model.named_buffers()))
+    tensors = named_tensors(model)
     with torch.no_grad():
         for name, dims in removed.items():
             if name not in tensors:
