@@ -175,9 +175,11 @@ def _run(out: Path, seed: int, s: dict, target_macs: float, criterion: str, roun
     report["channels"] = {n: [int(m.in_channels), int(m.out_channels)]
                           for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
-    # a torchslim checkpoint (safetensors + JSON plan, no pickle): `torchslim analyze DIR/pruned ...`
-    torchslim.save(model, out / "pruned", plan, metadata={"source": {"model": "torchslim:digits_cnn", "model_kwargs": {},
-                                                                      "inputs": ["1,1,8,8"]}, "report": "report.json"})
+    # a torchslim checkpoint (safetensors + JSON plan, no pickle): `torchslim analyze DIR/pruned`
+    from torchslim.cli._model_spec import source_metadata
+
+    source = source_metadata("torchslim:digits_cnn", {}, ["1,1,8,8"], {})
+    torchslim.save(model, out / "pruned", plan, metadata={"source": source, "report": "report.json"})
     _plot(before, after, report, out / "plot.png")
     return report
 

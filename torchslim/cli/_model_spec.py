@@ -228,15 +228,18 @@ def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
     return _construct(f"{path}:{attr}", target, kwargs)
 
 
-def source_metadata(spec: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint records so that the CLI can rebuild its original: the spec (a Python
-    file's path made absolute) and the constructor's keyword arguments."""
+def source_metadata(spec: str, model_kwargs: dict[str, Any], inputs: list[str], kwargs: dict[str, Any],
+                    dtype: str | None = None) -> dict[str, Any]:
+    """What a checkpoint records so that the CLI can rebuild its original and run it: the spec
+    (a Python file's path made absolute), the constructor's keyword arguments, the ``--input``
+    shapes, ``forward``'s keyword arguments and the dtype. :func:`recorded_source` reads it."""
     path_text, sep, attr = spec.rpartition(":")
     if sep and path_text.endswith(".py") and Path(path_text).is_file():
         spec = f"{Path(path_text).resolve()}:{attr}"
     elif Path(spec).exists():
         spec = str(Path(spec).resolve())
-    return {"model": spec, "model_kwargs": dict(model_kwargs)}
+    return {"model": spec, "model_kwargs": dict(model_kwargs), "inputs": list(inputs), "kwargs": dict(kwargs),
+            "dtype": dtype}
 
 
 def recorded_source(spec: str) -> dict[str, Any]:
@@ -254,16 +257,13 @@ def recorded_source(spec: str) -> dict[str, Any]:
 
 
 def _torchslim_checkpoint(path: Path, kwargs: dict) -> nn.Module:
-    from torchslim.io import CheckpointError, load, read_metadata
+    from torchslim.io import CheckpointError, load
 
     if kwargs:
         raise CliError(f"{path} is a torchslim checkpoint; --model-kwargs cannot apply to it (they were recorded "
                        "when it was saved)")
-    try:
-        source = read_metadata(path).get("source")
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
-    if not isinstance(source, dict) or not isinstance(source.get("model"), str):
+    source = recorded_source(str(path))
+    if not isinstance(source.get("model"), str):
         raise CliError(f"{path}: the checkpoint does not record which model it was pruned from; load it in "
                        "Python with torchslim.load(path, freshly_built_original)")
     if Path(source["model"]).resolve() == path.resolve():

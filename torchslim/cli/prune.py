@@ -64,8 +64,8 @@ def _write_checkpoint(args: argparse.Namespace, model, result) -> None:
     import torchslim
     from torchslim.cli._model_spec import parse_json, source_metadata
 
-    source = source_metadata(args.model, parse_json(args.model_kwargs, "--model-kwargs"))
-    source.update(dtype=args.dtype, inputs=args.input, kwargs=parse_json(args.kwargs, "--kwargs"))
+    source = source_metadata(args.model, parse_json(args.model_kwargs, "--model-kwargs"), args.input,
+                             parse_json(args.kwargs, "--kwargs"), args.dtype)
     try:
         torchslim.save(model, args.out, result, metadata={"source": source})
     except (OSError, torchslim.CheckpointError) as exc:
