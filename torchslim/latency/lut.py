@@ -4,9 +4,10 @@ Each convolution or matrix product of the traced graph is a *layer spec* (kind, 
 stride, groups mode, input size); the table maps ``(spec, in_channels, out_channels)`` to
 the median latency of that layer alone, measured once with warm-up and repeats and cached
 as JSON under ``~/.cache/torchslim/`` (override with ``TORCHSLIM_CACHE``) per machine,
-runtime (PyTorch eager, or ONNX Runtime with the layer exported alone) and thread count. Summed over the graph's layers, plus the measured remainder of
-the model (everything the table does not model), it predicts the latency of any pruning
-of the graph without building it.
+runtime (PyTorch eager, or ONNX Runtime with the layer exported alone) and thread count.
+Summed over the graph's layers, plus the measured remainder of the model (everything the
+table does not model), it predicts the latency of any pruning of the graph without
+building it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim._timing import measure_latency
 from torchslim.graph import DependencyGraph
 from torchslim.graph._trace import OpCall
 from torchslim.latency.runtime import RUNTIMES, measure_model
@@ -63,13 +63,9 @@ class LatencyTable:
             self._dirty = False
 
     def _measure(self, spec: tuple, cin: int, cout: int) -> float:
-        layer, x = _instantiate(spec, cin, cout)
-        layer.eval()
-        if self.runtime == "onnxruntime":  # the layer alone, exported and run as ONNX Runtime runs it
-            return measure_model(layer, (x,), runtime="onnxruntime", threads=self.threads, warmup=3,
-                                 repeats=self.repeats).median_ms
-        with torch.no_grad():
-            return measure_latency(lambda: layer(x), warmup=3, repeats=self.repeats, threads=self.threads).median_ms
+        layer, x = _instantiate(spec, cin, cout)  # alone; for ONNX Runtime exported alone and run there
+        return measure_model(layer, (x,), runtime=self.runtime, threads=self.threads, warmup=3,
+                             repeats=self.repeats).median_ms
 
 
 def _instantiate(spec: tuple, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:

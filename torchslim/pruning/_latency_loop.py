@@ -22,7 +22,7 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
     """Adjust ``selector.latency_goal_ms`` until the measured latency of its removal meets the
     target; returns what each round predicted and measured (kept in ``PruneResult``)."""
     latency = selector.latency
-    original, target = latency.measured_ms, selector.latency_target_ms()
+    original, target = latency.measured_ms, selector.absolute_target()
     history = []
     for round_ in range(ROUNDS):
         _, removed = selector.select(banned)

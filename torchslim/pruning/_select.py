@@ -194,9 +194,10 @@ class Selector:
                 self._costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
         return self._costs
 
-    def latency_target_ms(self) -> float:
-        value = self.config.target_latency
-        return value * self.latency.measured_ms if value <= 1 else value
+    def absolute_target(self) -> float:
+        """The config's target in its own unit: a fraction (<= 1) times the unpruned value."""
+        _, value, _, before = self._measure_for_target()
+        return value * before if value <= 1 else value
 
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
@@ -204,7 +205,7 @@ class Selector:
         if config.target_macs is None and config.target_params is None and config.target_latency is None:
             return config.ratio, self.remove_at(config.ratio, banned)
         field, value, measure, before = self._measure_for_target()
-        target = value * before if value <= 1 else value
+        target = self.absolute_target()
         if field == "target_latency" and self.latency_goal_ms is not None:
             target = self.latency_goal_ms
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO

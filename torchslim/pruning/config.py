@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from torchslim.latency.runtime import RUNTIMES
+
 ModuleFilter = Callable[[str, nn.Module], bool]
 
 
@@ -77,8 +79,9 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
         if self.round_to != "latency" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"PruneConfig.round_to must be an int >= 1 or 'latency', got {self.round_to!r}")
-        if self.latency_runtime not in ("torch", "onnxruntime"):
-            raise ValueError(f"PruneConfig.latency_runtime must be 'torch' or 'onnxruntime', got {self.latency_runtime!r}")
+        if self.latency_runtime not in RUNTIMES:
+            raise ValueError(f"PruneConfig.latency_runtime must be one of {', '.join(RUNTIMES)}, "
+                             f"got {self.latency_runtime!r}")
         if self.target_latency is not None and not float(self.target_latency) > 0:
             raise ValueError(f"PruneConfig.target_latency must be > 0, got {self.target_latency}")
         if int(self.min_channels) < 1:
