@@ -81,8 +81,10 @@ def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
     """Pruning for ONNX Runtime measures layers in ONNX Runtime, cached apart from torch's."""
     ort_table = LatencyTable("onnxruntime", repeats=3)
     assert ort_table.path != LatencyTable("torch", repeats=3).path and "onnxruntime" in ort_table.path.name
-    model = net()
-    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_latency=0.6, latency_runtime="onnxruntime"))
+    # 48x48: at 16x16 ONNX Runtime's per-call overhead leaves 48-63% of the time after the most
+    # pruning allowed, so a 0.6 target was sometimes unreachable; here the floor is ~13%
+    model, x = net(), torch.randn(1, 3, 48, 48)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_latency=0.6, latency_runtime="onnxruntime"))
     assert result.plan and result.latency_calibration  # proposals measured in ONNX Runtime
     saved = json.loads(ort_table.path.read_text())
     assert saved and all(v > 0 for v in saved.values())
