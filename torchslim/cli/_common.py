@@ -85,7 +85,6 @@ def config_from_args(args: argparse.Namespace, model):
 
 
 def _int(text: str, flag: str) -> int:
-
     try:
         return int(text)
     except ValueError:

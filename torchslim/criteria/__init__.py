@@ -44,7 +44,7 @@ def make_importance(criterion: Any, seed: int = 0) -> Importance:
 
 
 __all__ = [
-    "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance", "Importance",
-    "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "bn_l1_penalty", "make_importance",
-    "random_projection_loss", "scatter_to_atoms",
+    "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance",
+    "Importance", "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "bn_l1_penalty",
+    "make_importance", "random_projection_loss", "scatter_to_atoms",
 ]

@@ -109,8 +109,8 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     owners = _tensor_owners(model)
     for name, dims in removal.items():
         shape = _get_tensor(model, name).shape
-        slice_to_kept(model, owners, name, {dim: np.setdiff1d(np.arange(shape[dim]), gone) for dim, gone in dims.items()},
-                      tx)
+        kept = {dim: np.setdiff1d(np.arange(shape[dim]), gone) for dim, gone in dims.items()}
+        slice_to_kept(model, owners, name, kept, tx)
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     ctx = SurgeryContext(graph, removed_atoms, tx)

@@ -1,8 +1,9 @@
 """Normalisations. BatchNorm (and InstanceNorm, which runs as a reshaped BatchNorm) is
 per channel; when it normalises with its input's own statistics (training mode, weight
-standardisation) the dims it reduces over are marked inexact; LayerNorm's statistics run over the normalised dims, so pruning them is
-marked inexact; GroupNorm channels are removed a whole group at a time, which keeps the
-other groups' statistics and therefore the outputs exact."""
+standardisation) the dims it reduces over are marked inexact. LayerNorm's statistics run
+over the normalised dims, so pruning them is marked inexact; GroupNorm channels are removed
+a whole group at a time, which keeps the other groups' statistics and therefore the outputs
+exact."""
 from __future__ import annotations
 
 import numpy as np
