@@ -2,7 +2,8 @@
 
 For each model and MACs level (75/50/25% of the original) prints latency ratio next to
 MACs ratio on PyTorch eager and ONNX Runtime (CPU, fixed threads) -- torchslim prunes once per
-runtime, with its latency table measured on that runtime -- and writes
+runtime, with its latency table measured on that runtime and the fastest-measured of its candidate
+rankings kept (``PruneResult.latency_candidates``) -- and writes
 benchmarks/results/latency.json with the machine described.
 Usage: python benchmarks/latency.py [--models resnet50 mobilenet_v2 vit_b_16 modnet] [--levels 0.75 0.5 0.25]
 """
@@ -47,8 +48,10 @@ def ours(model, inputs, level: float, runtime: str = "torch"):
     # only fast (uncapped, latency-aware ranking would cut MobileNetV2's stem to 2 channels)
     config = torchslim.PruneConfig(target_macs=level, latency_aware=True, round_to="latency", latency_runtime=runtime,
                                    max_sparsity_per_layer=MAX_SPARSITY, verify=False)
-    torchslim.prune_(pruned, inputs, config)
-    return pruned, time.perf_counter() - start
+    result = torchslim.prune_(pruned, inputs, config)
+    chosen = next((t for t in result.latency_candidates if t["chosen"]), {})
+    return pruned, time.perf_counter() - start, {"candidates": result.latency_candidates,
+                                                 "chosen": f"{chosen.get('ranking')}/{chosen.get('round_to')}"}
 
 
 def torch_pruning_at(model, inputs, target_macs: int):
@@ -116,9 +119,10 @@ def main() -> None:
         model, inputs = build(name)
         base_macs = macs(model, inputs)
         for level in args.levels:
-            pruned, seconds = ours(model, inputs, level)
-            pruned_ort, _ = ours(model, inputs, level, "onnxruntime")
-            row = {"model": name, "level": level, "prune_seconds": seconds}
+            pruned, seconds, choice = ours(model, inputs, level)
+            pruned_ort, _, choice_ort = ours(model, inputs, level, "onnxruntime")
+            row = {"model": name, "level": level, "prune_seconds": seconds,
+                   "ranking_chosen": {"torch": choice, "onnxruntime": choice_ort}}
             contenders = {"original": model, "torchslim": pruned, "torchslim_ort": pruned_ort}
             try:
                 theirs = torch_pruning_at(model, inputs, macs(pruned, inputs))
@@ -147,14 +151,15 @@ def main() -> None:
     table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
     # torch columns: pruned with the torch table; ORT columns: pruned with the ONNX Runtime table
     for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT MACs", "ORT", "ORT/MACs", "TP MACs",
-                "TP torch", "TP ORT"):
+                "TP torch", "TP ORT", "kept ranking torch / ORT"):
         table.add_column(col, justify="right")
     for r in rows:
         o, q, t = r["torchslim"], r["torchslim_ort"], r.get("torch_pruning", {})
         f = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
         table.add_row(r["model"], f"{r['level']:.2f}", f(o, "macs_ratio"), f(o, "torch_ratio"), f(o, "torch_per_macs"),
                       f(q, "macs_ratio"), f(q, "onnxruntime_ratio"), f(q, "onnxruntime_per_macs"), f(t, "macs_ratio"),
-                      f(t, "torch_ratio"), f(t, "onnxruntime_ratio"))
+                      f(t, "torch_ratio"), f(t, "onnxruntime_ratio"),
+                      f"{r['ranking_chosen']['torch']['chosen']} / {r['ranking_chosen']['onnxruntime']['chosen']}")
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),

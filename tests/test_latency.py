@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -90,3 +92,42 @@ def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
     assert saved and all(v > 0 for v in saved.values())
     with pytest.raises(ValueError, match="latency_runtime"):
         torchslim.PruneConfig(target_latency=0.5, latency_runtime="tensorrt")
+
+
+def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeypatch):
+    """latency_aware + target_macs: the table's ranking and uniform widths (8, 16) each meet the
+    target and are measured; the fastest is applied. Here the uniform-8 removal is made to
+    measure fastest, so every pruned width must be a multiple of 8."""
+    from torchslim.pruning import _latency_loop
+
+    def fake_measure(graph, removed, inputs, config):
+        kept = [g for g in graph.groups if np.isin(g.atoms, removed).any()]
+        widths = {len(g) - int(np.isin(g.atoms, removed).sum()) for g in kept}
+        return 1.0 if all(w % 8 == 0 for w in widths) and any(w % 16 for w in widths) else 2.0
+
+    monkeypatch.setattr(_latency_loop, "_measure_removed", fake_measure)
+    model, reference = net(), net()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
+    trials = result.latency_candidates
+    assert [(t["ranking"], t["round_to"]) for t in trials] == [("latency", 1), ("per_group", 8), ("per_group", 16)]
+    assert [t["chosen"] for t in trials] == [False, True, False]
+    assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert model[0].out_channels < reference[0].out_channels
+
+
+def test_latency_aware_prefers_its_own_ranking_unless_another_is_clearly_faster(monkeypatch):
+    from torchslim.pruning import _latency_loop
+
+    times = iter([1.00, 0.99, 0.995])  # the others are within 2%: noise, not a reason to switch
+    monkeypatch.setattr(_latency_loop, "_measure_removed", lambda *a: next(times))
+    result = torchslim.prune_(net(), X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
+    assert [t["chosen"] for t in result.latency_candidates] == [True, False, False]
+
+
+def test_latency_aware_candidates_are_measured_on_the_real_model():
+    model = net()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
+    assert len(result.latency_candidates) == 3 and sum(t["chosen"] for t in result.latency_candidates) == 1
+    assert all(t["measured_ms"] > 0 for t in result.latency_candidates)
+    assert result.macs_after <= 0.5 * result.macs_before and result.max_abs_error < 1e-4

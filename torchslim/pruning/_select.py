@@ -73,8 +73,9 @@ def atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field:
     return np.concatenate(atoms) if atoms else np.zeros(0, dtype=np.int64)
 
 
-def keep_count(n: int, ratio: float, config: PruneConfig) -> int:
-    step = config.round_to if isinstance(config.round_to, int) else 1  # "latency" rounds per group later
+def keep_count(n: int, ratio: float, config: PruneConfig, round_to: int | str | None = None) -> int:
+    round_to = config.round_to if round_to is None else round_to
+    step = round_to if isinstance(round_to, int) else 1  # "latency" rounds per group later
     keep = int(np.ceil(n * (1.0 - ratio) / step) * step)
     return max(min(keep, n), min(config.min_channels, n))
 
@@ -84,7 +85,13 @@ TIE_TOLERANCE = 0.02
 
 
 class Selector:
-    """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?"."""
+    """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?".
+
+    ``ranking`` is how atoms compete: ``"per_group"`` (each group loses the same ratio),
+    ``"global"`` (across groups, per MAC/param saved under a target) or ``"latency"`` (across
+    groups, per millisecond the latency table says is saved); it and ``round_to`` start from
+    the config and may be switched, e.g. to the ranking whose removal measured fastest.
+    """
 
     def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig,
                  latency=None):
@@ -95,7 +102,9 @@ class Selector:
         self.group_ratio = {g.index: self._module_ratio(g) for g in groups}
         self.macs_before = estimate_macs(graph)
         self.params_before = estimate_params(graph)
-        self._costs: dict[int, float] | None = None
+        self.ranking = "latency" if config.latency_aware else "global" if config.global_ranking else "per_group"
+        self.round_to: int | str = config.round_to
+        self._costs: dict[str, dict[int, float]] = {}
         self.latency_goal_ms: float | None = None  # target_latency as handed to the table, once calibrated
 
     # per-group ratios ---------------------------------------------------------------
@@ -109,7 +118,7 @@ class Selector:
 
     # selection ------------------------------------------------------------------------
     def remove_at(self, ratio: float, banned: np.ndarray) -> np.ndarray:
-        if self.config.global_ranking or self.config.latency_aware:
+        if self.ranking != "per_group":
             return self._global(ratio, banned)
         removed = []
         for group in self.groups:
@@ -118,8 +127,9 @@ class Selector:
                                                             self.config.target_params is None else min(group_ratio, ratio))
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
-            n_remove = min(len(ranked) - keep_count(len(ranked), group_ratio, self.config), len(candidates))
-            if n_remove > 0 and self.config.round_to == "latency":
+            keep = keep_count(len(ranked), group_ratio, self.config, self.round_to)
+            n_remove = min(len(ranked) - keep, len(candidates))
+            if n_remove > 0 and self.round_to == "latency":
                 n_remove = len(ranked) - self._fastest_width(group, len(ranked) - n_remove, candidates)
             if n_remove > 0:
                 removed.append(protect_slots(self.graph, group, candidates, n_remove, self.config.min_channels))
@@ -141,7 +151,7 @@ class Selector:
     def _global(self, ratio: float, banned: np.ndarray) -> np.ndarray:
         atoms, values, owners, caps = [], [], [], {}
         costs = self._atom_costs() if (self.config.target_macs or self.config.target_params
-                                       or self.config.target_latency or self.config.latency_aware) else None
+                                       or self.config.target_latency or self.ranking == "latency") else None
         for group in self.groups:
             score = self.scores[group.index]
             normalized = score / (np.mean(np.abs(score)) or 1.0)
@@ -152,7 +162,7 @@ class Selector:
             values.append(normalized[ok])
             owners.append(np.full(int(ok.sum()), group.index))
             cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
-            caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config)
+            caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to)
         if not atoms:
             return np.zeros(0, dtype=np.int64)
         atoms_a, values_a, owners_a = np.concatenate(atoms), np.concatenate(values), np.concatenate(owners)
@@ -185,14 +195,14 @@ class Selector:
 
     def _atom_costs(self) -> dict[int, float]:
         """MACs (or params) saved per atom of each group, from removing half of it on the graph."""
-        if self._costs is None:
-            measure = _latency_measure(self.latency) if self.config.latency_aware else self._measure_for_target()[2]
+        if self.ranking not in self._costs:
+            measure = _latency_measure(self.latency) if self.ranking == "latency" else self._measure_for_target()[2]
             base = measure(self.graph)
-            self._costs = {}
+            costs = self._costs[self.ranking] = {}
             for group in self.groups:
                 half = group.atoms[: max(1, len(group) // 2)]
-                self._costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
-        return self._costs
+                costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
+        return self._costs[self.ranking]
 
     def absolute_target(self) -> float:
         """The config's target in its own unit: a fraction (<= 1) times the unpruned value."""

@@ -12,7 +12,7 @@ from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._latency_loop import calibrate_latency_goal
+from torchslim.pruning._latency_loop import calibrate_latency_goal, choose_fastest_ranking
 from torchslim.pruning._select import PruningError, Selector, eligible_groups
 from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
@@ -42,6 +42,9 @@ class PruneResult:
     # target_latency: per round, the goal handed to the latency table, its prediction and the
     # measured latency of that removal (the last measured value is the pruned model's)
     latency_calibration: list[dict] = dataclasses.field(default_factory=list)
+    # latency_aware with a MACs/params target: each candidate ranking's measured latency at that
+    # target, and which one was kept (the fastest)
+    latency_candidates: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
@@ -77,6 +80,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     skipped: list[str] = []
     calibration = calibrate_latency_goal(selector, graph, example_inputs, config, banned) \
         if config.target_latency is not None else []
+    candidates = choose_fastest_ranking(selector, graph, example_inputs, config, banned) \
+        if config.latency_aware and (config.target_macs is not None or config.target_params is not None) else []
     for _ in range(MAX_ATTEMPTS):
         ratio, removed = selector.select(banned)
         if removed.size == 0:
@@ -90,6 +95,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
                 outcome.latency_before_ms = latency.measured_ms
                 outcome.latency_predicted_ms = latency.predict(removed)
                 outcome.latency_calibration = calibration
+                outcome.latency_candidates = candidates
             outcome.skipped = skipped
             outcome.hf_config = sync_hf_config(model)
             return outcome
