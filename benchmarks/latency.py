@@ -25,7 +25,8 @@ from rich.table import Table
 import torchslim
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim.latency import measure_model
+from torchslim._timing import measure_latency
+from torchslim.latency import make_runner, min_of_medians
 
 
 def build(name: str):
@@ -82,12 +83,11 @@ MAX_SPARSITY = 0.75
 def interleaved(models: dict, inputs, runtime: str, threads: int) -> dict:
     """Min over rounds of the median latency, models measured in turn each round, so that load
     from other processes hits all of them alike and the least-disturbed round counts."""
-    best = {name: float("inf") for name in models}
-    for _ in range(ROUNDS):
-        for name, model in models.items():
-            ms = measure_model(model, inputs, runtime=runtime, threads=threads, repeats=15).median_ms
-            best[name] = min(best[name], ms)
-    return best
+    timers = {}
+    for name, model in models.items():
+        run = make_runner(model, inputs, runtime, threads)  # ONNX Runtime: exported once per model
+        timers[name] = lambda run=run: measure_latency(run, warmup=3, repeats=15, threads=threads).median_ms
+    return min_of_medians(timers, ROUNDS)
 
 
 def latency_target_row(name: str, model, inputs, target: float, threads: int) -> dict:

@@ -351,3 +351,33 @@ def test_batch_statistics_mark_their_reduced_dims_inexact():
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=True))
     assert model[0].out_channels == 8 and model[2].out_channels == 4
     assert torchslim.verify(original, model, x, result.plan).ok
+
+
+def test_graph_macs_direct_formulas_equal_torch_formulas(monkeypatch):
+    """convolution / mm / addmm / bmm are counted from shapes directly (fast); the numbers must be
+    torch's formulas / 2, before and after a removal, for grouped, transposed and 1d convs."""
+    import numpy as np
+    import torchvision
+
+    from torchslim.graph import macs as graph_macs
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(8, 16, 3, stride=2, groups=2)
+            self.conv = nn.Conv1d(16, 8, 3, groups=4)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(self.up(x).flatten(2))
+            return self.fc(y.transpose(1, 2)) @ torch.ones(4, 3) + torch.bmm(y, y.transpose(1, 2)).sum()
+
+    for model, x in ((Mixed(), torch.randn(2, 8, 5, 5)), (torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))):
+        graph = DependencyGraph.build(model.eval(), x)
+        removed = np.concatenate([g.atoms[: len(g) // 3] for g in graph.groups])
+        direct = [graph_macs.estimate_macs(graph), graph_macs.estimate_macs(graph, removed)]
+        monkeypatch.setattr(graph_macs, "DIRECT", {})
+        graph._macs_memo.clear()
+        assert [graph_macs.estimate_macs(graph), graph_macs.estimate_macs(graph, removed)] == direct
+        assert direct[1] < direct[0] or isinstance(model, Mixed)  # the removal changed the counted ops
+        monkeypatch.undo()

@@ -39,10 +39,12 @@ def scatter_to_atoms(graph: DependencyGraph, group: Group, labels: np.ndarray, v
 
 def parameter_slots(graph: DependencyGraph, group: Group) -> Iterable[tuple[str, int, torch.Tensor]]:
     """(name, dim, tensor) for every trainable parameter slot of the group (buffers excluded)."""
-    params = dict(graph.model.named_parameters())
     for name, dim in group.params:
-        if name in params:
-            yield name, dim, params[name].detach().float()
+        try:
+            param = graph.model.get_parameter(name)
+        except AttributeError:  # a buffer
+            continue
+        yield name, dim, param.detach().float()
 
 
 def rows(weight: torch.Tensor, dim: int) -> torch.Tensor:

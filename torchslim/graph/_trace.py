@@ -139,35 +139,26 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        flat_in, _ = tree_flatten((args, kwargs))
-        inputs = [self.node_for(t) for t in flat_in if isinstance(t, torch.Tensor)]
-        outputs = []
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                # an in-place op returns its (mutated) input: give the result a fresh version node
-                outputs.append(self._new_node(t, ACT, None))
-        self.ops.append(
-            OpCall(
-                index=len(self.ops),
-                func=func,
-                args=_replace_tensors(args, self),
-                kwargs=_replace_tensors(kwargs, self),
-                inputs=inputs,
-                outputs=outputs,
-                module=self.module_stack[-1],
-            )
-        )
+        inputs: list[int] = []
+        # one walk over the arguments both names the input nodes and replaces tensors by NodeRefs
+        recorded_args = self._record_arguments(args, inputs)
+        recorded_kwargs = self._record_arguments(kwargs, inputs)
+        # an in-place op returns its (mutated) input: give the result a fresh version node
+        outputs = [self._new_node(t, ACT, None) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.ops.append(OpCall(len(self.ops), func, recorded_args, recorded_kwargs, inputs, outputs,
+                               self.module_stack[-1]))
         return out
 
-
-def _replace_tensors(obj: Any, recorder: _Recorder) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return NodeRef(recorder._by_id.get(id(obj), -1))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_replace_tensors(o, recorder) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _replace_tensors(v, recorder) for k, v in obj.items()}
-    return obj
+    def _record_arguments(self, obj: Any, inputs: list[int]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            node = self.node_for(obj)
+            inputs.append(node)
+            return NodeRef(node)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._record_arguments(o, inputs) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._record_arguments(v, inputs) for k, v in obj.items()}
+        return obj
 
 
 def _named_tensors(model: nn.Module) -> dict[int, tuple[str, str, torch.Tensor]]:

@@ -82,12 +82,16 @@ class DependencyGraph:
         self.coupling = coupling
         self.blockers = blockers
         self.n_atoms, self.labels = coupling.components()
-        self.atom_pinned = np.zeros(self.n_atoms, dtype=bool)
-        np.logical_or.at(self.atom_pinned, self.labels, coupling.pinned)
+        # slots: one per (node, dim), in element order (a slot's elements are one contiguous range)
+        self._slot_start = np.concatenate(coupling.offsets + [np.zeros(0, np.int64)])
+        self._slot_size = np.asarray([s for node in trace_.nodes for s in node.shape], dtype=np.int64)
+        self._first_slot = np.cumsum([0] + [node.ndim for node in trace_.nodes])
+        self._slot_of_element = np.repeat(np.arange(self._slot_size.size), self._slot_size)
+        self.atom_pinned = self._any_per_atom(coupling.pinned)
         self.atom_pinned |= ~self._atoms_with_activations()  # e.g. conv kernel positions
-        self.atom_inexact = np.zeros(self.n_atoms, dtype=bool)
-        np.logical_or.at(self.atom_inexact, self.labels, coupling.inexact)
+        self.atom_inexact = self._any_per_atom(coupling.inexact)
         self.groups = self._find_groups()
+        self._macs_memo: dict[tuple, int] = {}  # (op index, shapes) -> MACs, for estimate_macs
 
     # construction -------------------------------------------------------
     @classmethod
@@ -104,53 +108,54 @@ class DependencyGraph:
             choices = revised
         return cls(model, recorded, coupling, blockers)
 
+    def _any_per_atom(self, element_flags: np.ndarray) -> np.ndarray:
+        """Per atom: is the flag set on any of its elements."""
+        return np.bincount(self.labels[element_flags], minlength=self.n_atoms) > 0
+
     def _find_groups(self) -> list[Group]:
-        """Atoms that share a (tensor, dim) slot form one group; only prunable atoms count."""
-        prunable = ~self.atom_pinned
-        c, labels = self.coupling, self.labels
-        left, right, slot_params, weighted = [], [], {}, set()
-        for node in self.trace.nodes:
-            for d in range(node.ndim):
-                atoms = np.unique(labels[c.ids(node.index, d)])
-                atoms = atoms[prunable[atoms]]
-                if atoms.size == 0:
-                    continue
-                left.append(atoms)
-                right.append(np.full(atoms.size, atoms[0]))
-                if node.kind in (PARAM, BUFFER):
-                    slot_params.setdefault(int(atoms[0]), []).append((node.name, d))
-                if node.kind == PARAM:
-                    weighted.add(int(atoms[0]))
-        if not left:
+        """Atoms that share a (tensor, dim) slot form one group; only prunable atoms count.
+
+        Vectorised over all slots: the distinct (slot, atom) pairs link every atom of a slot
+        to the slot's first atom, and the connected components of those links are the groups.
+        """
+        prunable = ~self.atom_pinned[self.labels]
+        pairs = sorted_unique(self._slot_of_element[prunable] * self.n_atoms + self.labels[prunable])
+        if pairs.size == 0:
             return []
-        left_a, right_a = np.concatenate(left), np.concatenate(right)
-        matrix = coo_matrix((np.ones(left_a.size, dtype=np.int8), (left_a, right_a)), shape=(self.n_atoms,) * 2)
+        slot, atom = pairs // self.n_atoms, pairs % self.n_atoms
+        first = np.ones(slot.size, dtype=bool)
+        first[1:] = slot[1:] != slot[:-1]
+        rep = atom[first][np.cumsum(first) - 1]  # each pair's slot representative (its smallest atom)
+        matrix = coo_matrix((np.ones(atom.size, dtype=np.int8), (atom, rep)), shape=(self.n_atoms,) * 2)
         _, family = connected_components(matrix, directed=False)
-        members: dict[int, list[int]] = {}
-        for atom in np.unique(left_a):
-            members.setdefault(int(family[atom]), []).append(int(atom))
-        params_by_family: dict[int, list[tuple[str, int]]] = {}
-        for rep, slots in slot_params.items():
-            params_by_family.setdefault(int(family[rep]), []).extend(slots)
+        slot_node = np.searchsorted(self._first_slot, np.arange(self._slot_size.size), side="right") - 1
+        params_by_family: dict[int, set[tuple[str, int]]] = {}
+        with_weights: set[int] = set()
+        for s, a in zip(slot[first].tolist(), atom[first].tolist()):
+            node = self.trace.nodes[slot_node[s]]
+            if node.kind in (PARAM, BUFFER):
+                params_by_family.setdefault(int(family[a]), set()).add((node.name, s - int(self._first_slot[node.index])))
+                if node.kind == PARAM:
+                    with_weights.add(int(family[a]))
+        atoms_all = sorted_unique(atom)
+        fams = family[atoms_all]
+        order = np.argsort(fams, kind="stable")
+        bounds = np.flatnonzero(np.diff(fams[order])) + 1
         groups = []
-        with_weights = {int(family[rep]) for rep in weighted}
-        for fam, atoms in members.items():
+        for members in np.split(atoms_all[order], bounds):
+            fam = int(family[members[0]])
             # activations only, or buffers only (e.g. a position index table): no weight to remove
             if fam not in params_by_family or fam not in with_weights:
                 continue
-            atoms_a = np.asarray(sorted(atoms), dtype=np.int64)
-            params = sorted(set(params_by_family[fam]))
-            groups.append(Group(len(groups), atoms_a, not bool(self.atom_inexact[atoms_a].any()), params))
+            groups.append(Group(len(groups), members, not bool(self.atom_inexact[members].any()),
+                                sorted(params_by_family[fam])))
         return groups
 
     def _atoms_with_activations(self) -> np.ndarray:
         """Atoms that touch at least one activation; weight-only atoms are never prunable."""
-        has = np.zeros(self.n_atoms, dtype=bool)
-        for node in self.trace.nodes:
-            if node.kind not in (PARAM, BUFFER):
-                for d in range(node.ndim):
-                    has[self.labels[self.coupling.ids(node.index, d)]] = True
-        return has
+        is_act = np.asarray([node.kind not in (PARAM, BUFFER) for node in self.trace.nodes], dtype=bool)
+        node_of_slot = np.repeat(np.arange(len(self.trace.nodes)), np.diff(self._first_slot))
+        return self._any_per_atom(is_act[node_of_slot][self._slot_of_element])
 
     # queries ------------------------------------------------------------
     def param_labels(self, name: str, dim: int) -> np.ndarray:
@@ -170,6 +175,14 @@ class DependencyGraph:
                     out.setdefault(name, {})[d] = gone
         return out
 
+    def shapes_after(self, removed: np.ndarray) -> list[tuple[int, ...]]:
+        """Shape of every traced tensor after removing atoms (``removed``: boolean mask over
+        atoms), all at once: per slot, its size minus its removed elements."""
+        gone = np.concatenate(([0], np.cumsum(removed[self.labels], dtype=np.int64)))
+        sizes = (self._slot_size - (gone[self._slot_start + self._slot_size] - gone[self._slot_start])).tolist()
+        first = self._first_slot.tolist()
+        return [tuple(sizes[first[i]:first[i + 1]]) for i in range(len(self.trace.nodes))]
+
     def new_shape(self, node_index: int, removed: np.ndarray) -> tuple[int, ...]:
         """Shape of a traced tensor after removing atoms (``removed`` is a boolean mask over atoms)."""
         node = self.trace.nodes[node_index]
@@ -187,7 +200,7 @@ class DependencyGraph:
         own = [idx for name, idx in self.trace.param_nodes.items() if _owned_by(name, module_name)]
         if not own:
             return np.zeros(0, dtype=np.int64)
-        param_atoms = np.unique(np.concatenate([labels[c.ids(n, d)] for n in own for d in range(c.nodes[n].ndim)]))
+        param_atoms = sorted_unique(np.concatenate([labels[c.ids(n, d)] for n in own for d in range(c.nodes[n].ndim)]))
         outs = [o for call in self.trace.module_calls.get(module_name, []) for o in (call.outputs if outputs else call.inputs)]
         out_atoms = [labels[c.ids(o, d)] for o in outs for d in range(c.nodes[o].ndim)]
         if not out_atoms:
@@ -223,6 +236,15 @@ class DependencyGraph:
 
 
 MAX_RESHAPE_ROUNDS = 2
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting: numpy 2's hash-based unique is several times slower on the
+    hundred-thousand-element integer arrays the graph works with."""
+    ordered = np.sort(values, kind="stable")
+    if ordered.size < 2:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
 
 
 def _couple(model, recorded: Trace, choices, keep_inputs: bool, keep_outputs: bool) -> tuple[Coupling, list[OpBlocker]]:

@@ -37,13 +37,32 @@ def _native_mha_macs(op: OpCall, shapes) -> int:
     return projections + _numel(q[:-2]) * q[-2] * k[-2] * embed * 2
 
 
+def _conv_macs(op: OpCall, shapes) -> int:
+    """torch's conv formula / 2: batch x spatial positions (output's, or input's if transposed) x weight size."""
+    x, w, out = shapes(op.args[0].node), shapes(op.args[1].node), shapes(op.outputs[0])
+    spatial = (x if op.arg(6, "transposed", False) else out)[2:]
+    return x[0] * _numel(spatial) * _numel(w)
+
+
+def _matmul_macs(first: int):
+    """mm / addmm / bmm: (..., m, k) @ (..., k, n) -> batch x m x k x n; ``first`` = position of mat1."""
+    def macs(op: OpCall, shapes) -> int:
+        a, b = shapes(op.args[first].node), shapes(op.args[first + 1].node)
+        return _numel(a) * b[-1]
+    return macs
+
+
 aten = torch.ops.aten
 FUSED = {aten._native_multi_head_attention: _native_mha_macs}
+# the commonest ops, counted from shapes directly (same numbers as torch's formulas, which need
+# meta tensors built per call: most of the time of a MACs-target search)
+DIRECT = {aten.convolution: _conv_macs, aten.mm: _matmul_macs(0), aten.addmm: _matmul_macs(1),
+          aten.bmm: _matmul_macs(0)}
 
 
 def has_macs(op: OpCall) -> bool:
     packet = op.func.overloadpacket
-    return packet in FUSED or packet in CUSTOM_MAPPING or _formula(op) is not None
+    return packet in FUSED or packet in DIRECT or packet in CUSTOM_MAPPING or _formula(op) is not None
 
 
 def _replace_nodes(value, leaf):
@@ -60,6 +79,11 @@ def op_macs(op: OpCall, shapes) -> int:
     packet = op.func.overloadpacket
     if packet in FUSED:
         return int(FUSED[packet](op, shapes))
+    if packet in DIRECT:
+        try:
+            return int(DIRECT[packet](op, shapes))
+        except (AttributeError, IndexError, TypeError):  # an unusual call spelling: torch's formula reads it
+            pass
     if packet in CUSTOM_MAPPING:  # these formulas take shapes, as FlopCounterMode hands them
         as_shape = lambda node: tuple(shapes(node))  # noqa: E731
         args = _replace_nodes(op.args, as_shape)
@@ -88,11 +112,12 @@ def estimate_macs(graph: DependencyGraph, removed_atoms: np.ndarray | None = Non
     removed = np.zeros(graph.n_atoms, dtype=bool)
     if removed_atoms is not None and len(removed_atoms):
         removed[np.asarray(removed_atoms, dtype=np.int64)] = True
-    cache: dict[int, tuple[int, ...]] = {}
-
-    def shapes(node: int) -> tuple[int, ...]:
-        if node not in cache:
-            cache[node] = graph.new_shape(node, removed) if removed.any() else graph.trace.nodes[node].shape
-        return cache[node]
-
-    return sum(op_macs(op, shapes) for op in graph.trace.ops if has_macs(op))
+    shapes = graph.shapes_after(removed) if removed.any() else [node.shape for node in graph.trace.nodes]
+    memo = graph._macs_memo  # the target searches ask for many removals that leave most ops as they were
+    total = 0
+    for op in graph.trace.ops:
+        key = (op.index, *(shapes[n] for n in op.inputs), *(shapes[n] for n in op.outputs))
+        if key not in memo:
+            memo[key] = op_macs(op, shapes.__getitem__) if has_macs(op) else 0
+        total += memo[key]
+    return total

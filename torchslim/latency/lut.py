@@ -137,20 +137,21 @@ class LatencyModel:
         return removed
 
     def _activation_elements(self, removed: np.ndarray) -> int:
-        return sum(int(np.prod(self.graph.new_shape(n, removed))) for n in self._acts)
+        shapes = self.graph.shapes_after(removed)
+        return sum(int(np.prod(shapes[n])) for n in self._acts)
 
     def predict_layers(self, removed_atoms: np.ndarray | None, only: np.ndarray | None = None) -> float:
         """Table latency of the conv/linear layers (``only``: just those touching these atoms),
         scaled down where the layers timed alone add up to more than the measured model."""
         removed = self._mask(removed_atoms)
         labels, c = self.graph.labels, self.graph.coupling
+        shapes = self.graph.shapes_after(removed)
         total = 0.0
         for spec, (x, xd), (out, od) in self.layers:
             if only is not None and not (np.isin(labels[c.ids(x, xd)], only).any()
                                          or np.isin(labels[c.ids(out, od)], only).any()):
                 continue
-            cin = self.graph.new_shape(x, removed)[xd]
-            cout = self.graph.new_shape(out, removed)[od]
+            cin, cout = shapes[x][xd], shapes[out][od]
             total += self.table.lookup(spec, max(cin, 1), max(cout, 1))
         self.table.save()
         return total * self.layer_scale

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,15 +18,28 @@ RUNTIMES = ("torch", "onnxruntime")
 def measure_model(model: nn.Module, example_inputs: ExampleInputs, *, runtime: str = "torch", threads: int | None = 1,
                   warmup: int = 5, repeats: int = 30) -> LatencyStats:
     """Median latency of ``model`` on ``runtime`` ("torch" or "onnxruntime")."""
+    stats = measure_latency(make_runner(model, example_inputs, runtime, threads), warmup=warmup, repeats=repeats,
+                            threads=threads)
+    if runtime == "onnxruntime":
+        stats.threads = threads or 0  # the session's own thread count, not torch's
+    return stats
+
+
+def make_runner(model: nn.Module, example_inputs: ExampleInputs, runtime: str = "torch",
+                threads: int | None = 1) -> Callable[[], object]:
+    """A call that runs ``model`` on ``example_inputs`` in ``runtime``. For ONNX Runtime the
+    model is exported now, into a session with ``threads`` intra-op threads, so later changes
+    to ``model`` do not reach it; the torch call runs the live model (time it under
+    ``fixed_threads``, as :func:`measure_latency` does)."""
     model.eval()
     if runtime == "torch":
-        return measure_latency(lambda: call_model(model, example_inputs), warmup=warmup, repeats=repeats, threads=threads)
+        return lambda: call_model(model, example_inputs)
     if runtime == "onnxruntime":
-        return _measure_onnxruntime(model, example_inputs, threads, warmup, repeats)
+        return _onnxruntime_runner(model, example_inputs, threads)
     raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
 
 
-def _measure_onnxruntime(model, example_inputs, threads, warmup, repeats) -> LatencyStats:
+def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -44,8 +58,17 @@ def _measure_onnxruntime(model, example_inputs, threads, warmup, repeats) -> Lat
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]  # Python flags are baked into the graph
-        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), tensors)}
-        stats = measure_latency(lambda: session.run(None, feeds), warmup=warmup, repeats=repeats)
-        stats.threads = threads or 0
-        return stats
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]  # Python flags are baked into the graph
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), tensors)}
+    return lambda: session.run(None, feeds)
+
+
+def min_of_medians(timers: dict[str, Callable[[], float]], rounds: int = 3) -> dict[str, float]:
+    """Each ``timers[name]()`` returns one median latency; call them in turn for ``rounds``
+    rounds and keep each one's minimum, so that load from other processes and a cold first
+    measurement hit all of them alike and the least-disturbed round counts."""
+    best = {name: float("inf") for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer())
+    return best

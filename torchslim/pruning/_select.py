@@ -184,7 +184,7 @@ class Selector:
             removed.append(protect_slots(self.graph, group, ranked, len(ranked), self.config.min_channels))
         return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
-    def _measure_for_target(self):
+    def measure_for_target(self):
         """(field, value, measure(graph, removed), value of the unpruned model) for the config's target."""
         config = self.config
         if config.target_macs is not None:
@@ -196,7 +196,7 @@ class Selector:
     def _atom_costs(self) -> dict[int, float]:
         """MACs (or params) saved per atom of each group, from removing half of it on the graph."""
         if self.ranking not in self._costs:
-            measure = _latency_measure(self.latency) if self.ranking == "latency" else self._measure_for_target()[2]
+            measure = _latency_measure(self.latency) if self.ranking == "latency" else self.measure_for_target()[2]
             base = measure(self.graph)
             costs = self._costs[self.ranking] = {}
             for group in self.groups:
@@ -206,7 +206,7 @@ class Selector:
 
     def absolute_target(self) -> float:
         """The config's target in its own unit: a fraction (<= 1) times the unpruned value."""
-        _, value, _, before = self._measure_for_target()
+        _, value, _, before = self.measure_for_target()
         return value * before if value <= 1 else value
 
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
@@ -214,7 +214,7 @@ class Selector:
         config = self.config
         if config.target_macs is None and config.target_params is None and config.target_latency is None:
             return config.ratio, self.remove_at(config.ratio, banned)
-        field, value, measure, before = self._measure_for_target()
+        field, value, measure, before = self.measure_for_target()
         target = self.absolute_target()
         if field == "target_latency" and self.latency_goal_ms is not None:
             target = self.latency_goal_ms
@@ -267,9 +267,10 @@ def estimate_params(graph: DependencyGraph, removed_atoms: np.ndarray | None = N
     if removed_atoms is not None and len(removed_atoms):
         removed[np.asarray(removed_atoms, dtype=np.int64)] = True
     trainable = {n for n, _ in graph.model.named_parameters()}
+    shapes = graph.shapes_after(removed)
     total = 0
     for name, node in graph.trace.param_nodes.items():
         if name in trainable:
-            total += int(np.prod(graph.new_shape(node, removed)))
+            total += int(np.prod(shapes[node]))
     untraced = sum(p.numel() for n, p in graph.model.named_parameters() if n not in graph.trace.param_nodes)
     return total + untraced

@@ -109,7 +109,7 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     owners = _tensor_owners(model)
     for name, dims in removal.items():
         shape = _get_tensor(model, name).shape
-        kept = {dim: np.setdiff1d(np.arange(shape[dim]), gone) for dim, gone in dims.items()}
+        kept = {dim: _complement(shape[dim], gone) for dim, gone in dims.items()}
         slice_to_kept(model, owners, name, kept, tx)
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
@@ -123,6 +123,12 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     return removal, unresolved
 
 
+def _complement(size: int, gone: np.ndarray) -> np.ndarray:
+    keep = np.ones(size, dtype=bool)
+    keep[gone] = False
+    return np.flatnonzero(keep)
+
+
 def slice_to_kept(model: nn.Module, owners: dict[int, list[tuple[nn.Module, str]]], name: str,
                   kept: dict[int, np.ndarray], tx: Transaction) -> None:
     """Replace the parameter or buffer ``name`` (under every name it is registered as) by a
@@ -131,7 +137,7 @@ def slice_to_kept(model: nn.Module, owners: dict[int, list[tuple[nn.Module, str]
     new = tensor.detach()
     for dim, keep in kept.items():
         new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=new.device))
-    new = new.contiguous().clone()
+    new = new.contiguous() if kept else new.clone()  # index_select already copied: never aliases the old
     replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
     for module, attr in owners[id(tensor)]:
         tx.set_tensor(module, attr, replacement)

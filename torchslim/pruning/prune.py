@@ -10,6 +10,7 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
+from torchslim.graph.dependency import sorted_unique
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._latency_loop import calibrate_latency_goal, choose_fastest_ranking
@@ -134,13 +135,17 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
     With ``commit=False`` the model is rolled back even on success (a dry run).
     """
     removal = graph.removal(removed)
-    exact = all(g.exact for g in groups if np.isin(g.atoms, removed).any())
+    mask = np.zeros(graph.n_atoms, dtype=bool)
+    mask[removed] = True
+    touched = [g for g in groups if mask[g.atoms].any()]
+    exact = all(g.exact for g in touched)
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
     tx = Transaction()
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
     try:
         _, suspects = apply_removal(graph, removed, tx)
-        actual = run_recorded(model, example_inputs)
+        # without verify the forward only proves the pruned model runs: no selections to record
+        actual = run_recorded(model, example_inputs) if reference is not None else run_eval(model, example_inputs)
     except Exception as exc:  # noqa: BLE001 - anything the pruned model raises means: roll back
         tx.rollback()
         op = _failing_op(model, graph, example_inputs, removed)
@@ -162,11 +167,10 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
                                            f"sizes read in Python: {names or 'none'}")
     if not commit:
         tx.rollback()
-    plan = PruningPlan([PlanStep({n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in removal.items()},
+    plan = PruningPlan([PlanStep({n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in removal.items()},
                                  shapes, tx.changes)])
     params_after = sum(p.numel() for p in model.parameters())
-    pruned_groups = sum(1 for g in groups if np.isin(g.atoms, removed).any())
-    return PruneResult(plan, 0, 0, 0, params_after, 0.0, pruned_groups,
+    return PruneResult(plan, 0, 0, 0, params_after, 0.0, len(touched),
                        max_abs_error=report.max_abs_error if report is not None else None)
 
 
@@ -213,7 +217,7 @@ def _lineage(model: nn.Module, name: str, depth: int = 3) -> tuple[type, ...]:
 def _atoms_of_op(graph: DependencyGraph, op, removed: np.ndarray) -> np.ndarray:
     c = graph.coupling
     ids = [c.ids(n, d) for n in op.inputs + op.outputs for d in range(c.nodes[n].ndim)]
-    atoms = np.unique(graph.labels[np.concatenate(ids)]) if ids else np.zeros(0, np.int64)
+    atoms = sorted_unique(graph.labels[np.concatenate(ids)]) if ids else np.zeros(0, np.int64)
     return np.intersect1d(atoms, removed)
 
 
