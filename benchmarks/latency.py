@@ -101,7 +101,8 @@ def latency_target_row(name: str, model, inputs, target: float, threads: int) ->
         measured = interleaved({"original": model, "pruned": pruned}, inputs, runtime, threads)
         ratio = measured["pruned"] / measured["original"]
         row[runtime] = {"measured_ratio": ratio, "predicted_ratio": result.latency_predicted_ms / result.latency_before_ms,
-                        "macs_ratio": result.macs_after / result.macs_before, "within_10pct": abs(ratio - target) <= 0.1 * target}
+                        "macs_ratio": result.macs_after / result.macs_before, "within_10pct": abs(ratio - target) <= 0.1 * target,
+                        "calibration": result.latency_calibration}
     return row
 
 

@@ -4,8 +4,9 @@ The per-layer table predicts how much time a removal saves, but a runtime that f
 re-lays-out layers (ONNX Runtime's conv + BN + activation, NCHWc reorders) saves more or
 less than the sum of layers measured alone (NetAdapt measures every proposal too). So:
 
-* ``target_latency``: the removal the table picks is measured on the target runtime and the
-  goal handed to the table is rescaled by the ratio of real to predicted savings, a few times;
+* ``target_latency``: the removal the table picks is measured on the target runtime (in turn
+  with the unpruned model, so both see the same machine state) and the goal handed to the
+  table is rescaled by the ratio of real to predicted savings, a few times;
 * ``latency_aware`` with a MACs/params target: the removal of each candidate ranking (the
   table's, and every group cut alike at multiples of 8 and 16) meets the same target (one
   that overshoots it by more than 2% of the original is dropped: faster only because it
@@ -23,6 +24,7 @@ from torchslim.pruning._surgery import Transaction, apply_removal
 
 ROUNDS = 3
 TOLERANCE = 0.03  # stop once the measured latency is within 3% of the target
+CALIBRATION_ROUNDS = 2
 
 
 def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
@@ -30,13 +32,14 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
     target; returns what each round predicted and measured (kept in ``PruneResult``)."""
     latency = selector.latency
     original, target = latency.measured_ms, selector.absolute_target()
+    unpruned = _removal_timer(graph, np.zeros(0, dtype=np.int64), example_inputs, config)
     history = []
     for round_ in range(ROUNDS):
         _, removed = selector.select(banned)
         if removed.size == 0:
             break
         predicted = latency.predict(removed)
-        measured = _measure_removed(graph, removed, example_inputs, config)
+        measured = _measured_against(unpruned, _removal_timer(graph, removed, example_inputs, config), original)
         history.append({"goal_ms": selector.latency_goal_ms or target, "predicted_ms": predicted,
                         "measured_ms": measured})
         if measured is None or abs(measured - target) <= TOLERANCE * target or round_ == ROUNDS - 1:
@@ -121,14 +124,13 @@ def _removal_timer(graph, removed, example_inputs, config):
     return lambda: measure_latency(run, warmup=2, repeats=10, threads=threads).median_ms
 
 
-def _measure_removed(graph, removed, example_inputs, config) -> float | None:
-    """Latency of the model with ``removed`` applied (then rolled back); None if it fails."""
-    tx = Transaction()
-    try:
-        apply_removal(graph, removed, tx)
-        return measure_model(graph.model, example_inputs, runtime=config.latency_runtime,
-                             threads=config.latency_threads, warmup=3, repeats=15).median_ms
-    except Exception:  # noqa: BLE001 - a removal that breaks the model is the retry loop's business
+def _measured_against(unpruned, proposal, original_ms: float) -> float | None:
+    """The proposal's latency in the table's milliseconds: timed in turn with the unpruned model
+    (min of medians over rounds) and scaled by the ratio, so a cold first measurement or load
+    from other processes does not pass for a saving; None if the proposal breaks the model."""
+    if unpruned is None or proposal is None:
         return None
-    finally:
-        tx.rollback()
+    times = min_of_medians({"unpruned": unpruned, "proposal": proposal}, rounds=CALIBRATION_ROUNDS)
+    if not np.isfinite(times["proposal"]) or not times["unpruned"] > 0:
+        return None
+    return original_ms * times["proposal"] / times["unpruned"]
