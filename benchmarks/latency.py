@@ -25,8 +25,8 @@ from rich.table import Table
 import torchslim
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim._timing import measure_latency
-from torchslim.latency import make_runner, min_of_medians
+from torchslim._timing import keep_freed_memory, measure_latency
+from torchslim.latency import best_of_rounds, make_runner
 
 
 def build(name: str):
@@ -87,7 +87,7 @@ def interleaved(models: dict, inputs, runtime: str, threads: int) -> dict:
     for name, model in models.items():
         run = make_runner(model, inputs, runtime, threads)  # ONNX Runtime: exported once per model
         timers[name] = lambda run=run: measure_latency(run, warmup=3, repeats=15, threads=threads).median_ms
-    return min_of_medians(timers, ROUNDS)
+    return best_of_rounds(timers, ROUNDS)
 
 
 def latency_target_row(name: str, model, inputs, target: float, threads: int) -> dict:
@@ -113,7 +113,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--target-latency", type=float, default=0.5, help="also prune to this latency fraction (0: skip)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc returning freed memory to the OS (each forward then page-faults its activations)")
     args = parser.parse_args()
+    steady = False if args.system_malloc else keep_freed_memory()
     console = Console()
     rows, targets = [], []
     for name in args.models:
@@ -165,7 +168,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),
                                                 "cores": os.cpu_count(), "threads": args.threads,
-                                                "torch": torch.__version__}, "rows": rows,
+                                                "torch": torch.__version__,
+                                                "freed_memory_kept_in_process": steady}, "rows": rows,
                                     "latency_targets": targets}, indent=2))
 
 

@@ -12,6 +12,8 @@ Both run under ``torch.no_grad`` with torch's intra-op thread count fixed for th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import statistics
 import time
@@ -74,6 +76,24 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS.
+
+    By default every activation above 128 KiB is mmap-ed and unmapped again, so each forward
+    page-faults its activations back in; on virtual machines a fault can cost enough to double
+    a MobileNetV2 forward and to drift with the host's load. jemalloc/tcmalloc deployments keep
+    the memory, and so do timings after this call. Process-wide and irreversible; returns
+    False where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _check_counts(warmup: int, repeats: int) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torchslim._timing import LatencyStats, measure_latency
 
 
 RUNTIMES = ("torch", "onnxruntime")
+T = TypeVar("T")
 
 
 def measure_model(model: nn.Module, example_inputs: ExampleInputs, *, runtime: str = "torch", threads: int | None = 1,
@@ -63,12 +64,16 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
-def min_of_medians(timers: dict[str, Callable[[], float]], rounds: int = 3) -> dict[str, float]:
-    """Each ``timers[name]()`` returns one median latency; call them in turn for ``rounds``
-    rounds and keep each one's minimum, so that load from other processes and a cold first
+def best_of_rounds(timers: dict[str, Callable[[], T]], rounds: int = 3,
+                   key: Callable[[T], float] = float) -> dict[str, T]:
+    """Call every timer in turn for ``rounds`` rounds and keep, per name, the result with the
+    lowest ``key`` (each timer returns one median: a float, or LatencyStats with
+    ``key=lambda s: s.median_ms``), so that load from other processes and a cold first
     measurement hit all of them alike and the least-disturbed round counts."""
-    best = {name: float("inf") for name in timers}
+    best: dict[str, T] = {}
     for _ in range(rounds):
         for name, timer in timers.items():
-            best[name] = min(best[name], timer())
+            value = timer()
+            if name not in best or key(value) < key(best[name]):
+                best[name] = value
     return best
