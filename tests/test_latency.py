@@ -65,7 +65,9 @@ def test_target_latency_is_calibrated_by_measuring_the_proposal():
     first = result.latency_calibration[0]
     assert first["goal_ms"] == pytest.approx(0.6 * result.latency_before_ms)
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result.latency_calibration)
-    assert 1 <= len(result.latency_calibration) <= 3
+    from torchslim.pruning._latency_loop import ROUNDS
+
+    assert 1 <= len(result.latency_calibration) <= ROUNDS
 
 
 def test_round_to_latency_never_picks_a_slower_wider_alternative():
@@ -144,3 +146,25 @@ def test_latency_aware_candidates_are_measured_on_the_real_model(runtime):
     assert result.macs_after <= 0.5 * result.macs_before and result.max_abs_error < 1e-4
     for (name, before), after in zip(original.state_dict().items(), model.state_dict().values()):
         assert after.shape != before.shape or torch.equal(after, before), name  # rolled back between timings
+
+
+def test_next_latency_goal_interpolates_between_measurements_around_the_target():
+    from torchslim.pruning._latency_loop import next_goal
+
+    # only the unpruned model (100 -> 100) and one proposal measured above the target: the secant
+    # through both (a runtime that saved half of what the table predicted)
+    assert next_goal([(100, 100), (50, 75)], 50) == pytest.approx(0.0)
+    # a proposal below the target brackets it: interpolate between the closest above and below
+    assert next_goal([(100, 100), (50, 75), (10, 30)], 50) == pytest.approx(10 + 20 * 40 / 45)
+    # equal measurements: keep the first point's prediction instead of dividing by zero
+    assert next_goal([(100, 60), (50, 60)], 50) in (100, 50)
+
+
+def test_min_seconds_times_more_calls_of_a_fast_model():
+    import time
+
+    from torchslim._timing import measure_latency
+
+    assert measure_latency(lambda: time.sleep(0.001), warmup=2, repeats=3).runs == 3
+    stats = measure_latency(lambda: time.sleep(0.001), warmup=2, repeats=3, min_seconds=0.05)
+    assert 20 <= stats.runs <= 50  # about 0.05 s / (1 ms + overhead)

@@ -78,6 +78,9 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+MAX_REPEATS = 1000
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS.
 
@@ -104,12 +107,20 @@ def _check_counts(warmup: int, repeats: int) -> None:
 
 
 def measure_latency(fn: Callable[[], object], warmup: int = 5, repeats: int = 20,
-                    threads: int | None = None) -> LatencyStats:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones, under ``no_grad``."""
+                    threads: int | None = None, min_seconds: float = 0.0) -> LatencyStats:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones, under ``no_grad``.
+
+    ``min_seconds``: time more calls where ``repeats`` of them would take less than this
+    (judged from the warm-up), so that a millisecond model gets as steady a median as a slow one.
+    """
     _check_counts(warmup, repeats)
     with fixed_threads(threads) as used, torch.no_grad():
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
+        if min_seconds > 0 and warmup:
+            per_call = (time.perf_counter() - start) / warmup
+            repeats = max(repeats, min(int(min_seconds / max(per_call, 1e-6)), MAX_REPEATS))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -19,13 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from torchslim._timing import measure_latency
-from torchslim.latency import best_of_rounds, make_runner, measure_model
+from torchslim.latency import best_of_rounds, make_runner
 from torchslim.pruning._select import TARGET_SEARCH_MAX_RATIO
 from torchslim.pruning._surgery import Transaction, apply_removal
 
-ROUNDS = 3
+ROUNDS = 4
 TOLERANCE = 0.03  # stop once the measured latency is within 3% of the target
 CALIBRATION_ROUNDS = 3
+MIN_SECONDS = 0.25  # per measurement: a 2 ms model is timed over ~125 calls, not 10
 
 
 def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
@@ -45,10 +46,8 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
         history.append({"goal_ms": selector.latency_goal_ms, "predicted_ms": predicted, "measured_ms": measured})
         if measured is None or abs(measured - target) <= TOLERANCE * target or round_ == ROUNDS - 1:
             break
-        saved_predicted, saved_measured = original - predicted, original - measured
-        if saved_predicted <= 0 or saved_measured <= 0:
-            break
-        goal = original - (original - target) * saved_predicted / saved_measured
+        points = [(original, original)] + [(h["predicted_ms"], h["measured_ms"]) for h in history]
+        goal = next_goal(points, target)
         lowest = latency.predict(selector.remove_at(TARGET_SEARCH_MAX_RATIO, banned))  # the most this config allows
         selector.latency_goal_ms = float(np.clip(goal, lowest, original))
     # on a noisy machine a later round can measure worse than an earlier one: keep the goal
@@ -61,6 +60,23 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
         entry["chosen"] = entry is best
         entry["goal_ms"] = entry["goal_ms"] if entry["goal_ms"] is not None else target
     return history
+
+
+def next_goal(points: list[tuple[float, float]], target: float) -> float:
+    """The predicted latency whose measurement should be ``target``, by linear interpolation
+    over (predicted, measured) points (the unpruned model is (original, original)): between
+    the closest measured above and below the target, or through the two lowest when none is
+    below yet. Regula falsi, so that a runtime whose savings differ from the table's at
+    different depths (ONNX Runtime) converges instead of oscillating."""
+    above = [p for p in points if p[1] > target]
+    below = [p for p in points if p[1] <= target]
+    if above and below:
+        a, b = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+    else:
+        a, b = sorted(points, key=lambda p: p[1])[:2]
+    if b[1] == a[1]:
+        return a[0]
+    return a[0] + (target - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
 
 
 # (ranking, round_to) tried besides the config's own when latency_aware meets a MACs/params target
@@ -117,7 +133,8 @@ def _removal_timer(graph, removed, example_inputs, config):
             tx = Transaction()
             try:
                 apply_removal(graph, removed, tx)
-                return measure_model(graph.model, example_inputs, threads=threads, warmup=2, repeats=10).median_ms
+                run = make_runner(graph.model, example_inputs, "torch", threads)
+                return measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
             except Exception:  # noqa: BLE001 - a removal that breaks the model is the retry loop's business
                 return float("inf")
             finally:
@@ -131,7 +148,7 @@ def _removal_timer(graph, removed, example_inputs, config):
         return None
     finally:
         tx.rollback()
-    return lambda: measure_latency(run, warmup=2, repeats=10, threads=threads).median_ms
+    return lambda: measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
 
 
 def _measured_against(unpruned, proposal, original_ms: float) -> float | None:
