@@ -26,12 +26,11 @@ class FisherImportance:
         self.scores: dict[int, np.ndarray] = {}
 
     def prepare(self, graph: DependencyGraph, data: Iterable[Any], loss_fn: Callable | None) -> None:
-        if data is None or loss_fn is None:
-            raise ValueError("criterion 'fisher' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_ "
-                             "(torchslim.criteria.random_projection_loss works without labels)")
+        saliencies = batch_saliencies(graph.model, data, loss_fn, self.max_batches, "fisher",
+                                      " (torchslim.criteria.random_projection_loss works without labels)")
         sums = {g.index: np.zeros(len(g)) for g in graph.groups}
         batches = 0
-        for saliency in batch_saliencies(graph.model, data, loss_fn, self.max_batches):
+        for saliency in saliencies:
             for group in graph.groups:
                 signed = score_slots(graph, group, lambda name, dim, w: rows(saliency[name], dim).sum(1),
                                      select=lambda name: name in saliency)

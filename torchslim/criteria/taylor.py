@@ -19,10 +19,9 @@ class TaylorImportance:
         self.saliency: dict[str, torch.Tensor] = {}
 
     def prepare(self, graph: DependencyGraph, data: Iterable[Any], loss_fn: Callable | None) -> None:
-        if data is None or loss_fn is None:
-            raise ValueError("criterion 'taylor' needs data= (batches) and loss_fn=(output, batch) -> loss in prune_")
+        saliencies = batch_saliencies(graph.model, data, loss_fn, self.max_batches, "taylor")
         totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in graph.model.named_parameters()}
-        for saliency in batch_saliencies(graph.model, data, loss_fn, self.max_batches):
+        for saliency in saliencies:
             for n, value in saliency.items():
                 totals[n] += value
         self.saliency = totals
@@ -40,10 +39,18 @@ def batch_inputs(batch: Any) -> Any:
     return batch
 
 
-def batch_saliencies(model: torch.nn.Module, data: Iterable[Any], loss_fn: Callable,
-                     max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+def batch_saliencies(model: torch.nn.Module, data: Iterable[Any] | None, loss_fn: Callable | None,
+                     max_batches: int | None, criterion: str, hint: str = "") -> Iterator[dict[str, torch.Tensor]]:
     """Per batch, ``w * dL/dw`` for every parameter that got a gradient (real autograd on
-    ``loss_fn(output, batch)``); parameters' ``requires_grad`` flags are restored afterwards."""
+    ``loss_fn(output, batch)``); parameters' ``requires_grad`` flags are restored afterwards.
+    Missing ``data`` or ``loss_fn`` is refused now, naming ``criterion`` (and ``hint``)."""
+    if data is None or loss_fn is None:
+        raise ValueError(f"criterion '{criterion}' needs data= (batches) and loss_fn=(output, batch) -> loss in "
+                         f"prune_{hint}")
+    return _saliencies(model, data, loss_fn, max_batches)
+
+
+def _saliencies(model, data, loss_fn, max_batches) -> Iterator[dict[str, torch.Tensor]]:
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     try:
