@@ -125,7 +125,7 @@ class LatencyModel:
         alone = self.predict_layers(None)
         if alone > measured_ms > 0:  # layers timed alone (noisy, cache-hot) can add up past the whole
             self.layer_scale = measured_ms / alone
-        self.layers_ms = self.predict_layers(None)
+        self.layers_ms = alone * self.layer_scale
         self.rest_ms = max(measured_ms - self.layers_ms, 0.0)
         self._acts = [n.index for n in graph.trace.nodes if n.kind == "act"]
         self.act_elements = self._activation_elements(np.zeros(graph.n_atoms, dtype=bool))

@@ -41,7 +41,8 @@ class PruneResult:
     # save_pretrained/from_pretrained round-trip); None when no uniform config describes them
     hf_config: dict[str, int] | None = None
     # target_latency: per round, the goal handed to the latency table, its prediction and the
-    # measured latency of that removal (the last measured value is the pruned model's)
+    # measured latency of that removal; the round marked "chosen" (measured closest to the
+    # target) is the goal the pruned model was selected with
     latency_calibration: list[dict] = dataclasses.field(default_factory=list)
     # latency_aware with a MACs/params target: each candidate ranking's measured latency at that
     # target, and which one was kept (the fastest)
