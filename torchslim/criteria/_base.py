@@ -34,17 +34,15 @@ def scatter_to_atoms(graph: DependencyGraph, group: Group, labels: np.ndarray, v
     """Add per-element ``values`` (with atom ``labels``) into ``scores`` of the group's atoms."""
     position = np.clip(np.searchsorted(group.atoms, labels), 0, len(group.atoms) - 1)
     mine = group.atoms[position] == labels
-    np.add.at(scores, position[mine], values[mine])
+    scores += np.bincount(position[mine], weights=values[mine], minlength=scores.size)
 
 
 def parameter_slots(graph: DependencyGraph, group: Group) -> Iterable[tuple[str, int, torch.Tensor]]:
     """(name, dim, tensor) for every trainable parameter slot of the group (buffers excluded)."""
+    parameters = graph.parameters()
     for name, dim in group.params:
-        try:
-            param = graph.model.get_parameter(name)
-        except AttributeError:  # a buffer
-            continue
-        yield name, dim, param.detach().float()
+        if name in parameters:  # not a buffer
+            yield name, dim, parameters[name].detach().float()
 
 
 def rows(weight: torch.Tensor, dim: int) -> torch.Tensor:

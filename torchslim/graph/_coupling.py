@@ -38,12 +38,11 @@ class Coupling:
         # per split/merge chunk: (key, dims covering each candidate digit, in preference order)
         self.reshape_choices: list[tuple[tuple[int, int], list[list[tuple[int, int]]]]] = []
         self.hints: list[np.ndarray] = []
-        self.offsets: list[np.ndarray] = []
-        total = 0
-        for node in nodes:
-            starts = np.cumsum((0,) + tuple(node.shape), dtype=np.int64)[:-1] + total
-            self.offsets.append(starts)
-            total += int(sum(node.shape))
+        # first element id of every (node, dim): one cumulative sum over all dims of all nodes
+        sizes = np.fromiter((s for node in nodes for s in node.shape), dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        self.offsets: list[np.ndarray] = np.split(starts, np.cumsum([node.ndim for node in nodes])[:-1]) if nodes else []
+        total = int(sizes.sum())
         self.size = total
         self.pinned = np.zeros(total, dtype=bool)
         self.inexact = np.zeros(total, dtype=bool)
@@ -51,6 +50,9 @@ class Coupling:
         self.inexact_reasons: list[PinReason] = []
         self._left: list[np.ndarray] = []
         self._right: list[np.ndarray] = []
+        # ``same`` edges as (first id of a, first id of b, length): one tuple instead of two
+        # aranges for the commonest declaration, expanded at once in ``edges``
+        self._ranges: list[tuple[int, int, int]] = []
 
     # element addressing -------------------------------------------------
     def shape(self, node: int) -> tuple[int, ...]:
@@ -71,25 +73,27 @@ class Coupling:
         b = np.asarray(b, dtype=np.int64)
         if a.size:
             self._left.append(a)
-            self._right.append(np.broadcast_to(b, a.shape).astype(np.int64))
+            self._right.append(b if b.shape == a.shape else np.broadcast_to(b, a.shape).astype(np.int64))
 
-    def edge_count(self) -> int:
-        return len(self._left)
+    def edge_count(self) -> tuple[int, int]:
+        """A mark in the declarations, for ``touched_since``."""
+        return len(self._left), len(self._ranges)
 
-    def touched_since(self, first: int) -> np.ndarray:
-        """Elements named by unions declared after the first ``first`` declarations (repeats kept)."""
-        parts = self._left[first:] + self._right[first:]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    def touched_since(self, mark: tuple[int, int]) -> np.ndarray:
+        """Elements named by unions declared after ``mark`` (repeats kept)."""
+        left, right = self._expand(self._left[mark[0]:], self._right[mark[0]:], self._ranges[mark[1]:])
+        return np.concatenate((left, right))
 
     def same(self, node_a: int, dim_a: int, node_b: int, dim_b: int) -> None:
         """Index ``i`` of ``node_a.dim_a`` is index ``i`` of ``node_b.dim_b`` (equal sizes required)."""
-        size_a = self.shape(node_a)[_norm_dim(dim_a, self.nodes[node_a].ndim)]
-        size_b = self.shape(node_b)[_norm_dim(dim_b, self.nodes[node_b].ndim)]
+        dim_a, dim_b = _norm_dim(dim_a, self.nodes[node_a].ndim), _norm_dim(dim_b, self.nodes[node_b].ndim)
+        size_a, size_b = self.nodes[node_a].shape[dim_a], self.nodes[node_b].shape[dim_b]
         if size_a != size_b:
             self.pin(node_a, dim_a, f"size mismatch {size_a} vs {size_b}")
             self.pin(node_b, dim_b, f"size mismatch {size_a} vs {size_b}")
             return
-        self.union(self.ids(node_a, dim_a), self.ids(node_b, dim_b))
+        if size_a:
+            self._ranges.append((int(self.offsets[node_a][dim_a]), int(self.offsets[node_b][dim_b]), size_a))
 
     def same_all(self, node_a: int, node_b: int) -> None:
         """Two tensors of equal shape whose indices correspond one to one in every dim."""
@@ -115,13 +119,25 @@ class Coupling:
         self.inexact_reasons.append(PinReason(node, dim, reason))
 
     # result -------------------------------------------------------------
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every union edge as two aligned arrays of element ids."""
+        return self._expand(self._left, self._right, self._ranges)
+
+    @staticmethod
+    def _expand(left: list[np.ndarray], right: list[np.ndarray],
+                ranges: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        if ranges:
+            starts_a, starts_b, sizes = np.asarray(ranges, dtype=np.int64).T
+            within = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            left = left + [np.repeat(starts_a, sizes) + within]
+            right = right + [np.repeat(starts_b, sizes) + within]
+        if not left:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(left), np.concatenate(right)
+
     def components(self) -> tuple[int, np.ndarray]:
         """Label every element with its atom (connected component)."""
-        if self._left:
-            left = np.concatenate(self._left)
-            right = np.concatenate(self._right)
-        else:
-            left = right = np.zeros(0, dtype=np.int64)
+        left, right = self.edges()
         data = np.ones(left.size, dtype=np.int8)
         matrix = coo_matrix((data, (left, right)), shape=(self.size, self.size))
         return connected_components(matrix, directed=False)

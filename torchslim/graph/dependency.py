@@ -92,6 +92,8 @@ class DependencyGraph:
         self.atom_inexact = self._any_per_atom(coupling.inexact)
         self.groups = self._find_groups()
         self._macs_memo: dict[tuple, int] = {}  # (op index, shapes) -> MACs, for estimate_macs
+        self._slot_dims: dict[str, frozenset[int]] | None = None
+        self._parameters: dict[str, nn.Parameter] | None = None
 
     # construction -------------------------------------------------------
     @classmethod
@@ -161,6 +163,22 @@ class DependencyGraph:
     def param_labels(self, name: str, dim: int) -> np.ndarray:
         """Atom label of every index of parameter/buffer ``name`` along ``dim``."""
         return self.labels[self.coupling.ids(self.trace.param_nodes[name], dim)]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The model's parameters by name, as traced (one walk over the model, kept)."""
+        if self._parameters is None:
+            self._parameters = dict(self.model.named_parameters())
+        return self._parameters
+
+    def slot_dims(self, name: str) -> frozenset[int]:
+        """The dims of parameter/buffer ``name`` that some group prunes."""
+        if self._slot_dims is None:
+            dims: dict[str, set[int]] = {}
+            for group in self.groups:
+                for param, dim in group.params:
+                    dims.setdefault(param, set()).add(dim)
+            self._slot_dims = {param: frozenset(d) for param, d in dims.items()}
+        return self._slot_dims.get(name, frozenset())
 
     def removal(self, removed_atoms: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
         """Indices each parameter/buffer loses when ``removed_atoms`` go, per dim."""
@@ -295,10 +313,10 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
         return
     reason = "no channel rule for this op"
     if rule is not None:
-        first_edge = c.edge_count()
+        mark = c.edge_count()
         try:
             rule(c, op, recorded)
-            _pin_unlinked_outputs(c, op, first_edge)
+            _pin_unlinked_outputs(c, op, mark)
             return
         except Exception as exc:  # a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"
@@ -308,17 +326,19 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
     blockers.append(OpBlocker(op.name, op.module or "<root>", shapes, reason, op.inputs + op.outputs))
 
 
-def _pin_unlinked_outputs(c: Coupling, op: OpCall, first_edge: int) -> None:
+def _pin_unlinked_outputs(c: Coupling, op: OpCall, mark: tuple[int, int]) -> None:
     """An output index the op's rule linked to no input index (a conv's spatial positions, a
     grid sample's sampling points) cannot be removed by removing anything upstream: pin it."""
-    touched = c.touched_since(first_edge)
+    touched = c.touched_since(mark)
     for out in op.outputs:
-        for d in range(c.nodes[out].ndim):
-            start, size = c.offsets[out][d], c.nodes[out].shape[d]
-            free = np.ones(size, dtype=bool)  # a dim's ids are one contiguous range: mask, don't search
-            free[touched[(touched >= start) & (touched < start + size)] - start] = False
-            if free.any():
-                c.pin_elements(start + np.flatnonzero(free))
+        # a tensor's elements, all dims, are one contiguous range of ids: mask, don't search
+        start, size = int(c.offsets[out][0]) if c.nodes[out].ndim else 0, sum(c.nodes[out].shape)
+        if not size:
+            continue
+        free = np.ones(size, dtype=bool)
+        free[touched[(touched >= start) & (touched < start + size)] - start] = False
+        if free.any():
+            c.pin_elements(start + np.flatnonzero(free))
 
 
 def _pin_fixed_tensors(c: Coupling, recorded: Trace, keep_inputs: bool, keep_outputs: bool) -> None:

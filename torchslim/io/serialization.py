@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._surgery import Transaction, _tensor_owners, named_tensors, slice_to_kept
+from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners, named_tensors, slice_to_kept
 from torchslim.pruning.plan import PruningPlan
 
 FORMAT = "torchslim.checkpoint/1"
@@ -368,7 +368,7 @@ def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
     for step in plan.steps:
         owners = _tensor_owners(model)
         for name, dims in step.removed.items():
-            slice_to_kept(model, owners, name, {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
+            slice_to_kept(owners, _get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
         for label, attrs in step.attributes.items():
             module = model.get_submodule(label) if label else model
             for attr, value in attrs.items():

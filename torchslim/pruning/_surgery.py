@@ -107,10 +107,10 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     model = graph.model
     removal = graph.removal(removed_atoms)
     owners = _tensor_owners(model)
+    tensors = named_tensors(model)
     for name, dims in removal.items():
-        shape = _get_tensor(model, name).shape
-        kept = {dim: _complement(shape[dim], gone) for dim, gone in dims.items()}
-        slice_to_kept(model, owners, name, kept, tx)
+        tensor = tensors[name]
+        slice_to_kept(owners, tensor, {dim: _complement(tensor.shape[dim], gone) for dim, gone in dims.items()}, tx)
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     ctx = SurgeryContext(graph, removed_atoms, tx)
@@ -129,11 +129,10 @@ def _complement(size: int, gone: np.ndarray) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def slice_to_kept(model: nn.Module, owners: dict[int, list[tuple[nn.Module, str]]], name: str,
+def slice_to_kept(owners: dict[int, list[tuple[nn.Module, str]]], tensor: torch.Tensor,
                   kept: dict[int, np.ndarray], tx: Transaction) -> None:
-    """Replace the parameter or buffer ``name`` (under every name it is registered as) by a
-    contiguous copy holding only the ``kept`` indices of each dim, inside ``tx``."""
-    tensor = _get_tensor(model, name)
+    """Replace a parameter or buffer (under every name it is registered as, from ``owners``)
+    by a contiguous copy holding only the ``kept`` indices of each dim, inside ``tx``."""
     new = tensor.detach()
     for dim, keep in kept.items():
         new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=new.device))
