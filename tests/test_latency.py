@@ -11,6 +11,7 @@ from torch import nn
 
 import torchslim
 from torchslim.graph import DependencyGraph
+from torchslim.graph.macs import estimate_macs
 from torchslim.latency import LatencyModel, LatencyTable, measure_model
 
 
@@ -99,9 +100,10 @@ def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
 
 
 def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeypatch):
-    """latency_aware + target_macs: the table's ranking and uniform widths (8, 16) each meet the
-    target and are measured; the fastest is applied. Here the uniform-8 removal is made to
-    measure fastest, so every pruned width must be a multiple of 8."""
+    """latency_aware + target_macs: the table's ranking, time saved per MAC, importance per MAC
+    and uniform widths (8, 16) each meet the target and are measured; the fastest is applied.
+    Here the uniform-8 removal is made to measure fastest, so every pruned width must be a
+    multiple of 8."""
     from torchslim.pruning import _latency_loop
 
     def fake_timer(graph, removed, inputs, config):
@@ -115,8 +117,9 @@ def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeyp
     model, reference = net(), net()
     result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
     trials = result.latency_candidates
-    assert [(t["ranking"], t["round_to"]) for t in trials] == [("latency", 1), ("per_group", 8), ("per_group", 16)]
-    assert [t["chosen"] for t in trials] == [False, True, False]
+    assert [(t["ranking"], t["round_to"]) for t in trials] == [
+        ("latency", 1), ("latency_per_mac", "latency"), ("global", 8), ("per_group", 8), ("per_group", 16)]
+    assert [t["chosen"] for t in trials] == [False, False, False, True, False]
     assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0
     assert result.macs_after <= 0.5 * result.macs_before
     assert model[0].out_channels < reference[0].out_channels
@@ -125,11 +128,11 @@ def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeyp
 def test_latency_aware_prefers_its_own_ranking_unless_another_is_clearly_faster(monkeypatch):
     from torchslim.pruning import _latency_loop
 
-    times = iter([1.00, 0.99, 0.995])  # the others are within 2%: noise, not a reason to switch
+    times = iter([1.00, 0.99, 0.995, 0.985, 0.99])  # the others are within 2%: noise, not a reason to switch
     monkeypatch.setattr(_latency_loop, "MAX_OVERSHOOT", 1.0)
     monkeypatch.setattr(_latency_loop, "_removal_timer", lambda *a: (lambda ms: lambda: ms)(next(times)))
     result = torchslim.prune_(net(), X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
-    assert [t["chosen"] for t in result.latency_candidates] == [True, False, False]
+    assert [t["chosen"] for t in result.latency_candidates] == [True, False, False, False, False]
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
@@ -142,7 +145,9 @@ def test_latency_aware_candidates_are_measured_on_the_real_model(runtime):
     assert all(t["measured_ms"] > 0 for t in trials)
     # only candidates at (nearly) equal MACs compete with the config's own: here uniform widths at
     # multiples of 8 or 16 jump from above the target to 0.27-0.34 of the original, and are dropped
-    assert trials[0]["target_fraction"] <= 0.5 and len(trials) == 1, trials
+    assert [t["ranking"] for t in trials] == ["latency", "latency_per_mac", "global"], trials
+    own = trials[0]["target_fraction"]
+    assert own <= 0.5 and all(own - 0.02 <= t["target_fraction"] <= 0.5 for t in trials), trials
     assert result.macs_after <= 0.5 * result.macs_before and result.max_abs_error < 1e-4
     for (name, before), after in zip(original.state_dict().items(), model.state_dict().values()):
         assert after.shape != before.shape or torch.equal(after, before), name  # rolled back between timings
@@ -168,3 +173,39 @@ def test_min_seconds_times_more_calls_of_a_fast_model():
     assert measure_latency(lambda: time.sleep(0.001), warmup=2, repeats=3).runs == 3
     stats = measure_latency(lambda: time.sleep(0.001), warmup=2, repeats=3, min_seconds=0.05)
     assert 20 <= stats.runs <= 50  # about 0.05 s / (1 ms + overhead)
+
+
+class _TableSaysOneGroupIsSlow:
+    """A latency table in which one group's atoms cost 10 ms each and all others 0.01 ms."""
+
+    def __init__(self, graph, slow):
+        self.cost = np.full(graph.n_atoms, 0.01)
+        self.cost[slow] = 10.0
+
+    def predict(self, removed=None):
+        gone = self.cost[np.asarray(removed, dtype=np.int64)].sum() if removed is not None else 0.0
+        return float(self.cost.sum() - gone)
+
+
+def test_latency_per_mac_ranking_spends_a_macs_target_where_the_time_is():
+    """Equal importance everywhere. Ranked by importance per MAC saved, the MAC-heavier group
+    (conv0's outputs, also conv2's inputs) goes first; ranked by time saved per MAC saved, the
+    group the table says is slow (conv2's outputs) goes first. Both meet the MACs target."""
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    model = net()
+    graph = DependencyGraph.build(model, X)
+    config = torchslim.PruneConfig(target_macs=0.8, max_sparsity_per_layer=0.75)
+    groups = eligible_groups(graph, config)
+    assert [len(g) for g in groups] == [32, 48]
+    heavy, slow = groups[0].atoms, groups[1].atoms
+    scores = {g.index: np.ones(len(g)) for g in groups}
+    removed_by = {}
+    for ranking in ("global", "latency_per_mac"):
+        selector = Selector(graph, groups, scores, config, _TableSaysOneGroupIsSlow(graph, slow))
+        selector.ranking = ranking
+        _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
+        assert estimate_macs(graph, removed) <= 0.8 * selector.macs_before
+        removed_by[ranking] = (int(np.isin(heavy, removed).sum()), int(np.isin(slow, removed).sum()))
+    assert removed_by["global"][0] > 0 and removed_by["global"][1] == 0, removed_by
+    assert removed_by["latency_per_mac"][0] == 0 and removed_by["latency_per_mac"][1] > 0, removed_by

@@ -60,8 +60,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep this module's outputs")
     parser.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
     parser.add_argument("--latency-aware", action="store_true",
-                        help="rank by importance per millisecond saved; with --target-macs, also time uniform "
-                             "widths (multiples of 8/16) at the same MACs and keep the fastest")
+                        help="rank by importance per millisecond saved; with --target-macs, also time the "
+                             "removals ranked by time saved per MAC, by importance per MAC and uniform widths "
+                             "(multiples of 8/16) at the same MACs, and keep the fastest")
     parser.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
     parser.add_argument("--latency-runtime", choices=("torch", "onnxruntime"), default=None,
                         help="runtime the latency table is measured on (default: --runtime where the command "

@@ -8,9 +8,10 @@ less than the sum of layers measured alone (NetAdapt measures every proposal too
   with the unpruned model, so both see the same machine state) and the goal handed to the
   table is rescaled by the ratio of real to predicted savings, a few times;
 * ``latency_aware`` with a MACs/params target: the removal of each candidate ranking (the
-  table's, and every group cut alike at multiples of 8 and 16) meets the same target (one
-  that overshoots it by more than 2% of the original is dropped: faster only because it
-  removed more), and the one that measures fastest is kept. Which wins depends on the model
+  table's, time saved per MAC saved, importance per MAC saved, and every group cut alike at
+  multiples of 8 and 16) meets the same target (one that removes more than 2% of the original
+  beyond the config's own ranking is dropped: faster only because it removed more), and the
+  one that measures fastest is kept. Which wins depends on the model
   and the runtime (the table's guess on MODNet, uniform widths on MobileNetV2 in ONNX
   Runtime); measuring settles it per model.
 """
@@ -79,20 +80,20 @@ def next_goal(points: list[tuple[float, float]], target: float) -> float:
     return a[0] + (target - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
 
 
-# (ranking, round_to) tried besides the config's own when latency_aware meets a MACs/params target
-UNIFORM_CANDIDATES = (("per_group", 8), ("per_group", 16))
+# (ranking, round_to) tried besides the config's own when latency_aware meets a MACs/params target:
+# importance per MAC saved across groups, and every group cut alike
+OTHER_CANDIDATES = (("latency_per_mac", "latency"), ("global", 8), ("per_group", 8), ("per_group", 16))
 CLEARLY_FASTER = 0.02
-MAX_OVERSHOOT = 0.02  # a candidate may remove at most 2% of the original more than the target asks
+MAX_OVERSHOOT = 0.02  # a candidate may remove at most 2% of the original more than the config's own ranking
 CANDIDATE_ROUNDS = 3
 
 
 def choose_fastest_ranking(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
     """Point ``selector`` at the candidate ranking whose removal measures fastest on the target
     runtime; returns each candidate's measured latency (kept in ``PruneResult``)."""
-    candidates = [(selector.ranking, selector.round_to)] + [c for c in UNIFORM_CANDIDATES
+    candidates = [(selector.ranking, selector.round_to)] + [c for c in OTHER_CANDIDATES
                                                           if c != (selector.ranking, selector.round_to)]
     _, _, measure, before = selector.measure_for_target()
-    target = selector.absolute_target()
     trials, timers = [], {}
     for ranking, round_to in candidates:
         selector.ranking, selector.round_to = ranking, round_to
@@ -101,8 +102,8 @@ def choose_fastest_ranking(selector, graph, example_inputs, config, banned: np.n
         except ValueError:  # this ranking cannot meet the target (e.g. min_channels): not a candidate
             continue
         left = measure(graph, removed)
-        if trials and left < target - MAX_OVERSHOOT * before:
-            continue  # coarse widths overshot the target (ViT's 64 head dims in steps of 16): not equal MACs
+        if trials and left < trials[0]["target_fraction"] * before - MAX_OVERSHOOT * before:
+            continue  # coarse widths removed more than the config's own (ViT's 64 head dims in steps of 16)
         trial = {"ranking": ranking, "round_to": round_to, "measured_ms": None, "target_fraction": left / before}
         trials.append(trial)
         timer = _removal_timer(graph, removed, example_inputs, config) if removed.size else None

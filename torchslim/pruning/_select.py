@@ -88,8 +88,11 @@ class Selector:
     """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?".
 
     ``ranking`` is how atoms compete: ``"per_group"`` (each group loses the same ratio),
-    ``"global"`` (across groups, per MAC/param saved under a target) or ``"latency"`` (across
-    groups, per millisecond the latency table says is saved); it and ``round_to`` start from
+    ``"global"`` (across groups, per MAC/param saved under a target), ``"latency"`` (across
+    groups, per millisecond the latency table says is saved) or ``"latency_per_mac"`` (across
+    groups, per millisecond saved for each MAC saved: under a MACs target, the removal that
+    meets it and saves the most time, e.g. memory-bound depthwise layers at high resolution
+    before the compute-bound 1x1 convs the MACs count favours); it and ``round_to`` start from
     the config and may be switched, e.g. to the ranking whose removal measured fastest.
     """
 
@@ -151,7 +154,7 @@ class Selector:
     def _global(self, ratio: float, banned: np.ndarray) -> np.ndarray:
         atoms, values, owners, caps = [], [], [], {}
         costs = self._atom_costs() if (self.config.target_macs or self.config.target_params
-                                       or self.config.target_latency or self.ranking == "latency") else None
+                                       or self.config.target_latency or self.ranking != "global") else None
         for group in self.groups:
             score = self.scores[group.index]
             normalized = score / (np.mean(np.abs(score)) or 1.0)
@@ -194,15 +197,26 @@ class Selector:
         return "target_latency", config.target_latency, _latency_measure(self.latency), self.latency.measured_ms
 
     def _atom_costs(self) -> dict[int, float]:
-        """MACs (or params) saved per atom of each group, from removing half of it on the graph."""
+        """What removing an atom of each group saves, in the ranking's unit (MACs or params under
+        ``global``, milliseconds under ``latency``, milliseconds per MAC under ``latency_per_mac``)."""
         if self.ranking not in self._costs:
-            measure = _latency_measure(self.latency) if self.ranking == "latency" else self.measure_for_target()[2]
-            base = measure(self.graph)
-            costs = self._costs[self.ranking] = {}
-            for group in self.groups:
-                half = group.atoms[: max(1, len(group) // 2)]
-                costs[group.index] = max(base - measure(self.graph, half), 0) / len(half)
+            if self.ranking == "latency_per_mac":
+                ms, macs = self._savings("latency"), self._savings("macs")
+                self._costs[self.ranking] = {g: ms[g] / macs[g] if macs[g] > 0 else 0.0 for g in ms}
+            else:
+                self._costs[self.ranking] = self._savings("latency" if self.ranking == "latency" else "target")
         return self._costs[self.ranking]
+
+    def _savings(self, unit: str) -> dict[int, float]:
+        """Per group, what one atom saves (from removing half of the group on the graph)."""
+        measure = {"latency": _latency_measure(self.latency), "macs": estimate_macs}.get(unit) \
+            or self.measure_for_target()[2]
+        base = measure(self.graph)
+        savings = {}
+        for group in self.groups:
+            half = group.atoms[: max(1, len(group) // 2)]
+            savings[group.index] = max(base - measure(self.graph, half), 0) / len(half)
+        return savings
 
     def absolute_target(self) -> float:
         """The config's target in its own unit: a fraction (<= 1) times the unpruned value."""

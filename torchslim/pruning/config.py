@@ -34,9 +34,10 @@ class PruneConfig:
                   their kernels favour different widths, so prune for the one you ship).
     latency_aware: rank atoms across groups by importance per millisecond saved (measured
                   per-layer table), so a MACs or params target is met where the time is. With
-                  a MACs/params target the removals of that ranking and of uniform per-group
-                  ratios (widths rounded to 8 and 16) are each measured on ``latency_runtime``
-                  and the fastest is applied (``PruneResult.latency_candidates``).
+                  a MACs/params target the removals of that ranking, of time saved per MAC saved
+                  (``"latency_per_mac"``), of importance per MAC saved (``"global"``) and of
+                  uniform per-group ratios (widths rounded to 8 and 16) are each measured on
+                  ``latency_runtime`` and the fastest is applied (``PruneResult.latency_candidates``).
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
