@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
 
@@ -153,7 +152,7 @@ class _Recorder(TorchDispatchMode):
         recorded_args = self._record_arguments(args, inputs)
         recorded_kwargs = self._record_arguments(kwargs, inputs)
         # an in-place op returns its (mutated) input: give the result a fresh version node
-        outputs = [self._new_node(t, ACT, None) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs = [self._new_node(t, ACT, None) for t in _output_tensors(out)]
         self.ops.append(OpCall(len(self.ops), func, recorded_args, recorded_kwargs, inputs, outputs,
                                self.module_stack[-1]))
         return out
@@ -168,6 +167,16 @@ class _Recorder(TorchDispatchMode):
         if isinstance(obj, dict):
             return {k: self._record_arguments(v, inputs) for k, v in obj.items()}
         return obj
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors an aten op returned: one, or a (nested) tuple/list of them (no pytree walk,
+    which costs more than the op on small tensors)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
 
 
 def _named_tensors(model: nn.Module) -> dict[int, tuple[str, str, torch.Tensor]]:

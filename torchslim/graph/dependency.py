@@ -91,6 +91,9 @@ class DependencyGraph:
         self.atom_pinned |= ~self._atoms_with_activations()  # e.g. conv kernel positions
         self.atom_inexact = self._any_per_atom(coupling.inexact)
         self.groups = self._find_groups()
+        self.atom_group = np.full(self.n_atoms, -1, dtype=np.int64)  # each atom's group index (-1: none)
+        for group in self.groups:
+            self.atom_group[group.atoms] = group.index
         self._macs_memo: dict[tuple, int] = {}  # (op index, shapes) -> MACs, for estimate_macs
         self._slot_dims: dict[str, frozenset[int]] | None = None
         self._parameters: dict[str, nn.Parameter] | None = None

@@ -262,7 +262,7 @@ def protect_slots(graph: DependencyGraph, group: Group, ranked: np.ndarray, n_re
     chosen[ranked[:n_remove]] = True
     for name, dim in group.params:
         labels = graph.param_labels(name, dim)
-        labels = labels[np.isin(labels, group.atoms)]
+        labels = labels[graph.atom_group[labels] == group.index]
         kept = int((~chosen[labels]).sum())
         if kept >= min_keep or labels.size == 0:
             continue
