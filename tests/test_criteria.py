@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,3 +152,37 @@ def test_data_driven_criteria_need_data():
             assert criterion in str(exc) and "data=" in str(exc)
         else:
             raise AssertionError(f"{criterion} ran without data")
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_norm_scores_equal_the_sum_over_every_coupled_slice_and_follow_weight_updates(p):
+    """An atom's Lp score is (sum over its slices in every coupled tensor of |w|^p)^(1/p): the
+    conv's output filter and bias, the BatchNorm's scale and shift, the next conv's input
+    column. Changing a weight in place changes the score (sums are not served stale)."""
+    from torchslim.criteria import make_importance
+    from torchslim.graph import DependencyGraph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+    graph = DependencyGraph.build(model, torch.randn(1, 3, 8, 8))
+    importance = make_importance("l1" if p == 1 else "l2", 0)
+
+    def reference() -> list[torch.Tensor]:
+        w = [m.weight.detach().abs() ** p for m in (model[0], model[3], model[5])]
+        first = w[0].sum((1, 2, 3)) + model[0].bias.detach().abs() ** p + model[1].weight.detach().abs() ** p \
+            + model[1].bias.detach().abs() ** p + w[1].sum((0, 2, 3))
+        second = w[1].sum((1, 2, 3)) + model[3].bias.detach().abs() ** p + w[2].sum((0, 2, 3))
+        return [first ** (1 / p), second ** (1 / p)]
+
+    groups = sorted(graph.groups, key=len, reverse=True)
+    assert [len(g) for g in groups] == [8, 6]
+    for group, expected in zip(groups, reference()):
+        assert np.allclose(importance(graph, group), expected.double().numpy(), rtol=1e-5)
+    with torch.no_grad():
+        model[3].weight[:, 2].mul_(10)  # column 2 of conv2: channel 2 of the first group
+    for group, expected in zip(groups, reference()):
+        assert np.allclose(importance(graph, group), expected.double().numpy(), rtol=1e-5)

@@ -81,7 +81,7 @@ def next_goal(points: list[tuple[float, float]], target: float) -> float:
 
 
 # (ranking, round_to) tried besides the config's own when latency_aware meets a MACs/params target:
-# importance per MAC saved across groups, and every group cut alike
+# time saved per MAC saved, importance per MAC saved (both across groups), every group cut alike
 OTHER_CANDIDATES = (("latency_per_mac", "latency"), ("global", 8), ("per_group", 8), ("per_group", 16))
 CLEARLY_FASTER = 0.02
 MAX_OVERSHOOT = 0.02  # a candidate may remove at most 2% of the original more than the config's own ranking

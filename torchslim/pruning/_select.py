@@ -209,8 +209,12 @@ class Selector:
 
     def _savings(self, unit: str) -> dict[int, float]:
         """Per group, what one atom saves (from removing half of the group on the graph)."""
-        measure = {"latency": _latency_measure(self.latency), "macs": estimate_macs}.get(unit) \
-            or self.measure_for_target()[2]
+        if unit == "latency":
+            measure = _latency_measure(self.latency)
+        elif unit == "macs":
+            measure = estimate_macs
+        else:
+            measure = self.measure_for_target()[2]
         base = measure(self.graph)
         savings = {}
         for group in self.groups:
