@@ -109,6 +109,20 @@ def latency_target_row(name: str, model, inputs, target: float, threads: int) ->
     return row
 
 
+def merged(previous: dict, rows: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
+    """This run's rows plus the previous file's rows for (model, level) pairs and targets it did
+    not measure, in model and level order."""
+    done = {(r["model"], r["level"]) for r in rows}
+    done_targets = {(t["model"], t["target_latency"]) for t in targets}
+    rows = rows + [r for r in previous.get("rows", []) if (r["model"], r["level"]) not in done]
+    targets = targets + [t for t in previous.get("latency_targets", [])
+                         if (t["model"], t["target_latency"]) not in done_targets]
+    order = {m: i for i, m in enumerate(("resnet50", "mobilenet_v2", "vit_b_16", "modnet"))}
+    rows.sort(key=lambda r: (order.get(r["model"], 99), -r["level"]))
+    targets.sort(key=lambda t: order.get(t["model"], 99))
+    return rows, targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "vit_b_16", "modnet"])
@@ -118,6 +132,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc returning freed memory to the OS (each forward then page-faults its activations)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of --out for the (model, level) pairs and latency targets not rerun")
     args = parser.parse_args()
     steady = False if args.system_malloc else keep_freed_memory()
     console = Console()
@@ -150,11 +166,15 @@ def main() -> None:
                     entry[f"{rt}_per_macs"] = entry[f"{rt}_ratio"] / entry["macs_ratio"]
                 row[label] = entry
             row["original_ms"] = {rt: times[rt]["original"] for rt in times}
+            row["measured_at"] = time.strftime("%Y-%m-%d %H:%M")  # each row times its own original
             rows.append(row)
             console.print(row)
         if args.target_latency:
             targets.append(latency_target_row(name, model, inputs, args.target_latency, args.threads))
+            targets[-1]["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
             console.print(targets[-1])
+    if args.merge and args.out.exists():
+        rows, targets = merged(json.loads(args.out.read_text()), rows, targets)
     table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
     # torch columns: pruned with the torch table; ORT columns: pruned with the ONNX Runtime table
     for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT MACs", "ORT", "ORT/MACs", "TP MACs",
