@@ -62,6 +62,21 @@ def test_bert_heads_follow_attributes():
     assert attn.num_attention_heads == 2
 
 
+def test_round_to_counts_channels_so_heads_are_not_rounded_up_to_eight_heads():
+    """round_to=8 keeps a multiple of 8 channels: a head of 16 dims already is one, so BERT's 4
+    heads go to 2 at ratio 0.5 (rounding head counts to 8 would keep all 4), while the FFN's
+    plain channels land on multiples of 8."""
+    model, ids = _build("bert")
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True, round_to=8))
+    layer, before = model.encoder.layer[0], original.encoder.layer[0]
+    assert before.attention.self.num_attention_heads == 4 and layer.attention.self.attention_head_size == 16
+    assert layer.attention.self.num_attention_heads == 2
+    assert layer.intermediate.dense.out_features % 8 == 0
+    assert layer.intermediate.dense.out_features < before.intermediate.dense.out_features
+    assert torchslim.verify(original, model, ids, result.plan).ok
+
+
 @pytest.mark.parametrize("kind, exclude", [("llama", ()), ("gpt2", ("*attn*",)), ("bert", ("*attention*",))])
 def test_uniform_pruning_round_trips_through_save_pretrained(kind, exclude, tmp_path):
     """The HF config follows the pruned widths, so from_pretrained rebuilds the pruned model."""

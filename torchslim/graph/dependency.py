@@ -167,6 +167,17 @@ class DependencyGraph:
         """Atom label of every index of parameter/buffer ``name`` along ``dim``."""
         return self.labels[self.coupling.ids(self.trace.param_nodes[name], dim)]
 
+    def atom_width(self, group: Group) -> int:
+        """Channels per atom of ``group`` in its narrowest parameter slot (1 for plain channels,
+        the head dim for attention heads), so that ``round_to`` can count channels."""
+        widths = []
+        for name, dim in group.params:
+            labels = self.param_labels(name, dim)
+            mine = labels[self.atom_group[labels] == group.index]
+            if mine.size:
+                widths.append(mine.size // sorted_unique(mine).size)
+        return max(1, min(widths, default=1))
+
     def parameters(self) -> dict[str, nn.Parameter]:
         """The model's parameters by name, as traced (one walk over the model, kept)."""
         if self._parameters is None:

@@ -6,7 +6,9 @@ less than the sum of layers measured alone (NetAdapt measures every proposal too
 
 * ``target_latency``: the removal the table picks is measured on the target runtime (in turn
   with the unpruned model, so both see the same machine state) and the goal handed to the
-  table is rescaled by the ratio of real to predicted savings, a few times;
+  table is rescaled by the ratio of real to predicted savings, a few times; where the table's
+  proposals jump over the target (all groups stepping to their next width together), removals
+  in between (some groups stepped, others not) are measured too;
 * ``latency_aware`` with a MACs/params target: the removal of each candidate ranking (the
   table's, time saved per MAC saved, importance per MAC saved, and every group cut alike at
   multiples of 8 and 16) meets the same target (one that removes more than 2% of the original
@@ -32,19 +34,21 @@ MIN_SECONDS = 0.25  # per measurement: a 2 ms model is timed over ~125 calls, no
 
 def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
     """Adjust ``selector.latency_goal_ms`` until the measured latency of its removal meets the
-    target (at most ``ROUNDS`` rounds), then keep the goal that measured closest; returns what
+    target (at most ``ROUNDS`` rounds), then keep the goal that measured closest; if no proposal
+    came within tolerance, measure removals between the two around the target. Returns what
     each round predicted and measured (kept in ``PruneResult``)."""
     latency = selector.latency
     original, target = latency.measured_ms, selector.absolute_target()
     unpruned = _removal_timer(graph, np.zeros(0, dtype=np.int64), example_inputs, config)
-    history = []
+    history, removals = [], []
     for round_ in range(ROUNDS):
-        _, removed = selector.select(banned)
+        ratio, removed = selector.select(banned)
         if removed.size == 0:
             break
         predicted = latency.predict(removed)
         measured = _measured_against(unpruned, _removal_timer(graph, removed, example_inputs, config), original)
         history.append({"goal_ms": selector.latency_goal_ms, "predicted_ms": predicted, "measured_ms": measured})
+        removals.append((ratio, removed))
         if measured is None or abs(measured - target) <= TOLERANCE * target or round_ == ROUNDS - 1:
             break
         points = [(original, original)] + [(h["predicted_ms"], h["measured_ms"]) for h in history]
@@ -58,9 +62,60 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
     if best is not None:
         selector.latency_goal_ms = best["goal_ms"]
     for entry in history:
-        entry["chosen"] = entry is best
         entry["goal_ms"] = entry["goal_ms"] if entry["goal_ms"] is not None else target
+    if best is not None and abs(best["measured_ms"] - target) > TOLERANCE * target:
+        refined = _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target)
+        if refined is not None and abs(refined[0]["measured_ms"] - target) < abs(best["measured_ms"] - target):
+            best, selector.measured_choice = refined
+    for entry in history:
+        entry["chosen"] = entry is best
     return history
+
+
+BETWEEN_ROUNDS = 3
+
+
+def _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target):
+    """When the table's proposals jump over the target (every group steps to its next width at
+    the same goal, e.g. a ViT head in all twelve blocks at once), bisect over the groups taking
+    that step: the removal measured just above the target plus the step of the first k groups.
+    Appends each measured removal to ``history``; returns the closest one's entry and its
+    (ratio, atoms), or None without two proposals around the target."""
+    measured = [(h, r) for h, r in zip(history, removals) if h["measured_ms"] is not None]
+    original = selector.latency.measured_ms  # the unpruned model bounds the target from above
+    measured.append(({"predicted_ms": original, "measured_ms": original}, (0.0, np.zeros(0, dtype=np.int64))))
+    above = [(h, r) for h, r in measured if h["measured_ms"] > target]
+    below = [(h, r) for h, r in measured if h["measured_ms"] <= target]
+    if not above or not below:
+        return None
+    (high, (_, fewer)), (low, (ratio, more)) = min(above, key=lambda x: x[0]["measured_ms"]), \
+        max(below, key=lambda x: x[0]["measured_ms"])
+    step = np.setdiff1d(more, fewer)
+    owners = graph.atom_group[step]
+    groups = [g for g in np.unique(owners) if g >= 0]
+    if len(groups) < 2 or not np.isin(fewer, more).all():
+        return None
+    # the groups whose step saves the most predicted time first, so that k moves latency steadily
+    saving = {g: -selector.latency.predict(np.concatenate([fewer, step[owners == g]])) for g in groups}
+    groups.sort(key=lambda g: -saving[g])
+    lo, hi, best = 0, len(groups), None
+    for _ in range(BETWEEN_ROUNDS):
+        if hi - lo < 2:
+            break
+        k = (lo + hi) // 2
+        removed = np.concatenate([fewer, step[np.isin(owners, groups[:k])]])
+        ms = _measured_against(unpruned, _removal_timer(graph, removed, example_inputs, config), original)
+        if ms is None:
+            break
+        entry = {"goal_ms": None, "predicted_ms": selector.latency.predict(removed), "measured_ms": ms,
+                 "between": [high["predicted_ms"], low["predicted_ms"]], "groups_stepped": k}
+        history.append(entry)
+        if best is None or abs(ms - target) < abs(best[0]["measured_ms"] - target):
+            best = (entry, removed)
+        lo, hi = (lo, k) if ms <= target else (k, hi)
+    if best is None:
+        return None
+    return best[0], (ratio, best[1])
 
 
 def next_goal(points: list[tuple[float, float]], target: float) -> float:

@@ -10,6 +10,7 @@ importance per MAC (or parameter) saved, so the budget is spent where importance
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import numpy as np
 
@@ -73,9 +74,12 @@ def atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field:
     return np.concatenate(atoms) if atoms else np.zeros(0, dtype=np.int64)
 
 
-def keep_count(n: int, ratio: float, config: PruneConfig, round_to: int | str | None = None) -> int:
+def keep_count(n: int, ratio: float, config: PruneConfig, round_to: int | str | None = None,
+               atom_width: int = 1) -> int:
+    """Atoms to keep of ``n`` at ``ratio``: a multiple of ``round_to`` channels, where each atom
+    is ``atom_width`` channels (an attention head of 64 dims is already a multiple of 8)."""
     round_to = config.round_to if round_to is None else round_to
-    step = round_to if isinstance(round_to, int) else 1  # "latency" rounds per group later
+    step = round_to // math.gcd(round_to, atom_width) if isinstance(round_to, int) else 1  # "latency": later
     keep = int(np.ceil(n * (1.0 - ratio) / step) * step)
     return max(min(keep, n), min(config.min_channels, n))
 
@@ -109,6 +113,9 @@ class Selector:
         self.round_to: int | str = config.round_to
         self._costs: dict[str, dict[int, float]] = {}
         self.latency_goal_ms: float | None = None  # target_latency as handed to the table, once calibrated
+        # target_latency: the removal calibration measured closest to the target, when it lies
+        # between two of the table's proposals (ratio, atoms); select() returns it
+        self.measured_choice: tuple[float, np.ndarray] | None = None
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group) -> float | None:
@@ -130,7 +137,7 @@ class Selector:
                                                             self.config.target_params is None else min(group_ratio, ratio))
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
-            keep = keep_count(len(ranked), group_ratio, self.config, self.round_to)
+            keep = keep_count(len(ranked), group_ratio, self.config, self.round_to, self.graph.atom_width(group))
             n_remove = min(len(ranked) - keep, len(candidates))
             if n_remove > 0 and self.round_to == "latency":
                 n_remove = len(ranked) - self._fastest_width(group, len(ranked) - n_remove, candidates)
@@ -165,7 +172,8 @@ class Selector:
             values.append(normalized[ok])
             owners.append(np.full(int(ok.sum()), group.index))
             cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
-            caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to)
+            caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to,
+                                                        self.graph.atom_width(group))
         if not atoms:
             return np.zeros(0, dtype=np.int64)
         atoms_a, values_a, owners_a = np.concatenate(atoms), np.concatenate(values), np.concatenate(owners)
@@ -232,6 +240,9 @@ class Selector:
         config = self.config
         if config.target_macs is None and config.target_params is None and config.target_latency is None:
             return config.ratio, self.remove_at(config.ratio, banned)
+        if self.measured_choice is not None:
+            ratio, atoms = self.measured_choice
+            return ratio, atoms[~banned[atoms]]
         field, value, measure, before = self.measure_for_target()
         target = self.absolute_target()
         if field == "target_latency" and self.latency_goal_ms is not None:

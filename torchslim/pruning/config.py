@@ -23,7 +23,8 @@ class PruneConfig:
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
                   the ratio then is searched and ``ratio`` is its upper bound.
-    round_to:     keep a multiple of this many channels (atoms) per group; ``"latency"`` picks,
+    round_to:     keep a multiple of this many channels per group (an atom of several channels,
+                  e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
                   width and its roundings up to 4/8/16/32 (a wider width wins ties), so pruning
                   never lands on a width slower than a wider one.

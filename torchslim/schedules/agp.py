@@ -78,7 +78,7 @@ class AGPPruner:
         removed = []
         for group in self.groups:
             scores = self.importance(self.graph, group)
-            n_remove = len(group) - keep_count(len(group), sparsity, self.config)
+            n_remove = len(group) - keep_count(len(group), sparsity, self.config, atom_width=self.graph.atom_width(group))
             removed.append(group.atoms[np.argsort(scores, kind="stable")[:n_remove]])
         removal = self.graph.removal(np.concatenate(removed) if removed else np.zeros(0, np.int64))
         params = dict(self.model.named_parameters())
