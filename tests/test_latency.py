@@ -209,3 +209,36 @@ def test_latency_per_mac_ranking_spends_a_macs_target_where_the_time_is():
         removed_by[ranking] = (int(np.isin(heavy, removed).sum()), int(np.isin(slow, removed).sum()))
     assert removed_by["global"][0] > 0 and removed_by["global"][1] == 0, removed_by
     assert removed_by["latency_per_mac"][0] == 0 and removed_by["latency_per_mac"][1] > 0, removed_by
+
+
+def test_target_latency_measures_removals_between_proposals_that_jump_over_it(monkeypatch):
+    """The table's proposal removed too much (measured 0.19 of the original for a 0.5 target)
+    and the next one up is the unpruned model: removals in between (one group's step taken,
+    the other's not) are measured, and the closest to the target is returned."""
+    from torchslim.pruning import _latency_loop
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    model = net()
+    graph = DependencyGraph.build(model, X)
+    config = torchslim.PruneConfig(target_latency=0.5)
+    groups = eligible_groups(graph, config)
+    first, second = groups[0].atoms, groups[1].atoms
+    table = _TableSaysOneGroupIsSlow(graph, first)
+    table.measured_ms = table.predict()
+    selector = Selector(graph, groups, {g.index: np.ones(len(g)) for g in groups}, config, table)
+
+    def fake_timer(graph_, removed, inputs, config_):
+        gone = np.isin(first, removed).mean() * 0.5 + np.isin(second, removed).mean() * 0.4
+        return lambda: 1.0 - gone
+
+    monkeypatch.setattr(_latency_loop, "_removal_timer", fake_timer)
+    unpruned = fake_timer(graph, np.zeros(0, dtype=np.int64), X, config)
+    below = np.concatenate([first[:29], second[:43]])  # 90% of each group
+    original = table.measured_ms
+    history = [{"goal_ms": None, "predicted_ms": table.predict(below), "measured_ms": 0.19 * original}]
+    entry, (ratio, removed) = _latency_loop._between_proposals(
+        selector, graph, X, config, history, [(0.9, below)], unpruned, 0.5 * original)
+    assert entry in history and entry["groups_stepped"] == 1
+    assert np.isin(removed, below).all() and set(removed.tolist()) == set(first[:29].tolist())  # the slow group first
+    assert abs(entry["measured_ms"] - (1 - 0.5 * 29 / 32) * original) < 1e-6 * original
+    assert ratio == 0.9
