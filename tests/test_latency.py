@@ -54,8 +54,10 @@ def test_target_latency_meets_its_prediction():
     result = torchslim.prune_(model, X, torchslim.PruneConfig(target_latency=0.6))
     chosen = [r for r in result.latency_calibration if r["chosen"]]
     assert len(chosen) == 1  # the round whose removal measured closest to the target
-    goal = chosen[0]["goal_ms"]  # the target, rescaled by measured savings
-    assert result.latency_predicted_ms <= goal + 1e-9
+    assert result.latency_predicted_ms == pytest.approx(chosen[0]["predicted_ms"])  # that removal was applied
+    if "between" not in chosen[0]:  # one of the table's proposals, not a removal measured between two
+        goal = chosen[0]["goal_ms"]  # the target, rescaled by measured savings
+        assert result.latency_predicted_ms <= goal + 1e-9
     assert result.plan
 
 
@@ -66,9 +68,12 @@ def test_target_latency_is_calibrated_by_measuring_the_proposal():
     first = result.latency_calibration[0]
     assert first["goal_ms"] == pytest.approx(0.6 * result.latency_before_ms)
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result.latency_calibration)
-    from torchslim.pruning._latency_loop import ROUNDS
+    from torchslim.pruning._latency_loop import BETWEEN_ROUNDS, ROUNDS
 
-    assert 1 <= len(result.latency_calibration) <= ROUNDS
+    rounds = [r for r in result.latency_calibration if "between" not in r]  # the table's own proposals
+    assert 1 <= len(rounds) <= ROUNDS
+    assert len(result.latency_calibration) - len(rounds) <= BETWEEN_ROUNDS
+    assert sum(r["chosen"] for r in result.latency_calibration) == 1
 
 
 def test_round_to_latency_never_picks_a_slower_wider_alternative():
