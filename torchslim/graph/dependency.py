@@ -97,6 +97,7 @@ class DependencyGraph:
         self._macs_memo: dict[tuple, int] = {}  # (op index, shapes) -> MACs, for estimate_macs
         self._slot_dims: dict[str, frozenset[int]] | None = None
         self._parameters: dict[str, nn.Parameter] | None = None
+        self._atom_widths: dict[int, int] = {}  # group index -> channels per atom
 
     # construction -------------------------------------------------------
     @classmethod
@@ -170,13 +171,15 @@ class DependencyGraph:
     def atom_width(self, group: Group) -> int:
         """Channels per atom of ``group`` in its narrowest parameter slot (1 for plain channels,
         the head dim for attention heads), so that ``round_to`` can count channels."""
-        widths = []
-        for name, dim in group.params:
-            labels = self.param_labels(name, dim)
-            mine = labels[self.atom_group[labels] == group.index]
-            if mine.size:
-                widths.append(mine.size // sorted_unique(mine).size)
-        return max(1, min(widths, default=1))
+        if group.index not in self._atom_widths:
+            widths = []
+            for name, dim in group.params:
+                labels = self.param_labels(name, dim)
+                mine = labels[self.atom_group[labels] == group.index]
+                if mine.size:
+                    widths.append(mine.size // sorted_unique(mine).size)
+            self._atom_widths[group.index] = max(1, min(widths, default=1))
+        return self._atom_widths[group.index]
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """The model's parameters by name, as traced (one walk over the model, kept)."""
