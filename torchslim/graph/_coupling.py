@@ -38,11 +38,13 @@ class Coupling:
         # per split/merge chunk: (key, dims covering each candidate digit, in preference order)
         self.reshape_choices: list[tuple[tuple[int, int], list[list[tuple[int, int]]]]] = []
         self.hints: list[np.ndarray] = []
-        # first element id of every (node, dim): one cumulative sum over all dims of all nodes
-        sizes = np.fromiter((s for node in nodes for s in node.shape), dtype=np.int64)
-        starts = np.cumsum(sizes) - sizes
-        self.offsets: list[np.ndarray] = np.split(starts, np.cumsum([node.ndim for node in nodes])[:-1]) if nodes else []
-        total = int(sizes.sum())
+        # slots: one per (node, dim), in element order; a slot's elements are one contiguous range
+        self.slot_sizes = np.fromiter((s for node in nodes for s in node.shape), dtype=np.int64)
+        self.slot_starts = np.cumsum(self.slot_sizes) - self.slot_sizes
+        self.first_slot = np.cumsum([0] + [node.ndim for node in nodes])  # each node's first slot
+        # first element id of every (node, dim)
+        self.offsets: list[np.ndarray] = np.split(self.slot_starts, self.first_slot[1:-1]) if nodes else []
+        total = int(self.slot_sizes.sum())
         self.size = total
         self.pinned = np.zeros(total, dtype=bool)
         self.inexact = np.zeros(total, dtype=bool)

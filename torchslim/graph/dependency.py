@@ -82,11 +82,9 @@ class DependencyGraph:
         self.coupling = coupling
         self.blockers = blockers
         self.n_atoms, self.labels = coupling.components()
-        # slots: one per (node, dim), in element order (a slot's elements are one contiguous range)
-        self._slot_start = np.concatenate(coupling.offsets + [np.zeros(0, np.int64)])
-        self._slot_size = np.asarray([s for node in trace_.nodes for s in node.shape], dtype=np.int64)
-        self._first_slot = np.cumsum([0] + [node.ndim for node in trace_.nodes])
+        self._slot_start, self._slot_size, self._first_slot = coupling.slot_starts, coupling.slot_sizes, coupling.first_slot
         self._slot_of_element = np.repeat(np.arange(self._slot_size.size), self._slot_size)
+        self._node_of_slot = np.repeat(np.arange(len(trace_.nodes)), np.diff(self._first_slot))
         self.atom_pinned = self._any_per_atom(coupling.pinned)
         self.atom_pinned |= ~self._atoms_with_activations()  # e.g. conv kernel positions
         self.atom_inexact = self._any_per_atom(coupling.inexact)
@@ -134,11 +132,10 @@ class DependencyGraph:
         rep = atom[first][np.cumsum(first) - 1]  # each pair's slot representative (its smallest atom)
         matrix = coo_matrix((np.ones(atom.size, dtype=np.int8), (atom, rep)), shape=(self.n_atoms,) * 2)
         _, family = connected_components(matrix, directed=False)
-        slot_node = np.searchsorted(self._first_slot, np.arange(self._slot_size.size), side="right") - 1
         params_by_family: dict[int, set[tuple[str, int]]] = {}
         with_weights: set[int] = set()
         for s, a in zip(slot[first].tolist(), atom[first].tolist()):
-            node = self.trace.nodes[slot_node[s]]
+            node = self.trace.nodes[self._node_of_slot[s]]
             if node.kind in (PARAM, BUFFER):
                 params_by_family.setdefault(int(family[a]), set()).add((node.name, s - int(self._first_slot[node.index])))
                 if node.kind == PARAM:
@@ -160,8 +157,7 @@ class DependencyGraph:
     def _atoms_with_activations(self) -> np.ndarray:
         """Atoms that touch at least one activation; weight-only atoms are never prunable."""
         is_act = np.asarray([node.kind not in (PARAM, BUFFER) for node in self.trace.nodes], dtype=bool)
-        node_of_slot = np.repeat(np.arange(len(self.trace.nodes)), np.diff(self._first_slot))
-        return self._any_per_atom(is_act[node_of_slot][self._slot_of_element])
+        return self._any_per_atom(is_act[self._node_of_slot][self._slot_of_element])
 
     # queries ------------------------------------------------------------
     def param_labels(self, name: str, dim: int) -> np.ndarray:

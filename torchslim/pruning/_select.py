@@ -295,11 +295,11 @@ def estimate_params(graph: DependencyGraph, removed_atoms: np.ndarray | None = N
     removed = np.zeros(graph.n_atoms, dtype=bool)
     if removed_atoms is not None and len(removed_atoms):
         removed[np.asarray(removed_atoms, dtype=np.int64)] = True
-    trainable = {n for n, _ in graph.model.named_parameters()}
+    trainable = graph.parameters()
     shapes = graph.shapes_after(removed)
     total = 0
     for name, node in graph.trace.param_nodes.items():
         if name in trainable:
             total += int(np.prod(shapes[node]))
-    untraced = sum(p.numel() for n, p in graph.model.named_parameters() if n not in graph.trace.param_nodes)
+    untraced = sum(p.numel() for n, p in trainable.items() if n not in graph.trace.param_nodes)
     return total + untraced
