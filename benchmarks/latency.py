@@ -25,8 +25,8 @@ from rich.table import Table
 import torchslim
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim._timing import keep_freed_memory, measure_latency
-from torchslim.latency import best_of_rounds, make_runner
+from torchslim._timing import keep_freed_memory
+from torchslim.latency import measure_in_turn
 
 
 def build(name: str):
@@ -83,11 +83,8 @@ MAX_SPARSITY = 0.75
 def interleaved(models: dict, inputs, runtime: str, threads: int) -> dict:
     """Min over rounds of the median latency, models measured in turn each round, so that load
     from other processes hits all of them alike and the least-disturbed round counts."""
-    timers = {}
-    for name, model in models.items():
-        run = make_runner(model, inputs, runtime, threads)  # ONNX Runtime: exported once per model
-        timers[name] = lambda run=run: measure_latency(run, warmup=3, repeats=15, threads=threads).median_ms
-    return best_of_rounds(timers, ROUNDS)
+    stats = measure_in_turn(models, inputs, runtime=runtime, threads=threads, rounds=ROUNDS, warmup=3, repeats=15)
+    return {name: s.median_ms for name, s in stats.items()}
 
 
 def latency_target_row(name: str, model, inputs, target: float, threads: int) -> dict:

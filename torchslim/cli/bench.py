@@ -32,10 +32,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torchslim
-    from torchslim._timing import keep_freed_memory, measure_latency
+    from torchslim._timing import keep_freed_memory
     from torchslim.graph import DependencyGraph
     from torchslim.graph.macs import estimate_macs
-    from torchslim.latency import best_of_rounds, make_runner
+    from torchslim.latency import measure_in_turn
 
     if not args.system_malloc:
         keep_freed_memory()
@@ -47,11 +47,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, torchslim.PruningError) as exc:
         raise CliError(str(exc)) from None
     nets = {"original": model, "pruned": pruned}
-    runners = {label: make_runner(net, inputs, args.runtime, args.threads) for label, net in nets.items()}
     # measured in turn, best of rounds: neither model gets the cold first measurement alone
-    latency = best_of_rounds({label: (lambda run=run: measure_latency(run, warmup=5, repeats=args.repeats,
-                                                                     threads=args.threads))
-                              for label, run in runners.items()}, rounds=ROUNDS, key=lambda stats: stats.median_ms)
+    latency = measure_in_turn(nets, inputs, runtime=args.runtime, threads=args.threads, rounds=ROUNDS, warmup=5,
+                              repeats=args.repeats)
     rows = {}
     for label, net in nets.items():
         stats = latency[label]

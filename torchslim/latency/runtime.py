@@ -19,10 +19,22 @@ T = TypeVar("T")
 def measure_model(model: nn.Module, example_inputs: ExampleInputs, *, runtime: str = "torch", threads: int | None = 1,
                   warmup: int = 5, repeats: int = 30) -> LatencyStats:
     """Median latency of ``model`` on ``runtime`` ("torch" or "onnxruntime")."""
-    stats = measure_latency(make_runner(model, example_inputs, runtime, threads), warmup=warmup, repeats=repeats,
-                            threads=threads)
+    return measure_in_turn({"model": model}, example_inputs, runtime=runtime, threads=threads, rounds=1,
+                           warmup=warmup, repeats=repeats)["model"]
+
+
+def measure_in_turn(models: dict[str, nn.Module], example_inputs: ExampleInputs, *, runtime: str = "torch",
+                    threads: int | None = 1, rounds: int = 3, warmup: int = 5,
+                    repeats: int = 30) -> dict[str, LatencyStats]:
+    """Latency of each model on ``runtime``, the models timed in turn for ``rounds`` rounds and
+    each one's least-disturbed round kept (:func:`best_of_rounds`)."""
+    runners = {label: make_runner(model, example_inputs, runtime, threads) for label, model in models.items()}
+    timers = {label: (lambda run=run: measure_latency(run, warmup=warmup, repeats=repeats, threads=threads))
+              for label, run in runners.items()}
+    stats = best_of_rounds(timers, rounds, key=lambda s: s.median_ms)
     if runtime == "onnxruntime":
-        stats.threads = threads or 0  # the session's own thread count, not torch's
+        for entry in stats.values():
+            entry.threads = threads or 0  # the session's own thread count, not torch's
     return stats
 
 
