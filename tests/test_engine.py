@@ -219,6 +219,36 @@ def test_exclude_and_op_names():
         torchslim.prune_(model, x, torchslim.PruneConfig(op_names=["nothing.here"]))
 
 
+class SharedBackbone(nn.Module):
+    """A backbone registered under two names, as MODNet's ``lr_branch.backbone`` is ``backbone``."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.branch = nn.Module()
+        self.branch.backbone = self.backbone
+        self.head = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 2, 1))
+
+    def forward(self, x):
+        return self.head(self.branch.backbone(x))
+
+
+@pytest.mark.parametrize("alias", ["backbone.*", "branch.backbone.*"])
+def test_shared_module_patterns_match_by_either_name(alias):
+    model, x = randomize_norms_(SharedBackbone()), torch.randn(1, 3, 16, 16)
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exclude=[alias]))
+    assert [m.out_channels for m in model.backbone if isinstance(m, nn.Conv2d)] == [16, 32]
+    assert model.head[0].out_channels == 12
+    assert torchslim.verify(original, model, x, result.plan).ok
+    model = copy.deepcopy(original)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, op_names=[alias]))
+    assert [m.out_channels for m in model.backbone if isinstance(m, nn.Conv2d)] == [8, 16]
+    assert model.head[0].out_channels == 24
+    assert torchslim.verify(original, model, x, result.plan).ok
+
+
 @pytest.mark.parametrize("field,value", [("ratio", 1.0), ("ratio", -0.1), ("round_to", 0), ("criterion", "bogus")])
 def test_invalid_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -21,6 +21,7 @@ from torchslim._inputs import call_model
 from torchslim.criteria._base import iter_batches, scatter_to_atoms
 from torchslim.criteria.taylor import batch_inputs
 from torchslim.graph import DependencyGraph, Group
+from torchslim.graph._trace import module_names
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.PReLU, nn.Sigmoid,
                nn.Tanh)
@@ -41,7 +42,7 @@ class ActivationImportance:
         if data is None:
             raise ValueError(f"criterion '{'apoz' if self.statistic == 'apoz' else 'mean_activation'}' needs data= (batches) in prune_")
         model = graph.model
-        names = {id(m): n for n, m in model.named_modules()}
+        names = module_names(model)
         call_index: dict[str, int] = defaultdict(int)
         handles = []
 

@@ -179,6 +179,23 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Each module's canonical name, by ``id``: the first name ``named_modules`` reaches it
+    under, which is the prefix its parameters carry in ``named_parameters`` and ``state_dict``
+    (a module registered under two names, like MODNet's ``lr_branch.backbone``, is known by
+    its first, ``backbone``)."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
+    return names
+
+
+def module_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name a module can be reached under (``lr_branch.backbone.conv``) -> its canonical name."""
+    canonical = module_names(model)
+    return {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
+
+
 def _named_tensors(model: nn.Module) -> dict[int, tuple[str, str, torch.Tensor]]:
     named: dict[int, tuple[str, str, torch.Tensor]] = {}
     for name, p in model.named_parameters(remove_duplicate=True):
@@ -196,7 +213,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
     args, kwargs = normalize_inputs(example_inputs)
     recorder = _Recorder(_named_tensors(model))
     module_calls: dict[str, list[ModuleCall]] = {}
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names = module_names(model)
     pending: dict[int, list[int]] = {}
 
     def pre_hook(module: nn.Module, inputs: tuple) -> None:

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from torchslim.graph import DependencyGraph, Group
+from torchslim.graph._trace import module_aliases
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning.config import PruneConfig
 
@@ -28,7 +29,7 @@ class PruningError(RuntimeError):
 
 def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
     """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only)."""
-    names = [n for n, _ in graph.model.named_modules()]
+    names = module_aliases(graph.model)  # a pattern may name a shared module by any of its names
     chosen = atoms_of_matching(graph, names, config.op_names, "op_names") if config.op_names is not None else None
     blocked = []
     if config.exclude:
@@ -66,8 +67,9 @@ def blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
     return f"the output channels of {list(patterns)!r} cannot be pruned: {causes}. To proceed: {advice}."
 
 
-def atoms_of_matching(graph: DependencyGraph, names: list[str], patterns, field: str, inputs: bool = False) -> np.ndarray:
-    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+def atoms_of_matching(graph: DependencyGraph, names: dict[str, str], patterns, field: str, inputs: bool = False) -> np.ndarray:
+    """Atoms of the modules whose name (``names``: any name -> canonical name) matches a pattern."""
+    matched = sorted({canonical for n, canonical in names.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)})
     if not matched:
         raise ValueError(f"PruneConfig.{field} {list(patterns)!r} matches no module of {type(graph.model).__name__}")
     atoms = [graph.module_input_atoms(n) if inputs else graph.module_output_atoms(n) for n in matched]
@@ -106,23 +108,26 @@ class Selector:
         self.latency = latency  # torchslim.latency.LatencyModel when the config needs one
         self.scores = scores
         self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
-        self.group_ratio = {g.index: self._module_ratio(g) for g in groups}
+        aliases = module_aliases(graph.model) if config.ratios else {}
+        self.group_ratio = {g.index: self._module_ratio(g, aliases) for g in groups}
         self.macs_before = estimate_macs(graph)
         self.params_before = estimate_params(graph)
         self.ranking = "latency" if config.latency_aware else "global" if config.global_ranking else "per_group"
         self.round_to: int | str = config.round_to
         self._costs: dict[str, dict[int, float]] = {}
+        self._saved: dict[str, dict[int, float]] = {}  # unit -> per group, what one atom saves
         self.latency_goal_ms: float | None = None  # target_latency as handed to the table, once calibrated
         # target_latency: the removal calibration measured closest to the target, when it lies
         # between two of the table's proposals (ratio, atoms); select() returns it
         self.measured_choice: tuple[float, np.ndarray] | None = None
 
     # per-group ratios ---------------------------------------------------------------
-    def _module_ratio(self, group: Group) -> float | None:
-        """The first ``PruneConfig.ratios`` glob matching a module whose output channels are in the group."""
+    def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
+        """The first ``PruneConfig.ratios`` glob matching a module (by any of its names, ``aliases``)
+        whose output channels are in the group."""
         for pattern, ratio in (self.config.ratios or {}).items():
-            for name, _ in self.graph.model.named_modules():
-                if fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(name), group.atoms).any():
+            for name, canonical in aliases.items():
+                if fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(canonical), group.atoms).any():
                     return float(ratio)
         return None
 
@@ -217,6 +222,11 @@ class Selector:
 
     def _savings(self, unit: str) -> dict[int, float]:
         """Per group, what one atom saves (from removing half of the group on the graph)."""
+        if unit not in self._saved:
+            self._saved[unit] = self._measure_savings(unit)
+        return self._saved[unit]
+
+    def _measure_savings(self, unit: str) -> dict[int, float]:
         if unit == "latency":
             measure = _latency_measure(self.latency)
         elif unit == "macs":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchslim.graph import DependencyGraph
-from torchslim.graph._trace import OpCall
+from torchslim.graph._trace import OpCall, module_names
 
 aten = torch.ops.aten
 _MISSING = object()
@@ -71,7 +71,7 @@ class SurgeryContext:
         self.removed = np.zeros(graph.n_atoms, dtype=bool)
         self.removed[removed_atoms] = True
         self.tx = tx
-        self.names = {id(m): n for n, m in graph.model.named_modules(remove_duplicate=False)}
+        self.names = module_names(graph.model)
         self._old: dict[tuple[int, str], Any] = {}
         self.touched: set[tuple[int, str]] = set()
 
