@@ -249,6 +249,39 @@ def test_shared_module_patterns_match_by_either_name(alias):
     assert torchslim.verify(original, model, x, result.plan).ok
 
 
+class TwinConvs(nn.Module):
+    """Two convs on one input, concatenated: no op ties their widths; a module rule does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_module_rule_applies_under_the_canonical_name_of_a_shared_module():
+    from torchslim.graph.dependency import _MODULE_RULES
+
+    @torchslim.register_module_rule(TwinConvs)
+    def _tie(c, module, name, trace):
+        c.same(trace.param_nodes[f"{name}.a.weight"], 0, trace.param_nodes[f"{name}.b.weight"], 0)
+
+    try:
+        twins = TwinConvs()
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), twins, nn.ReLU(), nn.Conv2d(32, 4, 1))
+        model[3].alias = twins  # the same module under a second, later name ("3.alias")
+        x = torch.randn(1, 3, 8, 8)
+        original = copy.deepcopy(model)
+        graph = DependencyGraph.build(model, x)
+        assert any({"1.a.weight", "1.b.weight"} <= {n for n, _ in g.params} for g in graph.groups)
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, op_names=["3.alias.a"]))
+        assert twins.a.out_channels == twins.b.out_channels == 8
+        assert torchslim.verify(original, model, x, result.plan).ok
+    finally:
+        _MODULE_RULES.pop(TwinConvs, None)
+
+
 @pytest.mark.parametrize("field,value", [("ratio", 1.0), ("ratio", -0.1), ("round_to", 0), ("criterion", "bogus")])
 def test_invalid_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
