@@ -6,6 +6,7 @@ runtime, with its latency table measured on that runtime and the fastest-measure
 rankings kept (``PruneResult.latency_candidates``) -- and writes
 benchmarks/results/latency.json with the machine described.
 Usage: python benchmarks/latency.py [--models resnet50 mobilenet_v2 vit_b_16 modnet] [--levels 0.75 0.5 0.25]
+       [--batch 1] [--merge] [--target-latency 0.5]; --levels with no value measures only the per-op cost rows
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ from torchslim._timing import keep_freed_memory
 from torchslim.latency import measure_in_turn
 
 
-def build(name: str):
+def build(name: str, batch: int = 1):
     if name == "modnet":
         from torchslim.models import create_model
 
-        return create_model("modnet").eval(), (torch.randn(1, 3, 256, 256), False)
-    return getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, 224, 224),)
+        return create_model("modnet").eval(), (torch.randn(batch, 3, 256, 256), False)
+    return getattr(torchvision.models, name)().eval(), (torch.randn(batch, 3, 224, 224),)
 
 
 def macs(model, inputs) -> int:
@@ -106,6 +107,32 @@ def latency_target_row(name: str, model, inputs, target: float, threads: int) ->
     return row
 
 
+TINY_SIDE = 32  # the smallest input every CNN here takes (MODNet: a multiple of 32)
+
+
+def overhead_row(name: str, model, inputs, threads: int) -> dict | None:
+    """Each runtime's per-op cost: latency is fitted as ``o + k * MACs`` through the model at its
+    input and at 32x32 (timed in turn), and ``o`` is what no channel pruning removes. If every
+    other millisecond fell with the MACs, pruning to half the MACs would give a latency ratio /
+    MACs ratio of ``(o/T + (1 - o/T) / 2) / (1/2)``; a ranking that cuts where the time is per
+    MAC does better, one that cuts compute-bound layers worse. None for ViT (its position
+    embedding fixes the input size)."""
+    if name.startswith("vit"):
+        return None
+    batch = inputs[0].shape[0]
+    tiny = (torch.randn(batch, 3, TINY_SIDE, TINY_SIDE),) + tuple(inputs[1:])
+    full_macs, tiny_macs = macs(model, inputs), macs(model, tiny)
+    row = {"model": name, "tiny_input": [batch, 3, TINY_SIDE, TINY_SIDE], "tiny_macs_fraction": tiny_macs / full_macs}
+    for runtime in ("torch", "onnxruntime"):
+        full = interleaved({"model": model}, inputs, runtime, threads)["model"]
+        small = interleaved({"model": model}, tiny, runtime, threads)["model"]
+        overhead = max((small * full_macs - full * tiny_macs) / (full_macs - tiny_macs), 0.0)
+        share = overhead / full
+        row[runtime] = {"full_ms": full, "tiny_ms": small, "overhead_ms": overhead, "overhead_share": share,
+                        "uniform_per_macs_at_half": (share + (1 - share) / 2) / 0.5}
+    return row
+
+
 def merged(previous: dict, rows: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
     """This run's rows plus the previous file's rows for (model, level) pairs and targets it did
     not measure, in model and level order."""
@@ -125,6 +152,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "vit_b_16", "modnet"])
     parser.add_argument("--levels", nargs="*", type=float, default=[0.75, 0.5, 0.25])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="batch size of the inputs pruned for and timed (per-op cost weighs less at larger batches)")
+    parser.add_argument("--serve-batch", type=int, default=0,
+                        help="also time every model at this batch size (pruned at --batch, served at another)")
     parser.add_argument("--target-latency", type=float, default=0.5, help="also prune to this latency fraction (0: skip)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     parser.add_argument("--system-malloc", action="store_true",
@@ -134,10 +165,14 @@ def main() -> None:
     args = parser.parse_args()
     steady = False if args.system_malloc else keep_freed_memory()
     console = Console()
-    rows, targets = [], []
+    rows, targets, overheads = [], [], []
     for name in args.models:
-        model, inputs = build(name)
+        model, inputs = build(name, args.batch)
         base_macs = macs(model, inputs)
+        overhead = overhead_row(name, model, inputs, args.threads)
+        if overhead is not None:
+            overheads.append(overhead)
+            console.print(overhead)
         for level in args.levels:
             pruned, seconds, choice = ours(model, inputs, level)
             pruned_ort, _, choice_ort = ours(model, inputs, level, "onnxruntime")
@@ -153,6 +188,10 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - the anchor failing is a result
                 row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
             times = {rt: interleaved(contenders, inputs, rt, args.threads) for rt in ("torch", "onnxruntime")}
+            served = {}
+            if args.serve_batch:
+                batch_inputs = (inputs[0].repeat(args.serve_batch, 1, 1, 1),) + tuple(inputs[1:])
+                served = {rt: interleaved(contenders, batch_inputs, rt, args.threads) for rt in ("torch", "onnxruntime")}
             for label, net in contenders.items():
                 if label == "original":
                     continue
@@ -161,8 +200,13 @@ def main() -> None:
                     entry[f"{rt}_ms"] = measured[label]
                     entry[f"{rt}_ratio"] = measured[label] / measured["original"]
                     entry[f"{rt}_per_macs"] = entry[f"{rt}_ratio"] / entry["macs_ratio"]
+                for rt, measured in served.items():
+                    ratio = measured[label] / measured["original"]
+                    entry[f"{rt}_per_macs_at_batch{args.serve_batch}"] = ratio / entry["macs_ratio"]
                 row[label] = entry
             row["original_ms"] = {rt: times[rt]["original"] for rt in times}
+            if served:
+                row[f"original_ms_at_batch{args.serve_batch}"] = {rt: served[rt]["original"] for rt in served}
             row["measured_at"] = time.strftime("%Y-%m-%d %H:%M")  # each row times its own original
             rows.append(row)
             console.print(row)
@@ -171,8 +215,10 @@ def main() -> None:
             targets[-1]["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
             console.print(targets[-1])
     if args.merge and args.out.exists():
-        rows, targets = merged(json.loads(args.out.read_text()), rows, targets)
-    table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread)")
+        previous = json.loads(args.out.read_text())
+        rows, targets = merged(previous, rows, targets)
+        overheads += [o for o in previous.get("per_op_overhead", []) if o["model"] not in {r["model"] for r in overheads}]
+    table = Table(title=f"latency ratio vs MACs ratio ({args.threads} thread, batch {args.batch})")
     # torch columns: pruned with the torch table; ORT columns: pruned with the ONNX Runtime table
     for col in ("model", "target", "MACs", "torch", "torch/MACs", "ORT MACs", "ORT", "ORT/MACs", "TP MACs",
                 "TP torch", "TP ORT", "kept ranking torch / ORT"):
@@ -185,12 +231,21 @@ def main() -> None:
                       f(t, "torch_ratio"), f(t, "onnxruntime_ratio"),
                       f"{r['ranking_chosen']['torch']['chosen']} / {r['ranking_chosen']['onnxruntime']['chosen']}")
     console.print(table)
+    if overheads:
+        floor = Table(title="per-op cost (latency = o + k * MACs, fitted at the input and at 32x32)")
+        for col in ("model", "torch o (ms)", "torch o / T", "torch uniform @50%", "ORT o (ms)", "ORT o / T", "ORT uniform @50%"):
+            floor.add_column(col, justify="right")
+        for o in overheads:
+            cells = [f"{o[rt][k]:.{d}f}" for rt in ("torch", "onnxruntime")
+                     for k, d in (("overhead_ms", 2), ("overhead_share", 2), ("uniform_per_macs_at_half", 2))]
+            floor.add_row(o["model"], *cells)
+        console.print(floor)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpu": platform.processor(),
-                                                "cores": os.cpu_count(), "threads": args.threads,
+                                                "cores": os.cpu_count(), "threads": args.threads, "batch": args.batch,
                                                 "torch": torch.__version__,
                                                 "freed_memory_kept_in_process": steady}, "rows": rows,
-                                    "latency_targets": targets}, indent=2))
+                                    "latency_targets": targets, "per_op_overhead": overheads}, indent=2))
 
 
 if __name__ == "__main__":
