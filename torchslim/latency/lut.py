@@ -2,10 +2,11 @@
 
 Each convolution or matrix product of the traced graph is a *layer spec* (kind, kernel,
 stride, groups mode, input size, bias or not: a 1x1 conv with a bias takes 1.6x as long at
-batch 8 in eager PyTorch, and most convs before a BatchNorm have none); the table maps ``(spec, in_channels, out_channels)`` to
-the median latency of that layer alone, measured once with warm-up and repeats and cached
-as JSON under ``~/.cache/torchslim/`` (override with ``TORCHSLIM_CACHE``) per machine,
-runtime (PyTorch eager, or ONNX Runtime with the layer exported alone) and thread count.
+batch 8 in eager PyTorch, and most convs before a BatchNorm have none); the table maps
+``(spec, in_channels, out_channels)`` to the median latency of that layer alone, measured
+once with warm-up and repeats and cached as JSON under ``~/.cache/torchslim/`` (override
+with ``TORCHSLIM_CACHE``) per machine, runtime (PyTorch eager, or ONNX Runtime with the
+layer exported alone) and thread count.
 Summed over the graph's layers, plus the measured remainder of the model (everything the
 table does not model), it predicts the latency of any pruning of the graph without
 building it.
