@@ -6,7 +6,8 @@ runtime, with its latency table measured on that runtime and the fastest-measure
 rankings kept (``PruneResult.latency_candidates``) -- and writes
 benchmarks/results/latency.json with the machine described.
 Usage: python benchmarks/latency.py [--models resnet50 mobilenet_v2 vit_b_16 modnet] [--levels 0.75 0.5 0.25]
-       [--batch 1] [--merge] [--target-latency 0.5]; --levels with no value measures only the per-op cost rows
+       [--batch 1] [--serve-batch 8] [--merge] [--target-latency 0.5]
+       (--levels with no value and --target-latency 0: only the per-op cost rows)
 """
 from __future__ import annotations
 
