@@ -219,6 +219,26 @@ def test_exclude_and_op_names():
         torchslim.prune_(model, x, torchslim.PruneConfig(op_names=["nothing.here"]))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_channels_prune_at_any_batch(affine):
+    """InstanceNorm runs as a BatchNorm over (1, batch * C): at batch 4 the merge's outer digit is
+    the input's batch, which stays, so the channels must be coupled by the C digit (they were
+    pinned). The same channels are prunable at batch 1 and 4, and the result is exact."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=affine), nn.ReLU(),
+                             nn.Conv2d(16, 8, 3, padding=1)).eval()
+
+    widths = {}
+    for batch in (1, 4):
+        model, x = build(), torch.randn(batch, 3, 12, 12)
+        original = copy.deepcopy(model)
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+        assert torchslim.verify(original, model, x, result.plan).ok
+        widths[batch] = model[0].out_channels
+    assert widths == {1: 8, 4: 8}
+
+
 class SharedBackbone(nn.Module):
     """A backbone registered under two names, as MODNet's ``lr_branch.backbone`` is ``backbone``."""
 

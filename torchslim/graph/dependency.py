@@ -292,22 +292,36 @@ def _couple(model, recorded: Trace, choices, keep_inputs: bool, keep_outputs: bo
 
 
 def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
-    """Point each split/merge at a digit that an op hinted as a pruning unit (attention heads).
+    """Point each split/merge at a digit that can be pruned: one an op hinted as a pruning unit
+    (attention heads), else, when the preferred digit is held by the model's inputs, outputs or
+    constants, the next that is not.
 
     E.g. grouped-query attention views k as (2 kv heads, 8 dims): by default the 8-wide digit
-    is preferred, but SDPA hints its head dim, which is connected to the kv-head digit.
+    is preferred, but SDPA hints its head dim, which is connected to the kv-head digit. And
+    InstanceNorm runs as a BatchNorm over (1, batch * C): at batch 8 the outer digit is the
+    input's batch, which stays, so the channels are coupled by the C digit instead of pinned.
     """
-    if not c.hints or not c.reshape_choices:
+    if not c.reshape_choices:
         return choices
     _, labels = c.components()
-    hinted = np.zeros(int(labels.max()) + 1, dtype=bool)
-    hinted[labels[np.concatenate(c.hints)]] = True
+    n_atoms = int(labels.max()) + 1
+    hinted = np.zeros(n_atoms, dtype=bool)
+    if c.hints:
+        hinted[labels[np.concatenate(c.hints)]] = True
+    fixed = np.zeros(n_atoms, dtype=bool)
+    held = [c.ids(p.node, d) for p in c.pin_reasons if p.reason in FIXED_PINS
+            for d in (range(c.nodes[p.node].ndim) if p.dim is None else [p.dim])]
+    if held:
+        fixed[labels[np.concatenate(held)]] = True
     revised = dict(choices)
     for key, candidates in c.reshape_choices:
-        for rank, dims in enumerate(candidates):
-            if dims and hinted[labels[np.concatenate([c.ids(n, d) for n, d in dims])]].any():
-                revised[key] = rank
-                break
+        atoms = [labels[np.concatenate([c.ids(n, d) for n, d in dims])] if dims else None for dims in candidates]
+        rank = next((r for r, a in enumerate(atoms) if a is not None and hinted[a].any()), None)
+        current = atoms[min(choices.get(key, 0), len(candidates) - 1)]
+        if rank is None and current is not None and fixed[current].all():
+            rank = next((r for r, a in enumerate(atoms) if a is not None and not fixed[a].all()), None)
+        if rank is not None:
+            revised[key] = rank
     return revised
 
 
@@ -354,13 +368,17 @@ def _pin_unlinked_outputs(c: Coupling, op: OpCall, mark: tuple[int, int]) -> Non
             c.pin_elements(start + np.flatnonzero(free))
 
 
+CONSTANT_PIN, INPUT_PIN, OUTPUT_PIN = "constant tensor created inside forward", "model input", "model output"
+FIXED_PINS = (CONSTANT_PIN, INPUT_PIN, OUTPUT_PIN)  # what the model's interface holds, not an op
+
+
 def _pin_fixed_tensors(c: Coupling, recorded: Trace, keep_inputs: bool, keep_outputs: bool) -> None:
     for node in recorded.nodes:
         if node.kind == CONST:
-            c.pin(node.index, None, "constant tensor created inside forward")
+            c.pin(node.index, None, CONSTANT_PIN)
     if keep_inputs:
         for n in recorded.input_nodes:
-            c.pin(n, None, "model input")
+            c.pin(n, None, INPUT_PIN)
     if keep_outputs:
         for n in recorded.output_nodes:
-            c.pin(n, None, "model output")
+            c.pin(n, None, OUTPUT_PIN)
