@@ -55,6 +55,7 @@ class Coupling:
         # ``same`` edges as (first id of a, first id of b, length): one tuple instead of two
         # aranges for the commonest declaration, expanded at once in ``edges``
         self._ranges: list[tuple[int, int, int]] = []
+        self._components: tuple[tuple[int, int], tuple[int, np.ndarray]] | None = None  # (edge mark, result)
 
     # element addressing -------------------------------------------------
     def shape(self, node: int) -> tuple[int, ...]:
@@ -138,11 +139,15 @@ class Coupling:
         return np.concatenate(left), np.concatenate(right)
 
     def components(self) -> tuple[int, np.ndarray]:
-        """Label every element with its atom (connected component)."""
-        left, right = self.edges()
-        data = np.ones(left.size, dtype=np.int8)
-        matrix = coo_matrix((data, (left, right)), shape=(self.size, self.size))
-        return connected_components(matrix, directed=False)
+        """Label every element with its atom (connected component); computed once per set of
+        unions (the reshape revision and the graph both ask for the same coupling's)."""
+        mark = self.edge_count()
+        if self._components is None or self._components[0] != mark:
+            left, right = self.edges()
+            data = np.ones(left.size, dtype=np.int8)
+            matrix = coo_matrix((data, (left, right)), shape=(self.size, self.size))
+            self._components = (mark, connected_components(matrix, directed=False))
+        return self._components[1]
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
