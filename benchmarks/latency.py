@@ -111,9 +111,10 @@ def latency_target_row(name: str, model, inputs, target: float, threads: int) ->
 TINY_SIDE = 32  # the smallest input every CNN here takes (MODNet: a multiple of 32)
 
 
-def overhead_row(name: str, model, inputs, threads: int) -> dict | None:
+def overhead_row(name: str, model, inputs, full_macs: int, threads: int) -> dict | None:
     """Each runtime's per-op cost: latency is fitted as ``o + k * MACs`` through the model at its
-    input and at 32x32 (timed in turn), and ``o`` is what no channel pruning removes. If every
+    input (``full_macs``) and at 32x32 (each the best of rounds), and ``o`` is what no channel
+    pruning removes. If every
     other millisecond fell with the MACs, pruning to half the MACs would give a latency ratio /
     MACs ratio of ``(o/T + (1 - o/T) / 2) / (1/2)``; a ranking that cuts where the time is per
     MAC does better, one that cuts compute-bound layers worse. None for ViT (its position
@@ -122,7 +123,7 @@ def overhead_row(name: str, model, inputs, threads: int) -> dict | None:
         return None
     batch = inputs[0].shape[0]
     tiny = (torch.randn(batch, 3, TINY_SIDE, TINY_SIDE),) + tuple(inputs[1:])
-    full_macs, tiny_macs = macs(model, inputs), macs(model, tiny)
+    tiny_macs = macs(model, tiny)
     row = {"model": name, "tiny_input": [batch, 3, TINY_SIDE, TINY_SIDE], "tiny_macs_fraction": tiny_macs / full_macs}
     for runtime in ("torch", "onnxruntime"):
         full = interleaved({"model": model}, inputs, runtime, threads)["model"]
@@ -170,7 +171,7 @@ def main() -> None:
     for name in args.models:
         model, inputs = build(name, args.batch)
         base_macs = macs(model, inputs)
-        overhead = overhead_row(name, model, inputs, args.threads)
+        overhead = overhead_row(name, model, inputs, base_macs, args.threads)
         if overhead is not None:
             overheads.append(overhead)
             console.print(overhead)
