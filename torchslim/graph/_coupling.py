@@ -104,10 +104,17 @@ class Coupling:
             self.same(node_a, d, node_b, d)
 
     def pin(self, node: int, dim: int | None = None, reason: str = "") -> None:
-        dims = range(self.nodes[node].ndim) if dim is None else [dim]
-        for d in dims:
+        for d in self._dims(node, dim):
             self.pinned[self.ids(node, d)] = True
         self.pin_reasons.append(PinReason(node, dim, reason))
+
+    def held_by(self, reasons: tuple[str, ...]) -> np.ndarray:
+        """Elements pinned for one of ``reasons`` (e.g. the model's inputs and outputs)."""
+        ids = [self.ids(p.node, d) for p in self.pin_reasons if p.reason in reasons for d in self._dims(p.node, p.dim)]
+        return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+    def _dims(self, node: int, dim: int | None) -> range | list[int]:
+        return range(self.nodes[node].ndim) if dim is None else [dim]
 
     def pin_elements(self, ids: np.ndarray) -> None:
         self.pinned[np.asarray(ids, dtype=np.int64)] = True

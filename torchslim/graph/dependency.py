@@ -309,10 +309,7 @@ def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
     if c.hints:
         hinted[labels[np.concatenate(c.hints)]] = True
     fixed = np.zeros(n_atoms, dtype=bool)
-    held = [c.ids(p.node, d) for p in c.pin_reasons if p.reason in FIXED_PINS
-            for d in (range(c.nodes[p.node].ndim) if p.dim is None else [p.dim])]
-    if held:
-        fixed[labels[np.concatenate(held)]] = True
+    fixed[labels[c.held_by(FIXED_PINS)]] = True
     revised = dict(choices)
     for key, candidates in c.reshape_choices:
         atoms = [labels[np.concatenate([c.ids(n, d) for n, d in dims])] if dims else None for dims in candidates]
