@@ -27,6 +27,7 @@ _EXPORTS = {
     "PruningPlan": "torchslim.pruning",
     "PruningError": "torchslim.pruning",
     "prune_": "torchslim.pruning",
+    "StaleOptimizerStateError": "torchslim.pruning._optimizer_state",
     "verify": "torchslim.pruning",
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",

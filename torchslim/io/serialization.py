@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners, named_tensors, slice_to_kept
+from torchslim.pruning._optimizer_state import remember_former_shapes
+from torchslim.pruning._surgery import Transaction, _get_tensor, named_tensors, slice_to_kept
 from torchslim.pruning.plan import PruningPlan
 
 FORMAT = "torchslim.checkpoint/1"
@@ -172,8 +173,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     indices, every recorded module attribute set), then the saved weights are set strictly
     (same keys, same shapes). Everything is validated first; on any error a
     :class:`CheckpointError` (a ``ValueError``) names the file or key at fault and the model
-    is left untouched. Returns ``model``, modified in place. Parameters are replaced by new
-    objects: create optimizers after loading.
+    is left untouched. Returns ``model``, modified in place: its parameters stay the same
+    objects (an optimizer built before keeps training them, if it has no state yet).
     """
     directory = Path(path)
     if directory.is_file() and directory.name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
@@ -199,6 +200,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         tx.rollback()
         raise
     sync_hf_config(model)  # the config follows the replayed widths, as it did after pruning
+    remember_former_shapes(model, plan)
     return model
 
 
@@ -366,9 +368,8 @@ def _is_plain(value: Any) -> bool:
 def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
     """Slice every planned tensor to its kept indices and set the recorded attributes, per step."""
     for step in plan.steps:
-        owners = _tensor_owners(model)
         for name, dims in step.removed.items():
-            slice_to_kept(owners, _get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
+            slice_to_kept(_get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
         for label, attrs in step.attributes.items():
             module = model.get_submodule(label) if label else model
             for attr, value in attrs.items():
@@ -387,9 +388,9 @@ def _coerce(current: Any, value: Any) -> Any:
 
 
 def _set_weights(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], tx: Transaction) -> None:
-    """Replace every parameter/buffer in the state_dict by the saved value (cast to the model's
-    dtype and device, like ``load_state_dict``), keeping tied tensors tied."""
-    owners = _tensor_owners(model)
+    """Give every parameter/buffer in the state_dict the saved value (cast to the model's dtype
+    and device, like ``load_state_dict``) in place: the objects stay, so tied tensors stay tied
+    and an optimizer built before ``load`` keeps training the model's parameters."""
     done: set[int] = set()
     for key, current in model.state_dict(keep_vars=True).items():
         if id(current) in done:
@@ -399,10 +400,7 @@ def _set_weights(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict
         value = stored.to(device=current.device, dtype=current.dtype).detach()
         if value.data_ptr() == stored.data_ptr():  # own, aligned memory (not a view into the file's buffer):
             value = value.clone()  # kernels pick alignment-dependent paths, outputs must be bit-identical
-        if isinstance(current, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=current.requires_grad)
-        for module, attr in owners[id(current)]:
-            tx.set_tensor(module, attr, value)
+        tx.set_data(current, value)
 
 
 def _final_check(model: nn.Module, expected: dict[str, list[int]]) -> None:
