@@ -19,7 +19,7 @@ from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
 from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
-from torchslim.pruning.plan import PlanStep, PruningPlan
+from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
 from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded, zero_removed_
 
 MAX_ATTEMPTS = 12
@@ -66,7 +66,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
 
     Parameters stay the same objects (sliced in place), so an optimizer built before keeps
     training them; pass it as ``optimizer`` to slice its per-parameter state (Adam moments,
-    momentum) to the kept indices too.
+    momentum) to the kept indices too. The model records the plan in its pruning history
+    (``torchslim.pruning_history``), which ``torchslim.save(model, path)`` writes.
     """
     check_optimizer(optimizer)
     config = config or PruneConfig()
@@ -122,10 +123,11 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
 
 def _record_commit(model: nn.Module, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> None:
     """After a committed removal: slice the optimizer's state, note the parameters' former shapes
-    (a step on stale state then fails loudly)."""
+    (a step on stale state then fails loudly) and append the plan to the model's history."""
     if optimizer is not None:
         slice_optimizer_state(optimizer, model, plan)
     remember_former_shapes(model, plan)
+    record_history(model, plan)
 
 
 # application ----------------------------------------------------------------------------
