@@ -409,6 +409,72 @@ def test_no_pickle_in_checkpoint(checkpoint):
 
 
 # ---------------------------------------------------------------------------------------
+# pruning history: save(model, path) without the plan
+# ---------------------------------------------------------------------------------------
+def test_save_without_the_plan_uses_the_models_history(tmp_path):
+    model, x = _build("small_resnet")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+    save(model, tmp_path)  # no result passed: the model knows what was removed
+    steps = torchslim.PruningPlan.from_dict(json.loads((tmp_path / "plan.json").read_text())).steps
+    assert len(steps) == 1 and steps[0].removed
+    _load_into_fresh(tmp_path, "small_resnet", model, x)
+
+
+def test_history_accumulates_and_survives_deepcopy_state_dict_and_torch_save(tmp_path):
+    model, x = _build("small_resnet")
+    keys = list(model.state_dict())
+    first = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3))
+    second = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3))
+    assert torchslim.pruning_history(model).steps == first.plan.steps + second.plan.steps
+    assert list(model.state_dict()) == keys  # not a tensor, not in the state_dict
+    copied = copy.deepcopy(model)
+    assert torchslim.pruning_history(copied).steps == first.plan.steps + second.plan.steps
+    torch.save(copied, tmp_path / "whole.pt")
+    unpickled = torch.load(tmp_path / "whole.pt", weights_only=False)
+    save(unpickled, tmp_path / "ckpt")
+    _load_into_fresh(tmp_path / "ckpt", "small_resnet", model, x)
+
+
+def test_load_then_prune_again_then_save_replays_both_steps(tmp_path):
+    model, x = _build("small_resnet")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3))
+    save(model, tmp_path / "one")
+    loaded = _load_into_fresh(tmp_path / "one", "small_resnet", model, x)
+    assert len(torchslim.pruning_history(loaded).steps) == 1
+    torchslim.prune_(loaded, x, torchslim.PruneConfig(ratio=0.3))
+    save(loaded, tmp_path / "two")  # the checkpoint's plan, then the new pruning
+    assert len(json.loads((tmp_path / "two" / "plan.json").read_text())["steps"]) == 2
+    twice = _load_into_fresh(tmp_path / "two", "small_resnet", loaded, x)
+    assert len(torchslim.pruning_history(twice).steps) == 2
+
+
+def test_save_refuses_a_model_changed_by_hand_after_pruning(tmp_path):
+    model, x = _build("small_resnet")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exclude=["fc"]))
+    model.fc = nn.Linear(model.fc.in_features, 3)  # a new head, not in the history
+    with pytest.raises(CheckpointError, match=r"'fc\.weight' has shape \[3, \d+\], its last pruning left it at \[5, "):
+        save(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_save_refuses_a_history_broken_by_hand_between_two_prunings(tmp_path):
+    model, x = _build("small_resnet")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3, exclude=["fc"]))
+    model.fc = nn.Linear(model.fc.in_features, 3)  # by hand: a smaller head
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.3, exclude=["fc"]))
+    with pytest.raises(CheckpointError, match=r"'fc\.weight'.*changed by hand"):
+        save(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_pruned_model_with_history_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, x = _build("small_resnet")
+    torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+    assert export_onnx(model, x, tmp_path / "m.onnx").ok
+
+
+# ---------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

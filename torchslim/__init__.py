@@ -5,7 +5,7 @@ Front door::
     report = torchslim.analyze(model, example_inputs)
     result = torchslim.prune_(model, example_inputs, torchslim.PruneConfig(ratio=0.5))
     torchslim.verify(original, model, example_inputs, result.plan)
-    torchslim.save(model, "pruned/", result); torchslim.load("pruned/", fresh_original)
+    torchslim.save(model, "pruned/"); torchslim.load("pruned/", fresh_original)
 
 Names are imported lazily so that ``import torchslim`` and the CLI start fast.
 """
@@ -27,6 +27,8 @@ _EXPORTS = {
     "PruningPlan": "torchslim.pruning",
     "PruningError": "torchslim.pruning",
     "prune_": "torchslim.pruning",
+    "pruning_history": "torchslim.pruning.plan",
+    "StaleOptimizerStateError": "torchslim.pruning._optimizer_state",
     "verify": "torchslim.pruning",
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",

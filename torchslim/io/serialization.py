@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._surgery import Transaction, _get_tensor, _tensor_owners, named_tensors, slice_to_kept
-from torchslim.pruning.plan import PruningPlan
+from torchslim.pruning._optimizer_state import remember_former_shapes
+from torchslim.pruning._surgery import Transaction, _get_tensor, named_tensors, slice_to_kept
+from torchslim.pruning.plan import PruningPlan, history_mismatch, record_history, recorded_history
 
 FORMAT = "torchslim.checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,14 +52,17 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------
 def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
          metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (pruned) and ``plan`` to the directory ``path``; returns the directory.
+    """Write ``model`` (pruned) and its pruning plan to the directory ``path``; returns the directory.
 
-    ``plan`` is the ``PruningPlan`` (or the ``PruneResult``) of every pruning applied to the
-    original model since it was built (``plan1.extend(plan2)`` for successive prunings);
-    ``None`` means the model was not pruned. ``metadata`` is any JSON-serialisable dict,
-    stored in ``meta.json``. Files are written atomically (temporary file, then rename).
+    Without ``plan`` the model's own history is written (``torchslim.pruning_history``: the
+    checkpoint's plan if it was loaded, then every ``prune_`` since), after checking that the
+    model's shapes are still the ones that history left them at (not changed by hand since);
+    a model never pruned gets an empty plan. An explicit ``plan`` (a ``PruningPlan``,
+    ``PruneResult`` or ``IterativeResult``) is written as given: ``load`` then expects the
+    model that plan started from (the CLI records it). ``metadata`` is any JSON-serialisable
+    dict, stored in ``meta.json``. Files are written atomically (temporary file, then rename).
     """
-    plan = _as_plan(plan)
+    plan = _plan_to_save(model, plan)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory (a checkpoint is a directory)")
@@ -97,6 +101,22 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     _write_text(directory / PLAN_FILE, plan_text)
     _write_text(directory / META_FILE, _dumps(meta, META_FILE))  # last: a complete meta means a complete save
     return directory
+
+
+def _plan_to_save(model: nn.Module, plan: Any) -> PruningPlan:
+    """The plan given, or else ``model``'s own history after checking that its current shapes
+    are still the ones that history left (empty for a model never pruned)."""
+    if plan is not None:
+        return _as_plan(plan)
+    history = recorded_history(model)
+    if history is None:
+        return PruningPlan()
+    mismatch = history_mismatch(model)
+    if mismatch is not None:
+        raise CheckpointError(f"cannot save {_qualname(model)}: its shapes no longer match its pruning history "
+                              f"({mismatch}); was it changed by hand after prune_/load? Pass the plan that "
+                              "re-creates it from the original, or prune with torchslim.prune_ only")
+    return history.plan
 
 
 def _as_plan(plan: Any) -> PruningPlan:
@@ -172,8 +192,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     indices, every recorded module attribute set), then the saved weights are set strictly
     (same keys, same shapes). Everything is validated first; on any error a
     :class:`CheckpointError` (a ``ValueError``) names the file or key at fault and the model
-    is left untouched. Returns ``model``, modified in place. Parameters are replaced by new
-    objects: create optimizers after loading.
+    is left untouched. Returns ``model``, modified in place: its parameters stay the same
+    objects (an optimizer built before keeps training them, if it has no state yet) and its
+    pruning history starts with the checkpoint's plan, so it can be pruned again and saved.
     """
     directory = Path(path)
     if directory.is_file() and directory.name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
@@ -199,6 +220,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         tx.rollback()
         raise
     sync_hf_config(model)  # the config follows the replayed widths, as it did after pruning
+    remember_former_shapes(model, plan)
+    record_history(model, plan, start_over=True)
     return model
 
 
@@ -366,9 +389,8 @@ def _is_plain(value: Any) -> bool:
 def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
     """Slice every planned tensor to its kept indices and set the recorded attributes, per step."""
     for step in plan.steps:
-        owners = _tensor_owners(model)
         for name, dims in step.removed.items():
-            slice_to_kept(owners, _get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
+            slice_to_kept(_get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
         for label, attrs in step.attributes.items():
             module = model.get_submodule(label) if label else model
             for attr, value in attrs.items():
@@ -387,9 +409,9 @@ def _coerce(current: Any, value: Any) -> Any:
 
 
 def _set_weights(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], tx: Transaction) -> None:
-    """Replace every parameter/buffer in the state_dict by the saved value (cast to the model's
-    dtype and device, like ``load_state_dict``), keeping tied tensors tied."""
-    owners = _tensor_owners(model)
+    """Give every parameter/buffer in the state_dict the saved value (cast to the model's dtype
+    and device, like ``load_state_dict``) in place: the objects stay, so tied tensors stay tied
+    and an optimizer built before ``load`` keeps training the model's parameters."""
     done: set[int] = set()
     for key, current in model.state_dict(keep_vars=True).items():
         if id(current) in done:
@@ -399,10 +421,7 @@ def _set_weights(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict
         value = stored.to(device=current.device, dtype=current.dtype).detach()
         if value.data_ptr() == stored.data_ptr():  # own, aligned memory (not a view into the file's buffer):
             value = value.clone()  # kernels pick alignment-dependent paths, outputs must be bit-identical
-        if isinstance(current, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=current.requires_grad)
-        for module, attr in owners[id(current)]:
-            tx.set_tensor(module, attr, value)
+        tx.set_data(current, value)
 
 
 def _final_check(model: nn.Module, expected: dict[str, list[int]]) -> None:

@@ -2,7 +2,9 @@
 
 Every change goes through a :class:`Transaction` that records the old value, so a
 failure anywhere leaves the model exactly as it was (same parameter objects, same
-attributes). Module attributes follow the new weights through per-type handlers
+attributes). Parameters and buffers are sliced in place (``tensor.data`` is swapped), so
+the objects an optimizer, a tied module or the user holds stay the ones the model uses.
+Module attributes follow the new weights through per-type handlers
 (``register_module_handler``); integer attributes used as literal sizes inside forward
 (``self.num_heads`` in a view, ``self.split`` in ``x[:, :self.split]``) are found by
 matching the traced op arguments against the module's integer attributes.
@@ -37,10 +39,30 @@ class Transaction:
         self.changes.setdefault(label, {})[name] = value
 
     def set_tensor(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        """Register a different tensor object as ``module.name`` (``set_data`` keeps the object)."""
         store = module._parameters if name in module._parameters else module._buffers
         old = store[name]
         store[name] = value
         self._undo.append(lambda: store.__setitem__(name, old))
+
+    def set_data(self, tensor: torch.Tensor, data: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Give ``tensor`` (a parameter or buffer) new ``data`` in place, keeping the object itself.
+
+        Its gradient becomes ``grad``; without one it stays when the shape is unchanged and is
+        dropped when not. The undo restores the old data and gradient objects, bit for bit.
+        """
+        old_data, old_grad = tensor.data, tensor.grad
+        new_grad = old_grad if data.shape == old_data.shape and grad is None else grad
+        tensor.grad = None  # a gradient must always match the data's shape: clear it while swapping
+        tensor.data = data
+        tensor.grad = new_grad
+
+        def undo() -> None:
+            tensor.grad = None
+            tensor.data = old_data
+            tensor.grad = old_grad
+
+        self._undo.append(undo)
 
     def rollback(self) -> None:
         while self._undo:
@@ -106,11 +128,11 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     """
     model = graph.model
     removal = graph.removal(removed_atoms)
-    owners = _tensor_owners(model)
     tensors = named_tensors(model)
-    for name, dims in removal.items():
-        tensor = tensors[name]
-        slice_to_kept(owners, tensor, {dim: _complement(tensor.shape[dim], gone) for dim, gone in dims.items()}, tx)
+    kept = {name: {dim: _complement(tensors[name].shape[dim], gone) for dim, gone in dims.items()}
+            for name, dims in removal.items()}  # from the shapes before any slicing
+    for name, dims in kept.items():
+        slice_to_kept(tensors[name], dims, tx)
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     ctx = SurgeryContext(graph, removed_atoms, tx)
@@ -129,17 +151,22 @@ def _complement(size: int, gone: np.ndarray) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def slice_to_kept(owners: dict[int, list[tuple[nn.Module, str]]], tensor: torch.Tensor,
-                  kept: dict[int, np.ndarray], tx: Transaction) -> None:
-    """Replace a parameter or buffer (under every name it is registered as, from ``owners``)
-    by a contiguous copy holding only the ``kept`` indices of each dim, inside ``tx``."""
-    new = tensor.detach()
+def slice_to_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray], tx: Transaction) -> None:
+    """Slice a parameter or buffer in place (inside ``tx``) to a contiguous copy holding only the
+    ``kept`` indices of each dim; its gradient, if any, is sliced alike. The object stays the
+    same, so every module it is registered in (tied weights) and every optimizer holding it
+    see the new data."""
+    data = _index_kept(tensor.detach(), kept)
+    grad = _index_kept(tensor.grad.detach(), kept) if tensor.grad is not None else None
+    tx.set_data(tensor, data, grad)
+
+
+def _index_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray]) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` with only the ``kept`` indices of each dim (never a view)."""
+    new = tensor
     for dim, keep in kept.items():
         new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=new.device))
-    new = new.contiguous() if kept else new.clone()  # index_select already copied: never aliases the old
-    replacement = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
-    for module, attr in owners[id(tensor)]:
-        tx.set_tensor(module, attr, replacement)
+    return new.contiguous() if kept else new.clone()  # index_select already copied: never aliases the old
 
 
 def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:
@@ -147,15 +174,6 @@ def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, 
     tensors = dict(model.named_parameters(remove_duplicate=remove_duplicate))
     tensors.update(dict(model.named_buffers(remove_duplicate=remove_duplicate)))
     return tensors
-
-
-def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                owners.setdefault(id(t), []).append((module, attr))
-    return owners
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:

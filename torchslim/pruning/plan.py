@@ -3,6 +3,11 @@
 Plans are plain JSON (parameter name -> dim -> removed indices, plus the original
 shapes), so a pruned checkpoint can be re-created from a freshly built original
 without unpickling anything. Successive prunings are kept as ordered steps.
+
+A model pruned by ``prune_`` (or re-created by ``load``) carries its history, the plan of
+every pruning since it was built, as a plain attribute of its root module (read it with
+:func:`pruning_history`): it survives ``copy.deepcopy``, stays out of ``state_dict()`` and
+lets ``save(model, path)`` write a checkpoint without being handed the plan.
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 
 @dataclasses.dataclass
@@ -78,3 +85,85 @@ class PruningPlan:
             shapes = {n: [int(x) for x in shape] for n, shape in s["shapes"].items()}
             steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {}))))
         return cls(steps)
+
+
+# pruning history ------------------------------------------------------------------------
+HISTORY_ATTRIBUTE = "_torchslim_history"
+
+
+@dataclasses.dataclass
+class PruningHistory:
+    """What a model went through: ``plan`` (every pruning since the original was built) and
+    ``shapes``, its state_dict shapes right after. ``conflict`` says why the plan stopped
+    describing the model (its shapes changed by hand between two prunings), when that happened."""
+
+    plan: PruningPlan
+    shapes: dict[str, tuple[int, ...]]
+    conflict: str | None = None
+
+
+def pruning_history(model: nn.Module) -> PruningPlan:
+    """The plan of every pruning applied to ``model`` since it was built (``prune_`` calls
+    accumulate; ``load`` starts it with the checkpoint's plan); empty when never pruned."""
+    history = recorded_history(model)
+    return PruningPlan(list(history.plan.steps)) if history is not None else PruningPlan()
+
+
+def recorded_history(model: nn.Module) -> PruningHistory | None:
+    history = getattr(model, HISTORY_ATTRIBUTE, None)
+    return history if isinstance(history, PruningHistory) else None
+
+
+def record_history(model: nn.Module, plan: PruningPlan, *, start_over: bool = False) -> None:
+    """Append ``plan`` (just applied to ``model``) to its history, or start the history with it.
+
+    Appending first checks that the model, before ``plan``, still had the shapes the history
+    left it with; if not (pruned by hand in between), the history keeps the plan but records
+    the conflict, so that ``save`` refuses it rather than write a checkpoint ``load`` rejects.
+    """
+    previous = None if start_over else recorded_history(model)
+    conflict = previous.conflict if previous is not None else None
+    if previous is not None and conflict is None:
+        found = shape_conflict(previous.shapes, _shapes_before(model, plan))
+        conflict = f"before pruning step {len(previous.plan.steps) + 1}, {found}" if found else None
+    steps = (list(previous.plan.steps) if previous is not None else []) + list(plan.steps)
+    setattr(model, HISTORY_ATTRIBUTE, PruningHistory(PruningPlan(steps), state_shapes(model), conflict))
+
+
+def history_mismatch(model: nn.Module) -> str | None:
+    """Why ``model``'s current shapes disagree with its recorded history, or None when they agree."""
+    history = recorded_history(model)
+    if history is None:
+        return None
+    return history.conflict or shape_conflict(history.shapes, state_shapes(model))
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in ``model.state_dict()``: what a checkpoint stores."""
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+
+
+def shape_conflict(recorded: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]]) -> str | None:
+    """The first state_dict entry whose shape differs between the two, described; None if none."""
+    for key in list(recorded) + [k for k in actual if k not in recorded]:
+        if key not in actual:
+            return f"'{key}' (shape {list(recorded[key])} after its last pruning) is no longer in the model"
+        if key not in recorded:
+            return f"'{key}' (shape {list(actual[key])}) was added after its last pruning"
+        if recorded[key] != actual[key]:
+            return f"'{key}' has shape {list(actual[key])}, its last pruning left it at {list(recorded[key])}"
+    return None
+
+
+def _shapes_before(model: nn.Module, plan: PruningPlan) -> dict[str, tuple[int, ...]]:
+    """``model``'s state_dict shapes before ``plan`` was applied: the current shapes, with each
+    tensor the plan sliced put back to the shape its first step found (tied names alike)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    before: dict[int, tuple[int, ...]] = {}
+    for step in reversed(plan.steps):
+        for name, shape in step.shapes.items():
+            if name in tensors:
+                before[id(tensors[name])] = tuple(shape)
+    return {k: before.get(id(v), tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor)}

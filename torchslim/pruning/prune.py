@@ -18,7 +18,8 @@ from torchslim.pruning._select import PruningError, Selector, eligible_groups
 from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
-from torchslim.pruning.plan import PlanStep, PruningPlan
+from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
+from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
 from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded, zero_removed_
 
 MAX_ATTEMPTS = 12
@@ -53,7 +54,7 @@ class PruneResult:
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig | None = None, *,
-           data: Any = None, loss_fn: Any = None) -> PruneResult:
+           data: Any = None, loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
     """Structurally prune ``model`` in place and return what was removed.
 
     Channels, heads and hidden units are ranked per group by ``config.criterion`` and the
@@ -62,7 +63,13 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     ``example_inputs``; on any error the model is left exactly as it was. Data-driven
     criteria (taylor, apoz, mean_activation) measure on ``data`` (an iterable of batches, each
     an input or an ``(input, target)`` pair); taylor also needs ``loss_fn(output, batch)``.
+
+    Parameters stay the same objects (sliced in place), so an optimizer built before keeps
+    training them; pass it as ``optimizer`` to slice its per-parameter state (Adam moments,
+    momentum) to the kept indices too. The model records the plan in its pruning history
+    (``torchslim.pruning_history``), which ``torchslim.save(model, path)`` writes.
     """
+    check_optimizer(optimizer)
     config = config or PruneConfig()
     graph = DependencyGraph.build(model, example_inputs)
     groups = eligible_groups(graph, config)
@@ -100,6 +107,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
                 outcome.latency_candidates = candidates
             outcome.skipped = skipped
             outcome.hf_config = sync_hf_config(model)
+            _record_commit(model, outcome.plan, optimizer)
             return outcome
         culprits, reason = outcome
         if culprits.size == 0 or banned[culprits].all():
@@ -111,6 +119,15 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
         banned[culprits] = True
         skipped.append(reason)
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
+
+
+def _record_commit(model: nn.Module, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> None:
+    """After a committed removal: slice the optimizer's state, note the parameters' former shapes
+    (a step on stale state then fails loudly) and append the plan to the model's history."""
+    if optimizer is not None:
+        slice_optimizer_state(optimizer, model, plan)
+    remember_former_shapes(model, plan)
+    record_history(model, plan)
 
 
 # application ----------------------------------------------------------------------------

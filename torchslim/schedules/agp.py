@@ -46,6 +46,7 @@ class AGPPruner:
         self.t = 0
         self.current = 0.0
         self.masks = WeightMasks(model, {})
+        self.optimizer = optimizer
         self._hook = self.masks.attach(optimizer) if optimizer is not None else None
         if structured:
             self.graph = DependencyGraph.build(model, example_inputs)
@@ -93,7 +94,8 @@ class AGPPruner:
         return masks
 
     def finalize(self) -> PruneResult | WeightMasks:
-        """Structured: remove the masked channels physically (exactly the zeroed ones). Unstructured: the masks."""
+        """Structured: remove the masked channels physically (exactly the zeroed ones), slicing the
+        optimizer's state alike so training can go on with it. Unstructured: the masks."""
         if self._hook is not None:
             self._hook.remove()
         if not self.structured:
@@ -103,4 +105,4 @@ class AGPPruner:
         from dataclasses import replace
 
         return prune_(self.model, self.example_inputs, replace(self.config, ratio=self.final, criterion="l1",
-                                                               target_macs=None))
+                                                               target_macs=None), optimizer=self.optimizer)

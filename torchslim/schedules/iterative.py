@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs
@@ -41,9 +42,11 @@ def step_configs(config: PruneConfig, steps: int, macs_before: int | None = None
 
 
 def prune_iteratively(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig, *, steps: int = 4,
-                      finetune: FinetuneCallback | None = None, data: Any = None, loss_fn: Any = None) -> IterativeResult:
+                      finetune: FinetuneCallback | None = None, data: Any = None, loss_fn: Any = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> IterativeResult:
     """``steps`` rounds of ``prune_`` toward ``config``'s ratio or MACs target, calling
-    ``finetune(model, step)`` after each round (fine-tune, recalibrate BN...)."""
+    ``finetune(model, step)`` after each round (fine-tune, recalibrate BN...). An ``optimizer``
+    the fine-tuning keeps using has its per-parameter state sliced at every round."""
     from torchslim.graph import DependencyGraph
     from torchslim.graph.macs import estimate_macs
 
@@ -51,7 +54,7 @@ def prune_iteratively(model: nn.Module, example_inputs: ExampleInputs, config: P
     results: list[PruneResult] = []
     plan = PruningPlan()
     for i, step_config in enumerate(step_configs(config, steps, macs_before)):
-        result = prune_(model, example_inputs, step_config, data=data, loss_fn=loss_fn)
+        result = prune_(model, example_inputs, step_config, data=data, loss_fn=loss_fn, optimizer=optimizer)
         results.append(result)
         plan = plan.extend(result.plan)
         if finetune is not None:
