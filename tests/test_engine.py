@@ -464,3 +464,39 @@ def test_graph_macs_direct_formulas_equal_torch_formulas(monkeypatch):
         assert [graph_macs.estimate_macs(graph), graph_macs.estimate_macs(graph, removed)] == direct
         assert direct[1] < direct[0] or isinstance(model, Mixed)  # the removal changed the counted ops
         monkeypatch.undo()
+
+
+def _prune_exactly(model: nn.Module, x, **config) -> "torchslim.PruneResult":
+    """Prune ``model`` in place, check it equals its zeroed original and that no removal was
+    rolled back (a rollback means some channels silently stayed)."""
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(**config))
+    assert not result.skipped, result.skipped
+    report = torchslim.verify(original, model, x, result.plan)
+    assert report.ok, report.message
+    return result
+
+
+@pytest.mark.parametrize("inputs", [(2, 3, 16, 16), (4, 3, 20)])
+def test_prelu_channels_prune_with_their_slopes(inputs):
+    """torch views PReLU's (C,) weight as (1, C, 1, ...) before ``_prelu_kernel``: the slopes
+    must follow the channels (they were left out, so every removal was rolled back)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d if len(inputs) == 4 else nn.Conv1d
+    model = nn.Sequential(conv(3, 32, 3, padding=1), nn.PReLU(32), conv(32, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(-1, 1)  # distinct slopes: a wrong one shows in the output
+    _prune_exactly(model, torch.randn(*inputs), ratio=0.5)
+    assert model[0].out_channels == model[2].in_channels == 16
+    assert model[1].num_parameters == model[1].weight.numel() == 16
+
+
+def test_prelu_on_linear_features_and_a_shared_slope():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.PReLU(24), nn.Linear(24, 12), nn.PReLU(), nn.Linear(12, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(-1, 1)
+        model[3].weight.fill_(0.3)
+    _prune_exactly(model, torch.randn(5, 6), ratio=0.5)
+    assert (model[0].out_features, model[1].num_parameters, model[2].out_features) == (12, 12, 6)
+    assert model[3].num_parameters == model[3].weight.numel() == 1

@@ -335,6 +335,11 @@ def _embedding(module: nn.Module, ctx: SurgeryContext) -> None:
     ctx.set(module, "embedding_dim", module.weight.shape[1])
 
 
+@register_module_handler(nn.PReLU)
+def _prelu(module: nn.Module, ctx: SurgeryContext) -> None:
+    ctx.set(module, "num_parameters", module.weight.shape[0])
+
+
 @register_module_handler(nn.MultiheadAttention)
 def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
     if module.in_proj_weight is None:
