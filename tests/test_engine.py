@@ -519,3 +519,34 @@ def test_grouped_transposed_conv_prunes_every_group_alike(cin, cout, groups):
     assert up.in_channels % up.groups == 0 and up.out_channels % up.groups == 0
     assert up.weight.shape[:2] == (up.in_channels, up.out_channels // up.groups)
     assert model[6].in_channels == up.out_channels
+
+
+@pytest.mark.parametrize("table", ["custom", "torch"])
+def test_graph_macs_refuses_to_count_a_failing_formula_as_zero(monkeypatch, table):
+    """An op whose MAC formula raises was counted as 0 MACs, so a MACs target could be "met"
+    by ops never counted: the count must stop with the op and module named."""
+    from torchslim.graph import macs as graph_macs
+
+    def broken(*args, **kwargs):
+        raise ValueError("unreadable call")
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+            self.mix = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return torch.bmm(self.mix(self.up(self.conv(x))).flatten(2), torch.ones(1, 64, 2))
+
+    graph = DependencyGraph.build(Up().eval(), torch.randn(1, 3, 4, 4))
+    if table == "custom":
+        monkeypatch.setitem(graph_macs.CUSTOM_MAPPING, torch.ops.aten.upsample_bilinear2d, broken)
+        expected = r"upsample_bilinear2d.* in module 'up'.*ValueError: unreadable call"
+    else:
+        monkeypatch.setattr(graph_macs, "DIRECT", {})
+        monkeypatch.setattr(graph_macs, "_formula", lambda op: broken if op.func.overloadpacket is torch.ops.aten.bmm else None)
+        expected = r"aten\.bmm.* in module '<root>'"
+    with pytest.raises(graph_macs.MacsError, match=expected):
+        graph_macs.estimate_macs(graph)
