@@ -163,14 +163,28 @@ def test_inexact_groups_are_flagged():
     assert any(g.exact for g in graph.groups)
 
 
-def test_gqa_heads_prune_with_their_kv_head():
-    model = Attention(32, 8, 2).eval()
-    graph = DependencyGraph.build(model, torch.randn(1, 6, 32))
-    labels = graph.param_labels("k.weight", 0)  # 2 kv heads x 4 dims
-    q_labels = graph.param_labels("q.weight", 0)  # 8 heads x 4 dims
-    # query heads 0..3 read kv head 0: they share atoms with it
-    assert set(labels[:4]) <= set(q_labels[:16]) | set(labels[:4])
-    assert not (set(q_labels[16:]) & set(labels[:4]))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gqa_heads_prune_with_their_kv_head(batch):
+    """repeat_kv (expand kv heads to (kv, n_rep), merge to heads) then q @ k^T as a batched
+    matmul: the merged heads must be coupled by their kv head, not by the n_rep copies (a
+    broadcast, which pinned every q/k/v row), so a kv head and its 4 query heads are one atom."""
+    model, x = Attention(32, 8, 2).eval(), torch.randn(batch, 6, 32)
+    graph = DependencyGraph.build(model, x)
+    k, v = graph.param_labels("k.weight", 0), graph.param_labels("v.weight", 0)  # 2 kv heads x 4 dims
+    q = graph.param_labels("q.weight", 0)  # 8 heads x 4 dims
+    for kv_head in range(2):
+        atom = k[4 * kv_head]
+        assert set(k[4 * kv_head:4 * kv_head + 4]) == set(v[4 * kv_head:4 * kv_head + 4]) == {atom}
+        assert set(q[16 * kv_head:16 * kv_head + 16]) == {atom}  # its query heads 4h..4h+3
+        assert not graph.atom_pinned[atom] and not graph.atom_inexact[atom]
+    assert k[0] != k[4]
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=True, op_names=["k"]))
+    assert (model.q.out_features, model.k.out_features, model.v.out_features, model.o.in_features) == (16, 4, 4, 16)
+    assert (model.heads, model.kv_heads) == (4, 1)
+    assert model.mlp[0].out_features == 64  # only the heads were asked for
+    report = torchslim.verify(original, model, x, result.plan)
+    assert report.ok and report.max_abs_error < 1e-5, report.message
 
 
 def test_all_or_nothing_on_failure():
