@@ -15,6 +15,7 @@ from torch.utils.flop_counter import flop_registry
 from torchslim.graph._formulas import CUSTOM_MAPPING
 from torchslim.graph._trace import NodeRef, OpCall
 from torchslim.graph.dependency import DependencyGraph
+from torchslim.graph.rules.recurrent import RECURRENT_OPS, recurrent_macs
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -53,7 +54,8 @@ def _matmul_macs(first: int):
 
 
 aten = torch.ops.aten
-FUSED = {aten._native_multi_head_attention: _native_mha_macs}
+# ops computing several layers at once; recurrent layers are traced as one op per module call
+FUSED = {aten._native_multi_head_attention: _native_mha_macs, **{op: recurrent_macs for op in RECURRENT_OPS}}
 # the commonest ops, counted from shapes directly (same numbers as torch's formulas, which need
 # meta tensors built per call: most of the time of a MACs-target search)
 DIRECT = {aten.convolution: _conv_macs, aten.mm: _matmul_macs(0), aten.addmm: _matmul_macs(1),
