@@ -206,3 +206,20 @@ def test_pruned_lstm_saves_and_loads(tmp_path):
     loaded = torchslim.load(tmp_path / "ckpt", Tagger("LSTM", proj_size=6, num_layers=2, bidirectional=True).eval())
     assert (loaded.rnn.hidden_size, loaded.rnn.proj_size, loaded.rnn.input_size) == (8, 3, 6)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_cudnn_rnn_kernel_is_counted_like_the_layer():
+    """On CUDA an LSTM runs as one ``_cudnn_rnn`` call (weights as a flat list, biases among
+    them), which torch's counter misses; counted here on meta tensors, as the analysis would."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torchslim.graph._formulas import CUSTOM_MAPPING
+
+    steps, batch, features, hidden = 5, 3, 12, 16
+    weights = [torch.empty(shape, device="meta") for shape in ((4 * hidden, features), (4 * hidden, hidden),
+                                                                 (4 * hidden,), (4 * hidden,))]
+    x, state = torch.empty(steps, batch, features, device="meta"), torch.empty(1, batch, hidden, device="meta")
+    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_MAPPING)
+    with counter:
+        torch.ops.aten._cudnn_rnn(x, weights, 4, None, state, state, 2, hidden, 0, 1, False, 0.0, False, False, [], None)
+    assert counter.get_total_flops() // 2 == steps * batch * 4 * hidden * (features + hidden)
