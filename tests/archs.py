@@ -934,6 +934,62 @@ class EmbeddingLinear(nn.Module):
         return self.fc2(F.relu(self.fc1(self.emb(ids))))
 
 
+class PReLUNet(nn.Module):
+    """Face-recognition / ENet style: conv -> BN -> PReLU(C) per channel, a shared-slope PReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.PReLU(16))
+        self.b = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.PReLU())
+        self.head = nn.Conv2d(24, 4, 1)
+        with torch.no_grad():
+            self.a[2].weight.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+class GroupedUpsample(nn.Module):
+    """A grouped ConvTranspose2d (groups=4) between two plain convs (decoder upsampling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = cbr(3, 32)
+        self.up = nn.ConvTranspose2d(32, 32, 2, stride=2, groups=4)
+        self.dec = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 3, 3, padding=1))
+
+    def forward(self, x):
+        return self.dec(self.up(self.enc(x)))
+
+
+class CRNN(nn.Module):
+    """Text recognition (CRNN): conv features, columns as a sequence, a 2-layer BiLSTM, per-step classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = nn.Sequential(cbr(1, 16), nn.MaxPool2d(2), cbr(16, 32), nn.MaxPool2d(2))
+        self.rnn = nn.LSTM(32 * 2, 24, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(48, 11)
+
+    def forward(self, x):
+        f = self.cnn(x)  # (B, 32, 2, W/4)
+        seq = f.flatten(1, 2).permute(2, 0, 1)  # (W/4, B, 64)
+        return self.fc(self.rnn(seq)[0])
+
+
+class GRUTagger(nn.Module):
+    """Embedding -> stacked GRU (batch first) -> Linear tagger."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.rnn = nn.GRU(16, 24, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(24, 6)
+
+    def forward(self, ids):
+        return self.fc(self.rnn(self.emb(ids))[0])
+
+
 class TiedEmbeddingLM(nn.Module):
     """Embedding whose weight is tied with the LM head, a residual MLP in between."""
 
@@ -1283,6 +1339,12 @@ ARCHS: dict[str, Arch] = {
     # linear / embedding / attention
     "linear_mlp": Arch(_wrap(mlp, lambda: torch.randn(4, 16)), must_shrink=("0.weight", "3.weight")),
     "embedding_linear": Arch(_wrap(EmbeddingLinear, lambda: torch.randint(0, 50, (2, 7))), must_shrink=("emb.weight", "fc1.weight")),
+    "prelu_per_channel": Arch(_wrap(PReLUNet, lambda: img()), must_shrink=("a.2.weight", "b.0.weight")),
+    "grouped_conv_transpose": Arch(_wrap(GroupedUpsample, lambda: img(3, 8)), must_shrink=("up.weight", "enc.0.weight")),
+    "crnn_bilstm": Arch(_wrap(CRNN, lambda: img(1, 8, 32, b=2)),
+                        must_shrink=("cnn.2.0.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l1_reverse")),
+    "gru_tagger": Arch(_wrap(GRUTagger, lambda: torch.randint(0, 40, (2, 7))),
+                       must_shrink=("emb.weight", "rnn.weight_hh_l0", "rnn.weight_ih_l1")),
     "tied_embedding_lm": Arch(_wrap(TiedEmbeddingLM, lambda: torch.randint(0, 40, (2, 6))), must_shrink=("up.weight",)),
     "multihead_attention": Arch(_wrap(MHAModel, lambda: torch.randn(2, 5, 8)), exact=False, must_shrink=("head.0.weight",)),
     "hf_attention": Arch(_wrap(AttentionNoNorm, lambda: torch.randn(2, 6, 8)), exact=False, must_shrink=("mlp.0.weight",)),
@@ -1291,10 +1353,11 @@ ARCHS: dict[str, Arch] = {
                                      notes="head_dim is the whole q/k width: pruning it changes 1/sqrt(head_dim)"),
     "hf_attention_sdpa": Arch(_wrap(lambda: AttentionNoNorm(sdpa=True), lambda: torch.randn(2, 6, 8)), exact=False,
                               must_shrink=("mlp.0.weight",)),
-    "llama_gqa_rmsnorm_swiglu": Arch(_wrap(LlamaMini, lambda: torch.randint(0, 30, (2, 6))), exact=False,
-                                     must_shrink=("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-    "llama_gqa_sdpa": Arch(_wrap(lambda: LlamaMini(sdpa=True), lambda: torch.randint(0, 30, (2, 6))), exact=False,
-                           must_shrink=("mlp.gate_proj.weight",)),
+    # batch 3: a batch of 2 would equal the kv-head count, a literal the surgery cannot tell apart
+    "llama_gqa_rmsnorm_swiglu": Arch(_wrap(LlamaMini, lambda: torch.randint(0, 30, (3, 6))), exact=False,
+                                     must_shrink=("mlp.gate_proj.weight", "mlp.up_proj.weight", "self_attn.k_proj.weight")),
+    "llama_gqa_sdpa": Arch(_wrap(lambda: LlamaMini(sdpa=True), lambda: torch.randint(0, 30, (3, 6))), exact=False,
+                           must_shrink=("mlp.gate_proj.weight", "self_attn.k_proj.weight")),
     "relpos_window_attention": Arch(_wrap(RelPosWindowAttention, lambda: img(3, 4)), exact=False,
                                     must_shrink=("proj.weight",)),
     "vit_cls_pos_embed": Arch(_wrap(TinyViT, lambda: img(3, 16, b=2)), exact=False, must_shrink=("blocks.0.fc1.weight",)),

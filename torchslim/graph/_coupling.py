@@ -52,6 +52,7 @@ class Coupling:
         self.inexact_reasons: list[PinReason] = []
         self._left: list[np.ndarray] = []
         self._right: list[np.ndarray] = []
+        self._chosen: list[int] = []  # positions in _left/_right of unions made by a reshape's digit choice
         # ``same`` edges as (first id of a, first id of b, length): one tuple instead of two
         # aranges for the commonest declaration, expanded at once in ``edges``
         self._ranges: list[tuple[int, int, int]] = []
@@ -77,6 +78,12 @@ class Coupling:
         if a.size:
             self._left.append(a)
             self._right.append(b if b.shape == a.shape else np.broadcast_to(b, a.shape).astype(np.int64))
+
+    def union_by_choice(self, a: np.ndarray, b: np.ndarray) -> None:
+        """A union that holds only under one reshape's choice of coupled digit (the graph may
+        revise that choice, see ``structural_components``)."""
+        self._chosen.append(len(self._left))
+        self.union(a, b)
 
     def edge_count(self) -> tuple[int, int]:
         """A mark in the declarations, for ``touched_since``."""
@@ -150,11 +157,19 @@ class Coupling:
         unions (the reshape revision and the graph both ask for the same coupling's)."""
         mark = self.edge_count()
         if self._components is None or self._components[0] != mark:
-            left, right = self.edges()
-            data = np.ones(left.size, dtype=np.int8)
-            matrix = coo_matrix((data, (left, right)), shape=(self.size, self.size))
-            self._components = (mark, connected_components(matrix, directed=False))
+            self._components = (mark, self._connected(*self.edges()))
         return self._components[1]
+
+    def structural_components(self) -> tuple[int, np.ndarray]:
+        """Components without the unions of reshape digit choices: what holds whichever digit
+        each split/merge couples by (e.g. whether a digit is a broadcast copy or the input's batch)."""
+        chosen = set(self._chosen)
+        keep = [i for i in range(len(self._left)) if i not in chosen]
+        return self._connected(*self._expand([self._left[i] for i in keep], [self._right[i] for i in keep], self._ranges))
+
+    def _connected(self, left: np.ndarray, right: np.ndarray) -> tuple[int, np.ndarray]:
+        matrix = coo_matrix((np.ones(left.size, dtype=np.int8), (left, right)), shape=(self.size, self.size))
+        return connected_components(matrix, directed=False)
 
 
 def _norm_dim(dim: int, ndim: int) -> int:

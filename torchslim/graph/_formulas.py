@@ -22,6 +22,11 @@ Convention: one multiply-accumulate = 1 MAC = 2 FLOPs.
   output element for ``avg_pool``; for adaptive pooling the exact window sizes, so global
   average pooling counts C*H*W. ``mean`` and ``sum`` reductions count one MAC per input
   element too, because PyTorch runs ``AdaptiveAvgPool2d(1)`` as ``mean``. Max pooling 0.
+* **Recurrent layers** (LSTM, GRU, RNN): every input row (time x batch, or a packed
+  sequence's rows) is multiplied by each weight matrix of each layer and direction once:
+  rows x (input-to-gates + state-to-gates + projection weights). torch's counter sees the
+  matmuls where the layer decomposes (GRU/RNN on CPU, LSTM with ``proj_size``) but not the
+  fused kernels (``mkldnn_rnn_layer``, LSTM on CPU; ``_cudnn_rnn``), counted here alike.
 * **Everything else counts 0**: elementwise ops, activations, normalisation layers,
   softmax, concatenation, copies (memory-bound; thop and torch's counter do the same).
 """
@@ -115,6 +120,23 @@ def _grid_sample(taps: dict[int, int]):
     return formula
 
 
+def _input_rows(input_shape) -> int:
+    return _numel(input_shape) // input_shape[-1] if input_shape else 0
+
+
+def _weight_matrices(weights) -> int:
+    """Elements of the 2-d weights (biases, 1-d, count 0)."""
+    return sum(_numel(w) for w in weights if w is not None and len(w) == 2)
+
+
+def _mkldnn_rnn_layer(input_shape, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _input_rows(input_shape) * _weight_matrices((w_ih, w_hh))
+
+
+def _cudnn_rnn(input_shape, weights, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _input_rows(input_shape) * _weight_matrices(weights)
+
+
 def _packets(*names: str) -> list:
     """aten op packets by name, skipping those this torch build lacks."""
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
@@ -140,6 +162,8 @@ def _mapping() -> dict[Any, Any]:
         (("_scaled_dot_product_flash_attention_for_cpu",), _sdpa_cpu),
         (("grid_sampler_2d",), _grid_sample({0: 4, 1: 0, 2: 16})),
         (("grid_sampler_3d",), _grid_sample({0: 8, 1: 0})),
+        (("mkldnn_rnn_layer",), _mkldnn_rnn_layer),
+        (("_cudnn_rnn",), _cudnn_rnn),
     ):
         for packet in _packets(*names):
             table[packet] = formula

@@ -68,6 +68,45 @@ class OpCall:
         return self.kwargs.get(keyword, default)
 
 
+class ModuleOp:
+    """Stands for an aten op in the trace: one call of a module traced as a whole (its inner
+    ops are not recorded). Recurrent layers are, because their inner ops depend on the backend
+    (one ``mkldnn_rnn_layer`` per layer on CPU, ``_cudnn_rnn`` on CUDA, hundreds of matmuls and
+    gates elsewhere) while their parameters say everything about their channels. The recorded
+    :class:`OpCall` keeps the call's ``args``/``kwargs``/``output`` with tensors as
+    :class:`NodeRef`, the module's own ``parameters`` by name and the ``attributes`` listed here,
+    all in ``OpCall.kwargs``; op rules and MAC formulas register for the instance like an aten op.
+    """
+
+    tags: tuple = ()
+
+    def __init__(self, name: str, attributes: tuple[str, ...] = ()):
+        self.name = name
+        self.attributes = attributes
+
+    @property
+    def overloadpacket(self) -> "ModuleOp":
+        return self
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_WHOLE_MODULES: dict[type, ModuleOp] = {}
+
+
+def trace_as_one_op(module_type: type, op: ModuleOp) -> None:
+    """Record every call of ``module_type`` (and of subclasses keeping its forward) as ``op``."""
+    _WHOLE_MODULES[module_type] = op
+
+
+def _whole_module_op(module: nn.Module) -> ModuleOp | None:
+    for module_type, op in _WHOLE_MODULES.items():
+        if isinstance(module, module_type) and type(module).forward is module_type.forward:
+            return op
+    return None
+
+
 @dataclasses.dataclass(slots=True)
 class NodeRef:
     """Placeholder for a tensor inside recorded op arguments."""
@@ -119,6 +158,7 @@ class _Recorder(TorchDispatchMode):
         self.module_stack: list[str] = [""]
         self.param_nodes: dict[str, int] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.inside_whole_module = 0  # > 0 while a module traced as one op runs: its inner ops are not recorded
 
     def node_for(self, tensor: torch.Tensor, kind: str = CONST, name: str | None = None) -> int:
         key = id(tensor)
@@ -147,6 +187,8 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.inside_whole_module:
+            return out
         inputs: list[int] = []
         # one walk over the arguments both names the input nodes and replaces tensors by NodeRefs
         recorded_args = self._record_arguments(args, inputs)
@@ -156,6 +198,32 @@ class _Recorder(TorchDispatchMode):
         self.ops.append(OpCall(len(self.ops), func, recorded_args, recorded_kwargs, inputs, outputs,
                                self.module_stack[-1]))
         return out
+
+    def record_structure(self, obj: Any, nodes: list[int], fresh: bool = False) -> Any:
+        """``obj`` (a module's inputs or outputs) with every tensor replaced by a NodeRef and
+        tuples (PackedSequence too) made plain; ``fresh``: new nodes, as for op outputs."""
+        if isinstance(obj, torch.Tensor):
+            node = self._new_node(obj, ACT, None) if fresh else self.node_for(obj)
+            nodes.append(node)
+            return NodeRef(node)
+        if isinstance(obj, (list, tuple)):
+            return tuple(self.record_structure(o, nodes, fresh) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self.record_structure(v, nodes, fresh) for k, v in obj.items()}
+        return obj
+
+    def record_whole_module(self, op: ModuleOp, module: nn.Module, name: str, call: tuple, output: Any) -> ModuleCall:
+        """Append one OpCall for a whole module call (see :class:`ModuleOp`)."""
+        inputs: list[int] = []
+        args, kwargs = self.record_structure(call, inputs)
+        params = {attr: NodeRef(self.node_for(p)) for attr, p in module.named_parameters(recurse=False)}
+        outputs: list[int] = []
+        recorded_output = self.record_structure(output, outputs, fresh=True)
+        details = {"args": args, "kwargs": kwargs, "output": recorded_output, "parameters": params,
+                   **{attr: getattr(module, attr) for attr in op.attributes}}
+        self.ops.append(OpCall(len(self.ops), op, (), details, inputs + [ref.node for ref in params.values()],
+                               outputs, name))
+        return ModuleCall(name, inputs, outputs)
 
     def _record_arguments(self, obj: Any, inputs: list[int]) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -226,8 +294,25 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
         outs = [recorder._by_id[id(t)] for t in iter_tensors(output) if id(t) in recorder._by_id]
         module_calls.setdefault(name, []).append(ModuleCall(name, pending.pop(id(module), []), outs))
 
+    calls: dict[int, tuple] = {}
+
+    def whole_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        recorder.module_stack.append(names.get(id(module), "?"))
+        recorder.inside_whole_module += 1
+        calls[id(module)] = (args, kwargs)
+
+    def whole_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        recorder.inside_whole_module -= 1
+        name = recorder.module_stack.pop()
+        call = recorder.record_whole_module(_whole_module_op(module), module, name, calls.pop(id(module)), output)
+        module_calls.setdefault(name, []).append(call)
+
     handles = []
     for module in model.modules():
+        if _whole_module_op(module) is not None:
+            handles.append(module.register_forward_pre_hook(whole_pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(whole_post_hook, with_kwargs=True))
+            continue
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
     training = {m: m.training for m in model.modules()}

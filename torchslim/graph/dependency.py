@@ -22,6 +22,7 @@ from torchslim.graph import rules
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import PARAM, BUFFER, CONST, OpCall, Trace, trace
 from torchslim.graph.rules.pointwise import pointwise_rule
+from torchslim.graph.rules.shape import BROADCAST_PIN
 
 ModuleRule = Callable[[Coupling, nn.Module, str, Trace], None]
 _MODULE_RULES: dict[type, ModuleRule] = {}
@@ -266,7 +267,7 @@ class DependencyGraph:
         }
 
 
-MAX_RESHAPE_ROUNDS = 2
+MAX_RESHAPE_ROUNDS = 3  # repeat_kv: the merge of repeated kv heads moves first, then the kv view
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -297,29 +298,43 @@ def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
     constants, the next that is not.
 
     E.g. grouped-query attention views k as (2 kv heads, 8 dims): by default the 8-wide digit
-    is preferred, but SDPA hints its head dim, which is connected to the kv-head digit. And
-    InstanceNorm runs as a BatchNorm over (1, batch * C): at batch 8 the outer digit is the
-    input's batch, which stays, so the channels are coupled by the C digit instead of pinned.
+    is preferred, but SDPA (or the batched matmul of q and k) hints its head dim, which is
+    connected to the kv-head digit. Repeating kv heads for their queries (``repeat_kv``:
+    expand to (kv heads, n_rep), then merge) must couple the merged heads by the kv-head
+    digit, since the n_rep copies are a broadcast. And InstanceNorm runs as a BatchNorm over
+    (1, batch * C): at batch 8 the outer digit is the input's batch, which stays, so the
+    channels are coupled by the C digit instead of pinned.
     """
     if not c.reshape_choices:
         return choices
     _, labels = c.components()
-    n_atoms = int(labels.max()) + 1
-    hinted = np.zeros(n_atoms, dtype=bool)
+    hinted = np.zeros(int(labels.max()) + 1, dtype=bool)
     if c.hints:
         hinted[labels[np.concatenate(c.hints)]] = True
-    fixed = np.zeros(n_atoms, dtype=bool)
-    fixed[labels[c.held_by(FIXED_PINS)]] = True
+    # held whatever the choices: judged without the choices' unions, so that one reshape's
+    # current choice (repeated kv heads coupled by their copies) does not make another's look held
+    n_structural, structural = c.structural_components()
+    fixed = np.zeros(n_structural, dtype=bool)
+    fixed[structural[c.held_by(HELD_BY_STRUCTURE)]] = True
     revised = dict(choices)
     for key, candidates in c.reshape_choices:
-        atoms = [labels[np.concatenate([c.ids(n, d) for n, d in dims])] if dims else None for dims in candidates]
-        rank = next((r for r, a in enumerate(atoms) if a is not None and hinted[a].any()), None)
-        current = atoms[min(choices.get(key, 0), len(candidates) - 1)]
-        if rank is None and current is not None and fixed[current].all():
-            rank = next((r for r, a in enumerate(atoms) if a is not None and not fixed[a].all()), None)
+        ids = [_own_ids(c, dims, candidates) for dims in candidates]
+        usable = [i is not None and not fixed[structural[i]].all() for i in ids]
+        rank = next((r for r, i in enumerate(ids) if usable[r] and hinted[labels[i]].any()), None)
+        current = min(choices.get(key, 0), len(candidates) - 1)
+        if rank is None and ids[current] is not None and not usable[current]:
+            rank = next((r for r in range(len(candidates)) if usable[r]), None)
         if rank is not None:
             revised[key] = rank
     return revised
+
+
+def _own_ids(c: Coupling, dims: list[tuple[int, int]], candidates: list[list[tuple[int, int]]]) -> np.ndarray | None:
+    """Elements of the dims that hold one candidate digit and not every other: a dim spanning
+    all of a chunk's digits carries whichever is chosen, so it says nothing about this one."""
+    common = set.intersection(*(set(d) for d in candidates if d))
+    own = [c.ids(n, d) for n, d in dims if (n, d) not in common]
+    return np.concatenate(own) if own else None
 
 
 def _owned_by(param_name: str, module_name: str) -> bool:
@@ -367,6 +382,8 @@ def _pin_unlinked_outputs(c: Coupling, op: OpCall, mark: tuple[int, int]) -> Non
 
 CONSTANT_PIN, INPUT_PIN, OUTPUT_PIN = "constant tensor created inside forward", "model input", "model output"
 FIXED_PINS = (CONSTANT_PIN, INPUT_PIN, OUTPUT_PIN)  # what the model's interface holds, not an op
+# pins no reshape choice can lift: the interface's, and broadcast copies (a digit of copies is never a unit)
+HELD_BY_STRUCTURE = FIXED_PINS + (BROADCAST_PIN,)
 
 
 def _pin_fixed_tensors(c: Coupling, recorded: Trace, keep_inputs: bool, keep_outputs: bool) -> None:

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import flop_registry
 from torchslim.graph._formulas import CUSTOM_MAPPING
 from torchslim.graph._trace import NodeRef, OpCall
 from torchslim.graph.dependency import DependencyGraph
+from torchslim.graph.rules.recurrent import RECURRENT_OPS, recurrent_macs
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -53,7 +54,8 @@ def _matmul_macs(first: int):
 
 
 aten = torch.ops.aten
-FUSED = {aten._native_multi_head_attention: _native_mha_macs}
+# ops computing several layers at once; recurrent layers are traced as one op per module call
+FUSED = {aten._native_multi_head_attention: _native_mha_macs, **{op: recurrent_macs for op in RECURRENT_OPS}}
 # the commonest ops, counted from shapes directly (same numbers as torch's formulas, which need
 # meta tensors built per call: most of the time of a MACs-target search)
 DIRECT = {aten.convolution: _conv_macs, aten.mm: _matmul_macs(0), aten.addmm: _matmul_macs(1),
@@ -74,25 +76,42 @@ def _replace_nodes(value, leaf):
     return value
 
 
+class MacsError(RuntimeError):
+    """A MAC formula could not read a traced op: counting it as 0 would let a MACs target be
+    "met" by an op that was never counted, so the count stops here, naming the op."""
+
+    def __init__(self, op: OpCall, exc: Exception):
+        super().__init__(f"cannot count the MACs of {op.name} in module '{op.module or '<root>'}': "
+                         f"its formula raised {type(exc).__name__}: {exc}")
+        self.op = op
+
+
 def op_macs(op: OpCall, shapes) -> int:
-    """MACs of one op given ``shapes(node) -> shape``; 0 for ops without a formula."""
+    """MACs of one op given ``shapes(node) -> shape``; 0 for ops without a formula.
+
+    Raises :class:`MacsError` when the op's formula fails on this call."""
     packet = op.func.overloadpacket
-    if packet in FUSED:
-        return int(FUSED[packet](op, shapes))
     if packet in DIRECT:
         try:
             return int(DIRECT[packet](op, shapes))
         except (AttributeError, IndexError, TypeError):  # an unusual call spelling: torch's formula reads it
             pass
+    try:
+        return _formula_macs(op, shapes)
+    except Exception as exc:  # noqa: BLE001 - any formula failure is reported with the op it concerns
+        raise MacsError(op, exc) from exc
+
+
+def _formula_macs(op: OpCall, shapes) -> int:
+    packet = op.func.overloadpacket
+    if packet in FUSED:
+        return int(FUSED[packet](op, shapes))
     if packet in CUSTOM_MAPPING:  # these formulas take shapes, as FlopCounterMode hands them
         as_shape = lambda node: tuple(shapes(node))  # noqa: E731
         args = _replace_nodes(op.args, as_shape)
         kwargs = {k: _replace_nodes(v, as_shape) for k, v in op.kwargs.items()}
         out = [tuple(shapes(n)) for n in op.outputs]
-        try:
-            return int(CUSTOM_MAPPING[packet](*args, out_shape=out[0] if len(out) == 1 else tuple(out), **kwargs)) // 2
-        except Exception:  # a formula that cannot read this call counts nothing rather than failing pruning
-            return 0
+        return int(CUSTOM_MAPPING[packet](*args, out_shape=out[0] if len(out) == 1 else tuple(out), **kwargs)) // 2
     formula = _formula(op)
     if formula is None:
         return 0
@@ -101,10 +120,7 @@ def op_macs(op: OpCall, shapes) -> int:
     kwargs = {k: _replace_nodes(v, as_meta) for k, v in op.kwargs.items()}
     outs = [_meta(shapes(n)) for n in op.outputs]
     out_val = outs[0] if len(outs) == 1 else tuple(outs)
-    try:
-        return int(formula(*args, out_val=out_val, **kwargs)) // 2
-    except Exception:  # a formula that cannot read this call counts nothing rather than failing pruning
-        return 0
+    return int(formula(*args, out_val=out_val, **kwargs)) // 2
 
 
 def estimate_macs(graph: DependencyGraph, removed_atoms: np.ndarray | None = None) -> int:

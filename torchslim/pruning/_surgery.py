@@ -353,6 +353,21 @@ def _embedding(module: nn.Module, ctx: SurgeryContext) -> None:
     ctx.set(module, "embedding_dim", module.weight.shape[1])
 
 
+@register_module_handler(nn.PReLU)
+def _prelu(module: nn.Module, ctx: SurgeryContext) -> None:
+    ctx.set(module, "num_parameters", module.weight.shape[0])
+
+
+@register_module_handler(nn.RNNBase)
+def _recurrent(module: nn.Module, ctx: SurgeryContext) -> None:
+    """LSTM/GRU/RNN sizes from layer 0's weights (all layers and directions share them); the
+    module's cached ``_flat_weights`` refresh themselves on the next forward."""
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    ctx.set(module, "input_size", module.weight_ih_l0.shape[1])
+    ctx.set(module, "hidden_size", module.weight_ih_l0.shape[0] // gates)
+    ctx.set(module, "proj_size", module.weight_hr_l0.shape[0] if module.proj_size else 0)
+
+
 @register_module_handler(nn.MultiheadAttention)
 def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
     if module.in_proj_weight is None:

@@ -2,9 +2,10 @@
 
 Grouped convs keep their group count: input channels that share a local index in every
 group are one atom (the weight's in-dimension is shared by the groups), and so are output
-channels with the same local index, so every group keeps the same width. Depthwise
-convs (one input channel per group) couple each input channel to its own outputs, and
-the group count follows the channel count.
+channels with the same local index, so every group keeps the same width. Transposed convs
+are the mirror image (weight ``(in, out / groups, k...)``: the out-dimension is shared).
+Depthwise convs (one input channel per group, transposed or not) couple each input channel
+to its own outputs, and the group count follows the channel count.
 """
 from __future__ import annotations
 
@@ -32,23 +33,19 @@ def _couple_groups(c: Coupling, x: int, out: int, weight: int, groups: int, tran
         c.same(x, 1, weight, in_dim)
         c.same(out, 1, weight, out_dim)
         return
-    if not transposed and cin_g == 1:  # depthwise (channel multiplier cout_g)
-        c.same(out, 1, weight, 0)
+    if cin_g == 1:  # depthwise (channel multiplier cout_g): input channel i alone makes outputs i*cout_g...
+        c.same(x if transposed else out, 1, weight, 0)
         outs = np.arange(cout, dtype=np.int64)
         c.union(c.ids(out, 1, outs), c.ids(x, 1, outs // cout_g))
         return
-    if transposed and cin_g == 1 and cout_g == 1:
-        c.same(x, 1, weight, 0)
-        c.same(x, 1, out, 1)
-        return
-    if transposed:
-        c.pin(x, 1, "grouped transposed convolution")
-        c.pin(out, 1, "grouped transposed convolution")
-        return
-    c.same(out, 1, weight, 0)
-    ins = np.arange(cin, dtype=np.int64)
-    c.union(c.ids(x, 1), c.ids(weight, 1, ins % cin_g))
-    _same_local_index(c, out, 1, cout_g)
+    # a grouped weight holds every channel of one side along its first dim, and the channels of
+    # one group of the other side along its second, which every group shares by local index
+    own, shared = (x, out) if transposed else (out, x)
+    c.same(own, 1, weight, 0)
+    width = cout_g if transposed else cin_g
+    shared_index = np.arange(c.shape(shared)[1], dtype=np.int64) % width
+    c.union(c.ids(shared, 1), c.ids(weight, 1, shared_index))
+    _same_local_index(c, own, 1, cin_g if transposed else cout_g)
 
 
 @op_rule(aten.convolution, aten._convolution, aten.conv2d, aten.conv1d, aten.conv3d)

@@ -19,6 +19,9 @@ def _couple_product(c: Coupling, a: int, b: int, out: int, trace: Trace) -> None
         # a product of two activations (attention scores q @ k^T) is usually rescaled by a
         # size read in Python (1 / sqrt(head_dim)), which no op shows: not provably exact
         c.mark_inexact(a, -1, "product of two activations (a scale may depend on this width)")
+        for d in range(ndim - 2):  # its batch dims hold the attention heads, as SDPA's do
+            c.hint(a, d)
+            c.hint(b, d)
     for d in range(ndim - 2):  # batch dims
         c.same(a, d, out, d)
         c.same(b, d, out, d)

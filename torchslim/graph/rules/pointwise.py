@@ -28,8 +28,15 @@ op_rule(
 
 @op_rule(aten._prelu_kernel, aten.prelu)
 def prelu_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
+    """``aten.prelu`` takes the module's (C,) weight against channel dim 1; by the time
+    ``_prelu_kernel`` runs, torch has viewed it as (1, C, 1, ...), which broadcasts like any
+    elementwise operand. A single shared slope (size 1) couples to nothing."""
     x, weight = op.inputs[0], op.inputs[1]
     out = op.outputs[0]
     c.same_all(x, out)
-    if c.shape(weight) and c.shape(weight)[0] > 1:
-        c.same(weight, 0, x, 1)
+    shape = c.shape(weight)
+    if len(shape) == 1 and len(c.shape(x)) > 1:
+        if shape[0] > 1:
+            c.same(weight, 0, x, 1)
+    else:
+        align_broadcast(c, weight, x)

@@ -23,6 +23,7 @@ from torchslim.graph.rules._registry import node_arg, node_list_arg, norm_dim, o
 
 aten = torch.ops.aten
 MIN_CHOSEN_DIGIT = 4
+BROADCAST_PIN = "broadcast or added dimension"  # copies of one value: never a pruning unit
 
 
 def _dim_ranges(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
@@ -110,8 +111,8 @@ def _couple_chunk(c, chunk, covers, digits, key) -> None:
         first[value[::-1]] = ids[::-1]  # first element carrying each digit value
         if representative is None:
             representative = first
-        c.union(ids, representative[value])
-        c.union(first, representative)
+        c.union_by_choice(ids, representative[value])
+        c.union_by_choice(first, representative)
 
 
 @op_rule(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten,
@@ -156,7 +157,7 @@ def tile_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
             c.same(source, sd, out, d)
         elif sd < 0 or src[sd] == 1:
             if dst[d] > 1:
-                c.pin(out, d, "broadcast or added dimension")
+                c.pin(out, d, BROADCAST_PIN)
         else:
             index = np.arange(dst[d], dtype=np.int64)
             c.union(c.ids(out, d), c.ids(source, sd, index % src[sd]))
