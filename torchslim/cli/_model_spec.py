@@ -196,10 +196,31 @@ def _bundled(name: str, kwargs: dict) -> nn.Module:
 
 
 def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
-    path_text, _, attr = spec.rpartition(":")
+    path, attr, target = import_attribute(spec, "model file", _is_model_like)
+    if isinstance(target, nn.Module):
+        if kwargs:
+            raise CliError(f"{path}:{attr} is a module instance; --model-kwargs cannot apply to it")
+        return target
+    if not callable(target):
+        raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
+    return _construct(f"{path}:{attr}", target, kwargs)
+
+
+def _is_model_like(value: Any) -> bool:
+    return isinstance(value, nn.Module) or (inspect.isclass(value) and issubclass(value, nn.Module)) or \
+        inspect.isfunction(value)
+
+
+def import_attribute(spec: str, what: str = "file", suggestable=callable) -> tuple[Path, str, Any]:
+    """Import ``path/file.py`` of a ``path/file.py:ATTR`` spec and return ``(path, ATTR, value)``;
+    a missing file, a failing import or a missing attribute is a one-line CliError (an unknown
+    attribute suggests the closest public names for which ``suggestable`` holds)."""
+    path_text, sep, attr = spec.rpartition(":")
+    if not sep or not attr or not path_text.endswith(".py"):
+        raise CliError(f"'{spec}' is not a path/file.py:NAME spec")
     path = Path(path_text)
     if not path.is_file():
-        raise CliError(f"model file not found: {path}")
+        raise CliError(f"{what} not found: {path}")
     module_name = f"torchslim_user_model_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -215,17 +236,9 @@ def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
         if folder in sys.path:
             sys.path.remove(folder)
     if not hasattr(module, attr):
-        candidates = [n for n, v in vars(module).items() if not n.startswith("_") and
-                      (isinstance(v, nn.Module) or (inspect.isclass(v) and issubclass(v, nn.Module)) or inspect.isfunction(v))]
+        candidates = [n for n, v in vars(module).items() if not n.startswith("_") and suggestable(v)]
         raise CliError(f"{path} has no attribute '{attr}'{_suggest(attr, candidates)}")
-    target = getattr(module, attr)
-    if isinstance(target, nn.Module):
-        if kwargs:
-            raise CliError(f"{path}:{attr} is a module instance; --model-kwargs cannot apply to it")
-        return target
-    if not callable(target):
-        raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
-    return _construct(f"{path}:{attr}", target, kwargs)
+    return path, attr, getattr(module, attr)
 
 
 def source_metadata(spec: str, model_kwargs: dict[str, Any], inputs: list[str], kwargs: dict[str, Any],
