@@ -484,3 +484,29 @@ def test_prune_reports_exactness_checkpoint_and_steps(tmp_path, capsys, caplog):
     assert [s.split(":")[0] for s in steps] == [f"step {i}/5" for i in range(1, 6)]
     assert "per-layer latency table" in steps[1] and "timing the original and the pruned model in turn" in steps[3]
     assert report["result"]["latency_candidates"]  # the table was used: candidate removals were timed
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("ratio: '0.3'\n", ["field 'ratio' must be a number, got the string '0.3'"]),
+    ("rules:\n  - op_types: [Conv2d]\n    sparsity_per_layer: half\n",
+     ["rules[0].sparsity_per_layer must be a number in [0, 1), got the string 'half'"]),
+    ("rules:\n  - op_types: [Conv2d]\n    sparsity: 0.5\n  - op_names: Linear\n    exclude: true\n",
+     ["rules[1].op_names must be a list of strings", "got the string 'Linear'"]),
+    ("rules:\n  - op_names: [features.0]\n    exclude: 'yes'\n", ["rules[0].exclude must be true or false"]),
+    ("rules:\n  - total_sparsity: 0.5\n    max_sparsity_per_layer: 2\n",
+     ["rules[0].max_sparsity_per_layer must be a number in (0, 1], got 2"]),
+    ("rules: {op_types: [Conv2d]}\n", ["'rules' must be a list of rules"]),
+    ("rules:\n  - 0.5\n", ["rules[0] must be a mapping"]),
+    ("exact_only: 1\n", ["field 'exact_only' must be true or false, got 1"]),
+    ("ratios: {features.0: lots}\n", ["field 'ratios' must be a mapping of module globs to numbers"]),
+    ("filter_fn: keep\n", ["field 'filter_fn' must be a Python function (not available in a recipe)"]),
+    ("rules:\n  - op_types: [Conv2d\n", ["not valid YAML at line"]),
+])
+def test_every_recipe_error_is_one_line_naming_rule_and_field(tmp_path, text, needles, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--recipe", str(recipe), "--out",
+                 str(tmp_path / "o")]) == 2
+    line = _one_line_error(capsys)
+    assert f"recipe {recipe}: " in line and all(needle in line for needle in needles), line
+    assert not (tmp_path / "o").exists()
