@@ -510,3 +510,38 @@ def test_every_recipe_error_is_one_line_naming_rule_and_field(tmp_path, text, ne
     line = _one_line_error(capsys)
     assert f"recipe {recipe}: " in line and all(needle in line for needle in needles), line
     assert not (tmp_path / "o").exists()
+
+
+def _saved_checkpoint(tmp_path):
+    from torchslim.cli._model_spec import source_metadata
+
+    directory = tmp_path / "ckpt"
+    source = source_metadata("torchslim:digits_cnn", {}, ["1,1,8,8"], {})
+    torchslim.save(create_model("digits_cnn"), directory, metadata={"source": source})
+    return directory
+
+
+@pytest.mark.parametrize("break_it,needle", [
+    (lambda d: (d / "meta.json").unlink(), "checkpoint {d} has no meta.json"),
+    (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").symlink_to("meta.json")),
+     "checkpoint {d}: {d}/meta.json is a symbolic link loop"),
+    (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").symlink_to(d / "elsewhere.json")),
+     "{d}/meta.json is a symbolic link to {d}/elsewhere.json, which does not exist"),
+    (lambda d: (d / "plan.json").unlink(), "checkpoint {d} has no plan.json"),
+])
+def test_broken_checkpoint_directory_names_the_file_and_cause(tmp_path, break_it, needle, capsys):
+    """A checkpoint whose meta.json is gone used to say '--input is required'."""
+    directory = _saved_checkpoint(tmp_path)
+    assert main(["analyze", str(directory), "--no-latency"]) == 0  # intact: the recorded inputs are used
+    capsys.readouterr()
+    break_it(directory)
+    for argv in (["analyze", str(directory)], ["analyze", str(directory), "--input", "1,1,8,8", "--no-latency"]):
+        assert main(argv) == 2
+        assert needle.format(d=directory) in _one_line_error(capsys)
+
+
+def test_model_spec_that_is_a_symlink_loop(tmp_path, capsys):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for extra in ([], ["--input", "1,3,8,8"]):
+        assert main(["analyze", str(tmp_path / "loop"), *extra]) == 2
+        assert f"{tmp_path / 'loop'} is a symbolic link loop" in _one_line_error(capsys)

@@ -96,11 +96,12 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Modu
     kwargs = dict(model_kwargs or {})
     zoo, sep, name = spec.partition(":")
     path = Path(spec)
+    _refuse_link_loop(path)
     if sep and zoo in ZOOS and not path.exists():
         if not name:
             raise CliError(f"model spec '{spec}' names no model: use {zoo}:NAME")
         model = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "torchslim": _bundled}[zoo](name, kwargs)
-    elif path.is_dir() and (path / "meta.json").is_file() and not (path / "config.json").is_file():
+    elif is_checkpoint_dir(path):
         model = _torchslim_checkpoint(path, kwargs)
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -255,10 +256,34 @@ def source_metadata(spec: str, model_kwargs: dict[str, Any], inputs: list[str], 
             "dtype": dtype}
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory holding any file of a torchslim checkpoint (even a broken one, so that its
+    problem is reported as such) and no Hugging Face ``config.json``."""
+    import os
+
+    from torchslim.io.serialization import META_FILE, PLAN_FILE, WEIGHTS_FILE
+
+    return path.is_dir() and not (path / "config.json").is_file() and any(
+        os.path.lexists(path / name) for name in (META_FILE, PLAN_FILE, WEIGHTS_FILE))
+
+
+def _refuse_link_loop(path: Path) -> None:
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CliError(f"{path} is a symbolic link loop") from None
+
+
 def recorded_source(spec: str) -> dict[str, Any]:
-    """What a torchslim checkpoint directory records about how it was made ({} otherwise)."""
+    """What a torchslim checkpoint directory records about how it was made ({} for other
+    specs); a checkpoint whose meta.json is missing or unreadable is a CliError saying so."""
     path = Path(spec)
-    if not (path.is_dir() and (path / "meta.json").is_file()):
+    _refuse_link_loop(path)
+    if not is_checkpoint_dir(path):
         return {}
     from torchslim.io import CheckpointError, read_metadata
 
