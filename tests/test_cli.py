@@ -467,9 +467,10 @@ def test_prune_help_has_examples_and_every_option_of_every_command_has_help(caps
     assert "examples:" in text and "torchslim prune torchvision:resnet18" in text and "--data" in text
 
 
-def test_prune_reports_exactness_checkpoint_and_steps(tmp_path, capsys, caplog):
+def test_prune_reports_exactness_checkpoint_and_steps(tmp_path, capsys, caplog, monkeypatch):
     import logging
 
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pruned"
     with caplog.at_level(logging.INFO, logger="torchslim.cli"):
         assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--target-macs", "0.5", "--repeats", "2",
@@ -482,8 +483,10 @@ def test_prune_reports_exactness_checkpoint_and_steps(tmp_path, capsys, caplog):
     assert f"checkpoint: {out} (model.safetensors" in text
     steps = [r.getMessage() for r in caplog.records if r.name == "torchslim.cli"]
     assert [s.split(":")[0] for s in steps] == [f"step {i}/5" for i in range(1, 6)]
-    assert "per-layer latency table" in steps[1] and "timing the original and the pruned model in turn" in steps[3]
+    assert "per-layer latency table measured now, once for this machine" in steps[1]
+    assert "timing the original and the pruned model in turn" in steps[3]
     assert report["result"]["latency_candidates"]  # the table was used: candidate removals were timed
+    assert list((tmp_path / "cache").glob("latency-torch-*.json"))  # and cached for the next run
 
 
 @pytest.mark.parametrize("text,needles", [
