@@ -20,7 +20,7 @@ EPILOG = """examples:
   torchslim prune torchvision:resnet18 --input 1,3,224,224 --target-macs 0.5 --out pruned/
   torchslim prune torchvision:resnet18 --input 1,3,224,224 --target-macs 0.5 --no-latency-table --round-to 8 --out p/
   torchslim prune torchslim:modnet --input 1,3,512,512 --kwargs '{"inference": false}' --ratio 0.3 --exact-only --out m/
-  torchslim prune hf:llama --input 1,16 --target-macs 0.5 --out llama/ --model-kwargs \
+  torchslim prune hf:llama --input 1,16 --target-macs 0.5 --out llama/ --model-kwargs \\
       '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8}'
   torchslim prune nets.py:Net --input 1,3,32,32 --criterion fisher --data nets.py:batches --target-macs 0.6 --out n/
   torchslim prune nets.py:Net --input 1,3,32,32 --recipe recipe.yaml --onnx --out n/
