@@ -467,7 +467,7 @@ def test_latency_rows_shares_and_self_time():
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(Sleepy(0.004), nn.ReLU())).eval()
     report = torchslim.analyze(model, torch.randn(2, 8), warmup=1, repeats=3)
     assert report.latency_ms >= 4.0 and report.latency_p10_ms <= report.latency_ms <= report.latency_p90_ms
-    assert report.latency_runs == 3 and report.threads == torch.get_num_threads()
+    assert report.latency_runs == 3 and report.threads == 1
     sleepy, container = report.layer("1.0"), report.layer("1")
     assert sleepy.latency_ms >= 4.0 and container.latency_ms >= sleepy.latency_ms
     assert container.self_latency_ms < sleepy.latency_ms  # the child's sleep is not the container's own time
@@ -500,9 +500,94 @@ def test_measure_latency_counts_runs_and_pins_threads():
 
 
 def test_module_latency_medians_per_module():
-    model = nn.Sequential(Sleepy(0.003), Sleepy(0.0))
+    model = nn.Sequential(Sleepy(0.01), nn.Identity())  # Identity, not sleep(0): that yields the core on a busy machine
     timing = module_latency(model, lambda: model(torch.zeros(1)), warmup=0, repeats=3)
     assert set(timing) == {"", "0", "1"}
-    assert timing["0"].median_ms >= 3.0 and timing["1"].median_ms < timing["0"].median_ms
+    assert timing["0"].median_ms >= 10.0 and timing["1"].median_ms < timing["0"].median_ms
     assert timing[""].median_ms >= timing["0"].median_ms and timing[""].self_median_ms < timing["0"].median_ms
     assert timing["0"].calls == 1
+
+
+# ----------------------------------------------------------------------------- a busy machine, simulated
+
+
+class BusyClock:
+    """A fake clock for ``torchslim._timing``: only :class:`Costly` modules advance it, by their
+    cost, 100x slower during a burst of other work that starts with the first timed run and
+    lasts ``burst`` module calls."""
+
+    def __init__(self, burst: int):
+        self.now, self.burst, self.calls, self.started = 0.0, burst, 0, None
+
+    def perf_counter(self) -> float:
+        if self.started is None:
+            self.started = self.calls
+        return self.now
+
+    def spend(self, ms: float) -> None:
+        self.calls += 1
+        busy = self.started is not None and self.calls - self.started <= self.burst
+        self.now += ms / 1000 * (100 if busy else 1)
+
+
+class Costly(nn.Module):
+    def __init__(self, clock: BusyClock, ms: float):
+        super().__init__()
+        self.clock, self.ms = clock, ms
+
+    def forward(self, x):
+        self.clock.spend(self.ms)
+        return x
+
+
+def test_analyze_keeps_the_least_disturbed_round_with_its_module_times(monkeypatch):
+    """A burst of other work during the timing used to become the model's latency (244 ms for
+    a 2 ms model); now it spoils one round of three, the best round is reported with the
+    module times measured next to it, and the disagreeing rounds are warned about."""
+    from torchslim.latency import LatencyNoiseWarning
+
+    clock = BusyClock(burst=2 * (3 + 5 + 5))  # round 1: 3 warm-up, 5 timed and 5 hooked runs of 2 modules
+    monkeypatch.setattr("torchslim._timing.time", clock)
+    model = nn.Sequential(Costly(clock, 2.0), nn.Sequential(Costly(clock, 1.0)))
+    with pytest.warns(LatencyNoiseWarning, match="varied 100.0x across 3 rounds"):
+        report = torchslim.analyze(model, torch.zeros(1))
+    assert report.latency_ms == pytest.approx(3.0)
+    assert report.latency_rounds_ms == pytest.approx([300.0, 3.0, 3.0])
+    assert report.layer("0").latency_ms == pytest.approx(2.0) and report.layer("0").latency_share == pytest.approx(2 / 3)
+    assert "best of 3 rounds of 5 runs" in report.summary()
+
+
+def test_measure_in_turn_records_rounds_and_warns_when_they_disagree(monkeypatch):
+    from torchslim.latency import LatencyNoiseWarning, measure_in_turn
+
+    clock = BusyClock(burst=1 + 5)  # the first round of 'slow': one warm-up and five timed runs
+    monkeypatch.setattr("torchslim._timing.time", clock)
+    models = {"slow": Costly(clock, 4.0), "fast": Costly(clock, 1.0)}
+    with pytest.warns(LatencyNoiseWarning, match="'slow' varied 100.0x") as caught:
+        stats = measure_in_turn(models, torch.zeros(1), rounds=3, warmup=1, repeats=5)
+    assert len(caught) == 1  # 'fast' was timed after the burst: its rounds agree
+    assert stats["slow"].median_ms == pytest.approx(4.0) and stats["fast"].median_ms == pytest.approx(1.0)
+    assert stats["slow"].round_medians_ms == pytest.approx([400.0, 4.0, 4.0])
+    assert stats["fast"].round_medians_ms == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_noise_warning_names_threads_competing_for_every_core(monkeypatch):
+    from torchslim._timing import LatencyNoiseWarning, LatencyStats, warn_if_rounds_disagree
+
+    monkeypatch.setattr("torchslim._timing.os.cpu_count", lambda: 2)
+    noisy = LatencyStats(1.0, 0.9, 300.0, 5, threads=2, round_medians_ms=[244.0, 262.0, 4.2])
+    with pytest.warns(LatencyNoiseWarning, match="2 threads on 2 cores.*time with 1 thread"):
+        assert "varied 62.4x" in warn_if_rounds_disagree("the model", noisy)
+    quiet = LatencyStats(1.0, 0.9, 1.1, 5, threads=1, round_medians_ms=[1.0, 1.2, 1.1])
+    assert warn_if_rounds_disagree("the model", quiet) is None
+
+
+def test_analyze_times_on_one_thread_unless_told():
+    """With as many threads as cores, any other busy process stalls every parallel op (a 0.3 ms
+    CNN measured 80 ms at 2 threads on 2 busy cores): one thread is the default, as for every
+    latency torchslim measures; threads=None keeps torch's count."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    with fixed_threads(2):
+        assert torchslim.analyze(model, torch.randn(2, 8), repeats=1, rounds=1).threads == 1
+        assert torchslim.analyze(model, torch.randn(2, 8), repeats=1, rounds=1, threads=None).threads == 2
+        assert torch.get_num_threads() == 2

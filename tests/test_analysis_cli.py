@@ -101,6 +101,8 @@ def test_cli_prune_writes_outputs(tmp_path):
     assert report["macs"][1] <= 0.5 * report["macs"][0]
     assert report["exact"] is True
     assert (tmp_path / "plan.json").exists()
+    # a MACs target uses the per-layer latency table: the candidate removals were timed, the fastest kept
+    assert sum(c["chosen"] for c in report["result"]["latency_candidates"]) == 1
 
 
 def test_cli_prune_checkpoint_is_a_model_spec(tmp_path):

@@ -15,6 +15,7 @@ import torchslim
 from torchslim.cli import COMMANDS, main, register_command
 from torchslim.cli._errors import CliError
 from torchslim.cli._model_spec import load_model, make_inputs
+from torchslim.models import create_model
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -257,3 +258,293 @@ def test_rejected_shape_names_keyword_inputs(model_file, capsys):
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(CliError, match="unknown torchvision model"):
         main(["analyze", "torchvision:resnet19", "--input", "1,3,8,8", "--debug"])
+
+
+# ----------------------------------------------------------------------------- latency on a busy machine
+
+
+class BusyMachine(types.ModuleType):
+    """A fake clock for ``torchslim._timing`` and a forward cost model: each forward of a model
+    built on :meth:`spend` advances the clock by its parameter count in nanoseconds, 100x slower
+    during a burst of other work that starts with the first timed run and lasts ``burst`` calls."""
+
+    def __init__(self, burst: int):
+        super().__init__("torchslim_test_busy_machine")
+        self.now, self.burst, self.started = 0.0, burst, None
+        self.calls = 0
+
+    def perf_counter(self) -> float:
+        if self.started is None:
+            self.started = self.calls
+        return self.now
+
+    def spend(self, params: int) -> None:
+        self.calls += 1
+        busy = self.started is not None and self.calls - self.started <= self.burst
+        self.now += params * 1e-9 * (100 if busy else 1)
+
+
+COSTLY_NET = """
+import torch
+from torch import nn
+import torchslim_test_busy_machine as machine
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3), nn.Conv2d(64, 8, 1)
+
+    def forward(self, x):
+        machine.spend(sum(p.numel() for p in self.parameters()))
+        return self.c(self.b(self.a(x).relu()).relu())
+"""
+
+
+def test_prune_latency_ratio_survives_a_burst_of_other_work(tmp_path, monkeypatch, capsys):
+    """Before and after used to be timed minutes apart (before in the first analysis, after in
+    the second), so a burst of other work landing on one of them made a 100x "speed-up" out of
+    nothing. Timed in turn in rounds, the burst spoils one round of one model, the best round
+    of each is kept, the ratio stays the true one and the disagreeing rounds are reported."""
+    machine = BusyMachine(burst=30)
+    monkeypatch.setitem(sys.modules, machine.__name__, machine)
+    monkeypatch.setattr("torchslim._timing.time", machine)
+    path = tmp_path / "costly.py"
+    path.write_text(COSTLY_NET)
+    out = tmp_path / "out"
+    assert main(["prune", f"{path}:Net", "--input", "1,3,12,12", "--ratio", "0.5", "--out", str(out)]) == 0
+    report = _json(out / "report.json")
+    before, after = report["latency_ms"]
+    true_ratio = report["params"][1] / report["params"][0]  # the fake cost is the parameter count
+    assert after / before == pytest.approx(true_ratio, rel=0.01)
+    assert before == pytest.approx(report["params"][0] * 1e-6, rel=0.01)  # ns per param -> ms
+    rounds = report["latency"]["original"]["round_medians_ms"]
+    assert len(rounds) == 3 and rounds[0] > 50 * rounds[1]
+    assert len(report["latency_warnings"]) == 1 and "'original' varied" in report["latency_warnings"][0]
+    captured = capsys.readouterr()
+    assert "torchslim: warning: latency of 'original' varied" in captured.err
+    assert "latency ms (p10-p90)" in captured.out and "the rounds disagree" in captured.out
+
+
+# ----------------------------------------------------------------------------- prune: flags, data, report
+
+
+def _prune_args(*extra: str):
+    from torchslim.cli import build_parser
+
+    return build_parser().parse_args(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--out", "x", *extra])
+
+
+@pytest.mark.parametrize("extra,latency_aware,round_to", [
+    (["--target-macs", "0.5"], True, "latency"),  # the measured table by default with a MACs target
+    (["--target-macs", "0.5", "--no-latency-table"], False, 1),
+    (["--target-macs", "0.5", "--round-to", "8"], True, 8),  # an explicit width rule wins
+    (["--ratio", "0.3"], False, 1),  # no target: nothing to spend where the time is
+])
+def test_prune_uses_the_latency_table_with_a_macs_target_unless_told(extra, latency_aware, round_to):
+    from torchslim.cli._common import config_from_args
+
+    config = config_from_args(_prune_args(*extra), create_model("digits_cnn"))
+    assert (config.latency_aware, config.round_to) == (latency_aware, round_to)
+
+
+def test_recipe_with_a_macs_target_uses_the_latency_table_unless_it_says_otherwise(tmp_path):
+    from torchslim.cli._common import config_from_args
+
+    model = create_model("digits_cnn")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target_macs: 0.5\n")
+    config = config_from_args(_prune_args("--recipe", str(recipe)), model)
+    assert config.latency_aware and config.round_to == "latency"
+    recipe.write_text("target_macs: 0.5\nround_to: 4\n")
+    assert config_from_args(_prune_args("--recipe", str(recipe)), model).round_to == 4
+    config = config_from_args(_prune_args("--recipe", str(recipe), "--no-latency-table"), model)
+    assert not config.latency_aware and config.round_to == 4
+
+
+DATA_NET = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.conv2, self.act2, self.fc = nn.Conv2d(16, 12, 3), nn.ReLU(), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.act1(self.bn(self.conv1(x))))).mean((2, 3)))
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 10, 10, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+
+def cross_entropy(output, batch):
+    return nn.functional.cross_entropy(output, batch[1])
+
+wrong_shape = [torch.randn(2, 5)]
+nothing = []
+"""
+
+
+@pytest.fixture
+def data_net(tmp_path):
+    path = tmp_path / "data_net.py"
+    path.write_text(DATA_NET)
+    return path
+
+
+@pytest.mark.parametrize("criterion,loss", [("apoz", False), ("mean_activation", False), ("fisher", False),
+                                            ("fisher", True), ("taylor", True)])
+def test_data_driven_criteria_run_from_the_cli(data_net, tmp_path, criterion, loss, capsys):
+    """--data FILE.py:NAME feeds the batches to the criterion (the CLI removes exactly what the
+    Python API removes with the same batches), --loss gives taylor/fisher their loss, and
+    fisher without one uses the label-free random projection, saying so."""
+    from torchslim.cli._model_spec import import_attribute
+
+    out = tmp_path / "out"
+    argv = ["prune", f"{data_net}:Net", "--input", "1,3,10,10", "--ratio", "0.5", "--criterion", criterion,
+            "--data", f"{data_net}:batches", "--repeats", "2", "--out", str(out)]
+    assert main(argv + (["--loss", f"{data_net}:cross_entropy"] if loss else [])) == 0
+    report = _json(out / "report.json")
+    assert report["exact"] is True and report["params"][1] < report["params"][0]
+    note = "random_projection_loss" in capsys.readouterr().err
+    assert note == (criterion == "fisher" and not loss)
+
+    _, _, Net = import_attribute(f"{data_net}:Net")
+    _, _, batches = import_attribute(f"{data_net}:batches")
+    _, _, cross_entropy = import_attribute(f"{data_net}:cross_entropy")
+    loss_fn = cross_entropy if loss else (torchslim.criteria.random_projection_loss() if criterion == "fisher" else None)
+    expected = torchslim.prune_(Net().eval(), torch.randn(1, 3, 10, 10), torchslim.PruneConfig(ratio=0.5, criterion=criterion),
+                                data=batches(), loss_fn=loss_fn)
+    saved = torchslim.PruningPlan.from_dict(_json(out / "plan.json"))
+    assert saved.steps[0].removed == expected.plan.steps[0].removed
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--criterion", "taylor", "--data", "d.py:batches"], ["criterion 'taylor'", "--loss", "--criterion fisher"]),
+    (["--criterion", "apoz"], ["criterion 'apoz' measures the model on data", "--data FILE.py:NAME"]),
+    (["--criterion", "fisher"], ["criterion 'fisher' measures the model on data"]),
+    (["--criterion", "l1", "--data", "d.py:batches"], ["criterion 'l1' uses the weights only"]),
+    (["--criterion", "apoz", "--data", "d.py:batches", "--loss", "d.py:f"], ["criterion 'apoz' takes no loss"]),
+])
+def test_data_driven_criteria_without_what_they_need_are_refused_before_loading(tmp_path, extra, needles, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('the model file was imported')\nNet = None\n")
+    assert main(["prune", f"{broken}:Net", "--input", "1,3,8,8", "--ratio", "0.5", "--out", str(tmp_path / "o"),
+                 *extra]) == 2
+    line = _one_line_error(capsys)
+    assert "was imported" not in line and all(needle in line for needle in needles), line
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("wrong_shape", "the model rejected the first batch of --data"),
+    ("nothing", "gave no batches"),
+    ("missing", "has no attribute 'missing'"),
+])
+def test_bad_data_is_one_line(data_net, tmp_path, spec, needle, capsys):
+    assert main(["prune", f"{data_net}:Net", "--input", "1,3,10,10", "--ratio", "0.5", "--criterion", "apoz",
+                 "--data", f"{data_net}:{spec}", "--out", str(tmp_path / "o")]) == 2
+    assert needle in _one_line_error(capsys)
+
+
+def test_prune_help_has_examples_and_every_option_of_every_command_has_help(capsys):
+    import argparse
+
+    from torchslim.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+                    for name, sub in [("torchslim", parser), *commands.choices.items()]
+                    for action in sub._actions
+                    if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+                    and not (action.help or "").strip()]
+    assert not undocumented, undocumented
+    assert set(commands.choices) >= {"analyze", "prune", "bench", "demo"}
+    assert main(["prune", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "torchslim prune torchvision:resnet18" in text and "--data" in text
+
+
+def test_prune_reports_exactness_checkpoint_and_steps(tmp_path, capsys, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pruned"
+    with caplog.at_level(logging.INFO, logger="torchslim.cli"):
+        assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--target-macs", "0.5", "--repeats", "2",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = _json(out / "report.json")
+    assert report["exact"] is True and report["checkpoint"] == str(out)
+    assert "exact: equals the original with the removed channels zeroed" in text
+    assert f"max |difference| {report['max_abs_error']:.3g}" in text
+    assert f"checkpoint: {out} (model.safetensors" in text
+    steps = [r.getMessage() for r in caplog.records if r.name == "torchslim.cli"]
+    assert [s.split(":")[0] for s in steps] == [f"step {i}/5" for i in range(1, 6)]
+    assert "per-layer latency table measured now, once for this machine" in steps[1]
+    assert "timing the original and the pruned model in turn" in steps[3]
+    assert report["result"]["latency_candidates"]  # the table was used: candidate removals were timed
+    assert list((tmp_path / "cache").glob("latency-torch-*.json"))  # and cached for the next run
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("ratio: '0.3'\n", ["field 'ratio' must be a number, got the string '0.3'"]),
+    ("rules:\n  - op_types: [Conv2d]\n    sparsity_per_layer: half\n",
+     ["rules[0].sparsity_per_layer must be a number in [0, 1), got the string 'half'"]),
+    ("rules:\n  - op_types: [Conv2d]\n    sparsity: 0.5\n  - op_names: Linear\n    exclude: true\n",
+     ["rules[1].op_names must be a list of strings", "got the string 'Linear'"]),
+    ("rules:\n  - op_names: [features.0]\n    exclude: 'yes'\n", ["rules[0].exclude must be true or false"]),
+    ("rules:\n  - total_sparsity: 0.5\n    max_sparsity_per_layer: 2\n",
+     ["rules[0].max_sparsity_per_layer must be a number in (0, 1], got 2"]),
+    ("rules: {op_types: [Conv2d]}\n", ["'rules' must be a list of rules"]),
+    ("rules:\n  - 0.5\n", ["rules[0] must be a mapping"]),
+    ("exact_only: 1\n", ["field 'exact_only' must be true or false, got 1"]),
+    ("ratios: {features.0: lots}\n", ["field 'ratios' must be a mapping of module globs to numbers"]),
+    ("filter_fn: keep\n", ["field 'filter_fn' must be a Python function (not available in a recipe)"]),
+    ("rules:\n  - op_types: [Conv2d\n", ["not valid YAML at line"]),
+])
+def test_every_recipe_error_is_one_line_naming_rule_and_field(tmp_path, text, needles, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert main(["prune", "torchslim:digits_cnn", "--input", "1,1,8,8", "--recipe", str(recipe), "--out",
+                 str(tmp_path / "o")]) == 2
+    line = _one_line_error(capsys)
+    assert f"recipe {recipe}: " in line and all(needle in line for needle in needles), line
+    assert not (tmp_path / "o").exists()
+
+
+def _saved_checkpoint(tmp_path):
+    from torchslim.cli._model_spec import source_metadata
+
+    directory = tmp_path / "ckpt"
+    source = source_metadata("torchslim:digits_cnn", {}, ["1,1,8,8"], {})
+    torchslim.save(create_model("digits_cnn"), directory, metadata={"source": source})
+    return directory
+
+
+@pytest.mark.parametrize("break_it,needle", [
+    (lambda d: (d / "meta.json").unlink(), "checkpoint {d} has no meta.json"),
+    (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").symlink_to("meta.json")),
+     "checkpoint {d}: {d}/meta.json is a symbolic link loop"),
+    (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").symlink_to(d / "elsewhere.json")),
+     "{d}/meta.json is a symbolic link to {d}/elsewhere.json, which does not exist"),
+    (lambda d: (d / "plan.json").unlink(), "checkpoint {d} has no plan.json"),
+])
+def test_broken_checkpoint_directory_names_the_file_and_cause(tmp_path, break_it, needle, capsys):
+    """A checkpoint whose meta.json is gone used to say '--input is required'."""
+    directory = _saved_checkpoint(tmp_path)
+    assert main(["analyze", str(directory), "--no-latency"]) == 0  # intact: the recorded inputs are used
+    capsys.readouterr()
+    break_it(directory)
+    for argv in (["analyze", str(directory)], ["analyze", str(directory), "--input", "1,1,8,8", "--no-latency"]):
+        assert main(argv) == 2
+        assert needle.format(d=directory) in _one_line_error(capsys)
+
+
+def test_model_spec_that_is_a_symlink_loop(tmp_path, capsys):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for extra in ([], ["--input", "1,3,8,8"]):
+        assert main(["analyze", str(tmp_path / "loop"), *extra]) == 2
+        assert f"{tmp_path / 'loop'} is a symbolic link loop" in _one_line_error(capsys)

@@ -84,7 +84,7 @@ def test_recipe_from_yaml(tmp_path):
     ([{"op_types": ["Conv2d"], "sparsity": 0.5, "colour": 1}], r"rules\[0\] has unknown key"),
     ([{"op_names": ["a"], "sparsity": 0.5}, {"op_names": ["a"], "exclude": True}], "conflict"),
     ([{"op_names": ["a"]}], r"rules\[0\] needs sparsity"),
-    ([{"op_names": ["a"], "sparsity": 1.2}], r"ratios\['a'\]"),
+    ([{"op_names": ["a"], "sparsity": 1.2}], r"rules\[0\]\.sparsity must be a number in \[0, 1\), got 1.2"),
 ])
 def test_bad_recipes_fail_naming_the_rule(rules, needle):
     with pytest.raises(ValueError, match=needle):

@@ -81,3 +81,44 @@ def test_cli_demo_quick(tmp_path, capsys):
     assert report["settings"]["seed"] == 1 and report["settings"]["quick"] is True
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     assert "torchslim demo" in capsys.readouterr().out
+
+
+def test_demo_without_matplotlib_writes_the_report_and_says_there_is_no_plot(tmp_path, monkeypatch):
+    """matplotlib is an extra: without it the demo used to end in 'unexpected ModuleNotFoundError'
+    after all its work; now the report is complete, without the plot, and says why."""
+    import io
+    import sys
+
+    from rich.console import Console
+
+    from torchslim.demo import run_demo
+
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ModuleNotFoundError
+    (tmp_path / "plot.png").write_bytes(b"stale plot of an earlier run")
+    printed = io.StringIO()
+    report = run_demo(tmp_path, seed=0, quick=True, steps=1, epochs=2, finetune_epochs=1, progress=False,
+                      console=Console(file=printed, width=200))
+    assert report["plot"] is None and "matplotlib is not installed" in report["plot_skipped"]
+    assert "torchslim[demo]" in report["plot_skipped"]
+    assert json.loads((tmp_path / "report.json").read_text())["plot_skipped"] == report["plot_skipped"]
+    md = (tmp_path / "report.md").read_text()
+    assert "plot.png" not in md and "No plot: matplotlib is not installed" in md and "| MACs |" in md
+    assert not (tmp_path / "plot.png").exists()
+    assert "no plot: matplotlib is not installed" in printed.getvalue()
+    assert (tmp_path / "pruned" / "model.safetensors").exists()
+
+
+def test_quick_demo_records_its_plot(quick_demo):
+    _, report, _ = quick_demo
+    assert report["plot"] == "plot.png" and "plot_skipped" not in report
+
+
+def test_cli_demo_without_scikit_learn_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "torchslim: error: torchslim demo trains on scikit-learn's bundled digits: pip install 'torchslim[demo]'"

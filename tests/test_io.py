@@ -291,6 +291,16 @@ def _rewrite_weights(directory: Path, edit) -> None:
     _fix_hashes(directory)
 
 
+def _rewrite_meta(directory: Path, edit) -> None:
+    meta = json.loads((directory / "meta.json").read_text())
+    edit(meta)
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _set_first_index(plan: dict, value) -> None:
+    plan["steps"][0]["removed"]["conv1.weight"]["0"][0] = value
+
+
 def _first_conv_key(data):
     return next(k for k in data["steps"][0]["removed"] if k.endswith("conv1.weight"))
 
@@ -312,7 +322,43 @@ CORRUPTIONS = {
     "tampered plan": (lambda d: (d / "plan.json").write_text((d / "plan.json").read_text().replace("[", "[0, ", 1)),
                       "plan.json: sha256 does not match"),
     "plan not json, hash fixed": (lambda d: ((d / "plan.json").write_text("nope"), _fix_hashes(d)), "plan.json: not valid JSON"),
-    "plan format key": (lambda d: _rewrite_plan(d, lambda p: p.update(format="x")), "malformed plan"),
+    "plan format key": (lambda d: _rewrite_plan(d, lambda p: p.update(format="x")),
+                        "plan.json: 'format' must be 'torchslim.plan/1', got 'x'"),
+    # plan.json's structure is checked before it is used: the file, key and value at fault are named
+    "plan index is a float": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, 1.5)),
+                              r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is 1.5; removed indices "
+                              "must be non-negative integers"),
+    "plan index is true": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, True)),
+                           r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is true"),
+    "plan index is a string": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, "3")),
+                               r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is \"3\""),
+    "plan index is negative": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, -1)), r"\[0\] is -1"),
+    "plan steps is an object": (lambda d: _rewrite_plan(d, lambda p: p.update(steps={})),
+                                "plan.json: 'steps' must be a list of steps, got an object {}"),
+    "plan without steps": (lambda d: _rewrite_plan(d, lambda p: p.pop("steps")), "plan.json: 'steps' must be a list"),
+    "plan step is a list": (lambda d: _rewrite_plan(d, lambda p: p["steps"].__setitem__(0, [])),
+                            r"plan.json: steps\[0\] must be an object"),
+    "plan removed is a list": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0].update(removed=[])),
+                               r"plan.json: steps\[0\].removed must be an object, got a list"),
+    "plan dim is not a number": (
+        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["removed"]["fc.weight"].update({"x": [0]})),
+        r"plan.json: steps\[0\].removed\['fc.weight'\] has dim 'x'"),
+    "plan size is a float": (
+        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [64.0, 3, 7, 7]})),
+        r"plan.json: steps\[0\].shapes\['conv1.weight'\]\[0\] is 64.0; sizes must be non-negative integers"),
+    "meta hash is a number": (lambda d: _rewrite_meta(d, lambda m: m.update(weights_sha256=12345)),
+                              "meta.json: 'weights_sha256' must be a sha256 hex digest \\(64 hex digits\\), got 12345"),
+    "meta hash missing": (lambda d: _rewrite_meta(d, lambda m: m.pop("plan_sha256")), "meta.json: missing 'plan_sha256'"),
+    "meta aliases not names": (lambda d: _rewrite_meta(d, lambda m: m.update(aliases={"a": 1})),
+                               "meta.json: 'aliases' must be an object mapping"),
+    "missing meta": (lambda d: (d / "meta.json").unlink(), "has no meta.json"),
+    "meta is a symlink loop": (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").symlink_to("meta.json")),
+                               "meta.json is a symbolic link loop"),
+    "weights is a dangling link": (
+        lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors").symlink_to(d / "gone")),
+        "model.safetensors is a symbolic link to .*gone, which does not exist"),
+    "plan is a directory": (lambda d: ((d / "plan.json").unlink(), (d / "plan.json").mkdir()),
+                            "plan.json is a directory, not a file"),
     "plan unknown name": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"nope.weight": [3]})),
                           "'nope.weight', which the model"),
     "plan wrong shape": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [65, 3, 7, 7]})),
@@ -375,6 +421,12 @@ def test_loading_into_an_already_pruned_model_is_refused(checkpoint):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nothing", nn.Linear(2, 2))
+
+
+def test_directory_that_is_a_symlink_loop(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(CheckpointError, match="checkpoint directory .*loop is a symbolic link loop"):
+        load(tmp_path / "loop", nn.Linear(2, 2))
 
 
 def test_failure_midway_rolls_back(checkpoint, monkeypatch):

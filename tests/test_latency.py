@@ -103,9 +103,34 @@ def test_round_to_latency_never_picks_a_slower_wider_alternative():
     assert width in {18, 20, 24, 32}  # 32 * 0.55 = 17.6 -> 18, or its roundings up to 4/8/16/32
 
 
-def test_onnxruntime_latency_runs():
-    stats = measure_model(net(), X, runtime="onnxruntime", repeats=3, warmup=1)
-    assert stats.median_ms > 0 and stats.runs == 3
+def test_onnxruntime_latency_runs(monkeypatch):
+    """runtime="onnxruntime" times the model running in ONNX Runtime: every warm-up and timed
+    call is one InferenceSession.run of the exported model (whose outputs are the torch
+    model's), in a session with the thread count asked for."""
+    ort = pytest.importorskip("onnxruntime")
+    from torchslim.latency import make_runner
+
+    model = net()
+    with torch.no_grad():
+        expected = model(X).numpy()
+    assert np.allclose(make_runner(model, X, "onnxruntime", threads=1)()[0], expected, atol=1e-5)
+
+    sessions, runs = [], []
+    real_init, real_run = ort.InferenceSession.__init__, ort.InferenceSession.run
+
+    def init(self, path, options=None, *args, **kwargs):
+        sessions.append(options.intra_op_num_threads)
+        real_init(self, path, options, *args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        runs.append(1)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", init)
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    stats = measure_model(model, X, runtime="onnxruntime", threads=2, repeats=3, warmup=1)
+    assert sessions == [2] and len(runs) == 1 + 3
+    assert stats.runs == 3 and stats.threads == 2 and 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
 
 
 def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):

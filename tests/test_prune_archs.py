@@ -111,8 +111,33 @@ def test_archs_forward(name):
             assert k in state, f"{name}: must_shrink names unknown tensor {k}"
 
 
+def _op_fingerprint(model: nn.Module, inputs) -> tuple:
+    """The aten ops one forward runs, with their tensor arguments' shapes, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        run(model, inputs)
+    return tuple(recorder.ops)
+
+
 def test_zoo_size():
-    assert len(ARCHS) >= 40
+    """At least 40 architectures that are really different: no two entries run the same ops on
+    the same shapes (an alias, or an entry whose variant flag changes nothing, does not count)."""
+    entries: dict[tuple, list[str]] = {}
+    for name in NAMES:
+        entries.setdefault(_op_fingerprint(*ARCHS[name]()), []).append(name)
+    duplicates = [names for names in entries.values() if len(names) > 1]
+    assert not duplicates, f"entries running identical ops: {duplicates}"
+    assert len(entries) >= 40
 
 
 # ---------------------------------------------------------------------------------------

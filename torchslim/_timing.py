@@ -5,6 +5,8 @@
 * :func:`module_latency` times every submodule of a model inside the same kind of repeated
   runs, with forward pre/post hooks: per run, the time inside each module's forward (all its
   calls summed) and the part of it not spent in child-module calls; the medians over runs.
+* :func:`warn_if_rounds_disagree` flags measurements repeated in rounds whose round medians
+  disagree: the machine was busy while timing (:class:`LatencyNoiseWarning`).
 
 Both run under ``torch.no_grad`` with torch's intra-op thread count fixed for the duration
 (``threads=None`` keeps the current count) and restored afterwards.
@@ -15,8 +17,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import os
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from typing import Callable, Iterator
 
@@ -24,20 +28,40 @@ import torch
 from torch import nn
 
 
+#: Round medians further apart than this factor (slowest / fastest) mean the machine was busy.
+ROUNDS_DISAGREE_FACTOR = 1.5
+
+
+class LatencyNoiseWarning(UserWarning):
+    """Repeated rounds timing the same model disagree: other work on the machine disturbed them."""
+
+
 @dataclasses.dataclass
 class LatencyStats:
-    """Milliseconds per call: the median and the 10th / 90th percentiles of ``runs`` timed calls."""
+    """Milliseconds per call: the median and the 10th / 90th percentiles of ``runs`` timed calls.
+
+    Measured in rounds (:func:`torchslim.latency.measure_in_turn`, :func:`torchslim.analyze`),
+    the figures are those of the least-disturbed round and ``round_medians_ms`` holds every
+    round's median, in order.
+    """
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     runs: int
     threads: int
+    round_medians_ms: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def spread_ms(self) -> float:
         """p90 - p10: how noisy the measurement was."""
         return self.p90_ms - self.p10_ms
+
+    @property
+    def rounds_factor(self) -> float:
+        """Slowest round median / fastest (1.0 with fewer than two rounds)."""
+        medians = [m for m in self.round_medians_ms if m > 0]
+        return max(medians) / min(medians) if len(medians) > 1 else 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,6 +121,24 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def warn_if_rounds_disagree(label: str, stats: LatencyStats, factor: float = ROUNDS_DISAGREE_FACTOR,
+                            stacklevel: int = 3) -> str | None:
+    """Warn (:class:`LatencyNoiseWarning`) when ``stats``' round medians differ by more than
+    ``factor``; returns the message (None when they agree)."""
+    if stats.rounds_factor <= factor:
+        return None
+    medians = ", ".join(f"{m:.2f}" for m in stats.round_medians_ms)
+    message = (f"latency of {label} varied {stats.rounds_factor:.1f}x across {len(stats.round_medians_ms)} rounds "
+               f"(medians {medians} ms): other work on the machine disturbed the timing; the least-disturbed "
+               f"round is reported")
+    cores = os.cpu_count() or 1
+    if stats.threads > 1 and stats.threads >= cores:
+        message += (f". Timing with {stats.threads} threads on {cores} cores makes every parallel op wait for a "
+                    "thread another process holds: time with 1 thread on a shared machine")
+    warnings.warn(message, LatencyNoiseWarning, stacklevel=stacklevel)
+    return message
 
 
 def _check_counts(warmup: int, repeats: int) -> None:

@@ -5,7 +5,8 @@ report accuracy, MACs, parameters and measured latency before and after.
 Outputs in ``out_dir``: ``report.json``, ``report.md``, ``plot.png`` (per-layer MACs before
 and after; accuracy against MACs over the steps) and ``pruned/``, the pruned model as a
 torchslim checkpoint (weights in safetensors, the composed plan as JSON; ``torchslim.load``
-or any CLI command re-creates it from a fresh ``torchslim:digits_cnn``).
+or any CLI command re-creates it from a fresh ``torchslim:digits_cnn``). Without matplotlib
+the plot is skipped and the report says so (``report["plot"]`` is None, ``plot_skipped`` why).
 """
 from __future__ import annotations
 
@@ -180,11 +181,30 @@ def _run(out: Path, seed: int, s: dict, target_macs: float, criterion: str, roun
 
     source = source_metadata("torchslim:digits_cnn", {}, ["1,1,8,8"], {})
     torchslim.save(model, out / "pruned", plan, metadata={"source": source, "report": "report.json"})
-    _plot(before, after, report, out / "plot.png")
+    _plot_if_possible(before, after, report, out / "plot.png", console)
     return report
 
 
 # outputs -----------------------------------------------------------------------------------------
+PLOT_EXTRA = "pip install 'torchslim[demo]'"
+
+
+def _plot_if_possible(before, after, report: dict, path: Path, console) -> None:
+    """Write the plot, or, without matplotlib, record in the report why there is none (a stale
+    plot from an earlier run is removed so that nothing contradicts the report)."""
+    path.unlink(missing_ok=True)
+    try:
+        _plot(before, after, report, path)
+    except ImportError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        report["plot"], report["plot_skipped"] = None, f"matplotlib is not installed ({PLOT_EXTRA})"
+        console.print(f"  no plot: matplotlib is not installed ({PLOT_EXTRA}); report.json and report.md are "
+                      "complete without it", highlight=False)
+    else:
+        report["plot"] = path.name
+
+
 def _plot(before, after, report: dict, path: Path) -> None:
     import matplotlib
 
@@ -247,7 +267,8 @@ def _markdown(report: dict, path: Path) -> None:
     lines += ["", f"BatchNorm recalibrated at the end: accuracy {report['accuracy_before_recalibration']:.4f} -> "
               f"{report['accuracy_after']:.4f}.", "",
               f"Seed {report['settings']['seed']}, {report['seconds']:.1f} s. Pruned channels are physically removed; "
-              "fine-tuning distils from the unpruned model.", "", "![plot](plot.png)", ""]
+              "fine-tuning distils from the unpruned model.", "",
+              f"![plot]({report['plot']})" if report.get("plot") else f"No plot: {report['plot_skipped']}.", ""]
     path.write_text("\n".join(lines))
 
 

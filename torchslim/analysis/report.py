@@ -111,6 +111,7 @@ class AnalysisReport:
     macs_by_op: dict[str, int] = dataclasses.field(default_factory=dict)
     latency_runs: int | None = None
     training: bool = False  # the model's training flag (analysis itself runs in eval mode)
+    latency_rounds_ms: list[float] | None = None  # every timing round's median; the lowest is latency_ms
 
     # ------------------------------------------------------------------ lookups
     def layer(self, name: str) -> LayerRow:
@@ -190,8 +191,11 @@ class AnalysisReport:
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         if self.latency_ms is not None:
+            rounds = self.latency_rounds_ms or []
+            runs = (f"best of {len(rounds)} rounds of {self.latency_runs} runs, round medians "
+                    f"{min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else f"{self.latency_runs} runs")
             lat = (f"{self.latency_ms:.2f} ms median (p10 {self.latency_p10_ms:.2f}, p90 {self.latency_p90_ms:.2f}; "
-                   f"{self.latency_runs} runs, {self.threads} threads)")
+                   f"{runs}; {self.threads} threads)")
         else:
             lat = "not measured"
         inputs = ", ".join("x".join(map(str, s)) for s in self.input_shapes)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from torchslim.cli._errors import EXIT_INTERNAL, EXIT_USAGE, CliError, one_line, print_error
+from torchslim.cli._errors import EXIT_INTERNAL, EXIT_USAGE, CliError, one_line, print_error, show_warnings_on_one_line
 
 #: subcommand name -> module implementing it (``add_parser`` + ``run``), in help order.
 COMMANDS: dict[str, str] = {
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         run = getattr(args, "run", None) or importlib.import_module(COMMANDS[args.command]).run
-        return int(run(args) or 0)
+        with warnings.catch_warnings():
+            show_warnings_on_one_line()
+            return int(run(args) or 0)
     except CliError as exc:
         if debug:
             raise

@@ -23,3 +23,22 @@ def one_line(text: str) -> str:
 
 def print_error(message: str) -> None:
     print(f"torchslim: error: {one_line(message)}", file=sys.stderr)
+
+
+def print_note(message: str) -> None:
+    print(f"torchslim: note: {one_line(message)}", file=sys.stderr)
+
+
+def print_warning(message: str) -> None:
+    print(f"torchslim: warning: {one_line(message)}", file=sys.stderr)
+
+
+def show_warnings_on_one_line() -> None:
+    """Route ``warnings.warn`` to :func:`print_warning` (one line, no source excerpt); undone by
+    the ``warnings.catch_warnings()`` block around the command."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings API
+        print_warning(f"{category.__name__}: {message}")
+
+    warnings.showwarning = show

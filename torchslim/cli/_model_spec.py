@@ -96,11 +96,12 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Modu
     kwargs = dict(model_kwargs or {})
     zoo, sep, name = spec.partition(":")
     path = Path(spec)
+    _refuse_link_loop(path)
     if sep and zoo in ZOOS and not path.exists():
         if not name:
             raise CliError(f"model spec '{spec}' names no model: use {zoo}:NAME")
         model = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "torchslim": _bundled}[zoo](name, kwargs)
-    elif path.is_dir() and (path / "meta.json").is_file() and not (path / "config.json").is_file():
+    elif is_checkpoint_dir(path):
         model = _torchslim_checkpoint(path, kwargs)
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -196,10 +197,31 @@ def _bundled(name: str, kwargs: dict) -> nn.Module:
 
 
 def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
-    path_text, _, attr = spec.rpartition(":")
+    path, attr, target = import_attribute(spec, "model file", _is_model_like)
+    if isinstance(target, nn.Module):
+        if kwargs:
+            raise CliError(f"{path}:{attr} is a module instance; --model-kwargs cannot apply to it")
+        return target
+    if not callable(target):
+        raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
+    return _construct(f"{path}:{attr}", target, kwargs)
+
+
+def _is_model_like(value: Any) -> bool:
+    return isinstance(value, nn.Module) or (inspect.isclass(value) and issubclass(value, nn.Module)) or \
+        inspect.isfunction(value)
+
+
+def import_attribute(spec: str, what: str = "file", suggestable=callable) -> tuple[Path, str, Any]:
+    """Import ``path/file.py`` of a ``path/file.py:ATTR`` spec and return ``(path, ATTR, value)``;
+    a missing file, a failing import or a missing attribute is a one-line CliError (an unknown
+    attribute suggests the closest public names for which ``suggestable`` holds)."""
+    path_text, sep, attr = spec.rpartition(":")
+    if not sep or not attr or not path_text.endswith(".py"):
+        raise CliError(f"'{spec}' is not a path/file.py:NAME spec")
     path = Path(path_text)
     if not path.is_file():
-        raise CliError(f"model file not found: {path}")
+        raise CliError(f"{what} not found: {path}")
     module_name = f"torchslim_user_model_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -215,17 +237,9 @@ def _from_python_file(spec: str, kwargs: dict) -> nn.Module:
         if folder in sys.path:
             sys.path.remove(folder)
     if not hasattr(module, attr):
-        candidates = [n for n, v in vars(module).items() if not n.startswith("_") and
-                      (isinstance(v, nn.Module) or (inspect.isclass(v) and issubclass(v, nn.Module)) or inspect.isfunction(v))]
+        candidates = [n for n, v in vars(module).items() if not n.startswith("_") and suggestable(v)]
         raise CliError(f"{path} has no attribute '{attr}'{_suggest(attr, candidates)}")
-    target = getattr(module, attr)
-    if isinstance(target, nn.Module):
-        if kwargs:
-            raise CliError(f"{path}:{attr} is a module instance; --model-kwargs cannot apply to it")
-        return target
-    if not callable(target):
-        raise CliError(f"{path}:{attr} is a {type(target).__name__}, not a class or factory")
-    return _construct(f"{path}:{attr}", target, kwargs)
+    return path, attr, getattr(module, attr)
 
 
 def source_metadata(spec: str, model_kwargs: dict[str, Any], inputs: list[str], kwargs: dict[str, Any],
@@ -242,10 +256,34 @@ def source_metadata(spec: str, model_kwargs: dict[str, Any], inputs: list[str], 
             "dtype": dtype}
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory holding any file of a torchslim checkpoint (even a broken one, so that its
+    problem is reported as such) and no Hugging Face ``config.json``."""
+    import os
+
+    from torchslim.io.serialization import META_FILE, PLAN_FILE, WEIGHTS_FILE
+
+    return path.is_dir() and not (path / "config.json").is_file() and any(
+        os.path.lexists(path / name) for name in (META_FILE, PLAN_FILE, WEIGHTS_FILE))
+
+
+def _refuse_link_loop(path: Path) -> None:
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CliError(f"{path} is a symbolic link loop") from None
+
+
 def recorded_source(spec: str) -> dict[str, Any]:
-    """What a torchslim checkpoint directory records about how it was made ({} otherwise)."""
+    """What a torchslim checkpoint directory records about how it was made ({} for other
+    specs); a checkpoint whose meta.json is missing or unreadable is a CliError saying so."""
     path = Path(spec)
-    if not (path.is_dir() and (path / "meta.json").is_file()):
+    _refuse_link_loop(path)
+    if not is_checkpoint_dir(path):
         return {}
     from torchslim.io import CheckpointError, read_metadata
 

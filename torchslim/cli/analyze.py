@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torchslim.cli._common import add_model_arguments, model_and_inputs
+from torchslim.cli._common import add_model_arguments, make_console, model_and_inputs
 from torchslim.cli._errors import CliError
 
 EPILOG = """examples:
@@ -34,8 +34,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--no-latency", action="store_true", help="skip timing (MACs and sizes only)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs; the median is reported (default 10)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads while timing (default: torch's current)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per round; the median is reported (default 5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timing rounds; the least-disturbed is reported, and rounds that disagree are warned "
+                        "about (default 3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while timing (default 1: with as many threads as cores, any other "
+                        "busy process stalls every parallel op)")
     p.set_defaults(run=run)
 
 
@@ -46,14 +51,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--top must be >= 0, got {args.top}")
     if args.depth < 1:
         raise CliError(f"--depth must be >= 1, got {args.depth}")
-    if args.warmup < 0 or args.repeats < 1:
-        raise CliError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    if args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
+        raise CliError(f"--warmup must be >= 0, --repeats and --rounds >= 1, got {args.warmup}, {args.repeats} "
+                       f"and {args.rounds}")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
     model, inputs = model_and_inputs(args)
     report = analyze(model, inputs, latency=not args.no_latency, warmup=args.warmup, repeats=args.repeats,
-                     threads=args.threads)
-    console = _console()
+                     threads=args.threads, rounds=args.rounds)
+    console = make_console()
     report.render(console, top=args.top, depth=args.depth)
     if args.json:
         try:
@@ -63,12 +69,3 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
         console.print(f"report written to {args.json}")
     return 0
-
-
-def _console():
-    """rich console on stdout; 140 columns when stdout is not a terminal (files, CI logs)."""
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=140)

@@ -10,8 +10,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a small CNN on bundled digits, prune it to <= 50%% MACs, report",
                        description="Train DigitsCNN on scikit-learn's bundled digits, prune it iteratively to "
                                    "--target-macs of its MACs with distillation fine-tuning between steps, "
-                                   "recalibrate BatchNorm, and write report.json, report.md, plot.png, "
-                                   "and the pruned model as a torchslim checkpoint (pruned/) into --out.")
+                                   "recalibrate BatchNorm, and write report.json, report.md, plot.png (when matplotlib "
+                                   "is installed), and the pruned model as a torchslim checkpoint (pruned/) into --out.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, initialisation and shuffling")
     p.add_argument("--quick", action="store_true", help="train and time less (a few seconds)")
@@ -29,5 +29,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--target-macs must be a fraction in (0, 1), got {args.target_macs}")
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
-    run_demo(args.out, seed=args.seed, quick=args.quick, steps=args.steps, target_macs=args.target_macs)
+    try:
+        run_demo(args.out, seed=args.seed, quick=args.quick, steps=args.steps, target_macs=args.target_macs)
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] == "sklearn":
+            raise CliError("torchslim demo trains on scikit-learn's bundled digits: pip install 'torchslim[demo]'") \
+                from None
+        raise
     return 0

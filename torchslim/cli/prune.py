@@ -1,23 +1,52 @@
-"""``torchslim prune MODEL --input ... (--ratio R | --target-macs F) --out DIR``."""
+"""``torchslim prune MODEL --input ... (--ratio R | --target-macs F | ...) --out DIR``."""
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import logging
+import warnings
 from pathlib import Path
 
-from torchslim.cli._common import add_model_arguments, add_pruning_arguments, config_from_args, model_and_inputs
-from torchslim.cli._errors import CliError
+from torchslim.cli._common import (add_model_arguments, add_pruning_arguments, check_pruning_flags, config_from_args,
+                                   make_console, model_and_inputs, pruning_data)
+from torchslim.cli._errors import CliError, one_line, print_warning
+
+#: rounds in which the original and the pruned model are timed in turn (best round kept)
+ROUNDS = 3
+LOG = logging.getLogger("torchslim.cli")
+
+EPILOG = """examples:
+  torchslim prune torchvision:resnet18 --input 1,3,224,224 --target-macs 0.5 --out pruned/
+  torchslim prune torchvision:resnet18 --input 1,3,224,224 --target-macs 0.5 --no-latency-table --round-to 8 --out p/
+  torchslim prune torchslim:modnet --input 1,3,512,512 --kwargs '{"inference": false}' --ratio 0.3 --exact-only --out m/
+  torchslim prune hf:llama --input 1,16 --target-macs 0.5 --out llama/ --model-kwargs \\
+      '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8}'
+  torchslim prune nets.py:Net --input 1,3,32,32 --criterion fisher --data nets.py:batches --target-macs 0.6 --out n/
+  torchslim prune nets.py:Net --input 1,3,32,32 --recipe recipe.yaml --onnx --out n/
+
+With --target-macs the per-layer latency table of this machine is used (measured once per
+runtime and thread count, cached under ~/.cache/torchslim; --no-latency-table skips it): the
+MACs budget goes where the time is and widths land on fast sizes. The table printed at the end
+compares params, MACs, file size and latency (original and pruned timed in turn over 3 rounds,
+best round kept, p10-p90 shown), says whether the pruned model equals the zeroed original and
+where the checkpoint went. DIR works as MODEL for every command."""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("prune", help="structurally prune a model and write it with a before/after report")
+    p = sub.add_parser("prune", help="structurally prune a model and write it with a before/after report",
+                       description="Structurally prune MODEL (channels, heads, hidden units are physically removed),\n"
+                                   "check it against the original with the removed channels zeroed, time both, and\n"
+                                   "write a torchslim checkpoint and report.json into --out.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     add_pruning_arguments(p)
     p.add_argument("--out", type=Path, required=True,
                    help="output directory: a torchslim checkpoint (model.safetensors, plan.json, meta.json) "
                         "plus report.json; usable as MODEL by every command")
     p.add_argument("--onnx", action="store_true", help="also export DIR/model.onnx, checked with onnxruntime")
+    p.add_argument("--repeats", type=int, default=20,
+                   help=f"timed runs per round for the before/after latency ({ROUNDS} rounds, default 20)")
     p.set_defaults(run=run)
 
 
@@ -25,38 +54,115 @@ def run(args: argparse.Namespace) -> int:
     import torchslim
     from torchslim.analysis import analyze
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    check_pruning_flags(args)
+    if args.repeats < 1:
+        raise CliError(f"--repeats must be >= 1, got {args.repeats}")
     model, inputs = model_and_inputs(args)
     config = config_from_args(args, model)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
-        step = progress.add_task("analysing the original", total=4)
-        before = analyze(model, inputs)
+    data = pruning_data(args, model, config)
+    with _Steps(5 + args.onnx) as steps:
+        steps.start("measuring params, MACs and size of the original")
+        before = analyze(model, inputs, latency=False)
         original = copy.deepcopy(model)
-        progress.update(step, advance=1, description="tracing, ranking and removing channels")
+        steps.start(_pruning_step(config))
         try:
-            result = torchslim.prune_(model, inputs, config)
+            result = torchslim.prune_(model, inputs, config, **data)
         except (ValueError, torchslim.PruningError) as exc:
             raise CliError(str(exc)) from None
-        progress.update(step, advance=1, description="analysing the pruned model")
-        after = analyze(model, inputs)
-        progress.update(step, advance=1, description="verifying against the zeroed original")
-        exact = torchslim.verify(original, model, inputs, result.plan).ok
-    _write_checkpoint(args, model, result)
-    summary = {
-        "params": [before.total_params, after.total_params],
-        "macs": [before.total_macs, after.total_macs],
-        "size_bytes": [before.disk_bytes, after.disk_bytes],
-        "latency_ms": [before.latency_ms, after.latency_ms],
-        "exact": exact,
-        "result": result.to_dict(),
-    }
-    if args.onnx:
-        summary["onnx"] = _export_onnx(model, inputs, args.out / "model.onnx")
+        steps.start("measuring the pruned model and checking it against the zeroed original")
+        after = analyze(model, inputs, latency=False)
+        check = torchslim.verify(original, model, inputs, result.plan)
+        steps.start(f"timing the original and the pruned model in turn: {ROUNDS} rounds of {args.repeats} runs, "
+                    f"{args.threads} thread(s)")
+        latency, noise = _timed_in_turn(original, model, inputs, args)
+        steps.start(f"writing the checkpoint to {args.out}")
+        _write_checkpoint(args, model, result)
+        summary = {
+            "params": [before.total_params, after.total_params],
+            "macs": [before.total_macs, after.total_macs],
+            "size_bytes": [before.disk_bytes, after.disk_bytes],
+            "latency_ms": [latency["original"].median_ms, latency["pruned"].median_ms],
+            "latency": {label: stats.to_dict() for label, stats in latency.items()},
+            "latency_warnings": noise,
+            "exact": check.ok,
+            "max_abs_error": check.max_abs_error,
+            "max_rel_error": check.max_rel_error,
+            "exactness_note": check.message,
+            "checkpoint": str(args.out),
+            "result": result.to_dict(),
+        }
+        if args.onnx:
+            steps.start(f"exporting {args.out / 'model.onnx'} and checking it with onnxruntime")
+            summary["onnx"] = _export_onnx(model, inputs, args.out / "model.onnx")
     (args.out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_table(summary)
     return 0
+
+
+class _Steps:
+    """Progress of the command's steps: a bar with "step i/n" and what is happening, each step
+    also logged (``torchslim.cli`` logger, INFO) so that a log or a non-terminal run shows it."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.total, self.done = total, 0
+        self.progress = Progress(SpinnerColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                                 BarColumn(bar_width=20), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 transient=True)
+        self.task = None
+
+    def __enter__(self) -> "_Steps":
+        self.progress.__enter__()
+        self.task = self.progress.add_task("starting", total=self.total)
+        return self
+
+    def start(self, description: str) -> None:
+        self.done += 1
+        LOG.info("step %d/%d: %s", self.done, self.total, description)
+        self.progress.update(self.task, completed=self.done, description=description)
+
+    def __exit__(self, *exc) -> bool:
+        return bool(self.progress.__exit__(*exc))
+
+
+def _pruning_step(config) -> str:
+    """What ``prune_`` is about to do, in words (the slow parts named)."""
+    goal = (f"to {config.target_macs:g} of the MACs" if config.target_macs is not None else
+            f"to {config.target_latency:g} of the latency" if config.target_latency is not None else
+            f"to {config.target_params:g} of the params" if config.target_params is not None else
+            f"by {config.ratio:g} per group")
+    criterion = config.criterion if isinstance(config.criterion, str) else type(config.criterion).__name__
+    text = f"tracing the graph, ranking channels by {criterion} and removing them {goal}"
+    if config.needs_latency:
+        from torchslim.latency import LatencyTable
+
+        table = LatencyTable(config.latency_runtime, config.latency_threads)
+        text += (f"; per-layer latency table {'cached' if table.path.exists() else 'measured now, once for this machine'}"
+                 f" ({table.path})")
+        if config.latency_aware and config.target_params is None and config.target_macs is not None:
+            text += "; the candidate removals are timed and the fastest kept"
+    return text
+
+
+def _timed_in_turn(original, pruned, inputs, args) -> tuple[dict, list[str]]:
+    """Latency of both models timed in turn, best of ``ROUNDS`` (see ``measure_in_turn``); the
+    rounds-disagree warnings are printed and returned for report.json."""
+    from torchslim.latency import LatencyNoiseWarning, measure_in_turn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LatencyNoiseWarning)
+        latency = measure_in_turn({"original": original, "pruned": pruned}, inputs, threads=args.threads,
+                                  rounds=ROUNDS, warmup=5, repeats=args.repeats)
+    noise = []
+    for record in caught:
+        if issubclass(record.category, LatencyNoiseWarning):
+            noise.append(str(record.message))
+        else:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+    for message in noise:
+        print_warning(message)
+    return latency, noise
 
 
 def _write_checkpoint(args: argparse.Namespace, model, result) -> None:
@@ -83,15 +189,36 @@ def _export_onnx(model, inputs, path: Path) -> dict:
         return report
 
 
+def exactness_line(summary: dict) -> str:
+    """Whether the pruned model equals the zeroed original, with the deviation measured."""
+    deviation = f"max |difference| {summary['max_abs_error']:.3g}, relative {summary['max_rel_error']:.3g}"
+    if summary["exact"]:
+        note = f"; {one_line(summary['exactness_note'])}" if summary.get("exactness_note") else ""
+        return f"exact: equals the original with the removed channels zeroed ({deviation}{note})"
+    return f"NOT exact: differs from the original with the removed channels zeroed ({deviation})"
+
+
 def _print_table(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="before / after")
     for col in ("", "before", "after", "ratio"):
         table.add_column(col, justify="right")
-    for key in ("params", "macs", "size_bytes", "latency_ms"):
+    for key in ("params", "macs", "size_bytes"):
         b, a = summary[key]
-        table.add_row(key, f"{b:,.2f}" if isinstance(b, float) else f"{b:,}", f"{a:,.2f}" if isinstance(a, float) else f"{a:,}",
-                      f"{a / b:.3f}" if b else "-")
-    Console().print(table)
+        table.add_row(key, f"{b:,}", f"{a:,}", f"{a / b:.3f}" if b else "-")
+    o, p = summary["latency"]["original"], summary["latency"]["pruned"]
+    spread = lambda s: f"{s['median_ms']:.2f} ({s['p10_ms']:.2f}-{s['p90_ms']:.2f})"  # noqa: E731
+    table.add_row("latency ms (p10-p90)", spread(o), spread(p),
+                  f"{p['median_ms'] / o['median_ms']:.3f}" if o["median_ms"] else "-")
+    console = make_console()
+    console.print(table)
+    rounds = lambda s: "/".join(f"{m:.2f}" for m in s["round_medians_ms"])  # noqa: E731
+    console.print(f"latency: {o['threads']} thread(s), timed in turn, best of {len(o['round_medians_ms'])} rounds "
+                  f"(round medians: original {rounds(o)}, pruned {rounds(p)} ms)"
+                  + ("; the rounds disagree: the machine was busy" if summary["latency_warnings"] else ""),
+                  soft_wrap=True, highlight=False)
+    console.print(exactness_line(summary), soft_wrap=True, highlight=False)
+    console.print(f"checkpoint: {summary['checkpoint']} (model.safetensors, plan.json, meta.json, report.json"
+                  + (", model.onnx" if "onnx" in summary else "") + "); use it as MODEL, or torchslim.load(DIR, model)",
+                  soft_wrap=True, highlight=False, markup=False)

@@ -228,8 +228,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The user ``metadata`` stored by :func:`save` (JSON only; weights are not read)."""
     directory = Path(path)
-    if not (directory / META_FILE).is_file():
-        raise CheckpointError(f"checkpoint {directory} has no {META_FILE}")
+    check_checkpoint_files(directory, (META_FILE,))
     meta = _read_json(directory / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory / META_FILE}: not a torchslim checkpoint (format is not '{FORMAT}')")
@@ -240,24 +239,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_checkpoint(directory: Path) -> tuple[dict, PruningPlan, dict[str, torch.Tensor]]:
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    for name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"checkpoint {directory} has no {name}")
+    check_checkpoint_files(directory)
     meta = _read_json(directory / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory / META_FILE}: not a torchslim checkpoint (format is not '{FORMAT}')")
-    for key in ("weights_sha256", "plan_sha256"):
-        if not isinstance(meta.get(key), str):
-            raise CheckpointError(f"{directory / META_FILE}: missing '{key}'")
-    if not isinstance(meta.get("aliases", {}), dict):
-        raise CheckpointError(f"{directory / META_FILE}: 'aliases' must be an object")
+    _check_meta(meta, directory / META_FILE)
 
     plan_bytes = (directory / PLAN_FILE).read_bytes()
     if hashlib.sha256(plan_bytes).hexdigest() != meta["plan_sha256"]:
         raise CheckpointError(f"{directory / PLAN_FILE}: sha256 does not match meta.json (file modified or corrupt)")
     plan_data = _parse_json(plan_bytes, directory / PLAN_FILE)
+    _check_plan_data(plan_data, directory / PLAN_FILE)
     try:
         plan = PruningPlan.from_dict(plan_data)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -273,6 +265,114 @@ def _read_checkpoint(directory: Path) -> tuple[dict, PruningPlan, dict[str, torc
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{weights}: cannot be read as safetensors ({exc})") from None
     return meta, plan, state
+
+
+def check_checkpoint_files(directory: Path, names: tuple[str, ...] = (META_FILE, PLAN_FILE, WEIGHTS_FILE)) -> None:
+    """Raise a CheckpointError naming the first of ``directory`` and its ``names`` that is not
+    a readable file, and why: absent, a symbolic link loop, a dangling link, not a file."""
+    problem = _path_problem(directory, want_dir=True)
+    if problem:
+        raise CheckpointError(f"checkpoint directory {directory} {problem}")
+    for name in names:
+        problem = _path_problem(directory / name, want_dir=False)
+        if problem == "does not exist":
+            raise CheckpointError(f"checkpoint {directory} has no {name}")
+        if problem:
+            raise CheckpointError(f"checkpoint {directory}: {directory / name} {problem}")
+
+
+def _path_problem(path: Path, want_dir: bool) -> str | None:
+    """Why ``path`` is not a usable directory (``want_dir``) or regular file; None when it is."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if exc.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({exc.strerror})"
+    if want_dir and not stat.S_ISDIR(mode):
+        return "is not a directory"
+    if not want_dir and not stat.S_ISREG(mode):
+        return "is a directory, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+    return None
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """meta.json's hashes are 64 hex digits and its aliases map names to names."""
+    for key in ("weights_sha256", "plan_sha256"):
+        value = meta.get(key)
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing '{key}'")
+        if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise CheckpointError(f"{path}: '{key}' must be a sha256 hex digest (64 hex digits), got {value!r}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: 'aliases' must be an object mapping state_dict keys to stored keys, "
+                              f"got {aliases!r}")
+
+
+def _check_plan_data(data: Any, path: Path) -> None:
+    """plan.json's structure, before anything is read from it: a list of steps, each with
+    ``removed`` {tensor: {dim: [index, ...]}}, ``shapes`` {tensor: [size, ...]} and
+    ``attributes`` {module: {attr: value}}; dims, indices and sizes are non-negative JSON
+    integers (not 1.5, not true, not "3"). Errors name the key path and the value found."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must be a JSON object with 'format' and 'steps', got {type(data).__name__}")
+    if data.get("format") != "torchslim.plan/1":
+        raise CheckpointError(f"{path}: 'format' must be 'torchslim.plan/1', got {data.get('format')!r}")
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
+    for i, step in enumerate(steps):
+        where = f"{path}: steps[{i}]"
+        if not isinstance(step, dict):
+            raise CheckpointError(f"{where} must be an object with 'removed' and 'shapes', got {_json_kind(step)}")
+        unknown = sorted(set(step) - {"removed", "shapes", "attributes"})
+        if unknown:
+            raise CheckpointError(f"{where} has unknown key(s) {unknown}")
+        for key in ("removed", "shapes"):
+            if not isinstance(step.get(key), dict):
+                raise CheckpointError(f"{where}.{key} must be an object, got {_json_kind(step.get(key))}")
+        if not isinstance(step.get("attributes", {}), dict):
+            raise CheckpointError(f"{where}.attributes must be an object, got {_json_kind(step.get('attributes'))}")
+        for name, shape in step["shapes"].items():
+            if not isinstance(shape, list):
+                raise CheckpointError(f"{where}.shapes['{name}'] must be a list of sizes, got {_json_kind(shape)}")
+            for k, size in enumerate(shape):
+                _check_json_int(size, f"{where}.shapes['{name}'][{k}]", "sizes")
+        for name, dims in step["removed"].items():
+            if not isinstance(dims, dict):
+                raise CheckpointError(f"{where}.removed['{name}'] must be an object {{dim: [indices]}}, "
+                                      f"got {_json_kind(dims)}")
+            for dim, indices in dims.items():
+                if not (dim.isascii() and dim.isdigit()):
+                    raise CheckpointError(f"{where}.removed['{name}'] has dim {dim!r}; dims are non-negative integers")
+                if not isinstance(indices, list):
+                    raise CheckpointError(f"{where}.removed['{name}']['{dim}'] must be a list of indices, "
+                                          f"got {_json_kind(indices)}")
+                for k, index in enumerate(indices):
+                    _check_json_int(index, f"{where}.removed['{name}']['{dim}'][{k}]", "removed indices")
+
+
+def _check_json_int(value: Any, where: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where} is {json.dumps(value)}; {what} must be non-negative integers")
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value reads in an error: ``an object {}``, ``the number 12345``..."""
+    if value is None:
+        return "null (or no value)"
+    kind = {dict: "an object", list: "a list", str: "the string", bool: "the value", int: "the number",
+            float: "the number"}.get(type(value), type(value).__name__)
+    text = json.dumps(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, torch.Tensor],

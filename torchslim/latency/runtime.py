@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, normalize_inputs
-from torchslim._timing import LatencyStats, measure_latency
+from torchslim._timing import LatencyStats, measure_latency, warn_if_rounds_disagree
 
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -27,14 +27,23 @@ def measure_in_turn(models: dict[str, nn.Module], example_inputs: ExampleInputs,
                     threads: int | None = 1, rounds: int = 3, warmup: int = 5,
                     repeats: int = 30) -> dict[str, LatencyStats]:
     """Latency of each model on ``runtime``, the models timed in turn for ``rounds`` rounds and
-    each one's least-disturbed round kept (:func:`best_of_rounds`)."""
+    each one's least-disturbed round kept (:func:`best_of_rounds`).
+
+    Timing the models in turn is what keeps a before/after ratio honest on a busy machine: a
+    burst of other work lands on one round of every model instead of on all of one model's
+    runs. Each result's ``round_medians_ms`` lists its rounds; rounds more than
+    ``ROUNDS_DISAGREE_FACTOR`` apart raise a :class:`~torchslim._timing.LatencyNoiseWarning`.
+    """
     runners = {label: make_runner(model, example_inputs, runtime, threads) for label, model in models.items()}
     timers = {label: (lambda run=run: measure_latency(run, warmup=warmup, repeats=repeats, threads=threads))
               for label, run in runners.items()}
-    stats = best_of_rounds(timers, rounds, key=lambda s: s.median_ms)
-    if runtime == "onnxruntime":
-        for entry in stats.values():
+    history: dict[str, list[LatencyStats]] = {}
+    stats = best_of_rounds(timers, rounds, key=lambda s: s.median_ms, history=history)
+    for label, entry in stats.items():
+        entry.round_medians_ms = [s.median_ms for s in history[label]]
+        if runtime == "onnxruntime":
             entry.threads = threads or 0  # the session's own thread count, not torch's
+        warn_if_rounds_disagree(f"'{label}'", entry)
     return stats
 
 
@@ -77,15 +86,20 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
 
 
 def best_of_rounds(timers: dict[str, Callable[[], T]], rounds: int = 3,
-                   key: Callable[[T], float] = float) -> dict[str, T]:
+                   key: Callable[[T], float] = float, history: dict[str, list[T]] | None = None) -> dict[str, T]:
     """Call every timer in turn for ``rounds`` rounds and keep, per name, the result with the
     lowest ``key`` (each timer returns one median: a float, or LatencyStats with
     ``key=lambda s: s.median_ms``), so that load from other processes and a cold first
-    measurement hit all of them alike and the least-disturbed round counts."""
+    measurement hit all of them alike and the least-disturbed round counts. ``history``, when
+    given, receives every round's result per name, in order."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     best: dict[str, T] = {}
     for _ in range(rounds):
         for name, timer in timers.items():
             value = timer()
+            if history is not None:
+                history.setdefault(name, []).append(value)
             if name not in best or key(value) < key(best[name]):
                 best[name] = value
     return best
