@@ -188,8 +188,11 @@ def test_prune_twice_stays_exact(name):
     report = torchslim.verify(once, model, inputs, second.plan)
     assert report.ok, f"second pruning differs from the once-pruned model by {report.max_abs_error:.3g}"
     assert second.params_before == num_params(once) and second.params_after == num_params(model)
-    if hasattr(first.plan, "extend"):  # composed plans are relative to the original
-        assert torchslim.verify(original, model, inputs, first.plan.extend(second.plan)).ok
+    assert second.plan and second.params_after < second.params_before, "the second pruning removed nothing"
+    # composed plans are relative to the original: both prunings together equal the zeroed original
+    both = first.plan.extend(second.plan)
+    assert torchslim.verify(original, model, inputs, both).ok
+    assert not torchslim.verify(original, model, inputs, first.plan).ok, "the second pruning changed nothing"
 
 
 def test_modnet_ibnorm_split_follows_pruning():
@@ -214,6 +217,8 @@ def test_modnet_ibnorm_split_follows_pruning():
 def test_verify_identity_and_detects_differences():
     model, x = ARCHS["residual_add"]()
     original = copy.deepcopy(model)
+    # identity: an unpruned copy under an empty plan is exact
+    assert torchslim.verify(original, copy.deepcopy(original), x, torchslim.PruningPlan()).ok
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, criterion="random", seed=1, exact_only=True))
     assert result.plan.removed
     assert torchslim.verify(original, model, x, result.plan).ok
@@ -226,8 +231,9 @@ def test_verify_identity_and_detects_differences():
     # the plan of a different pruning (same widths, other channels) does not explain this model
     other = copy.deepcopy(original)
     other_result = torchslim.prune_(other, x, torchslim.PruneConfig(ratio=0.5, criterion="random", seed=2, exact_only=True))
-    if other_result.plan.removed != result.plan.removed:
-        assert not torchslim.verify(original, model, x, other_result.plan).ok
+    assert other_result.plan.removed != result.plan.removed, "seeds 1 and 2 chose the same channels"
+    assert other_result.plan.removed.keys() == result.plan.removed.keys()  # same widths
+    assert not torchslim.verify(original, model, x, other_result.plan).ok
 
 
 def test_ratio_zero_changes_nothing():

@@ -51,9 +51,20 @@ class PruneConfig:
                   softmax, mean), where removal is not identical to zeroing.
     seed:         seed for the random criterion.
     verify:       compare the pruned model with the zeroed original on the example inputs and
-                  roll back on mismatch (``atol`` + ``rtol`` x the output's magnitude: float32
-                  sums in a different order drift by ~1e-4 relative in 100-layer models, while a
-                  wrong structure is off by far more).
+                  roll back on mismatch (``atol`` + ``rtol`` x the output's magnitude). Left at
+                  None, ``atol``/``rtol`` follow the dtype of the outputs and parameters
+                  (``torchslim.pruning.verify.TOLERANCES``: float64 1e-10/1e-8, float32
+                  1e-5/5e-4, float16 and TF32 1e-3/1e-2, bfloat16 1e-2/5e-2), the same
+                  defaults ``verify`` uses: sums in a different order drift by a few units in
+                  the last place per layer, while a wrong structure is off by far more.
+                  Groups flagged inexact (LayerNorm, softmax, weight standardisation) cannot
+                  match; the exact groups removed with them are still checked at tolerance.
+    max_inexact_deviation: the largest relative L2 error ``|pruned - zeroed| / |zeroed|`` of
+                  the outputs that removing inexact groups may cause (0.75 by default: an
+                  output off by three quarters of its own size, like one collapsed towards
+                  zero, has lost what it computed); beyond it ``prune_`` rolls back and raises
+                  naming the groups. None accepts any deviation. Each inexact group's measured
+                  deviation is in ``PruneResult.inexact_groups`` and a warning.
     """
 
     ratio: float = 0.5
@@ -76,8 +87,9 @@ class PruneConfig:
     exact_only: bool = False
     seed: int = 0
     verify: bool = True
-    atol: float = 1e-5
-    rtol: float = 5e-4
+    atol: float | None = None
+    rtol: float | None = None
+    max_inexact_deviation: float | None = 0.75
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
@@ -103,6 +115,13 @@ class PruneConfig:
         for pattern, value in (self.ratios or {}).items():
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"PruneConfig.ratios[{pattern!r}] must be in [0, 1), got {value}")
+        for field in ("atol", "rtol"):
+            value = getattr(self, field)
+            if value is not None and not float(value) >= 0:
+                raise ValueError(f"PruneConfig.{field} must be >= 0 or None (by dtype), got {value}")
+        if self.max_inexact_deviation is not None and not float(self.max_inexact_deviation) > 0:
+            raise ValueError(f"PruneConfig.max_inexact_deviation must be > 0 or None (any), "
+                             f"got {self.max_inexact_deviation}")
         if isinstance(self.op_names, str) or isinstance(self.exclude, str) or isinstance(self.protect_inputs, str):
             raise ValueError("PruneConfig.op_names and PruneConfig.exclude take a list of glob patterns, not a string")
         if isinstance(self.criterion, str):

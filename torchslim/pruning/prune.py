@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,9 +22,23 @@ from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
 from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
 from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
-from torchslim.pruning.verify import Run, compare_runs, run_eval, run_recorded, zero_removed_
+from torchslim.pruning.verify import (Run, compare_runs, relative_deviation, run_eval, run_recorded, tolerances,
+                                      zero_removed_)
 
 MAX_ATTEMPTS = 12
+# inexact groups whose deviation is measured one by one (two forwards each); beyond this many,
+# the rest are reported with deviation None and only count in the total
+MAX_INEXACT_MEASURED = 4
+
+
+class InexactPruningWarning(UserWarning):
+    """Removed channels fed a statistic (LayerNorm, softmax, weight standardisation), so the
+    pruned model is not the zeroed original; the warning gives each group's measured deviation."""
+
+
+class RolledBackWarning(UserWarning):
+    """A removal failed its check and was undone: its channels stay, so less was pruned than
+    the config selected first."""
 
 
 @dataclasses.dataclass
@@ -48,6 +64,12 @@ class PruneResult:
     # latency_aware with a MACs/params target: each candidate ranking's measured latency at that
     # target, and which one was kept (the fastest)
     latency_candidates: list[dict] = dataclasses.field(default_factory=list)
+    # per removed group whose channels feed a statistic (not equal to zeroing): its index,
+    # modules, why it is inexact, atoms removed and measured deviation (relative L2 error of the
+    # outputs vs the zeroed original with only that group removed; None when not measured)
+    inexact_groups: list[dict] = dataclasses.field(default_factory=list)
+    # relative L2 error of the pruned outputs vs the zeroed original (None: every group exact)
+    inexact_deviation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
@@ -94,6 +116,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     for _ in range(MAX_ATTEMPTS):
         ratio, removed = selector.select(banned)
         if removed.size == 0:
+            _warn_rolled_back(skipped)
             return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, ratio, 0,
                                skipped=skipped)
         outcome = _try_apply(model, graph, removed, example_inputs, config, groups)
@@ -108,14 +131,18 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             outcome.skipped = skipped
             outcome.hf_config = sync_hf_config(model)
             _record_commit(model, outcome.plan, optimizer)
+            _warn_rolled_back(skipped)
+            _warn_inexact(outcome)
             return outcome
         culprits, reason = outcome
         if culprits.size == 0 or banned[culprits].all():
             # nothing points at an op (e.g. a size read in Python built an output): bisect the groups
             culprits = _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
+            if culprits.size and not banned[culprits].all():
+                culprit = graph.groups[graph.atom_group[culprits[0]]]
+                reason = f"{reason}; it fails alone when removing {_describe_group(culprit)}"
         if culprits.size == 0 or banned[culprits].all():
-            raise PruningError(f"pruning failed and was rolled back: {reason}. To proceed: exclude the module "
-                               "named here (PruneConfig.exclude) or register a rule/handler for it")
+            raise PruningError(f"pruning failed and was rolled back: {reason}. {_advice(reason, model, config)}")
         banned[culprits] = True
         skipped.append(reason)
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
@@ -150,13 +177,26 @@ def _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
 def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bool = True):
     """Apply and check; return a PruneResult, or (atoms to ban, reason) after rolling back.
 
-    With ``commit=False`` the model is rolled back even on success (a dry run).
+    Exact groups are checked at tolerance; where inexact groups (LayerNorm statistics...) are
+    removed too, the exact part is first checked alone, then the whole removal for structure
+    (shapes, finite values) and for its deviation, refused beyond
+    ``config.max_inexact_deviation`` (PruningError, model rolled back). With ``commit=False``
+    the model is rolled back even on success (a dry run) and deviations are not judged.
     """
     removal = graph.removal(removed)
     mask = np.zeros(graph.n_atoms, dtype=bool)
     mask[removed] = True
     touched = [g for g in groups if mask[g.atoms].any()]
-    exact = all(g.exact for g in touched)
+    inexact = [g for g in touched if not g.exact]
+    deviations: dict[int, float | None] = {}
+    if inexact and config.verify:
+        exact_part = np.setdiff1d(removed, np.concatenate([g.atoms for g in inexact]))
+        if exact_part.size:
+            checked = _try_apply(model, graph, exact_part, example_inputs, config, groups, commit=False)
+            if not isinstance(checked, PruneResult):
+                return checked
+        if commit and len(inexact) > 1:
+            deviations = _inexact_group_deviations(model, graph, removed, inexact, example_inputs)
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
     tx = Transaction()
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
@@ -172,38 +212,175 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
             return np.zeros(0, dtype=np.int64), reason
         culprits = np.concatenate([_atoms_of_op(graph, twin, removed) for twin in _analogous_ops(graph, op)])
         return culprits, f"{op.name} in module '{op.module or '<root>'}': {reason}"
-    report = None
+    report, deviation = None, None
     if reference is not None:
-        # inexact groups (LayerNorm statistics...) can only be checked for output shapes
-        atol, rtol = (config.atol, config.rtol) if exact else (float("inf"), float("inf"))
-        report = compare_runs(reference, actual, atol, rtol)
+        atol, rtol = tolerances([*reference.outputs, *model.parameters()], config.atol, config.rtol)
+        # inexact groups cannot match: here only the structure (shapes, finite values) is checked
+        report = compare_runs(reference, actual, *((math.inf, math.inf) if inexact else (atol, rtol)))
         if not report.ok:
             tx.rollback()
             # a wrong number names no op: the caller bisects the groups to find the one at fault
             names = ", ".join(sorted({f"{op.name} in '{op.module or '<root>'}'" for op in suspects})[:3])
             return np.zeros(0, np.int64), (f"pruned model differs from the zeroed original ({report.message}); "
                                            f"sizes read in Python: {names or 'none'}")
+        if inexact:
+            deviation = relative_deviation(reference, actual)
+            if len(inexact) == 1:
+                deviations = {inexact[0].index: deviation}
+    inexact_groups = _inexact_entries(graph, inexact, removed, deviations) if commit else []
+    if commit and deviation is not None and not _deviation_allowed(deviation, config):
+        tx.rollback()
+        raise PruningError(_deviation_refusal(deviation, inexact_groups, config))
     if not commit:
         tx.rollback()
     plan = PruningPlan([PlanStep({n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in removal.items()},
                                  shapes, tx.changes)])
     params_after = sum(p.numel() for p in model.parameters())
     return PruneResult(plan, 0, 0, 0, params_after, 0.0, len(touched),
-                       max_abs_error=report.max_abs_error if report is not None else None)
+                       max_abs_error=report.max_abs_error if report is not None else None,
+                       inexact_groups=inexact_groups, inexact_deviation=deviation)
 
 
-def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs) -> Run:
+def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs, forward=run_recorded) -> Run:
     """Outputs (and selections) of ``model`` with the removed slices zeroed in place, then
     restored bit for bit."""
     tensors = named_tensors(model)
     saved = {name: tensors[name].detach().clone() for name in removal}
     try:
         zero_removed_(model, removal)
-        return run_recorded(model, example_inputs)
+        return forward(model, example_inputs)
     finally:
         with torch.no_grad():
             for name, value in saved.items():
                 tensors[name].copy_(value)
+
+
+# inexact groups ---------------------------------------------------------------------------
+def _inexact_group_deviations(model, graph, removed, inexact: list[Group], example_inputs) -> dict[int, float]:
+    """Each inexact group's deviation with only its own atoms removed (a dry run each), for
+    the ``MAX_INEXACT_MEASURED`` groups losing the most atoms."""
+    by_size = sorted(inexact, key=lambda g: -np.intersect1d(removed, g.atoms).size)
+    deviations = {}
+    for group in by_size[:MAX_INEXACT_MEASURED]:
+        atoms = np.intersect1d(removed, group.atoms)
+        deviations[group.index] = _group_deviation(model, graph, atoms, example_inputs, recorded=False)
+        if math.isinf(deviations[group.index]):  # outputs no longer align: compare what the selections saw
+            deviations[group.index] = _group_deviation(model, graph, atoms, example_inputs, recorded=True)
+    return deviations
+
+
+def _group_deviation(model, graph, atoms: np.ndarray, example_inputs, recorded: bool) -> float:
+    """Relative L2 error of the outputs with ``atoms`` removed vs zeroed (a dry run). Plain
+    forwards unless ``recorded``: recording selections slows every op down."""
+    forward = run_recorded if recorded else (lambda m, x: Run(run_eval(m, x), []))
+    reference = _zeroed_outputs(model, graph.removal(atoms), example_inputs, forward)
+    tx = Transaction()
+    try:
+        apply_removal(graph, atoms, tx)
+        return relative_deviation(reference, forward(model, example_inputs))
+    except Exception:  # noqa: BLE001 - the whole removal is checked next and names the op
+        return math.inf
+    finally:
+        tx.rollback()
+
+
+def _deviation_allowed(deviation: float, config: PruneConfig) -> bool:
+    return config.max_inexact_deviation is None or deviation <= config.max_inexact_deviation
+
+
+def _inexact_entries(graph: DependencyGraph, inexact: list[Group], removed: np.ndarray,
+                     deviations: dict[int, float | None]) -> list[dict]:
+    why = _inexact_reasons(graph, inexact)
+    return [{"group": g.index, "modules": _group_modules(g), "why": why[g.index],
+             "atoms_removed": int(np.intersect1d(removed, g.atoms).size), "deviation": deviations.get(g.index)}
+            for g in inexact]
+
+
+def _inexact_reasons(graph: DependencyGraph, groups: list[Group], limit: int = 3) -> dict[int, list[str]]:
+    """Why each group is inexact: the first ``limit`` distinct ops (with their module) that
+    compute a statistic over its channels."""
+    consumers: dict[int, list] = {}
+    for op in graph.trace.ops:
+        for node in op.inputs:
+            consumers.setdefault(node, []).append(op)
+    reasons: dict[int, list[str]] = {g.index: [] for g in groups}
+    for mark in graph.coupling.inexact_reasons:
+        ops = consumers.get(mark.node, [])
+        op = next((o for o in ops if mark.reason.startswith(o.name)), ops[0] if ops else None)
+        text = mark.reason if op is None else f"{mark.reason} (in '{op.module or '<root>'}')"
+        owners = graph.atom_group[sorted_unique(graph.labels[graph.coupling.ids(mark.node, mark.dim)])]
+        for index in sorted_unique(owners[owners >= 0]).tolist():
+            if index in reasons and text not in reasons[index] and len(reasons[index]) < limit:
+                reasons[index].append(text)
+    return reasons
+
+
+def _group_modules(group: Group) -> list[str]:
+    """The modules owning the parameters and buffers a group prunes."""
+    return sorted({name.rpartition(".")[0] or "<root>" for name, _ in group.params})
+
+
+def _describe_group(group: Group, limit: int = 4) -> str:
+    return f"group {group.index} (modules {_first(_group_modules(group), limit, quote=True)})"
+
+
+def _describe_inexact(entry: dict) -> str:
+    deviation = "not measured" if entry["deviation"] is None else f"{entry['deviation']:.3g}"
+    why = f"; {entry['why'][0]}" if entry["why"] else ""
+    return f"group {entry['group']} ({_first(entry['modules'], 3)}{why}): {deviation}"
+
+
+def _first(names: list[str], limit: int, quote: bool = False) -> str:
+    shown = ", ".join(f"'{n}'" if quote else n for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _by_deviation(entries: list[dict]) -> list[dict]:
+    return sorted(entries, key=lambda e: -(e["deviation"] if e["deviation"] is not None else -1.0))
+
+
+def _deviation_refusal(deviation: float, entries: list[dict], config: PruneConfig) -> str:
+    worst = _by_deviation(entries)
+    modules = sorted({m for e in worst[:3] for m in e["modules"]})[:6]
+    return (f"pruning rolled back, the model is unchanged: removing {len(entries)} inexact group(s) changes the "
+            f"outputs by {deviation:.3g} (relative L2 error vs the zeroed original), beyond "
+            f"PruneConfig.max_inexact_deviation={config.max_inexact_deviation}. Deviation per group: "
+            + "; ".join(_describe_inexact(e) for e in worst[:5])
+            + f". To proceed: PruneConfig(exact_only=True) prunes only exact groups, exclude={modules} keeps the "
+            "worst groups, or max_inexact_deviation=None accepts the deviation")
+
+
+def _warn_inexact(result: PruneResult) -> None:
+    if not result.inexact_groups:
+        return
+    total = "not measured (verify=False)" if result.inexact_deviation is None else f"{result.inexact_deviation:.3g}"
+    warnings.warn(f"{len(result.inexact_groups)} pruned group(s) are inexact: their channels feed a statistic, so "
+                  "removing them is not the same as zeroing them. Outputs deviate from the zeroed original by "
+                  f"{total} (relative L2 error); per group: "
+                  + "; ".join(_describe_inexact(e) for e in _by_deviation(result.inexact_groups)[:5])
+                  + ". PruneResult.inexact_groups lists them all; exact_only=True avoids them",
+                  InexactPruningWarning, stacklevel=3)
+
+
+def _warn_rolled_back(skipped: list[str]) -> None:
+    if skipped:
+        warnings.warn(f"{len(skipped)} removal(s) failed their check and were rolled back: the channels below stay, "
+                      "so the model is pruned less than first selected: " + " | ".join(dict.fromkeys(skipped)),
+                      RolledBackWarning, stacklevel=3)
+
+
+def _advice(reason: str, model: nn.Module, config: PruneConfig) -> str:
+    """What to do about a failure that no rollback of a single group could fix; it names a
+    module only where the reason does."""
+    if " in module '" in reason or "fails alone when removing" in reason:
+        return "To proceed: exclude the module named here (PruneConfig.exclude) or register a rule/handler for it"
+    advice = ("No single group fails alone: the failure needs several groups removed together. To proceed: prune "
+              "fewer groups (PruneConfig.op_names/exclude) to narrow it down")
+    if reason.startswith("pruned model differs"):
+        atol, rtol = tolerances(model.parameters(), config.atol, config.rtol)
+        advice += (f", or, if the difference is rounding adding up over many layers, loosen "
+                   f"PruneConfig.atol/rtol (now {atol:g}/{rtol:g})")
+    return advice
 
 
 def _analogous_ops(graph: DependencyGraph, op) -> list:
