@@ -9,8 +9,11 @@ importance per MAC (or parameter) saved, so the budget is spent where importance
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import math
+import warnings
 
 import numpy as np
 
@@ -30,6 +33,7 @@ class PruningError(RuntimeError):
 def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
     """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only)."""
     names = module_aliases(graph.model)  # a pattern may name a shared module by any of its names
+    check_ratio_patterns(graph, names, config)
     chosen = atoms_of_matching(graph, names, config.op_names, "op_names") if config.op_names is not None else None
     blocked = []
     if config.exclude:
@@ -53,6 +57,14 @@ def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
             continue
         groups.append(group)
     return groups
+
+
+def check_ratio_patterns(graph: DependencyGraph, names: dict[str, str], config: PruneConfig) -> None:
+    """Refuse a ``PruneConfig.ratios`` glob that matches no module name: it would silently do
+    nothing (``op_names``, ``exclude`` and ``protect_inputs`` are refused the same way)."""
+    for pattern in config.ratios or {}:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"PruneConfig.ratios[{pattern!r}] matches no module of {type(graph.model).__name__}")
 
 
 def blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
@@ -120,6 +132,21 @@ class Selector:
         # target_latency: the removal calibration measured closest to the target, when it lies
         # between two of the table's proposals (ratio, atoms); select() returns it
         self.measured_choice: tuple[float, np.ndarray] | None = None
+
+    def relaxed(self, **changes) -> "Selector":
+        """This selector with some config fields changed (scores, rankings and costs shared)."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        if "round_to" in changes:
+            other.round_to = other.config.round_to
+        if "ratios" in changes:
+            aliases = module_aliases(self.graph.model) if other.config.ratios else {}
+            other.group_ratio = {g.index: other._module_ratio(g, aliases) for g in self.groups}
+        return other
+
+    def has_target(self) -> bool:
+        config = self.config
+        return config.target_macs is not None or config.target_params is not None or config.target_latency is not None
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
@@ -248,7 +275,7 @@ class Selector:
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
         config = self.config
-        if config.target_macs is None and config.target_params is None and config.target_latency is None:
+        if not self.has_target():
             return config.ratio, self.remove_at(config.ratio, banned)
         if self.measured_choice is not None:
             ratio, atoms = self.measured_choice
@@ -313,3 +340,47 @@ def estimate_params(graph: DependencyGraph, removed_atoms: np.ndarray | None = N
             total += int(np.prod(shapes[node]))
     untraced = sum(p.numel() for n, p in trainable.items() if n not in graph.trace.param_nodes)
     return total + untraced
+
+
+class NothingPrunedWarning(UserWarning):
+    """``prune_`` removed nothing: a setting (named in the message) prevents every removal."""
+
+
+# fields that narrow which groups may be pruned, and the value that narrows nothing
+_GROUP_FILTERS = (("op_names", None), ("exclude", ()), ("protect_inputs", ()), ("filter_fn", None),
+                  ("exact_only", False))
+# fields that limit how much a group loses, and the value that limits least
+_AMOUNT_LIMITS = (("round_to", 1), ("min_channels", 1), ("ratios", None), ("max_sparsity_per_layer", 1.0))
+
+
+def warn_nothing_pruned(selector: "Selector", banned: np.ndarray) -> None:
+    """Say, with ``NothingPrunedWarning``, which setting made the selection empty."""
+    warnings.warn(f"prune_ removed nothing: {nothing_pruned_reason(selector, banned)}", NothingPrunedWarning,
+                  stacklevel=3)
+
+
+def nothing_pruned_reason(selector: "Selector", banned: np.ndarray) -> str:
+    """Why ``selector`` selects no atom: the setting that prevents it, found by relaxing each one."""
+    graph, config = selector.graph, selector.config
+    if not graph.groups:
+        return ("no channel of the model can be pruned: every one is pinned by an op without a rule "
+                "or reaches the model's inputs or outputs (torchslim.analyze shows which)")
+    if not selector.groups:
+        culprits = [f"PruneConfig.{field}" for field, loosest in _GROUP_FILTERS
+                    if getattr(config, field) != loosest and
+                    eligible_groups(graph, dataclasses.replace(config, **{field: loosest}))]
+        return (f"{' and '.join(culprits) or 'the config'} leave{'s' if len(culprits) < 2 else ''} none of the "
+                f"model's {len(graph.groups)} prunable groups")
+    if banned.any():
+        return "every removal was rolled back (PruneResult.skipped says why)"
+    if selector.has_target():
+        field, value, _, _ = selector.measure_for_target()
+        return f"PruneConfig.{field}={value} is already met by the unpruned model"
+    for field, loosest in _AMOUNT_LIMITS:
+        if getattr(config, field) != loosest and selector.relaxed(**{field: loosest}).remove_at(config.ratio, banned).size:
+            largest = max(len(g) * graph.atom_width(g) for g in selector.groups)
+            return (f"PruneConfig.{field}={getattr(config, field)!r} keeps every channel "
+                    f"(the largest prunable group has {largest} channels)")
+    if not config.ratio:
+        return "PruneConfig.ratio=0 asks for no removal"
+    return f"PruneConfig.ratio={config.ratio} is less than one channel of every group"

@@ -42,7 +42,10 @@ class PruneConfig:
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
-                  output channels uses it; the first matching glob wins).
+                  output channels uses it; the first matching glob wins). A glob matching no
+                  module is refused, as for ``op_names`` and ``exclude``; a config under which
+                  nothing can be removed (``round_to``/``min_channels`` above every group, all
+                  groups excluded) prunes nothing with a ``NothingPrunedWarning`` naming the field.
     global_ranking: rank atoms across groups (scores divided by their group's mean; with a
                   target, by importance per MAC/param saved) instead of per group.
     max_sparsity_per_layer: with global ranking, the most any group may lose.

@@ -1,0 +1,74 @@
+"""Which atoms get selected: settings that match or allow nothing are refused or named, and
+``ratios`` means the same under every target."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.pruning._select import NothingPrunedWarning
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def _state(model):
+    return copy.deepcopy(model.state_dict())
+
+
+def _unchanged(model, state) -> bool:
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_ratio_pattern_matching_no_module_is_refused_naming_it():
+    model = Three()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"PruneConfig\.ratios\['nothing'\] matches no module of Three"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={"nothing": 0.5}))
+    assert _unchanged(model, state)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"round_to": 1000}, r"PruneConfig\.round_to=1000 keeps every channel"),
+    ({"min_channels": 10000}, r"PruneConfig\.min_channels=10000 keeps every channel"),
+    ({"ratios": {"*": 0.0}}, r"PruneConfig\.ratios=\{'\*': 0\.0\} keeps every channel"),
+    ({"exclude": ["a", "b", "c"]}, r"PruneConfig\.exclude leaves none of the model's 3 prunable groups"),
+    ({"ratio": 0.01}, r"PruneConfig\.ratio=0\.01 is less than one channel"),
+    ({"target_macs": 1.0}, r"PruneConfig\.target_macs=1\.0 is already met"),
+])
+def test_a_setting_that_prevents_every_removal_is_named_in_a_warning(kwargs, needle):
+    model = Three()
+    state = _state(model)
+    with pytest.warns(NothingPrunedWarning, match=needle):
+        result = torchslim.prune_(model, X, torchslim.PruneConfig(**kwargs))
+    assert result.groups_pruned == 0 and _unchanged(model, state)
+
+
+def test_a_model_with_nothing_prunable_says_so():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()  # its only channels are the model's outputs
+    with pytest.warns(NothingPrunedWarning, match="no channel of the model can be pruned"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5))
+
+
+def test_a_removal_gives_no_nothing_pruned_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingPrunedWarning)
+        result = torchslim.prune_(Three(), X, torchslim.PruneConfig(ratio=0.5, round_to=8))
+    assert result.groups_pruned == 3
