@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,3 +73,52 @@ def test_a_removal_gives_no_nothing_pruned_warning():
         warnings.simplefilter("error", NothingPrunedWarning)
         result = torchslim.prune_(Three(), X, torchslim.PruneConfig(ratio=0.5, round_to=8))
     assert result.groups_pruned == 3
+
+
+class _LatencyOfAtoms:
+    """A stand-in latency table: every prunable atom costs 1 ms, the rest of the model as much as
+    all of them together (so targets are met without timing)."""
+
+    def __init__(self, graph):
+        self.cost = (graph.atom_group >= 0).astype(float)
+        self.measured_ms = 2 * float(self.cost.sum())
+
+    def predict(self, removed=None):
+        gone = self.cost[np.asarray(removed, dtype=np.int64)].sum() if removed is not None else 0.0
+        return float(self.measured_ms - gone)
+
+
+def _removed_per_module(config, ranking=None):
+    """Channels of a, b, c removed by the selection ``config`` describes (the same spread of
+    importance in every group, so that a global ranking takes from each)."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    graph = DependencyGraph.build(Three(), X)
+    groups = eligible_groups(graph, config)
+    scores = {g.index: np.arange(1.0, len(g) + 1) for g in groups}
+    selector = Selector(graph, groups, scores, config, _LatencyOfAtoms(graph))
+    if ranking is not None:
+        selector.ranking = ranking
+    _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
+    return [int(np.isin(graph.module_output_atoms(name), removed).sum()) for name in ("a", "b", "c")]
+
+
+@pytest.mark.parametrize("target", [{"target_macs": 0.85}, {"target_params": 0.85}, {"target_latency": 0.85}])
+@pytest.mark.parametrize("ranking", [None, "global"])
+def test_ratios_bound_a_group_under_every_target(target, ranking):
+    """ratios={"b": 0.5}: b may lose up to half its channels. A mild target needs less than that
+    of every group, so b loses what the search gives the others, never a fixed half."""
+    free = _removed_per_module(torchslim.PruneConfig(**target), ranking)
+    bounded = _removed_per_module(torchslim.PruneConfig(ratios={"b": 0.5}, **target), ranking)
+    assert bounded == free and 0 < bounded[1] < 8, (free, bounded)
+    tight = _removed_per_module(torchslim.PruneConfig(ratios={"b": 0.0625}, **target), ranking)
+    assert tight[1] <= 1 and tight[0] + tight[2] >= free[0] + free[2], tight  # b stops at 1 channel, others pay
+
+
+def test_ratios_bound_a_group_under_global_ranking_without_a_target():
+    model = Three()
+    with torch.no_grad():
+        model.a.weight.mul_(0.01)  # a ranks lowest, so global ranking would take most of it
+    torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.3, global_ranking=True, ratios={"a": 0.25}))
+    assert model.a.out_channels >= 12 and model.b.out_channels + model.c.out_channels < 32

@@ -3,7 +3,7 @@
 Per group (default), each group loses its ``ratio`` (or its module's ratio from
 ``PruneConfig.ratios``) of lowest-scored atoms. With ``global_ranking`` scores are divided by
 their group's mean so groups compare, and the lowest atoms overall go, at most
-``max_sparsity_per_layer`` of any group. For ``target_macs`` / ``target_params`` the ratio is
+``max_sparsity_per_layer`` (or its module's ratio) of any group. For ``target_macs`` / ``target_params`` the ratio is
 searched by bisection on estimates from the graph; with global ranking the ranking is by
 importance per MAC (or parameter) saved, so the budget is spent where importance is cheapest.
 """
@@ -165,8 +165,10 @@ class Selector:
         removed = []
         for group in self.groups:
             group_ratio = self.group_ratio[group.index]
-            group_ratio = ratio if group_ratio is None else (group_ratio if self.config.target_macs is None and
-                                                            self.config.target_params is None else min(group_ratio, ratio))
+            if group_ratio is None:
+                group_ratio = ratio
+            elif self.has_target():  # the search raises every group's ratio; this one stops at its own
+                group_ratio = min(group_ratio, ratio)
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
             keep = keep_count(len(ranked), group_ratio, self.config, self.round_to, self.graph.atom_width(group))
@@ -204,6 +206,8 @@ class Selector:
             values.append(normalized[ok])
             owners.append(np.full(int(ok.sum()), group.index))
             cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
+            if self.group_ratio[group.index] is not None:  # PruneConfig.ratios bounds what the group loses
+                cap_ratio = min(cap_ratio, self.group_ratio[group.index])
             caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to,
                                                         self.graph.atom_width(group))
         if not atoms:

@@ -22,7 +22,7 @@ class PruneConfig:
     exclude:      fnmatch globs; groups holding these modules' output channels are kept.
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
-                  the ratio then is searched and ``ratio`` is its upper bound.
+                  the ratio then is searched (up to 0.95 per group) and ``ratio`` is not used.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
@@ -41,8 +41,12 @@ class PruneConfig:
                   ``latency_runtime`` and the fastest is applied (``PruneResult.latency_candidates``).
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
-    ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
-                  output channels uses it; the first matching glob wins). A glob matching no
+    ratios:       ``{module glob: ratio}``: per-module ratios for the group holding that module's
+                  output channels (the first matching glob wins), with one meaning: the most
+                  that group may lose. Where every group loses ``ratio`` (per-group ranking, no
+                  target) it loses its own ratio instead; under any target (MACs, params,
+                  latency) and with global or latency-aware ranking the search and ranking
+                  decide, and stop that group at its ratio. A glob matching no
                   module is refused, as for ``op_names`` and ``exclude``; a config under which
                   nothing can be removed (``round_to``/``min_channels`` above every group, all
                   groups excluded) prunes nothing with a ``NothingPrunedWarning`` naming the field.
