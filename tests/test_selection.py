@@ -122,3 +122,55 @@ def test_ratios_bound_a_group_under_global_ranking_without_a_target():
         model.a.weight.mul_(0.01)  # a ranks lowest, so global ranking would take most of it
     torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.3, global_ranking=True, ratios={"a": 0.25}))
     assert model.a.out_channels >= 12 and model.b.out_channels + model.c.out_channels < 32
+
+
+# exact groups first (exact_only=None) ------------------------------------------------------
+def _causal_lm(kind: str):
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=100)
+    if kind == "gpt2":
+        sizes = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **sizes)).eval()
+    return model, torch.randint(0, 100, (1, 16))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
+    """Pruning the hidden size (RMSNorm/LayerNorm statistics) is not needed for half the MACs:
+    the default leaves it, so the result equals the zeroed original."""
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm(kind)
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InexactGroupsWarning)
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.5))
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert torchslim.verify(original, model, ids, result.plan).ok
+    assert model.lm_head.in_features == original.lm_head.in_features
+
+
+def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm("llama")
+    with pytest.raises(ValueError, match="target_macs=0.2 cannot be met"):
+        torchslim.prune_(copy.deepcopy(model), ids, torchslim.PruneConfig(target_macs=0.2, exact_only=True))
+    with pytest.warns(InexactGroupsWarning, match=r"target_macs=0\.2 cannot be met with exact groups alone.*norm"):
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.2))
+    assert result.macs_after <= 0.2 * result.macs_before and model.lm_head.in_features < 64
+
+
+def test_default_ratio_prunes_exact_groups_and_counts_the_inexact_ones_left():
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm("llama")
+    original = copy.deepcopy(model)
+    with pytest.warns(InexactGroupsWarning, match=r"1 inexact group\(s\) left unpruned.*exact_only=False"):
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5))
+    assert result.plan and torchslim.verify(original, model, ids, result.plan).ok
+    assert model.lm_head.in_features == 64
+    torchslim.prune_(original, ids, torchslim.PruneConfig(ratio=0.5, exact_only=False))  # today's meaning of False
+    assert original.lm_head.in_features == 32

@@ -58,7 +58,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
     parser.add_argument("--criterion", choices=sorted(CRITERIA), default="l1")
     parser.add_argument("--round-to", default="1", help="keep multiples of N channels, or 'latency'")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep this module's outputs")
-    parser.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
+    parser.add_argument("--exact-only", action="store_true",
+                        help="never prune groups coupled to normalisation statistics (by default they are "
+                             "pruned only when a target cannot be met without them)")
     parser.add_argument("--latency-aware", action="store_true",
                         help="rank by importance per millisecond saved; with --target-macs, also time the "
                              "removals ranked by time saved per MAC, by importance per MAC and uniform widths "
@@ -76,7 +78,7 @@ def config_from_args(args: argparse.Namespace, model):
 
     round_to = args.round_to if args.round_to == "latency" else _int(args.round_to, "--round-to")
     fields = dict(criterion=args.criterion, round_to=round_to, exclude=tuple(args.exclude),
-                  exact_only=args.exact_only, latency_aware=args.latency_aware, latency_threads=args.threads,
+                  exact_only=args.exact_only or None, latency_aware=args.latency_aware, latency_threads=args.threads,
                   latency_runtime=args.latency_runtime or getattr(args, "runtime", None) or "torch")
     try:
         if args.recipe:

@@ -30,8 +30,13 @@ class PruningError(RuntimeError):
     """Pruning could not be applied; the model is unchanged."""
 
 
-def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
-    """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only)."""
+def eligible_groups(graph: DependencyGraph, config: PruneConfig, *, quiet: bool = False) -> list[Group]:
+    """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only).
+
+    ``exact_only=None`` (the default) prefers exact groups: without a target only exact groups
+    are eligible (an ``InexactGroupsWarning`` says how many inexact ones were left, unless
+    ``quiet``); with a target all are, and the ``Selector`` adds inexact ones only if the target
+    needs them."""
     names = module_aliases(graph.model)  # a pattern may name a shared module by any of its names
     check_ratio_patterns(graph, names, config)
     chosen = atoms_of_matching(graph, names, config.op_names, "op_names") if config.op_names is not None else None
@@ -49,14 +54,36 @@ def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
         raise PruningError(blocked_message(graph, chosen, config.op_names))
     groups = []
     for group in graph.groups:
-        if config.exact_only and not group.exact:
-            continue
         if chosen is not None and not np.isin(group.atoms, chosen).any():
             continue
         if excluded is not None and np.isin(group.atoms, excluded).any():
             continue
         groups.append(group)
+    if config.exact_only or (config.exact_only is None and not config.has_target):
+        inexact = [g for g in groups if not g.exact]
+        groups = [g for g in groups if g.exact]
+        if inexact and config.exact_only is None and not quiet:
+            warnings.warn(f"{len(inexact)} inexact group(s) left unpruned ({group_labels(graph, inexact)}): their "
+                          f"channels feed a statistic over the channel dimension (LayerNorm, RMSNorm, softmax, "
+                          f"mean), so removing them is not identical to zeroing them; PruneConfig(exact_only=False) "
+                          f"includes them", InexactGroupsWarning, stacklevel=3)
     return groups
+
+
+class InexactGroupsWarning(UserWarning):
+    """The default (``exact_only=None``) left inexact groups out, or a target needed them."""
+
+
+def group_labels(graph: DependencyGraph, groups: list[Group], limit: int = 3) -> str:
+    """The modules whose parameters the groups prune, the first ``limit`` of them, for messages."""
+    names: list[str] = []
+    for group in groups:
+        for param, _ in group.params:
+            module = param.rsplit(".", 1)[0] if "." in param else "<root>"
+            if module not in names:
+                names.append(module)
+    more = f" and {len(names) - limit} more modules" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def check_ratio_patterns(graph: DependencyGraph, names: dict[str, str], config: PruneConfig) -> None:
@@ -120,6 +147,10 @@ class Selector:
         self.latency = latency  # torchslim.latency.LatencyModel when the config needs one
         self.scores = scores
         self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
+        # exact_only=None: exact groups first; inexact ones wait until a target cannot be met without them
+        self.held_inexact = [g for g in groups if not g.exact] if config.exact_only is None else []
+        if self.held_inexact:
+            self.groups = [g for g in groups if g.exact]
         aliases = module_aliases(graph.model) if config.ratios else {}
         self.group_ratio = {g.index: self._module_ratio(g, aliases) for g in groups}
         self.macs_before = estimate_macs(graph)
@@ -145,8 +176,20 @@ class Selector:
         return other
 
     def has_target(self) -> bool:
-        config = self.config
-        return config.target_macs is not None or config.target_params is not None or config.target_latency is not None
+        return self.config.has_target
+
+    def include_inexact(self, field: str, value: float, left: float) -> None:
+        """Add the held-back inexact groups, saying so: exact groups alone leave ``left`` (a
+        fraction of the original) of what ``field`` targets."""
+        warnings.warn(f"PruneConfig.{field}={value} cannot be met with exact groups alone (they leave {left:.1%}): "
+                      f"{len(self.held_inexact)} inexact group(s) are pruned too "
+                      f"({group_labels(self.graph, self.held_inexact)}), where the pruned model differs from the "
+                      f"zeroed original (LayerNorm/RMSNorm/softmax statistics); exact_only=True refuses instead",
+                      InexactGroupsWarning, stacklevel=4)
+        self.groups = self.groups + self.held_inexact
+        self.held_inexact = []
+        self._costs.clear()
+        self._saved.clear()
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
@@ -290,6 +333,9 @@ class Selector:
             target = self.latency_goal_ms
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
         best = self.remove_at(hi, banned)
+        if measure(self.graph, best) > target and self.held_inexact:
+            self.include_inexact(field, value, measure(self.graph, best) / before)
+            best = self.remove_at(hi, banned)
         if measure(self.graph, best) > target:
             raise ValueError(f"PruneConfig.{field}={value} cannot be met: the most this config allows leaves "
                              f"{measure(self.graph, best) / before:.1%} of the original")
@@ -372,7 +418,7 @@ def nothing_pruned_reason(selector: "Selector", banned: np.ndarray) -> str:
     if not selector.groups:
         culprits = [f"PruneConfig.{field}" for field, loosest in _GROUP_FILTERS
                     if getattr(config, field) != loosest and
-                    eligible_groups(graph, dataclasses.replace(config, **{field: loosest}))]
+                    eligible_groups(graph, dataclasses.replace(config, **{field: loosest}), quiet=True)]
         return (f"{' and '.join(culprits) or 'the config'} leave{'s' if len(culprits) < 2 else ''} none of the "
                 f"model's {len(graph.groups)} prunable groups")
     if banned.any():

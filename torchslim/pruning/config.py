@@ -54,8 +54,12 @@ class PruneConfig:
                   target, by importance per MAC/param saved) instead of per group.
     max_sparsity_per_layer: with global ranking, the most any group may lose.
     protect_inputs: module globs whose INPUT channels must stay (``exclude`` protects outputs).
-    exact_only:   skip groups whose channels feed a statistic over the channel dim (LayerNorm,
-                  softmax, mean), where removal is not identical to zeroing.
+    exact_only:   groups whose channels feed a statistic over the channel dim (LayerNorm, RMSNorm,
+                  softmax, mean) are inexact: removing them is not identical to zeroing. None
+                  (default) prefers exact groups: a plain ratio prunes only exact groups (an
+                  ``InexactGroupsWarning`` says how many were left); a target is met with exact
+                  groups if it can be, else inexact groups are added and a warning lists them.
+                  True never prunes inexact groups; False treats them like any other.
     seed:         seed for the random criterion.
     verify:       compare the pruned model with the zeroed original on the example inputs and
                   roll back on mismatch (``atol`` + ``rtol`` x the output's magnitude: float32
@@ -80,7 +84,7 @@ class PruneConfig:
     latency_threads: int = 1
     latency_runtime: str = "torch"
     latency_aware: bool = False
-    exact_only: bool = False
+    exact_only: bool | None = None
     seed: int = 0
     verify: bool = True
     atol: float = 1e-5
@@ -117,6 +121,10 @@ class PruneConfig:
 
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_macs is not None or self.target_params is not None or self.target_latency is not None
 
     @property
     def needs_latency(self) -> bool:
