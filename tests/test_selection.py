@@ -174,3 +174,38 @@ def test_default_ratio_prunes_exact_groups_and_counts_the_inexact_ones_left():
     assert model.lm_head.in_features == 64
     torchslim.prune_(original, ids, torchslim.PruneConfig(ratio=0.5, exact_only=False))  # today's meaning of False
     assert original.lm_head.in_features == 32
+
+
+# targets land on the target ----------------------------------------------------------------
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("vit", hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
+                                               intermediate_size=384, image_size=64, patch_size=8)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config).eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_target_macs_lands_within_2_percent_where_heads_step_in_every_block_at_once(round_to):
+    """With 3 heads per block, the ratio search drops a third of every block's attention at one
+    ratio (1/3). A target in the middle of that step is reached with finer atoms (FFN units),
+    not overshot by the whole step; widths stay multiples of round_to."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.graph.macs import estimate_macs
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    model, x = _hf_vit()
+    graph = DependencyGraph.build(model, x)
+    config = torchslim.PruneConfig(target_macs=0.5, exact_only=True, round_to=round_to)
+    groups = eligible_groups(graph, config)
+    heads = [g for g in groups if graph.atom_width(g) == 32]
+    assert len(heads) == 2 and all(len(g) == 3 for g in heads)
+    selector = Selector(graph, groups, {g.index: np.arange(1.0, len(g) + 1) for g in groups}, config)
+    nothing = np.zeros(graph.n_atoms, dtype=bool)
+    before, after = (estimate_macs(graph, selector.remove_at(r, nothing)) / selector.macs_before
+                     for r in (1 / 3 - 1e-3, 1 / 3 + 1e-3))
+    target = (before + after) / 2
+    assert after < 0.96 * target  # the step is coarse: stopping at the ratio that meets the target overshoots
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_macs=target, exact_only=True, round_to=round_to))
+    assert 0.98 * target <= result.macs_after / result.macs_before <= target
+    assert all(layer.mlp.fc1.out_features % round_to == 0 for layer in model.layers)

@@ -339,15 +339,69 @@ class Selector:
         if measure(self.graph, best) > target:
             raise ValueError(f"PruneConfig.{field}={value} cannot be met: the most this config allows leaves "
                              f"{measure(self.graph, best) / before:.1%} of the original")
-        best_ratio = hi
+        best_ratio, short = hi, np.zeros(0, dtype=np.int64)  # short: the largest removal found missing the target
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi) / 2
             candidate = self.remove_at(mid, banned)
             if measure(self.graph, candidate) <= target:
                 hi, best, best_ratio = mid, candidate, mid
             else:
-                lo = mid
-        return best_ratio, best
+                lo, short = mid, candidate
+        return best_ratio, self.fill_towards_target(short, best, lambda removed: measure(self.graph, removed), target)
+
+    def fill_towards_target(self, short: np.ndarray, enough: np.ndarray, measure, target: float) -> np.ndarray:
+        """The smallest removal between ``short`` (misses the target) and ``enough`` (meets it):
+        ``short`` plus the first steps of ``enough``'s extra atoms that meet it.
+
+        The ratio search moves every group together, so where a group's atoms are coarse (a
+        ViT with 6 heads per block steps all blocks by a sixth of their attention at once) the
+        removal meeting the target can overshoot it by several percent. Taking the extra atoms
+        a step at a time (steps keep ``round_to`` widths; groups advance evenly, each by its
+        own ranking) lands within one step of the target."""
+        if short.size == 0 and enough.size == 0 or not np.isin(short, enough).all():
+            return enough
+        steps = self._steps_between(short, enough)
+        lo, hi = 0, len(steps)  # short + steps[:hi] meets the target, short + steps[:lo] does not
+        while hi - lo > 1:
+            k = (lo + hi) // 2
+            if measure(np.concatenate([short] + steps[:k])) <= target:
+                hi = k
+            else:
+                lo = k
+        return np.concatenate([short] + steps[:hi])
+
+    def _steps_between(self, short: np.ndarray, enough: np.ndarray) -> list[np.ndarray]:
+        """``enough``'s atoms beyond ``short``, per group in its ranking order, cut where the
+        group's kept width is a multiple of ``round_to`` (the whole extra for ``"latency"``),
+        the steps of all groups ordered by the share of their group removed after them."""
+        extra = np.setdiff1d(enough, short)
+        owners = self.graph.atom_group[extra]
+        removed = np.zeros(self.graph.n_atoms, dtype=bool)
+        removed[short] = True
+        by_index = {g.index: g for g in self.groups}
+        keyed = []
+        for owner in np.unique(owners):
+            group = by_index[int(owner)]
+            rank = np.empty(self.graph.n_atoms, dtype=np.int64)
+            rank[self.order[group.index]] = np.arange(len(group))
+            mine = extra[owners == owner]
+            mine = mine[np.argsort(rank[mine], kind="stable")]
+            kept = len(group) - int(removed[group.atoms].sum())
+            start = 0
+            while start < mine.size:
+                size = self._step_size(group, kept, mine.size - start)
+                start, kept = start + size, kept - size
+                keyed.append(((len(group) - kept) / len(group), mine[start - size:start]))
+        keyed.sort(key=lambda item: item[0])
+        return [atoms for _, atoms in keyed]
+
+    def _step_size(self, group: Group, kept: int, left: int) -> int:
+        """Atoms to remove next from a group keeping ``kept`` so that its width stays a multiple
+        of ``round_to`` channels (at most ``left``)."""
+        if not isinstance(self.round_to, int):
+            return left
+        step = self.round_to // math.gcd(self.round_to, self.graph.atom_width(group))
+        return min(left, kept % step or step)
 
 
 def _latency_measure(latency):

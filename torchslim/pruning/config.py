@@ -23,6 +23,10 @@ class PruneConfig:
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
                   the ratio then is searched (up to 0.95 per group) and ``ratio`` is not used.
+                  Where a ratio step moves coarse atoms in many groups at once (a head in every
+                  block), the search finishes with single steps of each group (FFN units,
+                  channels, in ``round_to`` multiples), so the result lands within one such
+                  step of the target instead of a whole ratio step under it.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
