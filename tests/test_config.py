@@ -47,10 +47,36 @@ def test_target_params_is_met():
     assert result.params_after == sum(p.numel() for p in model.parameters()) <= 0.5 * before
 
 
-def test_target_macs_with_global_ranking_prefers_cheap_importance():
+def _removed_importance(global_ranking: bool) -> tuple[float, Three]:
+    """Prune Three to half its MACs; return the removed atoms' importance (l1, divided by their
+    group's mean, as global ranking compares groups) and the pruned model."""
+    import numpy as np
+
+    from torchslim.criteria import make_importance
+    from torchslim.graph import DependencyGraph
+
     model = Three()
-    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, global_ranking=True))
+    graph = DependencyGraph.build(model, X)
+    importance, normalized = make_importance("l1", 0), np.zeros(graph.n_atoms)
+    for group in graph.groups:
+        scores = np.asarray(importance(graph, group), dtype=float)
+        normalized[group.atoms] = scores / np.mean(np.abs(scores))
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, global_ranking=global_ranking))
     assert result.macs_after <= 0.5 * result.macs_before
+    atoms = {int(a) for name, dims in result.plan.steps[0].removed.items() for dim, index in dims.items()
+             for a in graph.param_labels(name, int(dim))[index]}
+    return float(normalized[sorted(atoms)].sum()), model
+
+
+def test_target_macs_with_global_ranking_prefers_cheap_importance():
+    """Ranked by importance per MAC saved, half the MACs cost less importance than cutting
+    every group alike: b's channels save the most MACs each (b's 3x3 output and c's 3x3
+    input), so b pays most and fewer channels go in all."""
+    spent_global, ranked = _removed_importance(global_ranking=True)
+    spent_alike, alike = _removed_importance(global_ranking=False)
+    assert spent_global < 0.8 * spent_alike, (spent_global, spent_alike)
+    assert ranked.b.out_channels < min(ranked.a.out_channels, ranked.c.out_channels)
+    assert alike.a.out_channels == alike.b.out_channels == alike.c.out_channels
 
 
 def test_per_module_ratios_and_input_protection():

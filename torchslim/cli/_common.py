@@ -82,7 +82,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
                         help="keep multiples of N channels, or 'latency' (the measured fastest width near the "
                              "exact one); default 'latency' with a MACs target and the latency table, else 1")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep this module's outputs")
-    parser.add_argument("--exact-only", action="store_true", help="skip groups coupled to normalisation statistics")
+    parser.add_argument("--exact-only", action="store_true",
+                        help="never prune groups coupled to normalisation statistics (by default they are "
+                             "pruned only when a target cannot be met without them)")
     parser.add_argument("--latency-aware", action="store_true",
                         help="rank by importance per millisecond saved; with --target-macs, also time the "
                              "removals ranked by time saved per MAC, by importance per MAC and uniform widths "
@@ -185,7 +187,7 @@ def config_from_args(args: argparse.Namespace, model):
     from torchslim.pruning import config_from_recipe
     from torchslim.pruning.recipe import load_recipe
 
-    fields = dict(criterion=args.criterion, exclude=tuple(args.exclude), exact_only=args.exact_only,
+    fields = dict(criterion=args.criterion, exclude=tuple(args.exclude), exact_only=args.exact_only or None,
                   latency_aware=args.latency_aware, latency_threads=args.threads,
                   latency_runtime=args.latency_runtime or getattr(args, "runtime", None) or "torch")
     if args.round_to is not None:

@@ -3,14 +3,17 @@
 Per group (default), each group loses its ``ratio`` (or its module's ratio from
 ``PruneConfig.ratios``) of lowest-scored atoms. With ``global_ranking`` scores are divided by
 their group's mean so groups compare, and the lowest atoms overall go, at most
-``max_sparsity_per_layer`` of any group. For ``target_macs`` / ``target_params`` the ratio is
+``max_sparsity_per_layer`` (or its module's ratio) of any group. For ``target_macs`` / ``target_params`` the ratio is
 searched by bisection on estimates from the graph; with global ranking the ranking is by
 importance per MAC (or parameter) saved, so the budget is spent where importance is cheapest.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import math
+import warnings
 
 import numpy as np
 
@@ -27,9 +30,15 @@ class PruningError(RuntimeError):
     """Pruning could not be applied; the model is unchanged."""
 
 
-def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
-    """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only)."""
+def eligible_groups(graph: DependencyGraph, config: PruneConfig, *, quiet: bool = False) -> list[Group]:
+    """Groups the config allows to prune (op_names, exclude, filter_fn, protect_inputs, exact_only).
+
+    ``exact_only=None`` (the default) prefers exact groups: without a target only exact groups
+    are eligible (an ``InexactGroupsWarning`` says how many inexact ones were left, unless
+    ``quiet``); with a target all are, and the ``Selector`` adds inexact ones only if the target
+    needs them."""
     names = module_aliases(graph.model)  # a pattern may name a shared module by any of its names
+    check_ratio_patterns(graph, names, config)
     chosen = atoms_of_matching(graph, names, config.op_names, "op_names") if config.op_names is not None else None
     blocked = []
     if config.exclude:
@@ -45,14 +54,44 @@ def eligible_groups(graph: DependencyGraph, config: PruneConfig) -> list[Group]:
         raise PruningError(blocked_message(graph, chosen, config.op_names))
     groups = []
     for group in graph.groups:
-        if config.exact_only and not group.exact:
-            continue
         if chosen is not None and not np.isin(group.atoms, chosen).any():
             continue
         if excluded is not None and np.isin(group.atoms, excluded).any():
             continue
         groups.append(group)
+    if config.exact_only or (config.exact_only is None and not config.has_target):
+        inexact = [g for g in groups if not g.exact]
+        groups = [g for g in groups if g.exact]
+        if inexact and config.exact_only is None and not quiet:
+            warnings.warn(f"{len(inexact)} inexact group(s) left unpruned ({group_labels(graph, inexact)}): their "
+                          f"channels feed a statistic over the channel dimension (LayerNorm, RMSNorm, softmax, "
+                          f"mean), so removing them is not identical to zeroing them; PruneConfig(exact_only=False) "
+                          f"includes them", InexactGroupsWarning, stacklevel=3)
     return groups
+
+
+class InexactGroupsWarning(UserWarning):
+    """The default (``exact_only=None``) left inexact groups out, or a target needed them."""
+
+
+def group_labels(graph: DependencyGraph, groups: list[Group], limit: int = 3) -> str:
+    """The modules whose parameters the groups prune, the first ``limit`` of them, for messages."""
+    names: list[str] = []
+    for group in groups:
+        for param, _ in group.params:
+            module = param.rsplit(".", 1)[0] if "." in param else "<root>"
+            if module not in names:
+                names.append(module)
+    more = f" and {len(names) - limit} more modules" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_ratio_patterns(graph: DependencyGraph, names: dict[str, str], config: PruneConfig) -> None:
+    """Refuse a ``PruneConfig.ratios`` glob that matches no module name: it would silently do
+    nothing (``op_names``, ``exclude`` and ``protect_inputs`` are refused the same way)."""
+    for pattern in config.ratios or {}:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"PruneConfig.ratios[{pattern!r}] matches no module of {type(graph.model).__name__}")
 
 
 def blocked_message(graph: DependencyGraph, atoms: np.ndarray, patterns) -> str:
@@ -108,6 +147,10 @@ class Selector:
         self.latency = latency  # torchslim.latency.LatencyModel when the config needs one
         self.scores = scores
         self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
+        # exact_only=None: exact groups first; inexact ones wait until a target cannot be met without them
+        self.held_inexact = [g for g in groups if not g.exact] if config.exact_only is None else []
+        if self.held_inexact:
+            self.groups = [g for g in groups if g.exact]
         aliases = module_aliases(graph.model) if config.ratios else {}
         self.group_ratio = {g.index: self._module_ratio(g, aliases) for g in groups}
         self.macs_before = estimate_macs(graph)
@@ -120,6 +163,33 @@ class Selector:
         # target_latency: the removal calibration measured closest to the target, when it lies
         # between two of the table's proposals (ratio, atoms); select() returns it
         self.measured_choice: tuple[float, np.ndarray] | None = None
+
+    def relaxed(self, **changes) -> "Selector":
+        """This selector with some config fields changed (scores, rankings and costs shared)."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        if "round_to" in changes:
+            other.round_to = other.config.round_to
+        if "ratios" in changes:
+            aliases = module_aliases(self.graph.model) if other.config.ratios else {}
+            other.group_ratio = {g.index: other._module_ratio(g, aliases) for g in self.groups}
+        return other
+
+    def has_target(self) -> bool:
+        return self.config.has_target
+
+    def include_inexact(self, field: str, value: float, left: float) -> None:
+        """Add the held-back inexact groups, saying so: exact groups alone leave ``left`` (a
+        fraction of the original) of what ``field`` targets."""
+        warnings.warn(f"PruneConfig.{field}={value} cannot be met with exact groups alone (they leave {left:.1%}): "
+                      f"{len(self.held_inexact)} inexact group(s) are pruned too "
+                      f"({group_labels(self.graph, self.held_inexact)}), where the pruned model differs from the "
+                      f"zeroed original (LayerNorm/RMSNorm/softmax statistics); exact_only=True refuses instead",
+                      InexactGroupsWarning, stacklevel=4)
+        self.groups = self.groups + self.held_inexact
+        self.held_inexact = []
+        self._costs.clear()
+        self._saved.clear()
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
@@ -138,8 +208,10 @@ class Selector:
         removed = []
         for group in self.groups:
             group_ratio = self.group_ratio[group.index]
-            group_ratio = ratio if group_ratio is None else (group_ratio if self.config.target_macs is None and
-                                                            self.config.target_params is None else min(group_ratio, ratio))
+            if group_ratio is None:
+                group_ratio = ratio
+            elif self.has_target():  # the search raises every group's ratio; this one stops at its own
+                group_ratio = min(group_ratio, ratio)
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
             keep = keep_count(len(ranked), group_ratio, self.config, self.round_to, self.graph.atom_width(group))
@@ -177,6 +249,8 @@ class Selector:
             values.append(normalized[ok])
             owners.append(np.full(int(ok.sum()), group.index))
             cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
+            if self.group_ratio[group.index] is not None:  # PruneConfig.ratios bounds what the group loses
+                cap_ratio = min(cap_ratio, self.group_ratio[group.index])
             caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to,
                                                         self.graph.atom_width(group))
         if not atoms:
@@ -248,7 +322,7 @@ class Selector:
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
         config = self.config
-        if config.target_macs is None and config.target_params is None and config.target_latency is None:
+        if not self.has_target():
             return config.ratio, self.remove_at(config.ratio, banned)
         if self.measured_choice is not None:
             ratio, atoms = self.measured_choice
@@ -259,18 +333,75 @@ class Selector:
             target = self.latency_goal_ms
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
         best = self.remove_at(hi, banned)
+        if measure(self.graph, best) > target and self.held_inexact:
+            self.include_inexact(field, value, measure(self.graph, best) / before)
+            best = self.remove_at(hi, banned)
         if measure(self.graph, best) > target:
             raise ValueError(f"PruneConfig.{field}={value} cannot be met: the most this config allows leaves "
                              f"{measure(self.graph, best) / before:.1%} of the original")
-        best_ratio = hi
+        best_ratio, short = hi, np.zeros(0, dtype=np.int64)  # short: the largest removal found missing the target
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi) / 2
             candidate = self.remove_at(mid, banned)
             if measure(self.graph, candidate) <= target:
                 hi, best, best_ratio = mid, candidate, mid
             else:
-                lo = mid
-        return best_ratio, best
+                lo, short = mid, candidate
+        return best_ratio, self.fill_towards_target(short, best, lambda removed: measure(self.graph, removed), target)
+
+    def fill_towards_target(self, short: np.ndarray, enough: np.ndarray, measure, target: float) -> np.ndarray:
+        """The smallest removal between ``short`` (misses the target) and ``enough`` (meets it):
+        ``short`` plus the first steps of ``enough``'s extra atoms that meet it.
+
+        The ratio search moves every group together, so where a group's atoms are coarse (a
+        ViT with 6 heads per block steps all blocks by a sixth of their attention at once) the
+        removal meeting the target can overshoot it by several percent. Taking the extra atoms
+        a step at a time (steps keep ``round_to`` widths; groups advance evenly, each by its
+        own ranking) lands within one step of the target."""
+        if short.size == 0 and enough.size == 0 or not np.isin(short, enough).all():
+            return enough
+        steps = self._steps_between(short, enough)
+        lo, hi = 0, len(steps)  # short + steps[:hi] meets the target, short + steps[:lo] does not
+        while hi - lo > 1:
+            k = (lo + hi) // 2
+            if measure(np.concatenate([short] + steps[:k])) <= target:
+                hi = k
+            else:
+                lo = k
+        return np.concatenate([short] + steps[:hi])
+
+    def _steps_between(self, short: np.ndarray, enough: np.ndarray) -> list[np.ndarray]:
+        """``enough``'s atoms beyond ``short``, per group in its ranking order, cut where the
+        group's kept width is a multiple of ``round_to`` (the whole extra for ``"latency"``),
+        the steps of all groups ordered by the share of their group removed after them."""
+        extra = np.setdiff1d(enough, short)
+        owners = self.graph.atom_group[extra]
+        removed = np.zeros(self.graph.n_atoms, dtype=bool)
+        removed[short] = True
+        by_index = {g.index: g for g in self.groups}
+        keyed = []
+        for owner in np.unique(owners):
+            group = by_index[int(owner)]
+            rank = np.empty(self.graph.n_atoms, dtype=np.int64)
+            rank[self.order[group.index]] = np.arange(len(group))
+            mine = extra[owners == owner]
+            mine = mine[np.argsort(rank[mine], kind="stable")]
+            kept = len(group) - int(removed[group.atoms].sum())
+            start = 0
+            while start < mine.size:
+                size = self._step_size(group, kept, mine.size - start)
+                start, kept = start + size, kept - size
+                keyed.append(((len(group) - kept) / len(group), mine[start - size:start]))
+        keyed.sort(key=lambda item: item[0])
+        return [atoms for _, atoms in keyed]
+
+    def _step_size(self, group: Group, kept: int, left: int) -> int:
+        """Atoms to remove next from a group keeping ``kept`` so that its width stays a multiple
+        of ``round_to`` channels (at most ``left``)."""
+        if not isinstance(self.round_to, int):
+            return left
+        step = self.round_to // math.gcd(self.round_to, self.graph.atom_width(group))
+        return min(left, kept % step or step)
 
 
 def _latency_measure(latency):
@@ -313,3 +444,47 @@ def estimate_params(graph: DependencyGraph, removed_atoms: np.ndarray | None = N
             total += int(np.prod(shapes[node]))
     untraced = sum(p.numel() for n, p in trainable.items() if n not in graph.trace.param_nodes)
     return total + untraced
+
+
+class NothingPrunedWarning(UserWarning):
+    """``prune_`` removed nothing: a setting (named in the message) prevents every removal."""
+
+
+# fields that narrow which groups may be pruned, and the value that narrows nothing
+_GROUP_FILTERS = (("op_names", None), ("exclude", ()), ("protect_inputs", ()), ("filter_fn", None),
+                  ("exact_only", False))
+# fields that limit how much a group loses, and the value that limits least
+_AMOUNT_LIMITS = (("round_to", 1), ("min_channels", 1), ("ratios", None), ("max_sparsity_per_layer", 1.0))
+
+
+def warn_nothing_pruned(selector: "Selector", banned: np.ndarray) -> None:
+    """Say, with ``NothingPrunedWarning``, which setting made the selection empty."""
+    warnings.warn(f"prune_ removed nothing: {nothing_pruned_reason(selector, banned)}", NothingPrunedWarning,
+                  stacklevel=3)
+
+
+def nothing_pruned_reason(selector: "Selector", banned: np.ndarray) -> str:
+    """Why ``selector`` selects no atom: the setting that prevents it, found by relaxing each one."""
+    graph, config = selector.graph, selector.config
+    if not graph.groups:
+        return ("no channel of the model can be pruned: every one is pinned by an op without a rule "
+                "or reaches the model's inputs or outputs (torchslim.analyze shows which)")
+    if not selector.groups:
+        culprits = [f"PruneConfig.{field}" for field, loosest in _GROUP_FILTERS
+                    if getattr(config, field) != loosest and
+                    eligible_groups(graph, dataclasses.replace(config, **{field: loosest}), quiet=True)]
+        return (f"{' and '.join(culprits) or 'the config'} leave{'s' if len(culprits) < 2 else ''} none of the "
+                f"model's {len(graph.groups)} prunable groups")
+    if banned.any():
+        return "every removal was rolled back (PruneResult.skipped says why)"
+    if selector.has_target():
+        field, value, _, _ = selector.measure_for_target()
+        return f"PruneConfig.{field}={value} is already met by the unpruned model"
+    for field, loosest in _AMOUNT_LIMITS:
+        if getattr(config, field) != loosest and selector.relaxed(**{field: loosest}).remove_at(config.ratio, banned).size:
+            largest = max(len(g) * graph.atom_width(g) for g in selector.groups)
+            return (f"PruneConfig.{field}={getattr(config, field)!r} keeps every channel "
+                    f"(the largest prunable group has {largest} channels)")
+    if not config.ratio:
+        return "PruneConfig.ratio=0 asks for no removal"
+    return f"PruneConfig.ratio={config.ratio} is less than one channel of every group"

@@ -22,7 +22,11 @@ class PruneConfig:
     exclude:      fnmatch globs; groups holding these modules' output channels are kept.
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
-                  the ratio then is searched and ``ratio`` is its upper bound.
+                  the ratio then is searched (up to 0.95 per group) and ``ratio`` is not used.
+                  Where a ratio step moves coarse atoms in many groups at once (a head in every
+                  block), the search finishes with single steps of each group (FFN units,
+                  channels, in ``round_to`` multiples), so the result lands within one such
+                  step of the target instead of a whole ratio step under it.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
@@ -41,14 +45,25 @@ class PruneConfig:
                   ``latency_runtime`` and the fastest is applied (``PruneResult.latency_candidates``).
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
-    ratios:       ``{module glob: ratio}``: per-module ratios (the group holding that module's
-                  output channels uses it; the first matching glob wins).
+    ratios:       ``{module glob: ratio}``: per-module ratios for the group holding that module's
+                  output channels (the first matching glob wins), with one meaning: the most
+                  that group may lose. Where every group loses ``ratio`` (per-group ranking, no
+                  target) it loses its own ratio instead; under any target (MACs, params,
+                  latency) and with global or latency-aware ranking the search and ranking
+                  decide, and stop that group at its ratio. A glob matching no
+                  module is refused, as for ``op_names`` and ``exclude``; a config under which
+                  nothing can be removed (``round_to``/``min_channels`` above every group, all
+                  groups excluded) prunes nothing with a ``NothingPrunedWarning`` naming the field.
     global_ranking: rank atoms across groups (scores divided by their group's mean; with a
                   target, by importance per MAC/param saved) instead of per group.
     max_sparsity_per_layer: with global ranking, the most any group may lose.
     protect_inputs: module globs whose INPUT channels must stay (``exclude`` protects outputs).
-    exact_only:   skip groups whose channels feed a statistic over the channel dim (LayerNorm,
-                  softmax, mean), where removal is not identical to zeroing.
+    exact_only:   groups whose channels feed a statistic over the channel dim (LayerNorm, RMSNorm,
+                  softmax, mean) are inexact: removing them is not identical to zeroing. None
+                  (default) prefers exact groups: a plain ratio prunes only exact groups (an
+                  ``InexactGroupsWarning`` says how many were left); a target is met with exact
+                  groups if it can be, else inexact groups are added and a warning lists them.
+                  True never prunes inexact groups; False treats them like any other.
     seed:         seed for the random criterion.
     verify:       compare the pruned model with the zeroed original on the example inputs and
                   roll back on mismatch (``atol`` + ``rtol`` x the output's magnitude). Left at
@@ -84,7 +99,7 @@ class PruneConfig:
     latency_threads: int = 1
     latency_runtime: str = "torch"
     latency_aware: bool = False
-    exact_only: bool = False
+    exact_only: bool | None = None
     seed: int = 0
     verify: bool = True
     atol: float | None = None
@@ -129,6 +144,10 @@ class PruneConfig:
 
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_macs is not None or self.target_params is not None or self.target_latency is not None
 
     @property
     def needs_latency(self) -> bool:

@@ -16,7 +16,7 @@ from torchslim.graph.dependency import sorted_unique
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._latency_loop import calibrate_latency_goal, choose_fastest_ranking
-from torchslim.pruning._select import PruningError, Selector, eligible_groups
+from torchslim.pruning._select import PruningError, Selector, eligible_groups, warn_nothing_pruned
 from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
@@ -117,6 +117,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
         ratio, removed = selector.select(banned)
         if removed.size == 0:
             _warn_rolled_back(skipped)
+            warn_nothing_pruned(selector, banned)
             return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, ratio, 0,
                                skipped=skipped)
         outcome = _try_apply(model, graph, removed, example_inputs, config, groups)

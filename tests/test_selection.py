@@ -1,0 +1,211 @@
+"""Which atoms get selected: settings that match or allow nothing are refused or named, and
+``ratios`` means the same under every target."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.pruning._select import NothingPrunedWarning
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def _state(model):
+    return copy.deepcopy(model.state_dict())
+
+
+def _unchanged(model, state) -> bool:
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_ratio_pattern_matching_no_module_is_refused_naming_it():
+    model = Three()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"PruneConfig\.ratios\['nothing'\] matches no module of Three"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={"nothing": 0.5}))
+    assert _unchanged(model, state)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"round_to": 1000}, r"PruneConfig\.round_to=1000 keeps every channel"),
+    ({"min_channels": 10000}, r"PruneConfig\.min_channels=10000 keeps every channel"),
+    ({"ratios": {"*": 0.0}}, r"PruneConfig\.ratios=\{'\*': 0\.0\} keeps every channel"),
+    ({"exclude": ["a", "b", "c"]}, r"PruneConfig\.exclude leaves none of the model's 3 prunable groups"),
+    ({"ratio": 0.01}, r"PruneConfig\.ratio=0\.01 is less than one channel"),
+    ({"target_macs": 1.0}, r"PruneConfig\.target_macs=1\.0 is already met"),
+])
+def test_a_setting_that_prevents_every_removal_is_named_in_a_warning(kwargs, needle):
+    model = Three()
+    state = _state(model)
+    with pytest.warns(NothingPrunedWarning, match=needle):
+        result = torchslim.prune_(model, X, torchslim.PruneConfig(**kwargs))
+    assert result.groups_pruned == 0 and _unchanged(model, state)
+
+
+def test_a_model_with_nothing_prunable_says_so():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()  # its only channels are the model's outputs
+    with pytest.warns(NothingPrunedWarning, match="no channel of the model can be pruned"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5))
+
+
+def test_a_removal_gives_no_nothing_pruned_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingPrunedWarning)
+        result = torchslim.prune_(Three(), X, torchslim.PruneConfig(ratio=0.5, round_to=8))
+    assert result.groups_pruned == 3
+
+
+class _LatencyOfAtoms:
+    """A stand-in latency table: every prunable atom costs 1 ms, the rest of the model as much as
+    all of them together (so targets are met without timing)."""
+
+    def __init__(self, graph):
+        self.cost = (graph.atom_group >= 0).astype(float)
+        self.measured_ms = 2 * float(self.cost.sum())
+
+    def predict(self, removed=None):
+        gone = self.cost[np.asarray(removed, dtype=np.int64)].sum() if removed is not None else 0.0
+        return float(self.measured_ms - gone)
+
+
+def _removed_per_module(config, ranking=None):
+    """Channels of a, b, c removed by the selection ``config`` describes (the same spread of
+    importance in every group, so that a global ranking takes from each)."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    graph = DependencyGraph.build(Three(), X)
+    groups = eligible_groups(graph, config)
+    scores = {g.index: np.arange(1.0, len(g) + 1) for g in groups}
+    selector = Selector(graph, groups, scores, config, _LatencyOfAtoms(graph))
+    if ranking is not None:
+        selector.ranking = ranking
+    _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
+    return [int(np.isin(graph.module_output_atoms(name), removed).sum()) for name in ("a", "b", "c")]
+
+
+@pytest.mark.parametrize("target", [{"target_macs": 0.85}, {"target_params": 0.85}, {"target_latency": 0.85}])
+@pytest.mark.parametrize("ranking", [None, "global"])
+def test_ratios_bound_a_group_under_every_target(target, ranking):
+    """ratios={"b": 0.5}: b may lose up to half its channels. A mild target needs less than that
+    of every group, so b loses what the search gives the others, never a fixed half."""
+    free = _removed_per_module(torchslim.PruneConfig(**target), ranking)
+    bounded = _removed_per_module(torchslim.PruneConfig(ratios={"b": 0.5}, **target), ranking)
+    assert bounded == free and 0 < bounded[1] < 8, (free, bounded)
+    tight = _removed_per_module(torchslim.PruneConfig(ratios={"b": 0.0625}, **target), ranking)
+    assert tight[1] <= 1 and tight[0] + tight[2] >= free[0] + free[2], tight  # b stops at 1 channel, others pay
+
+
+def test_ratios_bound_a_group_under_global_ranking_without_a_target():
+    model = Three()
+    with torch.no_grad():
+        model.a.weight.mul_(0.01)  # a ranks lowest, so global ranking would take most of it
+    torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.3, global_ranking=True, ratios={"a": 0.25}))
+    assert model.a.out_channels >= 12 and model.b.out_channels + model.c.out_channels < 32
+
+
+# exact groups first (exact_only=None) ------------------------------------------------------
+def _causal_lm(kind: str):
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=100)
+    if kind == "gpt2":
+        sizes = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **sizes)).eval()
+    return model, torch.randint(0, 100, (1, 16))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
+    """Pruning the hidden size (RMSNorm/LayerNorm statistics) is not needed for half the MACs:
+    the default leaves it, so the result equals the zeroed original."""
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm(kind)
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InexactGroupsWarning)
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.5))
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert torchslim.verify(original, model, ids, result.plan).ok
+    assert model.lm_head.in_features == original.lm_head.in_features
+
+
+def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm("llama")
+    with pytest.raises(ValueError, match="target_macs=0.2 cannot be met"):
+        torchslim.prune_(copy.deepcopy(model), ids, torchslim.PruneConfig(target_macs=0.2, exact_only=True))
+    with pytest.warns(InexactGroupsWarning, match=r"target_macs=0\.2 cannot be met with exact groups alone.*norm"):
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.2))
+    assert result.macs_after <= 0.2 * result.macs_before and model.lm_head.in_features < 64
+
+
+def test_default_ratio_prunes_exact_groups_and_counts_the_inexact_ones_left():
+    from torchslim.pruning._select import InexactGroupsWarning
+
+    model, ids = _causal_lm("llama")
+    original = copy.deepcopy(model)
+    with pytest.warns(InexactGroupsWarning, match=r"1 inexact group\(s\) left unpruned.*exact_only=False"):
+        result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5))
+    assert result.plan and torchslim.verify(original, model, ids, result.plan).ok
+    assert model.lm_head.in_features == 64
+    torchslim.prune_(original, ids, torchslim.PruneConfig(ratio=0.5, exact_only=False))  # today's meaning of False
+    assert original.lm_head.in_features == 32
+
+
+# targets land on the target ----------------------------------------------------------------
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("vit", hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
+                                               intermediate_size=384, image_size=64, patch_size=8)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config).eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_target_macs_lands_within_2_percent_where_heads_step_in_every_block_at_once(round_to):
+    """With 3 heads per block, the ratio search drops a third of every block's attention at one
+    ratio (1/3). A target in the middle of that step is reached with finer atoms (FFN units),
+    not overshot by the whole step; widths stay multiples of round_to."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.graph.macs import estimate_macs
+    from torchslim.pruning._select import Selector, eligible_groups
+
+    model, x = _hf_vit()
+    graph = DependencyGraph.build(model, x)
+    config = torchslim.PruneConfig(target_macs=0.5, exact_only=True, round_to=round_to)
+    groups = eligible_groups(graph, config)
+    heads = [g for g in groups if graph.atom_width(g) == 32]
+    assert len(heads) == 2 and all(len(g) == 3 for g in heads)
+    selector = Selector(graph, groups, {g.index: np.arange(1.0, len(g) + 1) for g in groups}, config)
+    nothing = np.zeros(graph.n_atoms, dtype=bool)
+    before, after = (estimate_macs(graph, selector.remove_at(r, nothing)) / selector.macs_before
+                     for r in (1 / 3 - 1e-3, 1 / 3 + 1e-3))
+    target = (before + after) / 2
+    assert after < 0.96 * target  # the step is coarse: stopping at the ratio that meets the target overshoots
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_macs=target, exact_only=True, round_to=round_to))
+    assert 0.98 * target <= result.macs_after / result.macs_before <= target
+    assert all(layer.mlp.fc1.out_features % round_to == 0 for layer in model.layers)
