@@ -51,6 +51,7 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "float | None": (lambda v: v is None or _is_number(v), "a number"),
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, str), "a name"),
     "int | str": (lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
