@@ -140,7 +140,7 @@ def test_exact_group_is_checked_next_to_an_inexact_one():
     torch.manual_seed(0)
     model, x = ScaleReadInPython().eval(), torch.randn(2, 5, 8)
     with pytest.warns(RolledBackWarning, match=r"modules 'a'"):
-        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=False))
     assert model.a.out_features == 16, "the exact group whose removal changes the output was kept"
     assert model.b.out_features < 16, "the inexact group was still pruned"
     assert any("'a'" in reason for reason in result.skipped)
@@ -157,7 +157,7 @@ def test_inexact_groups_are_reported_with_their_measured_deviation():
     model, x = NormChain(1).eval(), torch.randn(2, 5, 8)
     original = copy.deepcopy(model)
     with pytest.warns(InexactPruningWarning, match=r"blocks\.0\.0.*LayerNorm|layer_norm"):
-        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=False))
     [entry] = result.inexact_groups
     assert entry["modules"] == ["blocks.0.0", "blocks.0.1", "head"]
     assert any("layer_norm" in why and "blocks.0.1" in why for why in entry["why"])
@@ -175,14 +175,14 @@ def test_each_inexact_group_is_measured_alone_up_to_a_bound():
     model, x = NormChain(n).eval(), torch.randn(2, 5, 8)
     original = copy.deepcopy(model)
     with pytest.warns(InexactPruningWarning):
-        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=False))
     assert len(result.inexact_groups) == n
     measured = [e for e in result.inexact_groups if e["deviation"] is not None]
     assert len(measured) == MAX_INEXACT_MEASURED
     # a group's own deviation is what pruning that group alone (same channels) gives
     first = min(measured, key=lambda e: e["group"])
     alone = copy.deepcopy(original)
-    alone_result = torchslim.prune_(alone, x, torchslim.PruneConfig(ratio=0.5, op_names=[first["modules"][0]]))
+    alone_result = torchslim.prune_(alone, x, torchslim.PruneConfig(ratio=0.5, exact_only=False, op_names=[first["modules"][0]]))
     assert len(alone_result.inexact_groups) == 1
     assert first["deviation"] == pytest.approx(relative_l2(original, alone, x, alone_result.plan), rel=1e-4)
 
@@ -192,13 +192,13 @@ def test_inexact_deviation_that_destroys_the_output_is_refused_unless_allowed():
     model, x = StdConvNet().eval(), torch.randn(1, 3, 12, 12)
     original, state = copy.deepcopy(model), state_of(model)
     with pytest.raises(torchslim.PruningError, match=r"max_inexact_deviation=0\.75") as info:
-        torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
+        torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=False))
     message = str(info.value)
     assert "rolled back" in message and "body." in message and "exact_only=True" in message
     assert unchanged(model, state) and model.body[0].in_channels == 16
 
     with pytest.warns(InexactPruningWarning):
-        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, max_inexact_deviation=None))
+        result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=False, max_inexact_deviation=None))
     assert result.inexact_deviation == pytest.approx(relative_l2(original, model, x, result.plan), rel=1e-4)
     assert result.inexact_deviation > 0.75
     assert all(e["why"] and "batch_norm" in e["why"][0] for e in result.inexact_groups)
@@ -206,10 +206,12 @@ def test_inexact_deviation_that_destroys_the_output_is_refused_unless_allowed():
 
 def test_exact_only_needs_no_deviation_check():
     torch.manual_seed(0)
-    model, x = NormChain(2).eval(), torch.randn(2, 5, 8)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.LayerNorm(12), nn.Linear(12, 3)).eval()
+    x = torch.randn(2, 5, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    assert model[0].out_features == 6 and model[2].out_features == 12  # the exact group only
     assert result.inexact_groups == [] and result.inexact_deviation is None
 
 
