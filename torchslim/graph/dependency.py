@@ -105,9 +105,10 @@ class DependencyGraph:
         """Trace ``model`` and couple its channels. Inputs and outputs keep their shapes by default."""
         recorded = trace(model, example_inputs)
         choices: dict[tuple[int, int], int] = {}
+        held: list[np.ndarray] = []  # what no choice can lift: the same in every round, found once
         for _ in range(MAX_RESHAPE_ROUNDS):
             coupling, blockers = _couple(model, recorded, choices, keep_inputs, keep_outputs)
-            revised = _revise_reshape_choices(coupling, choices)
+            revised = _revise_reshape_choices(coupling, choices, held)
             if revised == choices:
                 break
             choices = revised
@@ -292,7 +293,7 @@ def _couple(model, recorded: Trace, choices, keep_inputs: bool, keep_outputs: bo
     return coupling, blockers
 
 
-def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
+def _revise_reshape_choices(c: Coupling, choices: dict, held: list[np.ndarray]) -> dict:
     """Point each split/merge at a digit that can be pruned: one an op hinted as a pruning unit
     (attention heads), else, when the preferred digit is held by the model's inputs, outputs or
     constants, the next that is not.
@@ -311,15 +312,13 @@ def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
     hinted = np.zeros(int(labels.max()) + 1, dtype=bool)
     if c.hints:
         hinted[labels[np.concatenate(c.hints)]] = True
-    # held whatever the choices: judged without the choices' unions, so that one reshape's
-    # current choice (repeated kv heads coupled by their copies) does not make another's look held
-    n_structural, structural = c.structural_components()
-    fixed = np.zeros(n_structural, dtype=bool)
-    fixed[structural[c.held_by(HELD_BY_STRUCTURE)]] = True
+    if not held:  # ``held`` caches it for the next round
+        held.append(_held_whatever_the_choices(c))
+    fixed = held[0]
     revised = dict(choices)
     for key, candidates in c.reshape_choices:
         ids = [_own_ids(c, dims, candidates) for dims in candidates]
-        usable = [i is not None and not fixed[structural[i]].all() for i in ids]
+        usable = [i is not None and not fixed[i].all() for i in ids]
         rank = next((r for r, i in enumerate(ids) if usable[r] and hinted[labels[i]].any()), None)
         current = min(choices.get(key, 0), len(candidates) - 1)
         if rank is None and ids[current] is not None and not usable[current]:
@@ -327,6 +326,17 @@ def _revise_reshape_choices(c: Coupling, choices: dict) -> dict:
         if rank is not None:
             revised[key] = rank
     return revised
+
+
+def _held_whatever_the_choices(c: Coupling) -> np.ndarray:
+    """Per element: is it held by the model's interface or a broadcast, judged without the
+    reshapes' digit choices, so that one reshape's current choice (repeated kv heads coupled by
+    their copies) does not make another's look held. Choices change neither, so it holds for
+    every round."""
+    n_structural, structural = c.structural_components()
+    fixed = np.zeros(n_structural, dtype=bool)
+    fixed[structural[c.held_by(HELD_BY_STRUCTURE)]] = True
+    return fixed[structural]
 
 
 def _own_ids(c: Coupling, dims: list[tuple[int, int]], candidates: list[list[tuple[int, int]]]) -> np.ndarray | None:
