@@ -119,7 +119,7 @@ def check_pruning_flags(args: argparse.Namespace) -> None:
     try:
         needs_data = hasattr(make_importance(criterion), "prepare")
     except ValueError as exc:
-        raise CliError(f"{args.recipe}: {exc}" if args.recipe else str(exc)) from None
+        raise CliError(f"recipe {args.recipe}: {exc}" if args.recipe else str(exc)) from None
     if needs_data and not args.data:
         raise CliError(f"criterion '{criterion}' measures the model on data: give --data FILE.py:NAME (an iterable "
                        "of batches, or a function returning one)")
