@@ -4,11 +4,11 @@ Prints a rich table and writes benchmarks/results/coverage_timm.json.
 Each model runs in its own process with a time limit (--timeout), at its native input size capped
 to 224 unless the model fixes its size.
 Usage: python benchmarks/coverage_timm.py [--n 100] [--seed 0] [--only NAME ... [--update]] [--timeout 600]
+       [--ratio 0.5 | --target-macs 0.5] [--exact-only default|true|false] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import random
@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import torchslim
+from _coverage import add_config_arguments, config_flags, config_kwargs, exactness, prune_and_check, summarize
 
 MAX_SIDE = 224
 
@@ -39,7 +39,7 @@ def sample(n: int, seed: int) -> list[str]:
     return sorted(picked[:n])
 
 
-def run_one(name: str, ratio: float) -> dict:
+def run_one(name: str, kwargs: dict) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     cfg = model.pretrained_cfg
@@ -53,19 +53,12 @@ def run_one(name: str, ratio: float) -> dict:
             x = small
         except Exception:  # noqa: BLE001 - the model fixes its size after all (e.g. attention feat_size)
             pass
-    original = copy.deepcopy(model)
-    start = time.perf_counter()
-    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=ratio, exact_only=True))
-    seconds = time.perf_counter() - start
-    report = torchslim.verify(original, model, x, result.plan, atol=1e-4, rtol=1e-3)
-    return {"model": name, "ok": True, "pruned": bool(result.plan), "exact": bool(report.ok), "seconds": round(seconds, 2),
-            "params_ratio": result.params_after / result.params_before,
-            "macs_ratio": result.macs_after / max(result.macs_before, 1), "retries": len(result.skipped)}
+    return {"model": name, **prune_and_check(model, x, kwargs)}
 
 
-def run_isolated(name: str, ratio: float, timeout: float) -> dict:
+def run_isolated(name: str, flags: list[str], timeout: float) -> dict:
     """One model in its own process: a crash or a hang is a recorded failure, memory is returned."""
-    command = [sys.executable, __file__, "--one", name, "--ratio", str(ratio)]
+    command = [sys.executable, __file__, "--one", name, *flags]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -83,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ratio", type=float, default=0.5)
+    add_config_arguments(parser)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model (its own process)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -93,31 +86,30 @@ def main() -> None:
     console = Console()
     if args.one:  # child process: one model, one JSON line on stdout
         try:
-            row = run_one(args.one, args.ratio)
+            row = run_one(args.one, config_kwargs(args))
         except Exception as exc:  # noqa: BLE001 - a benchmark records failures
             row = {"model": args.one, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         print(json.dumps(row))
         return
     rows = []
     for name in args.only or sample(args.n, args.seed):
-        rows.append(run_isolated(name, args.ratio, args.timeout))
+        rows.append(run_isolated(name, config_flags(args), args.timeout))
         console.print(rows[-1])
     if args.update and args.out.exists():  # rerun a few models inside the full sample's results
         fresh = {r["model"]: r for r in rows}
         rows = [fresh.pop(r["model"], r) for r in json.loads(args.out.read_text())["rows"]] + list(fresh.values())
-    table = Table(title=f"timm sample at ratio {args.ratio}")
-    for col in ("model", "ok", "pruned", "exact", "params", "MACs", "s"):
+    table = Table(title=f"timm sample, PruneConfig({config_kwargs(args)})")
+    for col in ("model", "ok", "pruned", "exact / deviation", "params", "MACs", "s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], str(r["ok"]), str(r.get("pruned")), str(r.get("exact")),
+        table.add_row(r["model"], str(r["ok"]), str(r.get("pruned")), exactness(r),
                       f"{r.get('params_ratio', 0):.2f}", f"{r.get('macs_ratio', 0):.2f}", str(r.get("seconds", "-")))
     console.print(table)
-    summary = {"ok": sum(r["ok"] for r in rows), "exact": sum(bool(r.get("exact")) for r in rows),
-               "pruned": sum(bool(r.get("pruned")) for r in rows), "total": len(rows)}
+    summary = summarize(rows)
     console.print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                                "timm": timm.__version__}, "summary": summary, "rows": rows}, indent=2))
+                                                "timm": timm.__version__}, "config": config_kwargs(args), "summary": summary, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

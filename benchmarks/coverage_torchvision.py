@@ -1,15 +1,16 @@
 """Prune every torchvision model (weights=None) at 50% and check forward + exactness.
 
-Prints a rich table and writes benchmarks/results/coverage_torchvision.json.
-Usage: python benchmarks/coverage_torchvision.py [--ratio 0.5] [--only NAME ...] [--exact-only]
+Runs the library's defaults (exact groups first, tolerances by dtype); each row says whether the
+pruned model equals the zeroed original or, where inexact groups were pruned, their measured
+deviation. Prints a rich table and writes benchmarks/results/coverage_torchvision.json.
+Usage: python benchmarks/coverage_torchvision.py [--ratio 0.5 | --target-macs 0.5] [--only NAME ...]
+       [--exact-only default|true|false] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import time
 import traceback
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torchvision
 from rich.console import Console
 from rich.table import Table
 
-import torchslim
+from _coverage import add_config_arguments, config_kwargs, exactness, prune_and_check, summarize
 
 SIZES = {"classification": 224, "segmentation": 224, "detection": 224, "optical_flow": 128, "video": 64}
 SKIP_BIG = {"vit_h_14", "regnet_y_128gf"}  # minutes of CPU each at 224px: run with --only
@@ -62,30 +63,17 @@ def randomize_bn_(model):
                 m.running_var.uniform_(0.5, 1.5)
 
 
-def run_one(name: str, ratio: float, exact_only: bool) -> dict:
+def run_one(name: str, kwargs: dict) -> dict:
     torch.manual_seed(0)
     model, inputs = build(name)
     randomize_bn_(model)
-    original = copy.deepcopy(model)
-    start = time.perf_counter()
-    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=ratio, exact_only=exact_only))
-    seconds = time.perf_counter() - start
-    exact_groups = all(not s for s in result.skipped)
-    report = torchslim.verify(original, model, inputs, result.plan, atol=1e-4, rtol=1e-3)
-    return {
-        "model": name, "kind": _kind(name), "ok": True, "seconds": round(seconds, 2),
-        "params_ratio": result.params_after / result.params_before,
-        "macs_ratio": result.macs_after / max(result.macs_before, 1),
-        "exact": bool(report.ok), "max_abs_error": report.max_abs_error, "retries": len(result.skipped),
-        "pruned": bool(result.plan), "exact_groups_only": exact_only and exact_groups,
-    }
+    return {"model": name, "kind": _kind(name), **prune_and_check(model, inputs, kwargs)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ratio", type=float, default=0.5)
+    add_config_arguments(parser)
     parser.add_argument("--only", nargs="*")
-    parser.add_argument("--exact-only", action="store_true", default=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coverage_torchvision.json")
     args = parser.parse_args()
     names = args.only or [n for n in torchvision.models.list_models() if n not in SKIP_BIG]
@@ -93,24 +81,26 @@ def main() -> None:
     rows = []
     for name in names:
         try:
-            row = run_one(name, args.ratio, args.exact_only)
+            row = run_one(name, config_kwargs(args))
         except Exception as exc:  # noqa: BLE001 - a benchmark records failures
             row = {"model": name, "kind": _kind(name), "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300],
                    "trace": traceback.format_exc()[-800:]}
         rows.append(row)
-        console.print(row if not row["ok"] else {k: row[k] for k in ("model", "seconds", "params_ratio", "macs_ratio", "exact", "retries")})
-    table = Table(title=f"torchvision coverage at ratio {args.ratio}")
-    for col in ("model", "kind", "ok", "pruned", "exact", "params", "MACs", "s"):
+        console.print(row if not row["ok"] else {k: row[k] for k in ("model", "seconds", "params_ratio", "macs_ratio", "exact",
+                                                                          "inexact_deviation", "retries")})
+    table = Table(title=f"torchvision coverage, PruneConfig({config_kwargs(args)})")
+    for col in ("model", "kind", "ok", "pruned", "exact / deviation", "params", "MACs", "s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["kind"], str(r["ok"]), str(r.get("pruned")), str(r.get("exact")),
+        table.add_row(r["model"], r["kind"], str(r["ok"]), str(r.get("pruned")), exactness(r),
                       f"{r.get('params_ratio', 0):.2f}", f"{r.get('macs_ratio', 0):.2f}", str(r.get("seconds", "-")))
     console.print(table)
-    summary = {"ok": sum(r["ok"] for r in rows), "exact": sum(bool(r.get("exact")) for r in rows), "total": len(rows)}
+    summary = summarize(rows)
     console.print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                 "threads": torch.get_num_threads()},
+                                    "config": config_kwargs(args),
                                     "summary": summary, "rows": rows}, indent=2))
 
 
