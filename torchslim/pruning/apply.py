@@ -87,7 +87,8 @@ def applied(graph: DependencyGraph, removed_atoms: np.ndarray | RemovalPlan) -> 
 
     On exit, normal or by exception, the model is restored bit-identically: the same
     Parameter and buffer objects with their original data and gradients, the same module
-    attributes. The planned removal is yielded. Gradients computed inside are dropped.
+    attributes. The planned removal is yielded. A sliced tensor gets its old gradient back
+    (one computed inside is dropped); a tensor the removal does not slice is never touched.
     """
     plan = removed_atoms if isinstance(removed_atoms, RemovalPlan) else plan_removal(graph, removed_atoms)
     tx = Transaction()
