@@ -163,3 +163,20 @@ def test_channel_order_follows_the_criterion():
     assert sorted(l1.tolist()) == sorted(group.atoms.tolist())
     with pytest.raises(ValueError, match=f"group {group.index}"):
         channel_order(graph, group, lambda g, grp: np.zeros(2))
+
+
+def test_ratios_address_a_group_by_id():
+    import torchslim
+
+    model, inputs = _resnet()
+    graph = DependencyGraph.build(model, inputs)
+    group = max((g for g in graph.groups if g.exact), key=len)
+    name, dim = group.params[0]
+    width = graph.atom_width(group)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.0, ratios={group.index: 0.5}))
+    removed = result.plan.removed
+    assert removed, "the group given by id lost nothing"
+    assert set(removed) <= {n for n, _ in group.params}, "another group was pruned"
+    assert len(removed[name][dim]) == len(group) // 2 * width
+    with pytest.raises(ValueError, match=r"PruneConfig.ratios\[9999\] names no group"):
+        torchslim.prune_(_resnet()[0], inputs, torchslim.PruneConfig(ratio=0.0, ratios={9999: 0.5}))
