@@ -30,8 +30,9 @@ from torch import nn
 
 from torchslim.pruning._hf_config import sync_hf_config
 from torchslim.pruning._optimizer_state import remember_former_shapes
-from torchslim.pruning._surgery import Transaction, _get_tensor, named_tensors, slice_to_kept
-from torchslim.pruning.plan import PruningPlan, history_mismatch, record_history, recorded_history
+from torchslim.pruning._surgery import Transaction, named_tensors
+from torchslim.pruning.apply import RemovalPlan, apply_plan
+from torchslim.pruning.plan import PlanStep, PruningPlan, history_mismatch, record_history, recorded_history
 
 FORMAT = "torchslim.checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -487,14 +488,21 @@ def _is_plain(value: Any) -> bool:
 
 
 def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
-    """Slice every planned tensor to its kept indices and set the recorded attributes, per step."""
+    """Apply every recorded step in turn: its kept indices and its recorded attributes."""
     for step in plan.steps:
-        for name, dims in step.removed.items():
-            slice_to_kept(_get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
-        for label, attrs in step.attributes.items():
-            module = model.get_submodule(label) if label else model
-            for attr, value in attrs.items():
-                tx.setattr(module, attr, _coerce(getattr(module, attr), value), label)
+        apply_plan(model, _removal_of(model, step), tx)
+
+
+def _removal_of(model: nn.Module, step: PlanStep) -> RemovalPlan:
+    """A recorded step as a :class:`RemovalPlan` (attribute values back in the types they replace)."""
+    kept = {name: {dim: step.kept(name, dim) for dim in sorted(dims)} for name, dims in step.removed.items()}
+    shapes = {name: tuple(len(kept[name][d]) if d in kept[name] else size for d, size in enumerate(step.shapes[name]))
+              for name in kept}
+    attributes = {}
+    for label, attrs in step.attributes.items():
+        module = model.get_submodule(label) if label else model
+        attributes[label] = {attr: _coerce(getattr(module, attr), value) for attr, value in attrs.items()}
+    return RemovalPlan(np.zeros(0, dtype=np.int64), kept, shapes, attributes)
 
 
 def _coerce(current: Any, value: Any) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 from torchslim._timing import measure_latency
 from torchslim.latency import best_of_rounds, make_runner
 from torchslim.pruning._select import TARGET_SEARCH_MAX_RATIO
-from torchslim.pruning._surgery import Transaction, apply_removal
+from torchslim.pruning.apply import applied, plan_removal
 
 ROUNDS = 4
 TOLERANCE = 0.03  # stop once the measured latency is within 3% of the target
@@ -185,25 +185,24 @@ def _removal_timer(graph, removed, example_inputs, config):
     kept); ONNX Runtime exports the pruned model once and times its session."""
     threads = config.latency_threads
     if config.latency_runtime == "torch":
+        try:
+            plan = plan_removal(graph, removed)  # planned once, applied and rolled back per measurement
+        except Exception:  # noqa: BLE001 - a removal that breaks the model is the retry loop's business
+            return lambda: float("inf")
+
         def measure() -> float:
-            tx = Transaction()
             try:
-                apply_removal(graph, removed, tx)
-                run = make_runner(graph.model, example_inputs, "torch", threads)
-                return measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
+                with applied(graph, plan):
+                    run = make_runner(graph.model, example_inputs, "torch", threads)
+                    return measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
             except Exception:  # noqa: BLE001 - a removal that breaks the model is the retry loop's business
                 return float("inf")
-            finally:
-                tx.rollback()
         return measure
-    tx = Transaction()
     try:
-        apply_removal(graph, removed, tx)
-        run = make_runner(graph.model, example_inputs, config.latency_runtime, threads)
+        with applied(graph, removed):
+            run = make_runner(graph.model, example_inputs, config.latency_runtime, threads)
     except Exception:  # noqa: BLE001 - as above
         return None
-    finally:
-        tx.rollback()
     return lambda: measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
 
 

@@ -90,6 +90,11 @@ def check_ratio_patterns(graph: DependencyGraph, names: dict[str, str], config: 
     """Refuse a ``PruneConfig.ratios`` glob that matches no module name: it would silently do
     nothing (``op_names``, ``exclude`` and ``protect_inputs`` are refused the same way)."""
     for pattern in config.ratios or {}:
+        if isinstance(pattern, int) and not isinstance(pattern, bool):
+            if not any(g.index == pattern for g in graph.groups):
+                raise ValueError(f"PruneConfig.ratios[{pattern}] names no group of {type(graph.model).__name__} "
+                                 f"(group ids are 0..{len(graph.groups) - 1})")
+            continue
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ValueError(f"PruneConfig.ratios[{pattern!r}] matches no module of {type(graph.model).__name__}")
 
@@ -193,9 +198,13 @@ class Selector:
 
     # per-group ratios ---------------------------------------------------------------
     def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
-        """The first ``PruneConfig.ratios`` glob matching a module (by any of its names, ``aliases``)
-        whose output channels are in the group."""
+        """The first ``PruneConfig.ratios`` key naming the group: its id, or a glob matching a
+        module (by any of its names, ``aliases``) whose output channels are in the group."""
         for pattern, ratio in (self.config.ratios or {}).items():
+            if isinstance(pattern, int) and not isinstance(pattern, bool):
+                if pattern == group.index:
+                    return float(ratio)
+                continue
             for name, canonical in aliases.items():
                 if fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(canonical), group.atoms).any():
                     return float(ratio)

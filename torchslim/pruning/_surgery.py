@@ -77,7 +77,10 @@ def register_module_handler(module_type: type) -> Callable[[ModuleHandler], Modu
     """Register how a module type updates its attributes after its weights were sliced.
 
     The handler receives the module and a :class:`SurgeryContext` (``ctx.set(module, attr, value)``,
-    ``ctx.input_shape(module)``, ``ctx.output_shape(module)``, ``ctx.old(module, attr)``).
+    ``ctx.shape(module, "weight")`` the planned shape of a parameter, ``ctx.input_shape(module)``,
+    ``ctx.output_shape(module)``, ``ctx.old(module, attr)``). Handlers that read sizes from
+    ``ctx.shape`` rather than the tensors themselves also serve planning
+    (:func:`torchslim.pruning.plan_removal`), which runs them before any tensor is sliced.
     """
 
     def register(fn: ModuleHandler) -> ModuleHandler:
@@ -88,24 +91,47 @@ def register_module_handler(module_type: type) -> Callable[[ModuleHandler], Modu
 
 
 class SurgeryContext:
-    def __init__(self, graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction):
+    """What a module handler sees: planned shapes and the attribute values it sets.
+
+    With ``tx`` the values are set on the modules (inside the transaction); without one
+    (planning) they are only recorded in :attr:`planned`, and the model is never touched.
+    """
+
+    def __init__(self, graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction | None,
+                 tensor_shapes: dict[int, tuple[int, ...]] | None = None):
         self.graph = graph
         self.removed = np.zeros(graph.n_atoms, dtype=bool)
         self.removed[removed_atoms] = True
         self.tx = tx
         self.names = module_names(graph.model)
         self._old: dict[tuple[int, str], Any] = {}
+        self._value: dict[tuple[int, str], Any] = {}
         self.touched: set[tuple[int, str]] = set()
+        self.planned: dict[str, dict[str, Any]] = {}  # module name -> attribute -> new value
+        self._shapes = tensor_shapes or {}
 
     def set(self, module: nn.Module, attr: str, value: Any) -> None:
         self.touched.add((id(module), attr))  # set by a handler: derived-size rules leave it alone
-        if getattr(module, attr, _MISSING) == value:
+        if self.value(module, attr, _MISSING) == value:
             return
         self._old.setdefault((id(module), attr), getattr(module, attr, None))
-        self.tx.setattr(module, attr, value, self.names.get(id(module), ""))
+        self._value[(id(module), attr)] = value
+        label = self.names.get(id(module), "")
+        self.planned.setdefault(label, {})[attr] = value
+        if self.tx is not None:
+            self.tx.setattr(module, attr, value, label)
+
+    def value(self, module: nn.Module, attr: str, default: Any = None) -> Any:
+        """The attribute's value after the removal as planned so far."""
+        return self._value.get((id(module), attr), getattr(module, attr, default))
 
     def old(self, module: nn.Module, attr: str) -> Any:
         return self._old.get((id(module), attr), getattr(module, attr))
+
+    def shape(self, module: nn.Module, attr: str) -> tuple[int, ...]:
+        """The planned shape of the parameter or buffer ``module.attr`` (tied ones included)."""
+        tensor = getattr(module, attr)
+        return self._shapes.get(id(tensor), tuple(tensor.shape))
 
     def _call_nodes(self, module: nn.Module, outputs: bool) -> list[int]:
         calls = self.graph.trace.module_calls.get(self.names.get(id(module), ""), [])
@@ -120,6 +146,48 @@ class SurgeryContext:
         return self.graph.new_shape(nodes[0], self.removed) if nodes else None
 
 
+def kept_indices(graph: DependencyGraph, removed_atoms: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """Per parameter/buffer name, per dim that shrinks: the indices kept (from the current shapes)."""
+    return _kept_from(named_tensors(graph.model), graph.removal(removed_atoms))
+
+
+def _kept_from(tensors: dict[str, torch.Tensor], removal: dict[str, dict[int, np.ndarray]]) -> dict[str, dict[int, np.ndarray]]:
+    return {name: {dim: _complement(tensors[name].shape[dim], gone) for dim, gone in dims.items()}
+            for name, dims in removal.items()}
+
+
+def planned_attributes(graph: DependencyGraph, removed_atoms: np.ndarray,
+                       kept: dict[str, dict[int, np.ndarray]]) -> tuple[dict[str, dict[str, Any]], list[OpCall]]:
+    """The module attributes that change when ``removed_atoms`` go (module name -> attr -> value),
+    computed by the handlers from the planned shapes, and the ops whose literal sizes changed
+    but matched no module attribute. Nothing is modified."""
+    ctx = SurgeryContext(graph, removed_atoms, None, _planned_tensor_shapes(graph.model, kept))
+    _run_handlers(graph.model, ctx)
+    unresolved = _rewrite_literals(graph, ctx)
+    return ctx.planned, unresolved
+
+
+def _planned_tensor_shapes(model: nn.Module, kept: dict[str, dict[int, np.ndarray]]) -> dict[int, tuple[int, ...]]:
+    tensors = named_tensors(model)
+    shapes = {}
+    for name, dims in kept.items():
+        shape = list(tensors[name].shape)
+        for dim, keep in dims.items():
+            shape[dim] = len(keep)
+        shapes[id(tensors[name])] = tuple(shape)
+    return shapes
+
+
+def _run_handlers(model: nn.Module, ctx: SurgeryContext) -> None:
+    if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
+        _register_transformers_handlers()
+    for module in model.modules():
+        for module_type, handler in _HANDLERS:
+            if isinstance(module, module_type):
+                handler(module, ctx)
+                break
+
+
 def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction) -> tuple[dict, list[OpCall]]:
     """Remove ``removed_atoms`` from the model in place (inside ``tx``).
 
@@ -129,18 +197,12 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     model = graph.model
     removal = graph.removal(removed_atoms)
     tensors = named_tensors(model)
-    kept = {name: {dim: _complement(tensors[name].shape[dim], gone) for dim, gone in dims.items()}
-            for name, dims in removal.items()}  # from the shapes before any slicing
+    kept = _kept_from(tensors, removal)  # from the shapes before any slicing
+    shapes = _planned_tensor_shapes(model, kept)
     for name, dims in kept.items():
         slice_to_kept(tensors[name], dims, tx)
-    if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
-        _register_transformers_handlers()
-    ctx = SurgeryContext(graph, removed_atoms, tx)
-    for module in model.modules():
-        for module_type, handler in _HANDLERS:
-            if isinstance(module, module_type):
-                handler(module, ctx)
-                break
+    ctx = SurgeryContext(graph, removed_atoms, tx, shapes)
+    _run_handlers(model, ctx)
     unresolved = _rewrite_literals(graph, ctx)
     return removal, unresolved
 
@@ -272,7 +334,7 @@ def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:
     """Keep derived sizes consistent: an attribute that was the product of two others
     (``all_head_size = num_heads * head_size``) follows when either factor changed."""
     for module in model.modules():
-        ints = {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
+        ints = {k: ctx.value(module, k) for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
         changed = {k for k in ints if ctx.old(module, k) != ints[k]}
         if not changed:
             continue
@@ -290,16 +352,16 @@ def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:
 # per-type handlers ---------------------------------------------------------------------
 @register_module_handler(nn.modules.conv._ConvNd)
 def _conv(module: nn.Module, ctx: SurgeryContext) -> None:
-    w = module.weight
+    w_shape = ctx.shape(module, "weight")
     groups = module.groups
     if module.transposed:
-        in_channels, per_group_out = w.shape[0], w.shape[1]
+        in_channels, per_group_out = w_shape[0], w_shape[1]
         if groups > 1 and ctx.old(module, "in_channels") == groups:
             groups = in_channels
         ctx.set(module, "in_channels", in_channels)
         ctx.set(module, "out_channels", per_group_out * groups)
     else:
-        out_channels, per_group_in = w.shape[0], w.shape[1]
+        out_channels, per_group_in = w_shape[0], w_shape[1]
         old_in, old_groups = ctx.old(module, "in_channels"), ctx.old(module, "groups")
         if old_groups > 1 and old_in == old_groups:  # depthwise: groups follow the channels
             multiplier = ctx.old(module, "out_channels") // old_groups
@@ -311,8 +373,8 @@ def _conv(module: nn.Module, ctx: SurgeryContext) -> None:
 
 @register_module_handler(nn.Linear)
 def _linear(module: nn.Module, ctx: SurgeryContext) -> None:
-    ctx.set(module, "in_features", module.weight.shape[1])
-    ctx.set(module, "out_features", module.weight.shape[0])
+    ctx.set(module, "in_features", ctx.shape(module, "weight")[1])
+    ctx.set(module, "out_features", ctx.shape(module, "weight")[0])
 
 
 @register_module_handler(nn.modules.batchnorm._NormBase)
@@ -320,7 +382,7 @@ def _norm_base(module: nn.Module, ctx: SurgeryContext) -> None:
     for name in ("weight", "running_mean"):
         tensor = getattr(module, name, None)
         if tensor is not None:
-            ctx.set(module, "num_features", tensor.shape[0])
+            ctx.set(module, "num_features", ctx.shape(module, name)[0])
             return
     shape = ctx.input_shape(module)
     if shape is not None and len(shape) > 1:
@@ -331,7 +393,7 @@ def _norm_base(module: nn.Module, ctx: SurgeryContext) -> None:
 def _layer_norm(module: nn.Module, ctx: SurgeryContext) -> None:
     k = len(module.normalized_shape)
     if module.weight is not None:
-        ctx.set(module, "normalized_shape", tuple(module.weight.shape))
+        ctx.set(module, "normalized_shape", tuple(ctx.shape(module, "weight")))
     elif (shape := ctx.input_shape(module)) is not None:
         ctx.set(module, "normalized_shape", tuple(shape[-k:]))
 
@@ -342,7 +404,7 @@ if hasattr(nn, "RMSNorm"):
 
 @register_module_handler(nn.GroupNorm)
 def _group_norm(module: nn.Module, ctx: SurgeryContext) -> None:
-    channels = module.weight.shape[0] if module.weight is not None else (ctx.input_shape(module) or [0, 0])[1]
+    channels = ctx.shape(module, "weight")[0] if module.weight is not None else (ctx.input_shape(module) or [0, 0])[1]
     width = ctx.old(module, "num_channels") // ctx.old(module, "num_groups")
     ctx.set(module, "num_channels", channels)
     ctx.set(module, "num_groups", channels // width)
@@ -350,12 +412,12 @@ def _group_norm(module: nn.Module, ctx: SurgeryContext) -> None:
 
 @register_module_handler(nn.Embedding)
 def _embedding(module: nn.Module, ctx: SurgeryContext) -> None:
-    ctx.set(module, "embedding_dim", module.weight.shape[1])
+    ctx.set(module, "embedding_dim", ctx.shape(module, "weight")[1])
 
 
 @register_module_handler(nn.PReLU)
 def _prelu(module: nn.Module, ctx: SurgeryContext) -> None:
-    ctx.set(module, "num_parameters", module.weight.shape[0])
+    ctx.set(module, "num_parameters", ctx.shape(module, "weight")[0])
 
 
 @register_module_handler(nn.RNNBase)
@@ -363,16 +425,16 @@ def _recurrent(module: nn.Module, ctx: SurgeryContext) -> None:
     """LSTM/GRU/RNN sizes from layer 0's weights (all layers and directions share them); the
     module's cached ``_flat_weights`` refresh themselves on the next forward."""
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
-    ctx.set(module, "input_size", module.weight_ih_l0.shape[1])
-    ctx.set(module, "hidden_size", module.weight_ih_l0.shape[0] // gates)
-    ctx.set(module, "proj_size", module.weight_hr_l0.shape[0] if module.proj_size else 0)
+    ctx.set(module, "input_size", ctx.shape(module, "weight_ih_l0")[1])
+    ctx.set(module, "hidden_size", ctx.shape(module, "weight_ih_l0")[0] // gates)
+    ctx.set(module, "proj_size", ctx.shape(module, "weight_hr_l0")[0] if module.proj_size else 0)
 
 
 @register_module_handler(nn.MultiheadAttention)
 def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
     if module.in_proj_weight is None:
         raise RuntimeError("nn.MultiheadAttention with separate q/k/v projections is not supported")
-    embed = module.in_proj_weight.shape[1]
+    embed = ctx.shape(module, "in_proj_weight")[1]
     ctx.set(module, "embed_dim", embed)
     ctx.set(module, "kdim", embed)
     ctx.set(module, "vdim", embed)
@@ -390,6 +452,6 @@ def _register_transformers_handlers() -> None:
 
     @register_module_handler(Conv1D)
     def _hf_conv1d(module: nn.Module, ctx: SurgeryContext) -> None:
-        ctx.set(module, "nx", module.weight.shape[0])
-        ctx.set(module, "nf", module.weight.shape[1])
+        ctx.set(module, "nx", ctx.shape(module, "weight")[0])
+        ctx.set(module, "nf", ctx.shape(module, "weight")[1])
 

@@ -46,7 +46,9 @@ class PruneConfig:
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios for the group holding that module's
-                  output channels (the first matching glob wins), with one meaning: the most
+                  output channels (the first matching glob wins); an integer key is a group id
+                  (``DependencyGraph.groups[i].index``, as ``torchslim analyze`` lists them)
+                  and addresses that group directly. One meaning either way: the most
                   that group may lose. Where every group loses ``ratio`` (per-group ranking, no
                   target) it loses its own ratio instead; under any target (MACs, params,
                   latency) and with global or latency-aware ranking the search and ranking
@@ -91,7 +93,7 @@ class PruneConfig:
     round_to: int | str = 1
     min_channels: int = 1
     target_params: float | None = None
-    ratios: dict[str, float] | None = None
+    ratios: dict[str | int, float] | None = None
     global_ranking: bool = False
     max_sparsity_per_layer: float = 1.0
     protect_inputs: Sequence[str] = ()

@@ -58,8 +58,9 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
                   "an integer or a name"),
     "Sequence[str]": (_is_names, "a list of strings"),
     "Sequence[str] | None": (lambda v: v is None or _is_names(v), "a list of strings"),
-    "dict[str, float] | None": (lambda v: v is None or (isinstance(v, dict) and all(
-        isinstance(k, str) and _is_number(x) for k, x in v.items())), "a mapping of module globs to numbers"),
+    "dict[str | int, float] | None": (lambda v: v is None or (isinstance(v, dict) and all(
+        (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))) and _is_number(x) for k, x in v.items())),
+        "a mapping of module globs to numbers"),
     "ModuleFilter | None": (lambda v: v is None, "a Python function (not available in a recipe)"),
 }
 
