@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._optimizer_state import remember_former_shapes
-from torchslim.pruning._surgery import Transaction, _get_tensor, named_tensors, slice_to_kept
+from torchslim.pruning import (Transaction, get_tensor, named_tensors, remember_former_shapes, slice_to_kept,
+                               sync_hf_config)
 from torchslim.pruning.plan import PruningPlan, history_mismatch, record_history, recorded_history
 
 FORMAT = "torchslim.checkpoint/1"
@@ -490,7 +489,7 @@ def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
     """Slice every planned tensor to its kept indices and set the recorded attributes, per step."""
     for step in plan.steps:
         for name, dims in step.removed.items():
-            slice_to_kept(_get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
+            slice_to_kept(get_tensor(model, name), {dim: step.kept(name, dim) for dim in sorted(dims)}, tx)
         for label, attrs in step.attributes.items():
             module = model.get_submodule(label) if label else model
             for attr, value in attrs.items():
