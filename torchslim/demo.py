@@ -177,7 +177,7 @@ def _run(out: Path, seed: int, s: dict, target_macs: float, criterion: str, roun
                           for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
     # a torchslim checkpoint (safetensors + JSON plan, no pickle): `torchslim analyze DIR/pruned`
-    from torchslim.cli._model_spec import source_metadata
+    from torchslim.cli import source_metadata
 
     source = source_metadata("torchslim:digits_cnn", {}, ["1,1,8,8"], {})
     torchslim.save(model, out / "pruned", plan, metadata={"source": source, "report": "report.json"})

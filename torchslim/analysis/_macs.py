@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
-from torchslim.graph._formulas import CUSTOM_MAPPING
+from torchslim.graph import CUSTOM_MAPPING
 
 
 @dataclasses.dataclass

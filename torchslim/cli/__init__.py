@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from torchslim.cli._errors import EXIT_INTERNAL, EXIT_USAGE, CliError, one_line, print_error, show_warnings_on_one_line
+from torchslim.cli._model_spec import source_metadata  # shared with torchslim.demo (saved-file provenance)
 
 #: subcommand name -> module implementing it (``add_parser`` + ``run``), in help order.
 COMMANDS: dict[str, str] = {

@@ -21,7 +21,7 @@ from torchslim._inputs import call_model
 from torchslim.criteria._base import iter_batches, scatter_to_atoms
 from torchslim.criteria.taylor import batch_inputs
 from torchslim.graph import DependencyGraph, Group
-from torchslim.graph._trace import module_names
+from torchslim.graph import module_names
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.PReLU, nn.Sigmoid,
                nn.Tanh)

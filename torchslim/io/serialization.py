@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._optimizer_state import remember_former_shapes
-from torchslim.pruning._surgery import Transaction, named_tensors
+from torchslim.pruning import Transaction, named_tensors, remember_former_shapes, sync_hf_config
 from torchslim.pruning.apply import RemovalPlan, apply_plan
 from torchslim.pruning.plan import PlanStep, PruningPlan, history_mismatch, record_history, recorded_history
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from torchslim.graph import DependencyGraph
-from torchslim.graph._trace import OpCall
+from torchslim.graph import OpCall
 from torchslim.latency.runtime import RUNTIMES, measure_model
 
 aten = torch.ops.aten

@@ -71,7 +71,7 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
         raise ValueError("ONNX latency takes positional tensor inputs only")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        from torchslim.analysis._macs import fastpath_disabled
+        from torchslim.analysis import fastpath_disabled
 
         with torch.no_grad(), fastpath_disabled():  # the fused MHA kernel has no ONNX export
             torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17)

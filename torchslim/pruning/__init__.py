@@ -8,6 +8,13 @@ from torchslim.pruning.prune import PruneResult, prune_
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
 from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
+# Shared with torchslim.io and torchslim.schedules (not user API): surgery that replays a saved
+# plan, the group filters and keep counts, and the HF-config / optimizer-state bookkeeping.
+from torchslim.pruning._hf_config import sync_hf_config
+from torchslim.pruning._optimizer_state import remember_former_shapes
+from torchslim.pruning._select import eligible_groups, keep_count
+from torchslim.pruning._surgery import Transaction, get_tensor, named_tensors, slice_to_kept
+
 __all__ = [
     "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "PruneResult", "PruningError", "PruningPlan",
     "VerifyReport", "config_from_recipe", "load_recipe", "prune_", "register_module_handler", "verify", "zero_removed_",

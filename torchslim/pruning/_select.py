@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from torchslim.graph import DependencyGraph, Group
-from torchslim.graph._trace import module_aliases
+from torchslim.graph import module_aliases
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning.config import PruneConfig
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchslim.graph import DependencyGraph
-from torchslim.graph._trace import OpCall, module_names
+from torchslim.graph import OpCall, module_names
 
 aten = torch.ops.aten
 _MISSING = object()
@@ -238,7 +238,7 @@ def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, 
     return tensors
 
 
-def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return getattr(module, attr)

@@ -30,9 +30,7 @@ import numpy as np
 from torch import nn
 
 from torchslim.criteria import make_importance
-from torchslim.graph import DependencyGraph
-from torchslim.graph._trace import OpCall
-from torchslim.graph.dependency import Group
+from torchslim.graph import DependencyGraph, Group, OpCall
 from torchslim.pruning._surgery import (Transaction, kept_indices, named_tensors, planned_attributes,
                                         slice_to_kept)
 

@@ -16,8 +16,8 @@ from torchslim._inputs import ExampleInputs
 from torchslim.criteria import make_importance
 from torchslim.graph import DependencyGraph
 from torchslim.pruning import PruneConfig, PruneResult, prune_
-from torchslim.pruning._select import eligible_groups, keep_count
-from torchslim.sparsity.level import _keep_largest, _selected, DEFAULT_TYPES
+from torchslim.pruning import eligible_groups, keep_count
+from torchslim.sparsity.level import keep_largest, selected_layers, DEFAULT_TYPES
 from torchslim.sparsity.masks import WeightMasks
 
 
@@ -71,8 +71,8 @@ class AGPPruner:
         if self.structured:
             self.masks.masks = self._structured_masks(sparsity)
         else:
-            layers = _selected(self.model, DEFAULT_TYPES, self.config.op_names, self.config.exclude, self.config.filter_fn)
-            self.masks.masks = {f"{n}.weight": _keep_largest(m.weight.detach(), sparsity) for n, m in layers}
+            layers = selected_layers(self.model, DEFAULT_TYPES, self.config.op_names, self.config.exclude, self.config.filter_fn)
+            self.masks.masks = {f"{n}.weight": keep_largest(m.weight.detach(), sparsity) for n, m in layers}
         self.masks.apply_()
 
     def _structured_masks(self, sparsity: float) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ def sparsity_report(model: nn.Module, op_types: Sequence[type] = DEFAULT_TYPES) 
             for name, m in model.named_modules() if isinstance(m, tuple(op_types)) and m.weight is not None]
 
 
-def _selected(model: nn.Module, op_types, op_names, exclude, filter_fn) -> list[tuple[str, nn.Module]]:
+def selected_layers(model: nn.Module, op_types, op_names, exclude, filter_fn) -> list[tuple[str, nn.Module]]:
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, tuple(op_types)) or getattr(module, "weight", None) is None:
@@ -61,7 +61,7 @@ def sparsify_(model: nn.Module, sparsity: float, *, scope: str = "layer", op_typ
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    layers = _selected(model, op_types, op_names, exclude, filter_fn)
+    layers = selected_layers(model, op_types, op_names, exclude, filter_fn)
     masks: dict[str, torch.Tensor] = {}
     if scope == "global":
         magnitudes = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
@@ -71,13 +71,13 @@ def sparsify_(model: nn.Module, sparsity: float, *, scope: str = "layer", op_typ
             masks[f"{name}.weight"] = m.weight.detach().abs() > threshold
     else:
         for name, m in layers:
-            masks[f"{name}.weight"] = _keep_largest(m.weight.detach(), sparsity)
+            masks[f"{name}.weight"] = keep_largest(m.weight.detach(), sparsity)
     result = WeightMasks(model, masks)
     result.apply_()
     return result
 
 
-def _keep_largest(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+def keep_largest(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask keeping all but the ``sparsity`` fraction of smallest-magnitude entries (ties broken by order)."""
     k = int(sparsity * weight.numel())
     keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
