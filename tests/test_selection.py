@@ -64,8 +64,11 @@ def test_a_setting_that_prevents_every_removal_is_named_in_a_warning(kwargs, nee
 
 def test_a_model_with_nothing_prunable_says_so():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()  # its only channels are the model's outputs
+    weight = model[0].weight.detach().clone()
     with pytest.warns(NothingPrunedWarning, match="no channel of the model can be pruned"):
-        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5))
+        result = torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5))
+    assert result.groups_pruned == 0 and not result.plan.steps
+    assert model[0].out_channels == 4 and torch.equal(model[0].weight, weight)
 
 
 def test_a_removal_gives_no_nothing_pruned_warning():
