@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim._registry import Registry
 from torchslim.graph import DependencyGraph
 from torchslim.graph import OpCall, module_names
 
@@ -70,11 +71,16 @@ class Transaction:
 
 
 ModuleHandler = Callable[[nn.Module, "SurgeryContext"], None]
-_HANDLERS: list[tuple[type, ModuleHandler]] = []
+_HANDLERS: Registry[type, ModuleHandler] = Registry("module handler")
 
 
-def register_module_handler(module_type: type) -> Callable[[ModuleHandler], ModuleHandler]:
+def register_module_handler(module_type: type, *, replace: bool = False) -> Callable[[ModuleHandler], ModuleHandler]:
     """Register how a module type updates its attributes after its weights were sliced.
+
+    A module runs the handler of its own type, else that of its nearest registered base class
+    along its method resolution order (``type(module).__mro__``): the most specific handler
+    wins, whatever the registration order. Registering a type twice is refused (``ValueError``)
+    unless ``replace=True``.
 
     The handler receives the module and a :class:`SurgeryContext` (``ctx.set(module, attr, value)``,
     ``ctx.shape(module, "weight")`` the planned shape of a parameter, ``ctx.input_shape(module)``,
@@ -82,12 +88,7 @@ def register_module_handler(module_type: type) -> Callable[[ModuleHandler], Modu
     ``ctx.shape`` rather than the tensors themselves also serve planning
     (:func:`torchslim.pruning.plan_removal`), which runs them before any tensor is sliced.
     """
-
-    def register(fn: ModuleHandler) -> ModuleHandler:
-        _HANDLERS.insert(0, (module_type, fn))
-        return fn
-
-    return register
+    return _HANDLERS.register(module_type, replace=replace)
 
 
 class SurgeryContext:
@@ -182,10 +183,9 @@ def _run_handlers(model: nn.Module, ctx: SurgeryContext) -> None:
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     for module in model.modules():
-        for module_type, handler in _HANDLERS:
-            if isinstance(module, module_type):
-                handler(module, ctx)
-                break
+        handler = _HANDLERS.for_type(type(module))
+        if handler is not None:
+            handler(module, ctx)
 
 
 def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction) -> tuple[dict, list[OpCall]]:
@@ -447,7 +447,7 @@ def _register_transformers_handlers() -> None:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is optional
         return
-    if any(t is Conv1D for t, _ in _HANDLERS):
+    if Conv1D in _HANDLERS:
         return
 
     @register_module_handler(Conv1D)

@@ -12,19 +12,27 @@ from typing import Any, Callable
 
 import torch
 
+from torchslim._registry import Registry
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import NodeRef, OpCall, Trace
 
 OpRule = Callable[[Coupling, OpCall, Trace], None]
-_RULES: dict[Any, OpRule] = {}
+_RULES: Registry[Any, OpRule] = Registry("op rule")
 
 
-def op_rule(*ops: Any) -> Callable[[OpRule], OpRule]:
-    """Register ``fn`` as the rule for aten ops (packets like ``aten.view`` or single overloads)."""
+def op_rule(*ops: Any, replace: bool = False) -> Callable[[OpRule], OpRule]:
+    """Register ``fn`` as the rule for aten ops (packets like ``aten.view`` or single overloads).
+
+    An op that already has a rule is refused (``ValueError`` naming it) unless ``replace=True``.
+    """
 
     def register(fn: OpRule) -> OpRule:
+        if not replace:  # refuse before registering any op, so a refused call changes nothing
+            for op in ops:
+                if op in _RULES:
+                    _RULES.register(op, fn)  # raises the registry's error naming the op
         for op in ops:
-            _RULES[op] = fn
+            _RULES.register(op, fn, replace=replace)
         return fn
 
     return register
