@@ -159,7 +159,7 @@ def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
     from torchslim.pruning._select import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
-    with pytest.raises(ValueError, match="target_macs=0.2 cannot be met"):
+    with pytest.raises(ValueError, match=r"target_macs=0\.2 cannot be met"):
         torchslim.prune_(copy.deepcopy(model), ids, torchslim.PruneConfig(target_macs=0.2, exact_only=True))
     with pytest.warns(InexactGroupsWarning, match=r"target_macs=0\.2 cannot be met with exact groups alone.*norm"):
         result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.2))

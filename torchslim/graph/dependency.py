@@ -367,7 +367,7 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
             rule(c, op, recorded)
             _pin_unlinked_outputs(c, op, mark)
             return
-        except Exception as exc:  # a rule that cannot read this call pins instead of guessing
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"
     for n in op.inputs + op.outputs:
         c.pin(n, None, f"{op.name}: {reason}")

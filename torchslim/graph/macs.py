@@ -98,7 +98,7 @@ def op_macs(op: OpCall, shapes) -> int:
             pass
     try:
         return _formula_macs(op, shapes)
-    except Exception as exc:  # noqa: BLE001 - any formula failure is reported with the op it concerns
+    except Exception as exc:  # any formula failure is reported with the op it concerns
         raise MacsError(op, exc) from exc
 
 

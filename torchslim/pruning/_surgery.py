@@ -445,7 +445,7 @@ def _register_transformers_handlers() -> None:
     """HF's GPT-2 style Conv1D stores its weight transposed ([in, out]) with nx/nf sizes."""
     try:
         from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
+    except Exception:  # noqa: BLE001 - transformers is optional; a broken install must not stop pruning
         return
     if any(t is Conv1D for t, _ in _HANDLERS):
         return
