@@ -146,7 +146,7 @@ class DependencyGraph:
         fams = family[atoms_all]
         order = np.argsort(fams, kind="stable")
         bounds = np.flatnonzero(np.diff(fams[order])) + 1
-        groups = []
+        groups: list[Group] = []
         for members in np.split(atoms_all[order], bounds):
             fam = int(family[members[0]])
             # activations only, or buffers only (e.g. a position index table): no weight to remove
