@@ -146,7 +146,7 @@ class DependencyGraph:
         fams = family[atoms_all]
         order = np.argsort(fams, kind="stable")
         bounds = np.flatnonzero(np.diff(fams[order])) + 1
-        groups = []
+        groups: list[Group] = []
         for members in np.split(atoms_all[order], bounds):
             fam = int(family[members[0]])
             # activations only, or buffers only (e.g. a position index table): no weight to remove
@@ -367,7 +367,7 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
             rule(c, op, recorded)
             _pin_unlinked_outputs(c, op, mark)
             return
-        except Exception as exc:  # a rule that cannot read this call pins instead of guessing
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"
     for n in op.inputs + op.outputs:
         c.pin(n, None, f"{op.name}: {reason}")

@@ -19,6 +19,8 @@ less than the sum of layers measured alone (NetAdapt measures every proposal too
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
 from torchslim._timing import measure_latency
@@ -149,7 +151,8 @@ def choose_fastest_ranking(selector, graph, example_inputs, config, banned: np.n
     candidates = [(selector.ranking, selector.round_to)] + [c for c in OTHER_CANDIDATES
                                                           if c != (selector.ranking, selector.round_to)]
     _, _, measure, before = selector.measure_for_target()
-    trials, timers = [], {}
+    trials: list[dict[str, Any]] = []
+    timers: dict[int, Callable[[], float]] = {}
     for ranking, round_to in candidates:
         selector.ranking, selector.round_to = ranking, round_to
         try:

@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +96,8 @@ def check_ratio_patterns(graph: DependencyGraph, names: dict[str, str], config: 
                 raise ValueError(f"PruneConfig.ratios[{pattern}] names no group of {type(graph.model).__name__} "
                                  f"(group ids are 0..{len(graph.groups) - 1})")
             continue
+        if not isinstance(pattern, str):
+            raise TypeError(f"PruneConfig.ratios[{pattern!r}]: keys are module globs (str) or group ids (int)")
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ValueError(f"PruneConfig.ratios[{pattern!r}] matches no module of {type(graph.model).__name__}")
 
@@ -206,7 +209,7 @@ class Selector:
                     return float(ratio)
                 continue
             for name, canonical in aliases.items():
-                if fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(canonical), group.atoms).any():
+                if isinstance(pattern, str) and fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(canonical), group.atoms).any():
                     return float(ratio)
         return None
 
@@ -258,8 +261,9 @@ class Selector:
             values.append(normalized[ok])
             owners.append(np.full(int(ok.sum()), group.index))
             cap_ratio = min(self.config.max_sparsity_per_layer, TARGET_SEARCH_MAX_RATIO)
-            if self.group_ratio[group.index] is not None:  # PruneConfig.ratios bounds what the group loses
-                cap_ratio = min(cap_ratio, self.group_ratio[group.index])
+            group_ratio = self.group_ratio[group.index]
+            if group_ratio is not None:  # PruneConfig.ratios bounds what the group loses
+                cap_ratio = min(cap_ratio, group_ratio)
             caps[group.index] = len(group) - keep_count(len(group), cap_ratio, self.config, self.round_to,
                                                         self.graph.atom_width(group))
         if not atoms:
@@ -460,7 +464,7 @@ class NothingPrunedWarning(UserWarning):
 
 
 # fields that narrow which groups may be pruned, and the value that narrows nothing
-_GROUP_FILTERS = (("op_names", None), ("exclude", ()), ("protect_inputs", ()), ("filter_fn", None),
+_GROUP_FILTERS: tuple[tuple[str, Any], ...] = (("op_names", None), ("exclude", ()), ("protect_inputs", ()), ("filter_fn", None),
                   ("exact_only", False))
 # fields that limit how much a group loses, and the value that limits least
 _AMOUNT_LIMITS = (("round_to", 1), ("min_channels", 1), ("ratios", None), ("max_sparsity_per_layer", 1.0))

@@ -71,6 +71,14 @@ def node_arg(op: OpCall, position: int, keyword: str) -> int | None:
     return value.node if isinstance(value, NodeRef) and value.node >= 0 else None
 
 
+def tensor_arg(op: OpCall, position: int, keyword: str) -> int:
+    """Node index of a tensor argument the rule needs; without it the rule fails and the op is pinned."""
+    node = node_arg(op, position, keyword)
+    if node is None:
+        raise ValueError(f"{op.name}: argument {keyword!r} is not a traced tensor")
+    return node
+
+
 def node_list_arg(op: OpCall, position: int, keyword: str) -> list[int]:
     values = op.arg(position, keyword) or []
     return [v.node for v in values if isinstance(v, NodeRef)]
