@@ -90,7 +90,7 @@ def test_the_library_registries_refuse_duplicates_and_name_unknown_keys():
         torchslim.register_module_handler(nn.Linear)(lambda module, ctx: None)
     with pytest.raises(ValueError, match="torchslim model 'modnet' is already registered"):
         register_model("modnet")(lambda: nn.Identity())
-    with pytest.raises(KeyError, match="unknown criterion 'bogus'; known: apoz, bn_scale, .*l1, l2"):
+    with pytest.raises(KeyError, match=r"unknown criterion 'bogus'; known: apoz, bn_scale, .*l1, l2"):
         CRITERIA["bogus"]
     with pytest.raises(KeyError, match="unknown torchslim model 'nope'; known: digits_cnn, modnet"):
         create_model("nope")

@@ -67,7 +67,7 @@ class Registry(MutableMapping[K, V], Generic[K, V]):
         """The value of the first registered class along ``cls.__mro__`` (exact type, then nearest base)."""
         for base in cls.__mro__:
             if base in self._entries:
-                return self._entries[base]  # type: ignore[index]
+                return self._entries[base]
         return default
 
     def names(self) -> list[str]:
