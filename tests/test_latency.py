@@ -151,9 +151,9 @@ def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
 def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeypatch):
     """latency_aware + target_macs: the table's ranking, time saved per MAC, importance per MAC
     and uniform widths (8, 16) each meet the target and are measured; the fastest is applied.
-    Here removals whose widths are all multiples of 8 are made to measure fastest: the uniform-8
-    removal is the first of them (uniform-16 lands on the same widths here, so it is not clearly
-    faster), so every pruned width must be a multiple of 8."""
+    Here removals whose widths are all multiples of 8 are made to measure fastest: importance per
+    MAC at multiples of 8 is the first of them (the uniform ones land on such widths too, so they
+    are not clearly faster), so every pruned width must be a multiple of 8."""
     from torchslim.pruning import _latency_loop
 
     def fake_timer(graph, removed, inputs, config):
@@ -169,7 +169,7 @@ def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeyp
     trials = result.latency_candidates
     assert [(t["ranking"], t["round_to"]) for t in trials] == [
         ("latency", 1), ("latency_per_mac", "latency"), ("global", 8), ("per_group", 8), ("per_group", 16)]
-    assert [t["chosen"] for t in trials] == [False, False, False, True, False]
+    assert [t["chosen"] for t in trials] == [False, False, True, False, False]
     assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0
     assert result.macs_after <= 0.5 * result.macs_before
     assert model[0].out_channels < reference[0].out_channels
@@ -193,9 +193,10 @@ def test_latency_aware_candidates_are_measured_on_the_real_model(runtime):
     trials = result.latency_candidates
     assert trials[0]["ranking"] == "latency" and sum(t["chosen"] for t in trials) == 1
     assert all(t["measured_ms"] > 0 for t in trials)
-    # only candidates at (nearly) equal MACs compete with the config's own: here uniform widths at
-    # multiples of 8 or 16 jump from above the target to 0.27-0.34 of the original, and are dropped
-    assert [t["ranking"] for t in trials] == ["latency", "latency_per_mac", "global"], trials
+    # only candidates at (nearly) equal MACs compete with the config's own: here widths in
+    # multiples of 8 or 16 of these 32- and 48-channel layers jump from above the target to
+    # 0.27-0.34 of the original, and are dropped
+    assert not [t for t in trials if t["round_to"] in (8, 16)], trials
     own = trials[0]["target_fraction"]
     assert own <= 0.5 and all(own - 0.02 <= t["target_fraction"] <= 0.5 for t in trials), trials
     assert result.macs_after <= 0.5 * result.macs_before and result.max_abs_error < 1e-4

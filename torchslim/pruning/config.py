@@ -27,11 +27,19 @@ class PruneConfig:
                   block), the search finishes with single steps of each group (FFN units,
                   channels, in ``round_to`` multiples), so the result lands within one such
                   step of the target instead of a whole ratio step under it.
+                  By default (``latency_aware``, ``global_ranking``, ``round_to`` and
+                  ``max_sparsity_per_layer`` left unset) atoms are ranked across groups by
+                  importance per millisecond saved, the time estimated from shapes without
+                  measuring (``torchslim.latency.lut.CostModel``: MACs at dense or depthwise
+                  speed, activation traffic, thin layers slower per MAC), so the MACs budget is
+                  spent where the time is; widths are kept in multiples of 8 channels and no
+                  group loses more than 60% unless the target needs it.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
                   width and its roundings up to 4/8/16/32 (a wider width wins ties), so pruning
-                  never lands on a width slower than a wider one.
+                  never lands on a width slower than a wider one. None (default): 8 under the
+                  default MACs-target ranking, else 1.
     target_latency: prune until the predicted latency (per-layer table measured on this machine,
                   see ``torchslim.latency``) is <= target: a fraction of the measured original if
                   <= 1, else milliseconds. ``latency_threads`` fixes the thread count measured,
@@ -43,6 +51,9 @@ class PruneConfig:
                   (``"latency_per_mac"``), of importance per MAC saved (``"global"``) and of
                   uniform per-group ratios (widths rounded to 8 and 16) are each measured on
                   ``latency_runtime`` and the fastest is applied (``PruneResult.latency_candidates``).
+                  None (default): under ``target_macs`` without ``global_ranking``, the same
+                  ranking on the shape-based estimate (no table, no candidates measured); False:
+                  each group cut alike (the behaviour before the estimate became the default).
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios for the group holding that module's
@@ -58,7 +69,9 @@ class PruneConfig:
                   groups excluded) prunes nothing with a ``NothingPrunedWarning`` naming the field.
     global_ranking: rank atoms across groups (scores divided by their group's mean; with a
                   target, by importance per MAC/param saved) instead of per group.
-    max_sparsity_per_layer: with global ranking, the most any group may lose.
+    max_sparsity_per_layer: with global ranking, the most any group may lose. None (default):
+                  0.6 under the default MACs-target ranking (lifted if the target cannot be
+                  met within it), else no limit.
     protect_inputs: module globs whose INPUT channels must stay (``exclude`` protects outputs).
     exact_only:   groups whose channels feed a statistic over the channel dim (LayerNorm, RMSNorm,
                   softmax, mean) are inexact: removing them is not identical to zeroing. None
@@ -90,17 +103,17 @@ class PruneConfig:
     exclude: Sequence[str] = ()
     filter_fn: ModuleFilter | None = None
     target_macs: float | None = None
-    round_to: int | str = 1
+    round_to: int | str | None = None
     min_channels: int = 1
     target_params: float | None = None
     ratios: dict[str | int, float] | None = None
     global_ranking: bool = False
-    max_sparsity_per_layer: float = 1.0
+    max_sparsity_per_layer: float | None = None
     protect_inputs: Sequence[str] = ()
     target_latency: float | None = None
     latency_threads: int = 1
     latency_runtime: str = "torch"
-    latency_aware: bool = False
+    latency_aware: bool | None = None
     exact_only: bool | None = None
     seed: int = 0
     verify: bool = True
@@ -111,8 +124,9 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
-        if self.round_to != "latency" and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"PruneConfig.round_to must be an int >= 1 or 'latency', got {self.round_to!r}")
+        if self.round_to is not None and self.round_to != "latency" and (not isinstance(self.round_to, int)
+                                                                        or self.round_to < 1):
+            raise ValueError(f"PruneConfig.round_to must be an int >= 1, 'latency' or None, got {self.round_to!r}")
         if self.latency_runtime not in RUNTIMES:
             raise ValueError(f"PruneConfig.latency_runtime must be one of {', '.join(RUNTIMES)}, "
                              f"got {self.latency_runtime!r}")
@@ -127,7 +141,7 @@ class PruneConfig:
         targets = [f for f in ("target_macs", "target_params", "target_latency") if getattr(self, f) is not None]
         if len(targets) > 1:
             raise ValueError(f"PruneConfig.{targets[0]} and PruneConfig.{targets[1]} conflict: give one target")
-        if not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
+        if self.max_sparsity_per_layer is not None and not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
             raise ValueError(f"PruneConfig.max_sparsity_per_layer must be in (0, 1], got {self.max_sparsity_per_layer}")
         for pattern, value in (self.ratios or {}).items():
             if not 0.0 <= float(value) < 1.0:
@@ -153,4 +167,4 @@ class PruneConfig:
 
     @property
     def needs_latency(self) -> bool:
-        return self.target_latency is not None or self.round_to == "latency" or self.latency_aware
+        return self.target_latency is not None or self.round_to == "latency" or bool(self.latency_aware)
