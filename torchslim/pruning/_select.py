@@ -217,7 +217,7 @@ class Selector:
         self.ranking = default_ranking(config)
         self.round_to: int | str = default_round_to(config)
         self.max_sparsity = default_max_sparsity(config)
-        self._estimate = None  # CostModel: the time model when no latency table was measured
+        self._estimate: Any = None  # CostModel: the time model when no latency table was measured
         self._costs: dict[str, dict[int, float]] = {}
         self._saved: dict[str, dict[int, float]] = {}  # unit -> per group, what one atom saves
         self.latency_goal_ms: float | None = None  # target_latency as handed to the table, once calibrated
