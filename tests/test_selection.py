@@ -47,6 +47,15 @@ def test_ratio_pattern_matching_no_module_is_refused_naming_it():
     assert _unchanged(model, state)
 
 
+@pytest.mark.parametrize("key", [True, 1.5])
+def test_ratio_key_neither_glob_nor_group_id_is_refused_naming_it(key):
+    model = Three()
+    state = _state(model)
+    with pytest.raises(TypeError, match=rf"PruneConfig\.ratios\[{key!r}\]: keys are module globs \(str\) or group ids"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={key: 0.5}))
+    assert _unchanged(model, state)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"round_to": 1000}, r"PruneConfig\.round_to=1000 keeps every channel"),
     ({"min_channels": 10000}, r"PruneConfig\.min_channels=10000 keeps every channel"),
@@ -160,7 +169,7 @@ def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
     from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
-    with pytest.raises(ValueError, match="target_macs=0.2 cannot be met"):
+    with pytest.raises(ValueError, match=r"target_macs=0\.2 cannot be met"):
         torchslim.prune_(copy.deepcopy(model), ids, torchslim.PruneConfig(target_macs=0.2, exact_only=True))
     with pytest.warns(InexactGroupsWarning, match=r"target_macs=0\.2 cannot be met with exact groups alone.*norm"):
         result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.2))

@@ -46,7 +46,7 @@ _EXPORTS = {
     "CheckpointError": "torchslim.io",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts
 
 
 def __getattr__(name: str) -> Any:

@@ -224,7 +224,7 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
             if not checked.ok:
                 return checked
         if commit and len(inexact) > 1:
-            deviations = _inexact_group_deviations(model, graph, removed, inexact, example_inputs)
+            deviations.update(_inexact_group_deviations(model, graph, removed, inexact, example_inputs))
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
     tx = Transaction()
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
@@ -244,6 +244,7 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
     if reference is not None:
         atol, rtol = tolerances([*reference.outputs, *model.parameters()], config.atol, config.rtol)
         # inexact groups cannot match: here only the structure (shapes, finite values) is checked
+        assert isinstance(actual, Run)  # recorded: reference is set
         report = compare_runs(reference, actual, *((math.inf, math.inf) if inexact else (atol, rtol)))
         if not report.ok:
             tx.rollback()
@@ -332,8 +333,9 @@ def _inexact_reasons(graph: DependencyGraph, groups: list[Group], limit: int = 3
     reasons: dict[int, list[str]] = {g.index: [] for g in groups}
     for mark in graph.coupling.inexact_reasons:
         ops = consumers.get(mark.node, [])
-        op = next((o for o in ops if mark.reason.startswith(o.name)), ops[0] if ops else None)
-        text = mark.reason if op is None else f"{mark.reason} (in '{op.module or '<root>'}')"
+        reader = next((o for o in ops if mark.reason.startswith(o.name)), ops[0] if ops else None)
+        text = mark.reason if reader is None else f"{mark.reason} (in '{reader.module or '<root>'}')"
+        assert mark.dim is not None  # Coupling.mark_inexact marks one dimension
         owners = graph.atom_group[sorted_unique(graph.labels[graph.coupling.ids(mark.node, mark.dim)])]
         for index in sorted_unique(owners[owners >= 0]).tolist():
             if index in reasons and text not in reasons[index] and len(reasons[index]) < limit:

@@ -19,6 +19,8 @@ less than the sum of layers measured alone (NetAdapt measures every proposal too
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
 from torchslim._timing import measure_latency
@@ -154,7 +156,8 @@ def choose_fastest_ranking(selector: Selector, graph, example_inputs, config,
     candidates = [(selector.ranking, selector.round_to)] + [c for c in OTHER_CANDIDATES
                                                           if c != (selector.ranking, selector.round_to)]
     _, _, measure, before = selector.measure_for_target()
-    trials, timers = [], {}
+    trials: list[dict[str, Any]] = []
+    timers: dict[int, Callable[[], float]] = {}
     for ranking, round_to in candidates:
         try:
             _, removed = selector.choosing(ranking=ranking, round_to=round_to).select(banned)
@@ -170,7 +173,7 @@ def choose_fastest_ranking(selector: Selector, graph, example_inputs, config,
             timers[len(trials) - 1] = timer
     for index, ms in best_of_rounds(timers, rounds=CANDIDATE_ROUNDS).items():
         trials[index]["measured_ms"] = ms if np.isfinite(ms) else None
-    best = {"ranking": candidates[0][0], "round_to": candidates[0][1], "measured_ms": None}
+    best: dict[str, Any] = {"ranking": candidates[0][0], "round_to": candidates[0][1], "measured_ms": None}
     for trial in trials:  # the config's own ranking wins unless another is clearly faster
         if trial["measured_ms"] is not None and (best["measured_ms"] is None or
                                                  trial["measured_ms"] < best["measured_ms"] * (1 - CLEARLY_FASTER)):
