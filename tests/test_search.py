@@ -1,0 +1,182 @@
+"""Automatic pruning searches (torchslim.search): the shared loop, sensitivity analysis and
+the methods built on it, checked with synthetic evaluators whose optimum is known: the score
+is a function of the per-layer widths of the pruned model."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.graph.macs import estimate_macs
+from torchslim.search import SearchInterrupted, SearchWarning
+from torchslim.search.base import Search
+from torchslim.search.history import read_history
+
+WIDTHS = (32, 48, 64, 40)
+
+
+class Net(nn.Module):
+    """Four conv layers (each its own group) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        chans = (3, *WIDTHS)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.head = nn.Linear(WIDTHS[-1], 10)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(1, 3, 16, 16),)
+
+
+def widths(model: Net) -> list[int]:
+    return [conv.weight.shape[0] for conv in model.convs]
+
+
+def width_score(weights):
+    """A score that is a known function of each layer's kept share: -sum w_i * removed_i^2."""
+    def evaluate(model):
+        kept = np.array(widths(model)) / np.array(WIDTHS)
+        return float(-np.sum(np.asarray(weights) * (1 - kept) ** 2))
+    return evaluate
+
+
+class RandomProposals(Search):
+    """A minimal method: ``n`` random per-group ratios from the search's seed."""
+
+    method = "random-test"
+
+    def __init__(self, *args, n=6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.n = n
+
+    def options(self):
+        return {"n": self.n}
+
+    def explore(self):
+        groups = sorted(self.space.sizes)
+        for _ in range(self.n):
+            self.evaluate_ratios({g: float(self.rng.uniform(0.0, 0.9)) for g in groups})
+
+
+def _macs(model, x):
+    return estimate_macs(torchslim.DependencyGraph.build(model, x))
+
+
+# the loop -----------------------------------------------------------------------------
+def test_every_candidate_meets_the_budget_and_the_winner_applies_as_evaluated(tmp_path):
+    model, x = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate = width_score([1.0, 2.0, 3.0, 4.0])
+    search = RandomProposals(model, x, evaluate, target_macs=0.5, seed=3, history=tmp_path / "h.jsonl")
+    result = search.run()
+    original = _macs(model, x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched until apply_
+    assert len(result.history) == 6
+    for record in result.history:
+        assert record.meets_budget and record.macs <= 0.5 * original
+        assert record.macs >= 0.5 * original * 0.97, record  # met exactly, not far under
+    assert result.score == max(r.score for r in result.history)
+    assert set(result.config.ratios) == set(result.ratios) and result.config.target is None
+    pruned = result.apply_(model, x)
+    assert pruned.macs_after == result.macs == _macs(model, x)
+    assert evaluate(model) == pytest.approx(result.score)
+
+
+def test_history_is_json_lines_one_record_per_evaluation(tmp_path):
+    model, x = _net()
+    path = tmp_path / "h.jsonl"
+    RandomProposals(model, x, width_score([1, 1, 1, 1]), target_params=0.6, n=3, history=path).run()
+    lines = path.read_text().splitlines()
+    header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    assert header["format"] == "torchslim.search/1" and header["target"] == {"target_params": 0.6}
+    assert len(records) == 3
+    assert {"ratios", "macs", "params", "score", "seconds", "latency_ms"} <= set(records[0])
+
+
+def test_resume_after_the_evaluator_raised_equals_an_uninterrupted_run(tmp_path):
+    model, x = _net()
+    evaluate = width_score([4.0, 1.0, 3.0, 0.5])
+    full = RandomProposals(model, x, evaluate, target_macs=0.4, seed=7, n=8).run()
+
+    calls = {"n": 0}
+
+    def flaky(m):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("lost the GPU")
+        return evaluate(m)
+
+    path = tmp_path / "h.jsonl"
+    with pytest.raises(SearchInterrupted, match=r"resume=") as info:
+        RandomProposals(model, x, flaky, target_macs=0.4, seed=7, n=8, history=path).run()
+    assert len(info.value.records) == 3 and len(read_history(path)[1]) == 3
+    counted = {"n": 0}
+
+    def counting(m):
+        counted["n"] += 1
+        return evaluate(m)
+
+    resumed = RandomProposals(model, x, counting, target_macs=0.4, seed=7, n=8, resume=path).run()
+    assert counted["n"] == 5  # the 3 recorded evaluations were replayed, not re-run
+    assert resumed.ratios == full.ratios and resumed.score == full.score
+    assert [r.ratios for r in resumed.history] == [r.ratios for r in full.history]
+    assert len(read_history(path)[1]) == 8
+
+
+def test_resume_refuses_another_search(tmp_path):
+    model, x = _net()
+    path = tmp_path / "h.jsonl"
+    RandomProposals(model, x, width_score([1, 1, 1, 1]), target_macs=0.4, seed=1, n=2, history=path).run()
+    with pytest.raises(ValueError, match="seed"):
+        RandomProposals(model, x, width_score([1, 1, 1, 1]), target_macs=0.4, seed=2, n=2, resume=path).run()
+
+
+def test_nan_scores_count_as_worst_with_a_warning():
+    model, x = _net()
+    evaluate = width_score([1, 1, 1, 1])
+    calls = {"n": 0}
+
+    def sometimes_nan(m):
+        calls["n"] += 1
+        return math.nan if calls["n"] % 2 else evaluate(m)
+
+    with pytest.warns(SearchWarning, match="nan.*worst"):
+        result = RandomProposals(model, x, sometimes_nan, target_macs=0.5, n=4).run()
+    assert [r.score == -math.inf for r in result.history] == [True, False, True, False]
+    assert math.isfinite(result.score)
+
+
+def test_unreachable_budget_is_refused_before_any_evaluation():
+    model, x = _net()
+    calls = []
+    with pytest.raises(ValueError, match=r"target_macs=0.001 cannot be met.*smallest reachable macs is \d+"):
+        RandomProposals(model, x, lambda m: calls.append(1) or 0.0, target_macs=0.001).run()
+    assert not calls
+
+
+def test_max_evals_and_finetune_on_a_copy():
+    model, x = _net()
+    seen = []
+
+    def finetune(m, budget):
+        seen.append(budget)
+        with torch.no_grad():
+            m.head.bias.fill_(7.0)  # never sliced: would stay in the working copy if it were not a copy
+
+    search = RandomProposals(model, x, width_score([1, 1, 1, 1]), target_macs=0.5, n=10, max_evals=3,
+                             finetune=finetune, finetune_budget=5)
+    result = search.run()
+    assert result.stopped == "max_evals" and len(result.history) == 3 and seen == [5, 5, 5]
+    assert not (search.working.head.bias == 7.0).any() and not (model.head.bias == 7.0).any()
