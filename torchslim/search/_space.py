@@ -112,7 +112,7 @@ class SearchSpace:
 
     def config_for(self, ratios: Ratios) -> PruneConfig:
         """The ordinary config that prunes ``ratios``: per-group ratios by group id, no target."""
-        by_id: dict[str | int, float] = dict(self.exact_ratios(ratios))
+        by_id: dict[str | int, float] = {index: r for index, r in self.exact_ratios(ratios).items()}
         return dataclasses.replace(self.base, ratios=by_id or None)
 
     # measures -------------------------------------------------------------------------
