@@ -180,3 +180,83 @@ def test_max_evals_and_finetune_on_a_copy():
     result = search.run()
     assert result.stopped == "max_evals" and len(result.history) == 3 and seen == [5, 5, 5]
     assert not (search.working.head.bias == 7.0).any() and not (model.head.bias == 7.0).any()
+
+
+# sensitivity ---------------------------------------------------------------------------
+# convs.1 and convs.3 are planted insensitive: the score hardly moves when they are pruned
+PLANTED = [5.0, 0.01, 4.0, 0.02]
+
+
+def _group_of(analysis, module):
+    return next(g for g, label in analysis.labels.items() if module in label.split(", "))
+
+
+def test_sensitivity_finds_the_planted_insensitive_groups_and_meets_the_budget(tmp_path):
+    from torchslim.search import SensitivitySearch
+
+    model, x = _net()
+    search = SensitivitySearch(model, x, width_score(PLANTED), target_macs=0.5, history=tmp_path / "h.jsonl")
+    result = search.run()
+    analysis = search.analysis
+    assert len(result.history) == 1 + 4 * 9 + 1
+    insensitive = {_group_of(analysis, "convs.1"), _group_of(analysis, "convs.3")}
+    assert set(analysis.most_sensitive()[-2:]) == insensitive
+    original = search.space.original.macs
+    assert 0.485 * original <= result.macs <= 0.5 * original
+    sensitive = {_group_of(analysis, "convs.0"), _group_of(analysis, "convs.2")}
+    assert min(result.ratios.get(g, 0.0) for g in insensitive) > max(result.ratios.get(g, 0.0) for g in sensitive)
+    # better than cutting every group alike to the same budget
+    uniform = search.space.meet_budget({g: 0.5 for g in search.space.sizes})
+    with torchslim.pruning.applied(search.space.graph, search.space.removal(uniform)):
+        uniform_score = width_score(PLANTED)(search.working)
+    assert result.score > uniform_score
+    pruned = result.apply_(model, x)
+    assert pruned.macs_after == result.macs
+
+
+def test_a_saved_analysis_re_searches_a_new_budget_without_evaluating(tmp_path):
+    import time
+
+    from torchslim.search import SensitivityAnalysis, SensitivitySearch
+
+    model, x = _net()
+    analysis = SensitivitySearch(model, x, width_score(PLANTED)).analyze()
+    path = analysis.save(tmp_path / "sensitivity.json")
+    loaded = SensitivityAnalysis.load(path)
+    assert loaded == analysis
+    start = time.perf_counter()
+    config = loaded.choose_for(model, x, target_macs=0.3)
+    assert time.perf_counter() - start < 5.0
+    original = _macs(model, x)
+    result = torchslim.prune_(model, x, config)
+    assert 0.28 * original <= result.macs_after <= 0.3 * original
+    kept = np.array(widths(model)) / np.array(WIDTHS)
+    assert kept[1] < kept[0] and kept[3] < kept[2]  # the insensitive layers gave the most
+
+
+def test_sensitivity_table_json_and_plot(tmp_path, monkeypatch):
+    import sys
+
+    from rich.console import Console
+
+    from torchslim.search import SensitivitySearch
+
+    model, x = _net()
+    analysis = SensitivitySearch(model, x, width_score(PLANTED)).analyze()
+    console = Console(record=True, width=200)
+    console.print(analysis.table())
+    text = console.export_text()
+    assert "convs.0" in text and "0.9" in text
+    assert analysis.plot(tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.warns(SearchWarning, match="matplotlib is not installed"):
+        assert analysis.plot(tmp_path / "t.png") is None
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_sensitivity_refuses_too_few_evaluations():
+    from torchslim.search import SensitivitySearch
+
+    model, x = _net()
+    with pytest.raises(ValueError, match="needs 38 evaluations"):
+        SensitivitySearch(model, x, width_score(PLANTED), target_macs=0.5, max_evals=10).run()

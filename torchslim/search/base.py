@@ -175,14 +175,20 @@ class Search:
     def run(self) -> SearchResult:
         """Run the method to the end (or ``max_evals`` / ``time_limit``) and return the best."""
         self.space.check_reachable()  # before the first evaluation
-        self.history = self._open_history()
-        self._replayed, self._started = 0, time.monotonic()
+        self.begin()
         stopped = "done"
         try:
             self.explore()
         except _Exhausted as exc:
             stopped = str(exc)
         return self.result(stopped)
+
+    def begin(self) -> None:
+        """Open the history (once per search object: a second run replays what the first
+        recorded) and start the clock of ``time_limit``."""
+        if self.history is None:
+            self.history = self._open_history()
+        self._replayed, self._started = 0, time.monotonic()
 
     def result(self, stopped: str) -> SearchResult:
         assert self.history is not None
