@@ -5,7 +5,8 @@ candidate to meet the budget exactly, prunes it on the side (apply + rollback on
 graph), optionally fine-tunes a copy, evaluates and appends the record to a resumable history;
 the methods built on it: :class:`SensitivitySearch` (each group pruned alone at 0.1..0.9, then
 the least predicted loss meeting the budget; the analysis re-searches a new budget without
-evaluating). The result is an ordinary ``PruneConfig`` with per-group ratios by group id.
+evaluating), :class:`NetAdaptSearch` (Yang et al. 2018: scheduled cuts, one proposal per group,
+the best kept) and :class:`AnnealingSearch` (simulated annealing, as NNI's pruner). The result is an ordinary ``PruneConfig`` with per-group ratios by group id.
 
 ``torchslim.search.latency_loop`` closes the loop on latency for ``prune_``: a latency
 target's goal is calibrated against measured removals, and under ``latency_aware`` the
@@ -29,6 +30,8 @@ _EXPORTS = {
     "read_history": "torchslim.search.history",
     "SensitivitySearch": "torchslim.search.sensitivity",
     "SensitivityAnalysis": "torchslim.search.sensitivity",
+    "AnnealingSearch": "torchslim.search.annealing",
+    "NetAdaptSearch": "torchslim.search.netadapt",
 }
 
 __all__ = list(_EXPORTS)
