@@ -313,3 +313,83 @@ class SimpleLabels:
         from torchslim.search.sensitivity import group_label
 
         self.labels = {g.index: group_label(g) for g in search.space.groups}
+
+
+# resume, data, latency -----------------------------------------------------------------
+def test_annealing_killed_mid_search_resumes_to_the_same_result(tmp_path):
+    from torchslim.search import AnnealingSearch
+
+    model, x = _net()
+    evaluate = width_score(BY_SIZE)
+    full = AnnealingSearch(model, x, evaluate, target_macs=0.5, seed=1).run()
+    path = tmp_path / "sa.jsonl"
+    calls = {"n": 0}
+
+    def dies_at_six(m):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyError("worker killed")
+        return evaluate(m)
+
+    with pytest.raises(SearchInterrupted, match="evaluation 5 raised KeyError"):
+        AnnealingSearch(model, x, dies_at_six, target_macs=0.5, seed=1, history=path).run()
+    with open(path, "a") as handle:  # killed while writing the next line
+        handle.write('{"index": 5, "ratios": {"0": 0.')
+    resumed = AnnealingSearch(model, x, evaluate, target_macs=0.5, seed=1, resume=path).run()
+    assert (resumed.ratios, resumed.score) == (full.ratios, full.score)
+    assert [r.score for r in resumed.history] == [r.score for r in full.history]
+
+
+def test_recalibrate_bn_and_data_driven_criterion_work_on_copies():
+    from torchslim.search import AnnealingSearch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = (torch.randn(2, 3, 12, 12),)
+    batches = [torch.randn(4, 3, 12, 12) * 3 + 1 for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    means = []
+
+    def evaluate(m):
+        means.append(float(m[1].running_mean.abs().sum()))
+        with torch.no_grad():
+            return -float(m(x[0]).square().mean())
+
+    search = AnnealingSearch(model, x, evaluate, target_params=0.6, criterion="mean_activation", data=batches,
+                             recalibrate_bn=True, start_temperature=30.0)
+    result = search.run()
+    assert all(m > 0.5 for m in means)  # recalibrated on the batches (the fresh BN had zero means)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert float(search.working[1].running_mean.abs().sum()) == 0.0  # recalibration happened on copies
+    assert result.apply_(model, x).params_after == result.params  # apply_ ranks with the same data
+
+
+def test_netadapt_under_a_latency_budget_cuts_the_predicted_latency_per_schedule(tmp_path, monkeypatch):
+    from torchslim.latency import LatencyTable
+    from torchslim.search import NetAdaptSearch
+
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path))
+    # a deterministic per-layer table (cost ~ cin x cout), so the test does not time layers
+    monkeypatch.setattr(LatencyTable, "_measure", lambda self, spec, cin, cout: 1e-3 * cin * cout)
+    model, x = _net()
+    search = NetAdaptSearch(model, x, width_score(PLANTED), target_latency=0.7, initial_cut=0.1, decay=0.8)
+    result = search.run()
+    original = search.space.original.latency_ms
+    for it in search.iterations:
+        assert it.before - it.after >= it.scheduled or it.after <= 0.7 * original
+    assert result.latency_ms <= 0.7 * original and result.history[-1].latency_ms is not None
+
+
+def test_time_limit_stops_with_the_best_so_far():
+    import time
+
+    model, x = _net()
+    evaluate = width_score(PLANTED)
+
+    def slow(m):
+        time.sleep(0.2)
+        return evaluate(m)
+
+    result = RandomProposals(model, x, slow, target_macs=0.5, n=50, time_limit=0.5).run()
+    assert result.stopped == "time_limit" and 1 <= len(result.history) <= 4

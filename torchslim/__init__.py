@@ -44,6 +44,9 @@ _EXPORTS = {
     "load": "torchslim.io",
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
+    "SensitivitySearch": "torchslim.search",
+    "NetAdaptSearch": "torchslim.search",
+    "AnnealingSearch": "torchslim.search",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts
