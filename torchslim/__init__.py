@@ -44,6 +44,7 @@ _EXPORTS = {
     "load": "torchslim.io",
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
+    "training_mode": "torchslim.modes",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
