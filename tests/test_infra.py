@@ -86,3 +86,36 @@ def test_mixed_flags_survive_a_criterion_that_raises_while_running_data():
     with pytest.raises(Exception, match="the data loader broke"):
         torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.25, criterion="apoz"), data=batches())
     assert flags(model) == before
+
+
+# connected components without scipy ------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_connected_components_match_scipys_labels(seed):
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as scipy_components
+
+    from torchslim.graph import connected_components
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    left, right = rng.integers(0, n, 1500), rng.integers(0, n, 1500)
+    chain = np.arange(0, 400, 1)  # a long path, the worst case for hooking one root per round
+    left, right = np.concatenate([left, chain[:-1]]), np.concatenate([right, chain[1:]])
+    expected = scipy_components(coo_matrix((np.ones(left.size), (left, right)), shape=(n, n)), directed=False)
+    count, labels = connected_components(n, left, right)
+    assert count == expected[0]
+    assert np.array_equal(labels, expected[1])
+    assert connected_components(3, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))[0] == 3
+
+
+def test_first_prune_does_not_import_scipy():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torchslim; from torch import nn\n"
+            "m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))\n"
+            "torchslim.prune_(m, torch.randn(1, 3, 8, 8), torchslim.PruneConfig(ratio=0.5))\n"
+            "print(sorted(k for k in sys.modules if k.startswith('scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
