@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.pruning._select import NothingPrunedWarning
+from torchslim.pruning.selector import NothingPrunedWarning
 
 
 class Three(nn.Module):
@@ -105,14 +105,14 @@ def _removed_per_module(config, ranking):
     """Channels of a, b, c removed by the selection ``config`` describes (the same spread of
     importance in every group, so that a global ranking takes from each)."""
     from torchslim.graph import DependencyGraph
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.pruning.selector import Selector, eligible_groups
 
     config = dataclasses.replace(config, latency_aware=False)  # ranking set below, widths and caps as given
     graph = DependencyGraph.build(Three(), X)
     groups = eligible_groups(graph, config)
     scores = {g.index: np.arange(1.0, len(g) + 1) for g in groups}
     selector = Selector(graph, groups, scores, config, _LatencyOfAtoms(graph))
-    selector.ranking = ranking
+    selector = selector.choosing(ranking=ranking)
     _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
     return [int(np.isin(graph.module_output_atoms(name), removed).sum()) for name in ("a", "b", "c")]
 
@@ -153,7 +153,7 @@ def _causal_lm(kind: str):
 def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
     """Pruning the hidden size (RMSNorm/LayerNorm statistics) is not needed for half the MACs:
     the default leaves it, so the result equals the zeroed original."""
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm(kind)
     original = copy.deepcopy(model)
@@ -166,7 +166,7 @@ def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
 
 
 def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
     with pytest.raises(ValueError, match=r"target_macs=0\.2 cannot be met"):
@@ -177,7 +177,7 @@ def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
 
 
 def test_default_ratio_prunes_exact_groups_and_counts_the_inexact_ones_left():
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
     original = copy.deepcopy(model)
@@ -205,7 +205,7 @@ def test_target_macs_lands_within_2_percent_where_heads_step_in_every_block_at_o
     not overshot by the whole step; widths stay multiples of round_to."""
     from torchslim.graph import DependencyGraph
     from torchslim.graph.macs import estimate_macs
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.pruning.selector import Selector, eligible_groups
 
     model, x = _hf_vit()
     graph = DependencyGraph.build(model, x)

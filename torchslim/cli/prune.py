@@ -133,10 +133,8 @@ class _Steps:
 
 def _pruning_step(config) -> str:
     """What ``prune_`` is about to do, in words (the slow parts named)."""
-    goal = (f"to {config.target_macs:g} of the MACs" if config.target_macs is not None else
-            f"to {config.target_latency:g} of the latency" if config.target_latency is not None else
-            f"to {config.target_params:g} of the params" if config.target_params is not None else
-            f"by {config.ratio:g} per group")
+    target = config.target
+    goal = f"to {target.value:g} of the {target.quantity}" if target else f"by {config.ratio:g} per group"
     criterion = config.criterion if isinstance(config.criterion, str) else type(config.criterion).__name__
     text = f"tracing the graph, ranking channels by {criterion} and removing them {goal}"
     if config.needs_latency:
@@ -145,7 +143,7 @@ def _pruning_step(config) -> str:
         table = LatencyTable(config.latency_runtime, config.latency_threads)
         text += (f"; per-layer latency table {'cached' if table.path.exists() else 'measured now, once for this machine'}"
                  f" ({table.path})")
-        if config.latency_aware and config.target_params is None and config.target_macs is not None:
+        if config.latency_aware and target and target.quantity == "macs":
             text += "; the candidate removals are timed and the fastest kept"
     return text
 

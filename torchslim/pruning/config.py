@@ -1,4 +1,12 @@
-"""The typed pruning config: one frozen dataclass, validated before anything is touched."""
+"""The typed pruning config: one frozen dataclass, validated before anything is touched.
+
+Its fields come in five parts, each a frozen dataclass of its own that states the defaults:
+:class:`Scope` (what may be pruned), :class:`Amount` (how much: a ratio or one target),
+:class:`Ranking` (how channels compete), :class:`LatencyOptions` (where latency is measured)
+and :class:`Verification` (how the result is checked). ``PruneConfig(ratio=0.3, ...)`` (flat
+keywords, as recipes use) and ``PruneConfig.from_parts(Amount(target_macs=0.5), Ranking(...))``
+build the same object; ``config.amount``, ``config.ranking``... read a part back, and
+``config.target`` is the one spelling of "which target, if any"."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +17,84 @@ from torch import nn
 from torchslim.latency.runtime import RUNTIMES
 
 ModuleFilter = Callable[[str, nn.Module], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What may be pruned: module globs to prune (``op_names``) or keep (``exclude``: outputs,
+    ``protect_inputs``: inputs) and a ``filter_fn(name, module) -> bool``."""
+
+    op_names: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    filter_fn: ModuleFilter | None = None
+    protect_inputs: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Amount:
+    """How much: a ``ratio`` per group (``ratios`` per module glob or group id), or one target
+    (MACs, params or latency), never fewer than ``min_channels`` atoms per group."""
+
+    ratio: float = 0.5
+    ratios: dict[str | int, float] | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    min_channels: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How channels compete: the importance ``criterion`` and how atoms of different groups are
+    compared (``global_ranking``, ``latency_aware``), in which widths (``round_to``), how much
+    one group may lose (``max_sparsity_per_layer``) and whether inexact groups may be used."""
+
+    criterion: object = "l1"
+    global_ranking: bool = False
+    latency_aware: bool | None = None
+    round_to: int | str | None = None
+    max_sparsity_per_layer: float | None = None
+    exact_only: bool | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyOptions:
+    """Where latency is measured: the runtime the model ships on and its thread count."""
+
+    latency_threads: int = 1
+    latency_runtime: str = "torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """How the result is checked against the zeroed original (tolerances by dtype when None) and
+    how far inexact groups may move the outputs."""
+
+    verify: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    max_inexact_deviation: float | None = 0.75
+
+
+PARTS: dict[str, type] = {"scope": Scope, "amount": Amount, "ranking": Ranking, "latency": LatencyOptions,
+                          "verification": Verification}
+TARGET_FIELDS = ("target_macs", "target_params", "target_latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The config's target: ``field`` (``"target_macs"``, ``"target_params"`` or
+    ``"target_latency"``) and its ``value`` (a fraction of the original if <= 1, else absolute:
+    MACs, parameters or milliseconds)."""
+
+    field: str
+    value: float
+
+    @property
+    def quantity(self) -> str:
+        """``"macs"``, ``"params"`` or ``"latency"``."""
+        return self.field.removeprefix("target_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,29 +183,29 @@ class PruneConfig:
                   deviation is in ``PruneResult.inexact_groups`` and a warning.
     """
 
-    ratio: float = 0.5
-    criterion: object = "l1"
-    op_names: Sequence[str] | None = None
-    exclude: Sequence[str] = ()
-    filter_fn: ModuleFilter | None = None
-    target_macs: float | None = None
-    round_to: int | str | None = None
-    min_channels: int = 1
-    target_params: float | None = None
-    ratios: dict[str | int, float] | None = None
-    global_ranking: bool = False
-    max_sparsity_per_layer: float | None = None
-    protect_inputs: Sequence[str] = ()
-    target_latency: float | None = None
-    latency_threads: int = 1
-    latency_runtime: str = "torch"
-    latency_aware: bool | None = None
-    exact_only: bool | None = None
-    seed: int = 0
-    verify: bool = True
-    atol: float | None = None
-    rtol: float | None = None
-    max_inexact_deviation: float | None = 0.75
+    ratio: float = Amount.ratio
+    criterion: object = Ranking.criterion
+    op_names: Sequence[str] | None = Scope.op_names
+    exclude: Sequence[str] = Scope.exclude
+    filter_fn: ModuleFilter | None = Scope.filter_fn
+    target_macs: float | None = Amount.target_macs
+    round_to: int | str | None = Ranking.round_to
+    min_channels: int = Amount.min_channels
+    target_params: float | None = Amount.target_params
+    ratios: dict[str | int, float] | None = Amount.ratios
+    global_ranking: bool = Ranking.global_ranking
+    max_sparsity_per_layer: float | None = Ranking.max_sparsity_per_layer
+    protect_inputs: Sequence[str] = Scope.protect_inputs
+    target_latency: float | None = Amount.target_latency
+    latency_threads: int = LatencyOptions.latency_threads
+    latency_runtime: str = LatencyOptions.latency_runtime
+    latency_aware: bool | None = Ranking.latency_aware
+    exact_only: bool | None = Ranking.exact_only
+    seed: int = Ranking.seed
+    verify: bool = Verification.verify
+    atol: float | None = Verification.atol
+    rtol: float | None = Verification.rtol
+    max_inexact_deviation: float | None = Verification.max_inexact_deviation
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
@@ -138,7 +224,7 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.target_macs must be > 0, got {self.target_macs}")
         if self.target_params is not None and not float(self.target_params) > 0:
             raise ValueError(f"PruneConfig.target_params must be > 0, got {self.target_params}")
-        targets = [f for f in ("target_macs", "target_params", "target_latency") if getattr(self, f) is not None]
+        targets = [f for f in TARGET_FIELDS if getattr(self, f) is not None]
         if len(targets) > 1:
             raise ValueError(f"PruneConfig.{targets[0]} and PruneConfig.{targets[1]} conflict: give one target")
         if self.max_sparsity_per_layer is not None and not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
@@ -161,9 +247,50 @@ class PruneConfig:
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
 
+    @classmethod
+    def from_parts(cls, *parts: Scope | Amount | Ranking | LatencyOptions | Verification, **fields) -> "PruneConfig":
+        """A config from part objects (at most one of each kind), flat ``fields`` overriding them."""
+        kinds = [type(part).__name__ for part in parts]
+        for part in parts:
+            if type(part) not in PARTS.values():
+                raise TypeError(f"PruneConfig.from_parts takes Scope, Amount, Ranking, LatencyOptions and "
+                                f"Verification objects, got {type(part).__name__}")
+            if kinds.count(type(part).__name__) > 1:
+                raise ValueError(f"PruneConfig.from_parts got two {type(part).__name__} parts")
+        values = {f.name: getattr(part, f.name) for part in parts for f in dataclasses.fields(part)}
+        return cls(**{**values, **fields})
+
+    def _part(self, kind: type):
+        return kind(**{f.name: getattr(self, f.name) for f in dataclasses.fields(kind)})
+
     @property
-    def has_target(self) -> bool:
-        return self.target_macs is not None or self.target_params is not None or self.target_latency is not None
+    def scope(self) -> Scope:
+        return self._part(Scope)
+
+    @property
+    def amount(self) -> Amount:
+        return self._part(Amount)
+
+    @property
+    def ranking(self) -> Ranking:
+        return self._part(Ranking)
+
+    @property
+    def latency(self) -> LatencyOptions:
+        return self._part(LatencyOptions)
+
+    @property
+    def verification(self) -> Verification:
+        return self._part(Verification)
+
+    @property
+    def target(self) -> Target | None:
+        """The one target set (MACs, params or latency), or None when ``ratio`` applies."""
+        for field in TARGET_FIELDS:
+            value = getattr(self, field)
+            if value is not None:
+                return Target(field, float(value))
+        return None
 
     @property
     def needs_latency(self) -> bool:

@@ -60,7 +60,7 @@ def eligible_groups(graph: DependencyGraph, config: PruneConfig, *, quiet: bool 
         if excluded is not None and np.isin(group.atoms, excluded).any():
             continue
         groups.append(group)
-    if config.exact_only or (config.exact_only is None and not config.has_target):
+    if config.exact_only or (config.exact_only is None and config.target is None):
         inexact = [g for g in groups if not g.exact]
         groups = [g for g in groups if g.exact]
         if inexact and config.exact_only is None and not quiet:
@@ -187,6 +187,9 @@ LATENCY_ROUNDINGS = (4, 8, 16, 32)
 TIE_TOLERANCE = 0.02
 
 
+SELECTOR_CHOICES = frozenset({"ranking", "round_to", "latency_goal_ms", "measured_choice"})
+
+
 class Selector:
     """Ranks the atoms of eligible groups once, then answers "which atoms at this ratio?".
 
@@ -197,7 +200,8 @@ class Selector:
     groups, per millisecond saved for each MAC saved: under a MACs target, the removal that
     meets it and saves the most time, e.g. memory-bound depthwise layers at high resolution
     before the compute-bound 1x1 convs the MACs count favours); it and ``round_to`` start from
-    the config and may be switched, e.g. to the ranking whose removal measured fastest.
+    the config; :meth:`choosing` returns a selector with another choice (e.g. the ranking whose
+    removal measured fastest), so a search never changes the one it was given.
     """
 
     def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig,
@@ -238,8 +242,18 @@ class Selector:
             other.group_ratio = {g.index: other._module_ratio(g, aliases) for g in self.groups}
         return other
 
-    def has_target(self) -> bool:
-        return self.config.has_target
+    def choosing(self, **choices) -> "Selector":
+        """This selector with some of its choices replaced: ``ranking``, ``round_to``,
+        ``latency_goal_ms`` (the goal handed to the latency table) or ``measured_choice`` (a
+        removal measured closest to a latency target, returned by ``select``). Scores and cached
+        costs are shared; the searches outside (``torchslim.search``) change a selector only so."""
+        unknown = set(choices) - SELECTOR_CHOICES
+        if unknown:
+            raise TypeError(f"Selector.choosing: unknown choice(s) {sorted(unknown)}; one of {sorted(SELECTOR_CHOICES)}")
+        other = copy.copy(self)
+        for name, value in choices.items():
+            setattr(other, name, value)
+        return other
 
     def include_inexact(self, field: str, value: float, left: float) -> None:
         """Add the held-back inexact groups, saying so: exact groups alone leave ``left`` (a
@@ -277,7 +291,7 @@ class Selector:
             group_ratio = self.group_ratio[group.index]
             if group_ratio is None:
                 group_ratio = ratio
-            elif self.has_target():  # the search raises every group's ratio; this one stops at its own
+            elif self.config.target is not None:  # the search raises every group's ratio; this one stops at its own
                 group_ratio = min(group_ratio, ratio)
             ranked = self.order[group.index]
             candidates = ranked[~banned[ranked]]
@@ -344,12 +358,14 @@ class Selector:
 
     def measure_for_target(self):
         """(field, value, measure(graph, removed), value of the unpruned model) for the config's target."""
-        config = self.config
-        if config.target_macs is not None:
-            return "target_macs", config.target_macs, estimate_macs, self.macs_before
-        if config.target_params is not None:
-            return "target_params", config.target_params, estimate_params, self.params_before
-        return "target_latency", config.target_latency, _latency_measure(self.latency), self.latency.measured_ms
+        target = self.config.target
+        if target is None:
+            raise ValueError("PruneConfig has no target (target_macs, target_params or target_latency)")
+        if target.quantity == "macs":
+            return target.field, target.value, estimate_macs, self.macs_before
+        if target.quantity == "params":
+            return target.field, target.value, estimate_params, self.params_before
+        return target.field, target.value, _latency_measure(self.latency), self.latency.measured_ms
 
     def _atom_costs(self) -> dict[int, float]:
         """What removing an atom of each group saves, in the ranking's unit (MACs or params under
@@ -401,7 +417,7 @@ class Selector:
     def select(self, banned: np.ndarray) -> tuple[float, np.ndarray]:
         """(ratio, atoms): the config's ratio, or the smallest ratio meeting its target."""
         config = self.config
-        if not self.has_target():
+        if self.config.target is None:
             return config.ratio, self.remove_at(config.ratio, banned)
         if self.measured_choice is not None:
             ratio, atoms = self.measured_choice
@@ -611,7 +627,7 @@ def nothing_pruned_reason(selector: "Selector", banned: np.ndarray) -> str:
                 f"model's {len(graph.groups)} prunable groups")
     if banned.any():
         return "every removal was rolled back (PruneResult.skipped says why)"
-    if selector.has_target():
+    if selector.config.target is not None:
         field, value, _, _ = selector.measure_for_target()
         return f"PruneConfig.{field}={value} is already met by the unpruned model"
     for field, loosest in _AMOUNT_LIMITS:
