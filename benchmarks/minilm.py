@@ -17,14 +17,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 
-import torchslim  # noqa: E402
-from torchslim.criteria import random_projection_loss  # noqa: E402
-from torchslim.latency import measure_model  # noqa: E402
+import torchslim
+from torchslim.criteria import random_projection_loss
+from torchslim.latency import measure_model
 
 
 def _sentences(text: str) -> list[str]:

@@ -122,7 +122,7 @@ def main() -> None:
     x = torch.randn(1, 3, 224, 224)
     results: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
     for name in ("resnet50", "mobilenet_v2", "vit_b_16") if "speed" in args.parts else ():
-        build = lambda: getattr(torchvision.models, name)().eval()  # noqa: E731
+        build = lambda name=name: getattr(torchvision.models, name)().eval()  # noqa: E731
         ours, theirs = [], []
         error = None
         time_torchslim(build, x, torchslim.PruneConfig(ratio=0.5, verify=False))  # warm-up (lazy imports, caches)

@@ -392,8 +392,8 @@ class SplitChunk(nn.Module):
         self.r = nn.Conv2d(6, 2, 1)
 
     def forward(self, x):
-        l, r = self.a(x).chunk(2, dim=1)
-        y = torch.cat([self.left(l), self.right(r)], 1)
+        half_l, half_r = self.a(x).chunk(2, dim=1)
+        y = torch.cat([self.left(half_l), self.right(half_r)], 1)
         u, v = torch.split(self.b(y), self.sizes, dim=1)
         parts = self.c(y).split(6, dim=1)
         return self.p(u) + self.q(v), self.r(parts[0] * parts[1])

@@ -336,9 +336,9 @@ def _prune_args(*extra: str):
 
 @pytest.mark.parametrize("extra,latency_aware,round_to", [
     (["--target-macs", "0.5"], True, "latency"),  # the measured table by default with a MACs target
-    (["--target-macs", "0.5", "--no-latency-table"], False, 1),
+    (["--target-macs", "0.5", "--no-latency-table"], None, None),  # the API's default: shape-based estimate
     (["--target-macs", "0.5", "--round-to", "8"], True, 8),  # an explicit width rule wins
-    (["--ratio", "0.3"], False, 1),  # no target: nothing to spend where the time is
+    (["--ratio", "0.3"], None, None),  # no target: nothing to spend where the time is (the API's default)
 ])
 def test_prune_uses_the_latency_table_with_a_macs_target_unless_told(extra, latency_aware, round_to):
     from torchslim.cli._common import config_from_args

@@ -3,7 +3,9 @@ protection, NNI-style rule lists, and validation that fails before anything chan
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -61,7 +63,9 @@ def _removed_importance(global_ranking: bool) -> tuple[float, Three]:
     for group in graph.groups:
         scores = np.asarray(importance(graph, group), dtype=float)
         normalized[group.atoms] = scores / np.mean(np.abs(scores))
-    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, global_ranking=global_ranking))
+    # latency_aware=False: without global ranking each group is cut alike (not the default time ranking)
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, global_ranking=global_ranking,
+                                                              latency_aware=False))
     assert result.macs_after <= 0.5 * result.macs_before
     atoms = {int(a) for name, dims in result.plan.steps[0].removed.items() for dim, index in dims.items()
              for a in graph.param_labels(name, int(dim))[index]}
@@ -144,3 +148,71 @@ def test_every_config_field_has_a_recipe_type_check():
 
     unchecked = [(f.name, str(f.type)) for f in dataclasses.fields(torchslim.PruneConfig) if str(f.type) not in _FIELD_TYPES]
     assert unchecked == []
+
+
+def test_config_parts_partition_the_fields_and_state_their_defaults():
+    """Each flat field belongs to exactly one part, with the same default; built from parts or
+    from flat keywords, the config is the same object, and each part reads back."""
+    from torchslim.pruning.config import PARTS, Amount, Ranking, Verification
+
+    owners: dict[str, str] = {}
+    for part_name, part in PARTS.items():
+        for field in dataclasses.fields(part):
+            assert field.name not in owners, (field.name, owners.get(field.name), part_name)
+            owners[field.name] = part_name
+    flat = {f.name: f.default for f in dataclasses.fields(torchslim.PruneConfig)}
+    assert set(owners) == set(flat)
+    for part_name, part in PARTS.items():
+        assert {f.name: f.default for f in dataclasses.fields(part)} == {n: flat[n] for n, p in owners.items()
+                                                                          if p == part_name}
+    built = torchslim.PruneConfig.from_parts(Amount(target_macs=0.4, min_channels=2), Ranking(round_to=8),
+                                             Verification(atol=1e-3), seed=3)
+    assert built == torchslim.PruneConfig(target_macs=0.4, min_channels=2, round_to=8, atol=1e-3, seed=3)
+    assert built.amount == Amount(target_macs=0.4, min_channels=2)
+    assert built.ranking.round_to == 8 and built.ranking.seed == 3 and built.verification.atol == 1e-3
+    assert built.scope == torchslim.PruneConfig().scope
+
+
+def test_config_parts_are_refused_twice_or_of_the_wrong_kind():
+    from torchslim.pruning.config import Amount
+
+    with pytest.raises(ValueError, match="two Amount parts"):
+        torchslim.PruneConfig.from_parts(Amount(ratio=0.2), Amount(ratio=0.3))
+    with pytest.raises(TypeError, match="got dict"):
+        torchslim.PruneConfig.from_parts({"ratio": 0.2})
+    with pytest.raises(ValueError, match="ratio must be in"):  # parts are validated like flat fields
+        torchslim.PruneConfig.from_parts(Amount(ratio=1.5))
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({}, None),
+    ({"ratio": 0.3}, None),
+    ({"target_macs": 0.5}, ("target_macs", "macs", 0.5)),
+    ({"target_params": 1000}, ("target_params", "params", 1000.0)),
+    ({"target_latency": 0.7}, ("target_latency", "latency", 0.7)),
+])
+def test_config_target_is_the_one_spelling_of_which_target(fields, expected):
+    target = torchslim.PruneConfig(**fields).target
+    assert (None if target is None else (target.field, target.quantity, target.value)) == expected
+
+
+def test_selector_choices_return_a_new_selector_and_leave_the_given_one_alone():
+    """Searches outside the selector (the latency loop) change it only through ``choosing``."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning.selector import Selector, eligible_groups
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    x = torch.randn(1, 3, 12, 12)
+    config = torchslim.PruneConfig(target_macs=0.5, latency_aware=False, global_ranking=True)
+    graph = DependencyGraph.build(model, x)
+    groups = eligible_groups(graph, config)
+    selector = Selector(graph, groups, {g.index: np.arange(len(g), dtype=float) for g in groups}, config)
+    chosen = selector.choosing(ranking="per_group", round_to=4)
+    assert (selector.ranking, selector.round_to) == ("global", 1)
+    assert (chosen.ranking, chosen.round_to) == ("per_group", 4)
+    banned = np.zeros(graph.n_atoms, dtype=bool)
+    _, removed = chosen.select(banned)
+    kept = [len(g) - int(np.isin(g.atoms, removed).sum()) for g in groups]
+    assert all(k % 4 == 0 for k in kept), kept
+    with pytest.raises(TypeError, match="unknown choice"):
+        selector.choosing(groups=[])

@@ -391,7 +391,7 @@ def test_groups_without_weights_are_not_candidates():
 def test_near_tie_in_a_selection_is_not_a_pruning_error():
     """Outputs after a top-k/NMS may differ when its (matching) scores nearly tie; a mismatch
     before the first diverging selection is still an error."""
-    from torchslim.pruning._selections import Selection, near_tie_explains
+    from torchslim.pruning._near_ties import Selection, near_tie_explains
 
     scores = torch.tensor([0.5, 0.5000001, 0.1])
     picked, other = torch.tensor([1]), torch.tensor([0])

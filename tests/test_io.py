@@ -425,7 +425,7 @@ def test_missing_directory(tmp_path):
 
 def test_directory_that_is_a_symlink_loop(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    with pytest.raises(CheckpointError, match="checkpoint directory .*loop is a symbolic link loop"):
+    with pytest.raises(CheckpointError, match=r"checkpoint directory .*loop is a symbolic link loop"):
         load(tmp_path / "loop", nn.Linear(2, 2))
 
 
@@ -574,7 +574,7 @@ def test_onnx_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    with pytest.raises(ImportError, match="onnxruntime is needed.*torchslim\\[onnx\\]"):
+    with pytest.raises(ImportError, match=r"onnxruntime is needed.*torchslim\[onnx\]"):
         export_onnx(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 

@@ -59,7 +59,10 @@ def test_layer_specs_time_the_layer_as_the_model_has_it():
         assert getattr(layer, "groups", 1) == getattr(original, "groups", 1)
 
 
-def test_prediction_of_the_unpruned_model_is_the_measurement():
+def test_prediction_of_the_unpruned_model_is_the_measurement(monkeypatch):
+    # layer times proportional to their width (a real measurement of these tiny layers is noise
+    # on a busy machine): the prediction must follow them and equal the measurement unpruned
+    monkeypatch.setattr(LatencyTable, "_measure", lambda self, spec, cin, cout: 1e-3 * cin * cout)
     graph = DependencyGraph.build(net(), X)
     model = LatencyModel(graph, X, LatencyTable(repeats=3))
     assert len(model.layers) == 3  # two convs and the linear
@@ -87,7 +90,7 @@ def test_target_latency_is_calibrated_by_measuring_the_proposal():
     first = result.latency_calibration[0]
     assert first["goal_ms"] == pytest.approx(0.6 * result.latency_before_ms)
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result.latency_calibration)
-    from torchslim.pruning._latency_loop import BETWEEN_ROUNDS, ROUNDS
+    from torchslim.search.latency_loop import BETWEEN_ROUNDS, ROUNDS
 
     rounds = [r for r in result.latency_calibration if "between" not in r]  # the table's own proposals
     assert 1 <= len(rounds) <= ROUNDS
@@ -151,10 +154,10 @@ def test_onnxruntime_table_is_its_own_and_drives_a_latency_target(tmp_path):
 def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeypatch):
     """latency_aware + target_macs: the table's ranking, time saved per MAC, importance per MAC
     and uniform widths (8, 16) each meet the target and are measured; the fastest is applied.
-    Here removals whose widths are all multiples of 8 are made to measure fastest: the uniform-8
-    removal is the first of them (uniform-16 lands on the same widths here, so it is not clearly
-    faster), so every pruned width must be a multiple of 8."""
-    from torchslim.pruning import _latency_loop
+    Here removals whose widths are all multiples of 8 are made to measure fastest: importance per
+    MAC at multiples of 8 is the first of them (the uniform ones land on such widths too, so they
+    are not clearly faster), so every pruned width must be a multiple of 8."""
+    from torchslim.search import latency_loop as _latency_loop
 
     def fake_timer(graph, removed, inputs, config):
         kept = [g for g in graph.groups if np.isin(g.atoms, removed).any()]
@@ -162,25 +165,25 @@ def test_latency_aware_keeps_the_candidate_ranking_that_measures_fastest(monkeyp
         ms = 1.0 if all(w % 8 == 0 for w in widths) else 2.0
         return lambda: ms
 
-    monkeypatch.setattr(_latency_loop, "_removal_timer", fake_timer)
+    monkeypatch.setattr(_latency_loop, "removal_timer", fake_timer)
     monkeypatch.setattr(_latency_loop, "MAX_OVERSHOOT", 1.0)  # this small net's uniform widths overshoot 0.5
     model, reference = net(), net()
     result = torchslim.prune_(model, X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
     trials = result.latency_candidates
     assert [(t["ranking"], t["round_to"]) for t in trials] == [
         ("latency", 1), ("latency_per_mac", "latency"), ("global", 8), ("per_group", 8), ("per_group", 16)]
-    assert [t["chosen"] for t in trials] == [False, False, False, True, False]
+    assert [t["chosen"] for t in trials] == [False, False, True, False, False]
     assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0
     assert result.macs_after <= 0.5 * result.macs_before
     assert model[0].out_channels < reference[0].out_channels
 
 
 def test_latency_aware_prefers_its_own_ranking_unless_another_is_clearly_faster(monkeypatch):
-    from torchslim.pruning import _latency_loop
+    from torchslim.search import latency_loop as _latency_loop
 
     times = iter([1.00, 0.99, 0.995, 0.985, 0.99])  # the others are within 2%: noise, not a reason to switch
     monkeypatch.setattr(_latency_loop, "MAX_OVERSHOOT", 1.0)
-    monkeypatch.setattr(_latency_loop, "_removal_timer", lambda *a: (lambda ms: lambda: ms)(next(times)))
+    monkeypatch.setattr(_latency_loop, "removal_timer", lambda *a: (lambda ms: lambda: ms)(next(times)))
     result = torchslim.prune_(net(), X, torchslim.PruneConfig(target_macs=0.5, latency_aware=True))
     assert [t["chosen"] for t in result.latency_candidates] == [True, False, False, False, False]
 
@@ -193,9 +196,10 @@ def test_latency_aware_candidates_are_measured_on_the_real_model(runtime):
     trials = result.latency_candidates
     assert trials[0]["ranking"] == "latency" and sum(t["chosen"] for t in trials) == 1
     assert all(t["measured_ms"] > 0 for t in trials)
-    # only candidates at (nearly) equal MACs compete with the config's own: here uniform widths at
-    # multiples of 8 or 16 jump from above the target to 0.27-0.34 of the original, and are dropped
-    assert [t["ranking"] for t in trials] == ["latency", "latency_per_mac", "global"], trials
+    # only candidates at (nearly) equal MACs compete with the config's own: here widths in
+    # multiples of 8 or 16 of these 32- and 48-channel layers jump from above the target to
+    # 0.27-0.34 of the original, and are dropped
+    assert not [t for t in trials if t["round_to"] in (8, 16)], trials
     own = trials[0]["target_fraction"]
     assert own <= 0.5 and all(own - 0.02 <= t["target_fraction"] <= 0.5 for t in trials), trials
     assert result.macs_after <= 0.5 * result.macs_before and result.max_abs_error < 1e-4
@@ -204,7 +208,7 @@ def test_latency_aware_candidates_are_measured_on_the_real_model(runtime):
 
 
 def test_next_latency_goal_interpolates_between_measurements_around_the_target():
-    from torchslim.pruning._latency_loop import next_goal
+    from torchslim.search.latency_loop import next_goal
 
     # only the unpruned model (100 -> 100) and one proposal measured above the target: the secant
     # through both (a runtime that saved half of what the table predicted)
@@ -241,7 +245,7 @@ def test_latency_per_mac_ranking_spends_a_macs_target_where_the_time_is():
     """Equal importance everywhere. Ranked by importance per MAC saved, the MAC-heavier group
     (conv0's outputs, also conv2's inputs) goes first; ranked by time saved per MAC saved, the
     group the table says is slow (conv2's outputs) goes first. Both meet the MACs target."""
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.pruning.selector import Selector, eligible_groups
 
     model = net()
     graph = DependencyGraph.build(model, X)
@@ -253,7 +257,7 @@ def test_latency_per_mac_ranking_spends_a_macs_target_where_the_time_is():
     removed_by = {}
     for ranking in ("global", "latency_per_mac"):
         selector = Selector(graph, groups, scores, config, _TableSaysOneGroupIsSlow(graph, slow))
-        selector.ranking = ranking
+        selector = selector.choosing(ranking=ranking)
         _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
         assert estimate_macs(graph, removed) <= 0.8 * selector.macs_before
         removed_by[ranking] = (int(np.isin(heavy, removed).sum()), int(np.isin(slow, removed).sum()))
@@ -265,8 +269,8 @@ def test_target_latency_measures_removals_between_proposals_that_jump_over_it(mo
     """The table's proposal removed too much (measured 0.19 of the original for a 0.5 target)
     and the next one up is the unpruned model: removals in between (one group's step taken,
     the other's not) are measured, and the closest to the target is returned."""
-    from torchslim.pruning import _latency_loop
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.search import latency_loop as _latency_loop
+    from torchslim.pruning.selector import Selector, eligible_groups
 
     model = net()
     graph = DependencyGraph.build(model, X)
@@ -281,7 +285,7 @@ def test_target_latency_measures_removals_between_proposals_that_jump_over_it(mo
         gone = np.isin(first, removed).mean() * 0.5 + np.isin(second, removed).mean() * 0.4
         return lambda: 1.0 - gone
 
-    monkeypatch.setattr(_latency_loop, "_removal_timer", fake_timer)
+    monkeypatch.setattr(_latency_loop, "removal_timer", fake_timer)
     unpruned = fake_timer(graph, np.zeros(0, dtype=np.int64), X, config)
     below = np.concatenate([first[:29], second[:43]])  # 90% of each group
     original = table.measured_ms

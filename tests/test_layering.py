@@ -4,9 +4,9 @@ A module under ``torchslim/<pkg>/`` may import anything from its own subpackage 
 from any other subpackage it may import only public modules (no path part starting with ``_``)
 and public names (not starting with ``_``). What one subpackage shares with another is therefore
 documented in the owner's ``__init__`` or a public module. The top-level private modules
-``torchslim/_inputs.py`` and ``torchslim/_timing.py`` are shared infrastructure (input
-normalisation, timing) used by every subpackage and are allowed everywhere; their private
-names are not. Top-level modules (``torchslim/demo.py``, ...) count as their own subpackage.
+``torchslim/_inputs.py``, ``torchslim/_timing.py`` and ``torchslim/_registry.py`` are shared
+infrastructure (input normalisation, timing, the registry type behind every extension point)
+used by every subpackage and are allowed everywhere; their private names are not. Top-level modules (``torchslim/demo.py``, ...) count as their own subpackage.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torchslim
 
 ROOT = Path(torchslim.__file__).parent
-SHARED_INFRASTRUCTURE = {"torchslim._inputs", "torchslim._timing"}
+SHARED_INFRASTRUCTURE = {"torchslim._inputs", "torchslim._registry", "torchslim._timing"}
 
 
 def _owner(module: str) -> str:

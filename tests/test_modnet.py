@@ -63,7 +63,7 @@ def test_registered_and_structure():
     assert ib.bnorm_channels == 16 and ib.inorm_channels == 17 and isinstance(ib.bnorm_channels, int)
     assert ib.bnorm.num_features == 16 and not ib.inorm.affine
     se = model.lr_branch.se_block
-    assert [(l.in_features, l.out_features, l.bias) for l in se.fc if isinstance(l, nn.Linear)] == \
+    assert [(fc.in_features, fc.out_features, fc.bias) for fc in se.fc if isinstance(fc, nn.Linear)] == \
         [(1280, 320, None), (320, 1280, None)]
     assert model.lr_branch.conv_lr16x.layers[0].kernel_size == (5, 5)
     assert model.hr_branch.conv_enc2x.layers[0].stride == (2, 2) and model.hr_branch.conv_enc2x.layers[0].in_channels == 35

@@ -509,6 +509,7 @@ def test_invalid_config_raises_naming_the_field(field, value):
 
 def test_valid_config_defaults():
     cfg = torchslim.PruneConfig()
-    assert 0 <= cfg.ratio < 1 and cfg.round_to == 1 and cfg.target_macs is None and cfg.op_names is None
+    # round_to=None: multiples of 8 under the default MACs-target ranking, single channels otherwise
+    assert 0 <= cfg.ratio < 1 and cfg.round_to is None and cfg.target_macs is None and cfg.op_names is None
     torchslim.PruneConfig(ratio=0.0)
     torchslim.PruneConfig(ratio=0.99, criterion="l2", round_to=8, target_macs=0.5, exclude=["a.*"], op_names=["b"])

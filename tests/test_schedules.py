@@ -69,3 +69,12 @@ def test_iterative_ratio_compounds():
     model = net()
     prune_iteratively(model, X, torchslim.PruneConfig(ratio=0.75), steps=2)
     assert model[0].out_channels == 4  # 16 * 0.5 * 0.5
+
+
+def test_step_configs_for_a_macs_target_needs_the_original_macs():
+    from torchslim.schedules import step_configs
+
+    with pytest.raises(ValueError, match="a MACs target needs macs_before"):
+        step_configs(torchslim.PruneConfig(target_macs=0.5), 2)
+    fractions = [c.target_macs for c in step_configs(torchslim.PruneConfig(target_macs=0.5), 2, macs_before=1000)]
+    assert fractions == [750.0, 500.0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.pruning._select import NothingPrunedWarning
+from torchslim.pruning.selector import NothingPrunedWarning
 
 
 class Three(nn.Module):
@@ -43,6 +44,15 @@ def test_ratio_pattern_matching_no_module_is_refused_naming_it():
     state = _state(model)
     with pytest.raises(ValueError, match=r"PruneConfig\.ratios\['nothing'\] matches no module of Three"):
         torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={"nothing": 0.5}))
+    assert _unchanged(model, state)
+
+
+@pytest.mark.parametrize("key", [True, 1.5])
+def test_ratio_key_neither_glob_nor_group_id_is_refused_naming_it(key):
+    model = Three()
+    state = _state(model)
+    with pytest.raises(TypeError, match=rf"PruneConfig\.ratios\[{key!r}\]: keys are module globs \(str\) or group ids"):
+        torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5, ratios={key: 0.5}))
     assert _unchanged(model, state)
 
 
@@ -91,24 +101,24 @@ class _LatencyOfAtoms:
         return float(self.measured_ms - gone)
 
 
-def _removed_per_module(config, ranking=None):
+def _removed_per_module(config, ranking):
     """Channels of a, b, c removed by the selection ``config`` describes (the same spread of
     importance in every group, so that a global ranking takes from each)."""
     from torchslim.graph import DependencyGraph
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.pruning.selector import Selector, eligible_groups
 
+    config = dataclasses.replace(config, latency_aware=False)  # ranking set below, widths and caps as given
     graph = DependencyGraph.build(Three(), X)
     groups = eligible_groups(graph, config)
     scores = {g.index: np.arange(1.0, len(g) + 1) for g in groups}
     selector = Selector(graph, groups, scores, config, _LatencyOfAtoms(graph))
-    if ranking is not None:
-        selector.ranking = ranking
+    selector = selector.choosing(ranking=ranking)
     _, removed = selector.select(np.zeros(graph.n_atoms, dtype=bool))
     return [int(np.isin(graph.module_output_atoms(name), removed).sum()) for name in ("a", "b", "c")]
 
 
 @pytest.mark.parametrize("target", [{"target_macs": 0.85}, {"target_params": 0.85}, {"target_latency": 0.85}])
-@pytest.mark.parametrize("ranking", [None, "global"])
+@pytest.mark.parametrize("ranking", ["per_group", "global"])
 def test_ratios_bound_a_group_under_every_target(target, ranking):
     """ratios={"b": 0.5}: b may lose up to half its channels. A mild target needs less than that
     of every group, so b loses what the search gives the others, never a fixed half."""
@@ -143,7 +153,7 @@ def _causal_lm(kind: str):
 def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
     """Pruning the hidden size (RMSNorm/LayerNorm statistics) is not needed for half the MACs:
     the default leaves it, so the result equals the zeroed original."""
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm(kind)
     original = copy.deepcopy(model)
@@ -156,10 +166,10 @@ def test_default_target_is_met_with_exact_groups_when_they_suffice(kind):
 
 
 def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
-    with pytest.raises(ValueError, match="target_macs=0.2 cannot be met"):
+    with pytest.raises(ValueError, match=r"target_macs=0\.2 cannot be met"):
         torchslim.prune_(copy.deepcopy(model), ids, torchslim.PruneConfig(target_macs=0.2, exact_only=True))
     with pytest.warns(InexactGroupsWarning, match=r"target_macs=0\.2 cannot be met with exact groups alone.*norm"):
         result = torchslim.prune_(model, ids, torchslim.PruneConfig(target_macs=0.2))
@@ -167,7 +177,7 @@ def test_default_target_adds_inexact_groups_only_when_needed_and_says_so():
 
 
 def test_default_ratio_prunes_exact_groups_and_counts_the_inexact_ones_left():
-    from torchslim.pruning._select import InexactGroupsWarning
+    from torchslim.pruning.selector import InexactGroupsWarning
 
     model, ids = _causal_lm("llama")
     original = copy.deepcopy(model)
@@ -195,11 +205,11 @@ def test_target_macs_lands_within_2_percent_where_heads_step_in_every_block_at_o
     not overshot by the whole step; widths stay multiples of round_to."""
     from torchslim.graph import DependencyGraph
     from torchslim.graph.macs import estimate_macs
-    from torchslim.pruning._select import Selector, eligible_groups
+    from torchslim.pruning.selector import Selector, eligible_groups
 
     model, x = _hf_vit()
     graph = DependencyGraph.build(model, x)
-    config = torchslim.PruneConfig(target_macs=0.5, exact_only=True, round_to=round_to)
+    config = torchslim.PruneConfig(target_macs=0.5, exact_only=True, round_to=round_to, latency_aware=False)
     groups = eligible_groups(graph, config)
     heads = [g for g in groups if graph.atom_width(g) == 32]
     assert len(heads) == 2 and all(len(g) == 3 for g in heads)
@@ -209,6 +219,98 @@ def test_target_macs_lands_within_2_percent_where_heads_step_in_every_block_at_o
                      for r in (1 / 3 - 1e-3, 1 / 3 + 1e-3))
     target = (before + after) / 2
     assert after < 0.96 * target  # the step is coarse: stopping at the ratio that meets the target overshoots
-    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_macs=target, exact_only=True, round_to=round_to))
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(target_macs=target, exact_only=True, round_to=round_to,
+                                                              latency_aware=False))
     assert 0.98 * target <= result.macs_after / result.macs_before <= target
     assert all(layer.mlp.fc1.out_features % round_to == 0 for layer in model.layers)
+
+
+# the default MACs target goes where the time is ----------------------------------------------
+class HighAndLowResolution(nn.Module):
+    """Two thin layers at 64x64 (memory-bound: each channel moves 4096 elements per tensor) and
+    two wide ones at 8x8 (compute-bound): per channel, comparable MACs, very different time."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 1)
+        self.c = nn.Conv2d(32, 256, 3, padding=1)
+        self.d = nn.Conv2d(256, 256, 3, padding=1)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        x = nn.functional.max_pool2d(x, 8)
+        x = torch.relu(self.d(torch.relu(self.c(x))))
+        return self.head(x.mean((2, 3)))
+
+
+X64 = torch.randn(1, 3, 64, 64)
+
+
+def _estimated_ms(model) -> float:
+    from torchslim.graph import DependencyGraph
+    from torchslim.latency.lut import CostModel
+
+    return CostModel(DependencyGraph.build(model, X64)).unpruned_ms
+
+
+def test_default_macs_target_cuts_where_the_estimated_time_is_with_hardware_widths(monkeypatch):
+    """No table is measured (the default must not need one): the thin high-resolution layers
+    lose channels first, at most 60% of them, in multiples of 8; cutting every group alike
+    leaves more estimated time at the same MACs."""
+    from torchslim.latency import lut
+
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("the default MACs target measured latency")
+
+    monkeypatch.setattr(lut.LatencyTable, "lookup", no_measurement)
+    monkeypatch.setattr(lut, "measure_model", no_measurement)
+    default, alike = HighAndLowResolution().eval(), HighAndLowResolution().eval()
+    original = copy.deepcopy(default)
+    result = torchslim.prune_(default, X64, torchslim.PruneConfig(target_macs=0.6))
+    torchslim.prune_(alike, X64, torchslim.PruneConfig(target_macs=0.6, latency_aware=False))
+    assert 0.95 * 0.6 <= result.macs_after / result.macs_before <= 0.6  # steps of 8 channels are 2% each here
+    assert torchslim.verify(original, default, X64, result.plan).ok
+    widths = [default.a.out_channels, default.b.out_channels, default.c.out_channels]
+    assert all(w % 8 == 0 for w in widths) and min(widths[:2]) >= 16, widths  # 60% at most of 32
+    assert default.a.out_channels + default.b.out_channels < alike.a.out_channels + alike.b.out_channels
+    assert _estimated_ms(default) < 0.9 * _estimated_ms(alike), (_estimated_ms(default), _estimated_ms(alike))
+
+
+def test_default_cap_counts_against_the_width_before_any_pruning():
+    """Pruned in steps with the default MACs ranking, no group ends thinner than one prune
+    could leave it (40% of its width as built, in multiples of 8): the thin high-resolution
+    layers the ranking cuts first stop at 16 of 32 channels while the wide ones pay the rest."""
+    model = HighAndLowResolution().eval()
+    original = copy.deepcopy(model)
+    macs = []
+    for _ in range(3):
+        result = torchslim.prune_(model, X64, torchslim.PruneConfig(target_macs=0.8))
+        assert result.macs_after <= 0.8 * result.macs_before
+        macs.append(result.macs_after)
+    assert model.a.out_channels >= 16 and model.b.out_channels >= 16, (model.a.out_channels, model.b.out_channels)
+    assert model.c.out_channels < 256  # the rest of the budget came from the wide layers
+    assert torchslim.verify(original, model, X64, torchslim.pruning_history(model)).ok
+
+
+def test_cost_model_charges_memory_traffic_depthwise_and_thin_products():
+    """The shape-based estimate behind the default ranking: a depthwise MAC costs several dense
+    ones, elementwise ops cost their traffic, and thin products cost more per MAC."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.latency.lut import CostModel
+
+    def estimate(model, x):
+        return CostModel(DependencyGraph.build(model.eval(), x)).unpruned_ms
+
+    x = torch.randn(1, 64, 32, 32)
+    dense, depthwise = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    per_mac_dense = estimate(nn.Sequential(dense), x) / (64 * 64 * 9 * 1024)
+    per_mac_depthwise = estimate(nn.Sequential(depthwise), x) / (64 * 9 * 1024)
+    assert per_mac_depthwise > 3 * per_mac_dense  # depthwise convs are memory-bound
+    relu_only = estimate(nn.Sequential(nn.ReLU()), x)
+    assert relu_only > 2 * estimate(nn.Sequential(nn.ReLU()), torch.randn(1, 64, 8, 8))  # elementwise traffic
+    rows = torch.randn(256, 4096)  # nearly the same traffic either way (the 4096 inputs per row)
+    thin, wider = (estimate(nn.Sequential(nn.Linear(4096, n, bias=False)), rows) for n in (8, 16))
+    assert thin > 0.75 * wider  # half the MACs, yet more than 3/4 of the time (0.72 if MACs cost alike)

@@ -163,7 +163,7 @@ def test_stale_state_without_the_optimizer_raises_naming_the_parameter():
 
 def test_prune_refuses_a_non_optimizer_before_touching_the_model():
     model = net()
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         torchslim.prune_(model, X, torchslim.PruneConfig(ratio=0.5), optimizer=[model.parameters()])
     assert model[0].weight.shape[0] == 16
 

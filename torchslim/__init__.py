@@ -47,7 +47,7 @@ _EXPORTS = {
     "training_mode": "torchslim.modes",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts
 
 
 def __getattr__(name: str) -> Any:

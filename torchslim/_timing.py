@@ -214,7 +214,7 @@ def module_latency(model: nn.Module, fn: Callable[[], object], warmup: int = 1, 
                 fn()
                 if i >= warmup:
                     for name, (total, own, calls) in run.items():
-                        samples[name].append((total * 1000.0, own * 1000.0, calls))
+                        samples[name].append((total * 1000.0, own * 1000.0, int(calls)))
     finally:
         for handle in handles:
             handle.remove()

@@ -11,6 +11,7 @@ the plot is skipped and the report says so (``report["plot"]`` is None, ``plot_s
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -61,11 +62,11 @@ def _latency(models: dict, batch: torch.Tensor, rounds: int, repeats: int, threa
     a warmed-up median (``torchslim._timing.measure_latency``); the result is the median of
     the round medians."""
     samples: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():
+    for model in models.values():
         model.eval()
     for _ in range(rounds):
         for name, model in models.items():
-            stats = measure_latency(lambda: model(batch), warmup=3, repeats=repeats, threads=threads)
+            stats = measure_latency(functools.partial(model, batch), warmup=3, repeats=repeats, threads=threads)
             samples[name].append(stats.median_ms)
     return {name: float(np.median(values)) for name, values in samples.items()}
 

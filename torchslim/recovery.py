@@ -83,8 +83,8 @@ def _logits(output: Any) -> torch.Tensor:
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -266,8 +266,8 @@ def recalibrate_bn_(model: nn.Module, batches: Iterable, num_batches: int | None
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     device = _model_device(model) if device is None else torch.device(device)
-    saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(),
-              None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m, m.momentum, _clone(m.running_mean), _clone(m.running_var), _clone(m.num_batches_tracked))
+             for m in norms]
     used = 0
     with training_mode(model, False):
         for m in norms:
@@ -288,6 +288,10 @@ def recalibrate_bn_(model: nn.Module, batches: Iterable, num_batches: int | None
     if used == 0:
         raise ValueError("recalibrate_bn_ got no batches; the running statistics were left unchanged")
     return used
+
+
+def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.clone()
 
 
 def _put_back(saved, stats: bool) -> None:

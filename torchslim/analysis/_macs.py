@@ -87,7 +87,7 @@ def profile_macs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[MacPr
     """
     names = {id(m): name for name, m in model.named_modules()}
     modules: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
-    counter = FlopCounterMode(display=False, depth=None, custom_mapping=CUSTOM_MAPPING)
+    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_MAPPING)
     # frames: [module id, qualified name, FLOPs at entry, FLOPs inside child module calls]
     stack: list[list] = []
 

@@ -75,7 +75,7 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs, *, latency: bool = 
             is_leaf=next(iter(module.children()), None) is None, calls=record.calls if record else 0,
             self_params=self_params[name], self_macs=self_macs[name],
         )
-        if timing is not None and name in timing:
+        if stats is not None and timing is not None and name in timing:
             row.latency_ms = timing[name].median_ms
             row.self_latency_ms = timing[name].self_median_ms
             row.latency_share = row.latency_ms / stats.median_ms if stats.median_ms else None

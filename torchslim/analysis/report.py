@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 ROLLUP_KEYS = ("macs", "params", "latency_ms", "activation_bytes")
 TOP_KEYS = ("macs", "params", "latency_ms", "self_latency_ms", "activation_bytes", "self_macs")
@@ -212,11 +215,11 @@ class AnalysisReport:
         ms = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
 
         table = Table(title=f"by module prefix (depth {depth})", show_footer=True)
-        for col, footer, justify in (("module", "total", "left"), ("type", "", "left"),
-                                     ("params", f"{self.total_params:,}", "right"),
-                                     ("MACs (M)", f"{self.total_macs / 1e6:,.2f}", "right"),
-                                     ("MACs %", "100.0", "right"),
-                                     ("latency ms", ms(self.latency_ms), "right"), ("time %", "", "right")):
+        columns: tuple[tuple[str, str, JustifyMethod], ...] = (
+            ("module", "total", "left"), ("type", "", "left"), ("params", f"{self.total_params:,}", "right"),
+            ("MACs (M)", f"{self.total_macs / 1e6:,.2f}", "right"), ("MACs %", "100.0", "right"),
+            ("latency ms", ms(self.latency_ms), "right"), ("time %", "", "right"))
+        for col, footer, justify in columns:
             table.add_column(col, footer=footer, justify=justify, **_column_style(col))
         for r in self.rollup(depth):
             table.add_row(r.label, r.type, f"{r.params:,}", f"{r.macs / 1e6:,.2f}", pct(r.macs, self.total_macs),
@@ -228,10 +231,11 @@ class AnalysisReport:
             for col in ("layer", "type", "params", "MACs (M)", "MACs %", "output", "act (KB)", "latency ms", "time %"):
                 table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right",
                                  **_column_style(col))
-            for r in self.top(top):
-                table.add_row(r.name, r.type, f"{r.params:,}", f"{r.macs / 1e6:,.2f}", pct(r.macs, self.total_macs),
-                              " ".join("x".join(map(str, s)) for s in r.output_shape[:2]),
-                              f"{r.activation_bytes / 1024:,.1f}", ms(r.latency_ms),
-                              "-" if r.latency_share is None else f"{100 * r.latency_share:.1f}")
+            for layer in self.top(top):
+                table.add_row(layer.name, layer.type, f"{layer.params:,}", f"{layer.macs / 1e6:,.2f}",
+                              pct(layer.macs, self.total_macs),
+                              " ".join("x".join(map(str, s)) for s in layer.output_shape[:2]),
+                              f"{layer.activation_bytes / 1024:,.1f}", ms(layer.latency_ms),
+                              "-" if layer.latency_share is None else f"{100 * layer.latency_share:.1f}")
             console.print(table)
         console.print(self.summary())

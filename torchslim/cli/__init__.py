@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from torchslim.cli._errors import EXIT_INTERNAL, EXIT_USAGE, CliError, one_line, print_error, show_warnings_on_one_line
-from torchslim.cli._model_spec import source_metadata  # shared with torchslim.demo (saved-file provenance)
+from torchslim.cli._model_spec import source_metadata as source_metadata  # shared with torchslim.demo (saved-file provenance)
 
 #: subcommand name -> module implementing it (``add_parser`` + ``run``), in help order.
 COMMANDS: dict[str, str] = {
@@ -32,7 +32,7 @@ def register_command(name: str, module: str) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors become a :class:`CliError` (one line, exit code 2)."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):  # argparse API
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
-    except Exception as exc:  # noqa: BLE001 - a bug in torchslim or a model: one line, details with --debug
+    except Exception as exc:  # a bug in torchslim or a model: one line, details with --debug
         if debug:
             raise
         print_error(f"unexpected {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)")

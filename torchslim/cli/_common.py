@@ -91,9 +91,10 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
                              "(multiples of 8/16) at the same MACs, and keep the fastest (on by default with a "
                              "MACs or params target)")
     parser.add_argument("--no-latency-table", action="store_true",
-                        help="with a MACs or params target, rank by importance per MAC only: no per-layer latency "
-                             "table (measured once per machine, runtime and thread count, cached under "
-                             "~/.cache/torchslim or $TORCHSLIM_CACHE) and --round-to 1 unless given")
+                        help="with a MACs or params target, measure no per-layer latency table (otherwise measured once "
+                             "per machine, runtime and thread count, cached under ~/.cache/torchslim or "
+                             "$TORCHSLIM_CACHE): use the Python API's default, a MACs target spent where the time "
+                             "estimated from shapes is, widths in multiples of 8")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every latency measurement (default 1: with as many threads as "
                              "cores, any other busy process stalls every parallel op)")
@@ -188,7 +189,7 @@ def config_from_args(args: argparse.Namespace, model):
     from torchslim.pruning.recipe import load_recipe
 
     fields = dict(criterion=args.criterion, exclude=tuple(args.exclude), exact_only=args.exact_only or None,
-                  latency_aware=args.latency_aware, latency_threads=args.threads,
+                  latency_aware=args.latency_aware or None, latency_threads=args.threads,
                   latency_runtime=args.latency_runtime or getattr(args, "runtime", None) or "torch")
     if args.round_to is not None:
         fields["round_to"] = args.round_to if args.round_to == "latency" else _int(args.round_to, "--round-to")

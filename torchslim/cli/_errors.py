@@ -38,7 +38,7 @@ def show_warnings_on_one_line() -> None:
     the ``warnings.catch_warnings()`` block around the command."""
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings API
+    def show(message, category, filename, lineno, file=None, line=None):  # warnings API
         print_warning(f"{category.__name__}: {message}")
 
     warnings.showwarning = show

@@ -171,7 +171,7 @@ def _hf(model_type: str, kwargs: dict) -> nn.Module:
     try:
         config = transformers.AutoConfig.for_model(model_type, **kwargs)
     except ValueError as exc:
-        known = getattr(getattr(transformers, "CONFIG_MAPPING", None), "keys", lambda: [])()
+        known: list[str] = list(getattr(getattr(transformers, "CONFIG_MAPPING", None), "keys", lambda: [])())
         raise CliError(f"unknown Hugging Face model type '{model_type}'{_suggest(model_type, known)}"
                        if model_type not in known else f"hf:{model_type}: {one_line(str(exc))}") from None
     try:
@@ -224,6 +224,8 @@ def import_attribute(spec: str, what: str = "file", suggestable=callable) -> tup
         raise CliError(f"{what} not found: {path}")
     module_name = f"torchslim_user_model_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise CliError(f"{what} {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up
     folder = str(path.resolve().parent)
@@ -333,7 +335,7 @@ def _torch_load(path: Path, kwargs: dict) -> nn.Module:
 
 def _hf_main_input(model: nn.Module) -> str | None:
     if hasattr(model, "main_input_name") and hasattr(model, "config") and hasattr(model.config, "model_type"):
-        return model.main_input_name
+        return str(model.main_input_name)
     return None
 
 

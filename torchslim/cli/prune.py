@@ -7,10 +7,14 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torchslim.cli._common import (add_model_arguments, add_pruning_arguments, check_pruning_flags, config_from_args,
                                    make_console, model_and_inputs, pruning_data)
 from torchslim.cli._errors import CliError, one_line, print_warning
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 #: rounds in which the original and the pruned model are timed in turn (best round kept)
 ROUNDS = 3
@@ -110,7 +114,7 @@ class _Steps:
         self.progress = Progress(SpinnerColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
                                  BarColumn(bar_width=20), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  transient=True)
-        self.task = None
+        self.task: TaskID | None = None
 
     def __enter__(self) -> "_Steps":
         self.progress.__enter__()
@@ -120,18 +124,17 @@ class _Steps:
     def start(self, description: str) -> None:
         self.done += 1
         LOG.info("step %d/%d: %s", self.done, self.total, description)
-        self.progress.update(self.task, completed=self.done, description=description)
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.done, description=description)
 
-    def __exit__(self, *exc) -> bool:
-        return bool(self.progress.__exit__(*exc))
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
 
 
 def _pruning_step(config) -> str:
     """What ``prune_`` is about to do, in words (the slow parts named)."""
-    goal = (f"to {config.target_macs:g} of the MACs" if config.target_macs is not None else
-            f"to {config.target_latency:g} of the latency" if config.target_latency is not None else
-            f"to {config.target_params:g} of the params" if config.target_params is not None else
-            f"by {config.ratio:g} per group")
+    target = config.target
+    goal = f"to {target.value:g} of the {target.quantity}" if target else f"by {config.ratio:g} per group"
     criterion = config.criterion if isinstance(config.criterion, str) else type(config.criterion).__name__
     text = f"tracing the graph, ranking channels by {criterion} and removing them {goal}"
     if config.needs_latency:
@@ -140,7 +143,7 @@ def _pruning_step(config) -> str:
         table = LatencyTable(config.latency_runtime, config.latency_threads)
         text += (f"; per-layer latency table {'cached' if table.path.exists() else 'measured now, once for this machine'}"
                  f" ({table.path})")
-        if config.latency_aware and config.target_params is None and config.target_macs is not None:
+        if config.latency_aware and target and target.quantity == "macs":
             text += "; the candidate removals are timed and the fastest kept"
     return text
 
@@ -184,7 +187,7 @@ def _export_onnx(model, inputs, path: Path) -> dict:
     try:
         return export_onnx(model, inputs, path).to_dict()
     except (ImportError, RuntimeError) as exc:  # OnnxCheckError is a RuntimeError
-        report = exc.report.to_dict() if isinstance(exc, OnnxCheckError) else {"ok": False}
+        report: dict[str, Any] = exc.report.to_dict() if isinstance(exc, OnnxCheckError) else {"ok": False}
         report["message"] = str(exc).splitlines()[0]
         return report
 

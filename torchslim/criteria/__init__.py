@@ -6,8 +6,9 @@ measure the model on ``data=`` batches passed to ``prune_`` first.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, overload
 
+from torchslim._registry import Registry
 from torchslim.criteria._base import DataDriven, Importance, scatter_to_atoms
 from torchslim.criteria.activation import ActivationImportance
 from torchslim.criteria.bn_scale import BNScaleImportance, bn_l1_penalty
@@ -18,18 +19,44 @@ from torchslim.criteria.norm import NormImportance
 from torchslim.criteria.random import RandomImportance
 from torchslim.criteria.taylor import TaylorImportance
 
-CRITERIA: dict[str, Callable[[int], Importance]] = {
-    "l1": lambda seed: NormImportance(1),
-    "l2": lambda seed: NormImportance(2),
-    "fpgm": lambda seed: FPGMImportance(),
-    "bn_scale": lambda seed: BNScaleImportance(),
-    "lamp": lambda seed: LAMPImportance(),
-    "taylor": lambda seed: TaylorImportance(),
-    "fisher": lambda seed: FisherImportance(),
-    "apoz": lambda seed: ActivationImportance("apoz"),
-    "mean_activation": lambda seed: ActivationImportance("mean"),
-    "random": lambda seed: RandomImportance(seed),
-}
+CriterionFactory = Callable[[int], Importance]
+
+#: criterion name -> factory ``(seed) -> Importance``; add entries with :func:`register_criterion`.
+CRITERIA: Registry[str, CriterionFactory] = Registry("criterion")
+
+
+@overload
+def register_criterion(name: str, *, replace: bool = False) -> Callable[[CriterionFactory], CriterionFactory]: ...
+
+
+@overload
+def register_criterion(name: str, factory: CriterionFactory, *, replace: bool = False) -> CriterionFactory: ...
+
+
+def register_criterion(name: str, factory: Any = None, *, replace: bool = False) -> Any:
+    """Make ``name`` a criterion for ``PruneConfig(criterion=name)``, recipes and the CLI's ``--criterion``.
+
+    ``factory(seed)`` returns the :class:`Importance` (one score per atom, higher = keep); a
+    class whose constructor takes the seed works as is. Use it as a decorator or call it with
+    the factory. A name registered twice is refused (``ValueError``) unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a criterion's name must be a non-empty string, got {name!r}")
+    if factory is None:
+        return CRITERIA.register(name, replace=replace)
+    return CRITERIA.register(name, factory, replace=replace)
+
+
+register_criterion("l1", lambda seed: NormImportance(1))
+register_criterion("l2", lambda seed: NormImportance(2))
+register_criterion("fpgm", lambda seed: FPGMImportance())
+register_criterion("bn_scale", lambda seed: BNScaleImportance())
+register_criterion("lamp", lambda seed: LAMPImportance())
+register_criterion("taylor", lambda seed: TaylorImportance())
+register_criterion("fisher", lambda seed: FisherImportance())
+register_criterion("apoz", lambda seed: ActivationImportance("apoz"))
+register_criterion("mean_activation", lambda seed: ActivationImportance("mean"))
+register_criterion("random", RandomImportance)
 
 
 def make_importance(criterion: Any, seed: int = 0) -> Importance:
@@ -46,5 +73,5 @@ def make_importance(criterion: Any, seed: int = 0) -> Importance:
 __all__ = [
     "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance",
     "Importance", "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "bn_l1_penalty",
-    "make_importance", "random_projection_loss", "scatter_to_atoms",
+    "make_importance", "random_projection_loss", "register_criterion", "scatter_to_atoms",
 ]

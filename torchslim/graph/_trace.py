@@ -93,10 +93,10 @@ class ModuleOp:
         return self.name
 
 
-_WHOLE_MODULES: dict[type, ModuleOp] = {}
+_WHOLE_MODULES: dict[type[nn.Module], ModuleOp] = {}
 
 
-def trace_as_one_op(module_type: type, op: ModuleOp) -> None:
+def trace_as_one_op(module_type: type[nn.Module], op: ModuleOp) -> None:
     """Record every call of ``module_type`` (and of subclasses keeping its forward) as ``op``."""
     _WHOLE_MODULES[module_type] = op
 
@@ -296,6 +296,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
         module_calls.setdefault(name, []).append(ModuleCall(name, pending.pop(id(module), []), outs))
 
     calls: dict[int, tuple] = {}
+    whole_ops = {id(m): op for m in model.modules() if (op := _whole_module_op(m)) is not None}
 
     def whole_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         recorder.module_stack.append(names.get(id(module), "?"))
@@ -305,12 +306,12 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
     def whole_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         recorder.inside_whole_module -= 1
         name = recorder.module_stack.pop()
-        call = recorder.record_whole_module(_whole_module_op(module), module, name, calls.pop(id(module)), output)
+        call = recorder.record_whole_module(whole_ops[id(module)], module, name, calls.pop(id(module)), output)
         module_calls.setdefault(name, []).append(call)
 
     handles = []
     for module in model.modules():
-        if _whole_module_op(module) is not None:
+        if id(module) in whole_ops:
             handles.append(module.register_forward_pre_hook(whole_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(whole_post_hook, with_kwargs=True))
             continue

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from torchslim._inputs import ExampleInputs
+from torchslim._registry import Registry
 from torchslim.graph import rules
 from torchslim.graph._coupling import Coupling, connected_components
 from torchslim.graph._trace import PARAM, BUFFER, CONST, OpCall, Trace, trace
@@ -23,11 +24,15 @@ from torchslim.graph.rules.pointwise import pointwise_rule
 from torchslim.graph.rules.shape import BROADCAST_PIN
 
 ModuleRule = Callable[[Coupling, nn.Module, str, Trace], None]
-_MODULE_RULES: dict[type, ModuleRule] = {}
+_MODULE_RULES: Registry[type, ModuleRule] = Registry("module rule")
 
 
-def register_module_rule(module_type: type) -> Callable[[ModuleRule], ModuleRule]:
+def register_module_rule(module_type: type, *, replace: bool = False) -> Callable[[ModuleRule], ModuleRule]:
     """Register extra couplings for a module type (called once per module of that type).
+
+    A module uses the rule of its own type, else that of its nearest registered base class
+    along its method resolution order (``type(module).__mro__``), so subclasses inherit a
+    rule. Registering a type twice is refused (``ValueError``) unless ``replace=True``.
 
     Use it when a module's code ties dimensions that no single op shows, e.g. a packed
     projection whose width must equal its input width::
@@ -36,12 +41,7 @@ def register_module_rule(module_type: type) -> Callable[[ModuleRule], ModuleRule
         def _(c, module, name, trace):
             c.same(trace.param_nodes[f"{name}.proj.weight"], 0, trace.param_nodes[f"{name}.norm.weight"], 0)
     """
-
-    def register(fn: ModuleRule) -> ModuleRule:
-        _MODULE_RULES[module_type] = fn
-        return fn
-
-    return register
+    return _MODULE_RULES.register(module_type, replace=replace)
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ class DependencyGraph:
         fams = family[atoms_all]
         order = np.argsort(fams, kind="stable")
         bounds = np.flatnonzero(np.diff(fams[order])) + 1
-        groups = []
+        groups: list[Group] = []
         for members in np.split(atoms_all[order], bounds):
             fam = int(family[members[0]])
             # activations only, or buffers only (e.g. a position index table): no weight to remove
@@ -283,7 +283,7 @@ def _couple(model, recorded: Trace, choices, keep_inputs: bool, keep_outputs: bo
     for op in recorded.ops:
         _apply_op_rule(coupling, op, recorded, blockers)
     for name, module in model.named_modules():
-        rule = next((r for t, r in _MODULE_RULES.items() if type(module) is t), None)
+        rule = _MODULE_RULES.for_type(type(module))
         if rule is not None and name in recorded.module_calls:
             rule(coupling, module, name, recorded)
     _pin_fixed_tensors(coupling, recorded, keep_inputs, keep_outputs)
@@ -364,7 +364,7 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
             rule(c, op, recorded)
             _pin_unlinked_outputs(c, op, mark)
             return
-        except Exception as exc:  # a rule that cannot read this call pins instead of guessing
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"
     for n in op.inputs + op.outputs:
         c.pin(n, None, f"{op.name}: {reason}")

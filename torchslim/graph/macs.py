@@ -8,6 +8,8 @@ after the removal, so a MACs target is searched in milliseconds per candidate.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 from torch.utils.flop_counter import flop_registry
@@ -55,7 +57,7 @@ def _matmul_macs(first: int):
 
 aten = torch.ops.aten
 # ops computing several layers at once; recurrent layers are traced as one op per module call
-FUSED = {aten._native_multi_head_attention: _native_mha_macs, **{op: recurrent_macs for op in RECURRENT_OPS}}
+FUSED: dict[Any, Callable[..., int]] = {aten._native_multi_head_attention: _native_mha_macs, **{op: recurrent_macs for op in RECURRENT_OPS}}
 # the commonest ops, counted from shapes directly (same numbers as torch's formulas, which need
 # meta tensors built per call: most of the time of a MACs-target search)
 DIRECT = {aten.convolution: _conv_macs, aten.mm: _matmul_macs(0), aten.addmm: _matmul_macs(1),
@@ -98,7 +100,7 @@ def op_macs(op: OpCall, shapes) -> int:
             pass
     try:
         return _formula_macs(op, shapes)
-    except Exception as exc:  # noqa: BLE001 - any formula failure is reported with the op it concerns
+    except Exception as exc:  # any formula failure is reported with the op it concerns
         raise MacsError(op, exc) from exc
 
 

@@ -389,14 +389,14 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
             if name not in step.shapes:
                 raise CheckpointError(f"{where}: '{name}' is removed from but has no recorded shape")
         after: dict[int, list[int]] = {}
-        for name, expected in step.shapes.items():
+        for name, planned in step.shapes.items():
             if name not in group:
                 raise CheckpointError(f"{where}: the plan names '{name}', which the model ({_qualname(model)}) "
                                       "has no parameter or buffer called")
             current = shapes[group[name]]
-            if current != list(expected):
+            if current != list(planned):
                 raise CheckpointError(f"{where}: '{name}' has shape {current} in the model, the plan expects "
-                                      f"{list(expected)} (is the model freshly built and unpruned, with the same "
+                                      f"{list(planned)} (is the model freshly built and unpruned, with the same "
                                       "configuration?)")
             new = list(current)
             for dim, gone in step.removed.get(name, {}).items():

@@ -9,7 +9,8 @@ with ``TORCHSLIM_CACHE``) per machine, runtime (PyTorch eager, or ONNX Runtime w
 layer exported alone) and thread count.
 Summed over the graph's layers, plus the measured remainder of the model (everything the
 table does not model), it predicts the latency of any pruning of the graph without
-building it.
+building it. ``CostModel`` estimates the same from shapes alone (no measurement), for the
+default MACs-target ranking.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from torchslim.graph import DependencyGraph
 from torchslim.graph import OpCall
+from torchslim.graph.macs import has_macs, op_macs
 from torchslim.latency.runtime import RUNTIMES, measure_model
 
 aten = torch.ops.aten
@@ -164,3 +166,100 @@ class LatencyModel:
         removed = self._mask(removed_atoms)
         rest = self.rest_ms * self._activation_elements(removed) / max(self.act_elements, 1)
         return rest + self.predict_layers(removed_atoms)
+
+
+# Eager PyTorch on a CPU, per kind of op (oneDNN/MKL kernels, float32, batch 1), measured on a
+# 2-core x86 VM at 1 thread: dense convolutions and matrix products run at 20-32 GMAC/s (a 1x1
+# conv 16 -> 96 channels at 17: THIN_CHANNELS), depthwise convolutions at ~7 (each input element
+# is used k*k times, not k*k*C), and elementwise ops (BatchNorm, activations, adds, pooling,
+# copies) move 3-6 G elements/s read plus written, for ~5 us per op. Absolute values differ
+# between machines; the selection uses only what one channel saves relative to another, which
+# these ratios carry (per-module shares of MODNet's time: estimated within ~20% of measured).
+DENSE_MACS_PER_US = 25_000.0
+DEPTHWISE_MACS_PER_US = 7_000.0
+ELEMENTS_PER_US = 2_000.0  # inputs read plus outputs written
+OP_OVERHEAD_US = 5.0
+THIN_CHANNELS = 8.0
+_COMPUTE = {aten.convolution, aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul,
+            aten._scaled_dot_product_flash_attention_for_cpu, aten.scaled_dot_product_attention,
+            aten._native_multi_head_attention}
+_VIEWS = {aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.t, aten.expand,
+          aten.squeeze, aten.unsqueeze, aten.slice, aten.select, aten.alias, aten.detach, aten.as_strided,
+          aten.split, aten.split_with_sizes, aten.unbind, aten.chunk, aten.flatten, aten.unflatten, aten.narrow,
+          aten.lift_fresh, aten._reshape_alias}
+
+
+class CostModel:
+    """Latency estimated from shapes alone, no measurement: per traced op, a fixed cost, its
+    MACs at the throughput of its kind (dense or depthwise) and the activation elements it
+    reads and writes at memory speed (roofline-style, as in NetAdapt's and MobileNet's
+    discussions of memory-bound layers).
+
+    Its ``predict`` answers like :class:`LatencyModel`'s, in estimated milliseconds, so the
+    rankings that spend a MACs budget where the time is can run without a table measured on
+    this machine: a channel at 112x112 moves 256 times the elements of one at 7x7, a depthwise
+    MAC costs ~4 dense ones, and a product over few channels runs slower per MAC than a wide
+    one (``_thin_penalty``), so cutting a layer very thin saves less than its MACs."""
+
+    def __init__(self, graph: DependencyGraph):
+        self.graph = graph
+        self._macs: dict[tuple, int] = {}  # (op index, shapes) -> MACs
+        nodes = graph.trace.nodes
+        self._ops = []  # (op, activation nodes it reads and writes, MACs per us or 0 for none)
+        for op in graph.trace.ops:
+            packet = op.func.overloadpacket
+            if packet in _VIEWS:
+                continue
+            acts = [n for n in (*op.inputs, *op.outputs) if nodes[n].kind in ("act", "input")]
+            if not op.outputs or not acts:
+                continue
+            speed = 0.0
+            if packet in _COMPUTE and has_macs(op):
+                speed = DEPTHWISE_MACS_PER_US if _is_depthwise(op, nodes) else DENSE_MACS_PER_US
+            self._ops.append((op, acts, speed))
+        self.unpruned_ms = self.predict()
+
+    def predict(self, removed_atoms: np.ndarray | None = None) -> float:
+        """Estimated latency (ms) after removing ``removed_atoms``."""
+        removed = np.zeros(self.graph.n_atoms, dtype=bool)
+        if removed_atoms is not None and len(removed_atoms):
+            removed[np.asarray(removed_atoms, dtype=np.int64)] = True
+        shapes = self.graph.shapes_after(removed) if removed.any() else [n.shape for n in self.graph.trace.nodes]
+        memo = self._macs
+        total_us = 0.0
+        for op, acts, speed in self._ops:
+            elements = sum(int(np.prod(shapes[n])) for n in acts)
+            total_us += OP_OVERHEAD_US + elements / ELEMENTS_PER_US
+            if speed:
+                key = (op.index, *(shapes[n] for n in op.inputs), *(shapes[n] for n in op.outputs))
+                if key not in memo:
+                    memo[key] = op_macs(op, shapes.__getitem__)
+                total_us += memo[key] / speed * _thin_penalty(op, shapes)
+        return total_us / 1000.0
+
+
+def _thin_penalty(op: OpCall, shapes) -> float:
+    """How much slower per MAC a product over few channels runs: vector registers and blocked
+    layouts are filled ``THIN_CHANNELS`` at a time, and the per-call work (packing, threading)
+    does not shrink with the channels. ``(1 + T/cin) * (1 + T/cout)``; depthwise convs only pay
+    the output term."""
+    packet = op.func.overloadpacket
+    if packet is aten.convolution:
+        cin, cout = shapes[op.inputs[0]][1], shapes[op.outputs[0]][1]
+        groups = op.arg(8, "groups", 1)
+        if groups > 1 and groups == cin:
+            return 1.0 + THIN_CHANNELS / max(cout, 1)
+        cin //= max(groups, 1)
+    elif packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
+        first = 1 if packet in (aten.addmm, aten.baddbmm) else 0
+        cin, cout = shapes[op.inputs[first]][-1], shapes[op.outputs[0]][-1]
+    else:
+        return 1.0
+    return (1.0 + THIN_CHANNELS / max(cin, 1)) * (1.0 + THIN_CHANNELS / max(cout, 1))
+
+
+def _is_depthwise(op: OpCall, nodes) -> bool:
+    if op.func.overloadpacket is not aten.convolution:
+        return False
+    groups = op.arg(8, "groups", 1)
+    return groups > 1 and groups == nodes[op.inputs[0]].shape[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torchslim.modes import training_mode
 
 RUNTIMES = ("torch", "onnxruntime")
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def measure_model(model: nn.Module, example_inputs: ExampleInputs, *, runtime: str = "torch", threads: int | None = 1,
@@ -91,8 +92,8 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
-def best_of_rounds(timers: dict[str, Callable[[], T]], rounds: int = 3,
-                   key: Callable[[T], float] = float, history: dict[str, list[T]] | None = None) -> dict[str, T]:
+def best_of_rounds(timers: Mapping[K, Callable[[], T]], rounds: int = 3,
+                   key: Callable[[Any], float] = float, history: dict[K, list[T]] | None = None) -> dict[K, T]:
     """Call every timer in turn for ``rounds`` rounds and keep, per name, the result with the
     lowest ``key`` (each timer returns one median: a float, or LatencyStats with
     ``key=lambda s: s.median_ms``), so that load from other processes and a cold first
@@ -100,7 +101,7 @@ def best_of_rounds(timers: dict[str, Callable[[], T]], rounds: int = 3,
     given, receives every round's result per name, in order."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    best: dict[str, T] = {}
+    best: dict[K, T] = {}
     for _ in range(rounds):
         for name, timer in timers.items():
             value = timer()

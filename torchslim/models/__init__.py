@@ -5,25 +5,28 @@ from typing import Any, Callable
 
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from torchslim._registry import Registry
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: Registry[str, ModelFactory] = Registry("torchslim model")
 
 
-def register_model(name: str) -> Callable:
-    def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        return factory
+def register_model(name: str, *, replace: bool = False) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: make ``create_model(name, **kwargs)`` build a model with the decorated factory.
 
-    return register
+    A name registered twice is refused (``ValueError``) unless ``replace=True``.
+    """
+    return _REGISTRY.register(name, replace=replace)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown torchslim model '{name}'; bundled: {', '.join(sorted(_REGISTRY))}")
+    """A registered model built with ``kwargs``; an unknown name raises ``KeyError`` listing the known ones."""
     return _REGISTRY[name](**kwargs)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered model names, sorted."""
+    return _REGISTRY.names()
 
 
 from torchslim.models import digits, modnet  # noqa: E402,F401  (registers)

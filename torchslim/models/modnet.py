@@ -1,5 +1,6 @@
-"""A MODNet-shaped portrait matting network, written from the brief (seeds/000) and the
-layout of the official MODNet (ZHKKKe/MODNet, ``src/models/modnet.py``).
+"""A MODNet-shaped portrait matting network, written from the paper (Ke et al., "MODNet:
+Real-Time Trimap-Free Portrait Matting via Objective Decomposition", AAAI 2022) and the
+layout of the official code (github.com/ZHKKKe/MODNet, ``src/models/modnet.py``).
 
 Structure (``hr_channels=32``):
 
@@ -109,7 +110,7 @@ class MobileNetV2(nn.Module):
         super().__init__()
         cin = _make_divisible(32 * alpha)
         self.last_channel = _make_divisible(1280 * max(1.0, alpha))
-        features: list[nn.Module] = [ConvBNReLU6(in_channels, cin, stride=2)]
+        features: list[ConvBNReLU6 | InvertedResidual] = [ConvBNReLU6(in_channels, cin, stride=2)]
         for t, c, n, s in self.SETTINGS:
             cout = _make_divisible(c * alpha)
             for i in range(n):
@@ -117,6 +118,7 @@ class MobileNetV2(nn.Module):
                 cin = cout
         features.append(ConvBNReLU6(cin, self.last_channel, kernel_size=1))
         self.features = nn.Sequential(*features)
+        self.feature_channels = [f.out_channels for f in features]
         self.classifier = (nn.Sequential(nn.Dropout(0.2), nn.Linear(self.last_channel, num_classes))
                            if num_classes else None)
 
@@ -135,7 +137,7 @@ class MobileNetV2Backbone(nn.Module):
     def __init__(self, in_channels: int = 3):
         super().__init__()
         self.model = MobileNetV2(in_channels, alpha=1.0, num_classes=None)
-        self.enc_channels = [self.model.features[i].out_channels for i in self.TAPS]  # [16, 24, 32, 96, 1280]
+        self.enc_channels = [self.model.feature_channels[i] for i in self.TAPS]  # [16, 24, 32, 96, 1280]
 
     def forward(self, x):
         feats = []

@@ -2,7 +2,7 @@
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import PlanStep, PruningPlan
-from torchslim.pruning._select import PruningError
+from torchslim.pruning.selector import PruningError
 from torchslim.pruning.apply import RemovalPlan, applied, apply_plan, channel_order, plan_removal
 from torchslim.pruning.prune import PruneResult, prune_
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
@@ -10,10 +10,11 @@ from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
 # Shared with torchslim.io and torchslim.schedules (not user API): surgery that replays a saved
 # plan, the group filters and keep counts, and the HF-config / optimizer-state bookkeeping.
-from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._optimizer_state import remember_former_shapes
-from torchslim.pruning._select import eligible_groups, keep_count
-from torchslim.pruning._surgery import Transaction, get_tensor, named_tensors, slice_to_kept
+from torchslim.pruning._hf_config import sync_hf_config as sync_hf_config
+from torchslim.pruning._optimizer_state import remember_former_shapes as remember_former_shapes
+from torchslim.pruning.selector import eligible_groups as eligible_groups, keep_count as keep_count
+from torchslim.pruning._surgery import (Transaction as Transaction, get_tensor as get_tensor,
+                                        named_tensors as named_tensors, slice_to_kept as slice_to_kept)
 
 __all__ = [
     "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "PruneResult", "PruningError", "PruningPlan",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim._registry import Registry
 from torchslim.graph import DependencyGraph
 from torchslim.graph import OpCall, module_names
 
@@ -40,7 +41,7 @@ class Transaction:
 
     def set_tensor(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         """Register a different tensor object as ``module.name`` (``set_data`` keeps the object)."""
-        store = module._parameters if name in module._parameters else module._buffers
+        store: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
         old = store[name]
         store[name] = value
         self._undo.append(lambda: store.__setitem__(name, old))
@@ -69,12 +70,18 @@ class Transaction:
             self._undo.pop()()
 
 
-ModuleHandler = Callable[[nn.Module, "SurgeryContext"], None]
-_HANDLERS: list[tuple[type, ModuleHandler]] = []
+# a handler receives an instance of the type it is registered for (so it may annotate that type)
+ModuleHandler = Callable[[Any, "SurgeryContext"], None]
+_HANDLERS: Registry[type, ModuleHandler] = Registry("module handler")
 
 
-def register_module_handler(module_type: type) -> Callable[[ModuleHandler], ModuleHandler]:
+def register_module_handler(module_type: type, *, replace: bool = False) -> Callable[[ModuleHandler], ModuleHandler]:
     """Register how a module type updates its attributes after its weights were sliced.
+
+    A module runs the handler of its own type, else that of its nearest registered base class
+    along its method resolution order (``type(module).__mro__``): the most specific handler
+    wins, whatever the registration order. Registering a type twice is refused (``ValueError``)
+    unless ``replace=True``.
 
     The handler receives the module and a :class:`SurgeryContext` (``ctx.set(module, attr, value)``,
     ``ctx.shape(module, "weight")`` the planned shape of a parameter, ``ctx.input_shape(module)``,
@@ -82,12 +89,7 @@ def register_module_handler(module_type: type) -> Callable[[ModuleHandler], Modu
     ``ctx.shape`` rather than the tensors themselves also serve planning
     (:func:`torchslim.pruning.plan_removal`), which runs them before any tensor is sliced.
     """
-
-    def register(fn: ModuleHandler) -> ModuleHandler:
-        _HANDLERS.insert(0, (module_type, fn))
-        return fn
-
-    return register
+    return _HANDLERS.register(module_type, replace=replace)
 
 
 class SurgeryContext:
@@ -182,10 +184,9 @@ def _run_handlers(model: nn.Module, ctx: SurgeryContext) -> None:
     if "transformers" in sys.modules:  # an HF model: its module types are importable cheaply now
         _register_transformers_handlers()
     for module in model.modules():
-        for module_type, handler in _HANDLERS:
-            if isinstance(module, module_type):
-                handler(module, ctx)
-                break
+        handler = _HANDLERS.for_type(type(module))
+        if handler is not None:
+            handler(module, ctx)
 
 
 def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction) -> tuple[dict, list[OpCall]]:
@@ -233,7 +234,7 @@ def _index_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray]) -> torch.Tens
 
 def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:
     """Parameters and buffers by qualified name."""
-    tensors = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=remove_duplicate))
     tensors.update(dict(model.named_buffers(remove_duplicate=remove_duplicate)))
     return tensors
 
@@ -351,7 +352,7 @@ def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:
 
 # per-type handlers ---------------------------------------------------------------------
 @register_module_handler(nn.modules.conv._ConvNd)
-def _conv(module: nn.Module, ctx: SurgeryContext) -> None:
+def _conv(module: nn.modules.conv._ConvNd, ctx: SurgeryContext) -> None:
     w_shape = ctx.shape(module, "weight")
     groups = module.groups
     if module.transposed:
@@ -390,7 +391,7 @@ def _norm_base(module: nn.Module, ctx: SurgeryContext) -> None:
 
 
 @register_module_handler(nn.LayerNorm)
-def _layer_norm(module: nn.Module, ctx: SurgeryContext) -> None:
+def _layer_norm(module: nn.LayerNorm, ctx: SurgeryContext) -> None:
     k = len(module.normalized_shape)
     if module.weight is not None:
         ctx.set(module, "normalized_shape", tuple(ctx.shape(module, "weight")))
@@ -421,7 +422,7 @@ def _prelu(module: nn.Module, ctx: SurgeryContext) -> None:
 
 
 @register_module_handler(nn.RNNBase)
-def _recurrent(module: nn.Module, ctx: SurgeryContext) -> None:
+def _recurrent(module: nn.RNNBase, ctx: SurgeryContext) -> None:
     """LSTM/GRU/RNN sizes from layer 0's weights (all layers and directions share them); the
     module's cached ``_flat_weights`` refresh themselves on the next forward."""
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
@@ -431,7 +432,7 @@ def _recurrent(module: nn.Module, ctx: SurgeryContext) -> None:
 
 
 @register_module_handler(nn.MultiheadAttention)
-def _mha(module: nn.Module, ctx: SurgeryContext) -> None:
+def _mha(module: nn.MultiheadAttention, ctx: SurgeryContext) -> None:
     if module.in_proj_weight is None:
         raise RuntimeError("nn.MultiheadAttention with separate q/k/v projections is not supported")
     embed = ctx.shape(module, "in_proj_weight")[1]
@@ -445,9 +446,9 @@ def _register_transformers_handlers() -> None:
     """HF's GPT-2 style Conv1D stores its weight transposed ([in, out]) with nx/nf sizes."""
     try:
         from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
+    except Exception:  # noqa: BLE001 - transformers is optional; a broken install must not stop pruning
         return
-    if any(t is Conv1D for t, _ in _HANDLERS):
+    if Conv1D in _HANDLERS:
         return
 
     @register_module_handler(Conv1D)

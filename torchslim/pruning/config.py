@@ -1,4 +1,12 @@
-"""The typed pruning config: one frozen dataclass, validated before anything is touched."""
+"""The typed pruning config: one frozen dataclass, validated before anything is touched.
+
+Its fields come in five parts, each a frozen dataclass of its own that states the defaults:
+:class:`Scope` (what may be pruned), :class:`Amount` (how much: a ratio or one target),
+:class:`Ranking` (how channels compete), :class:`LatencyOptions` (where latency is measured)
+and :class:`Verification` (how the result is checked). ``PruneConfig(ratio=0.3, ...)`` (flat
+keywords, as recipes use) and ``PruneConfig.from_parts(Amount(target_macs=0.5), Ranking(...))``
+build the same object; ``config.amount``, ``config.ranking``... read a part back, and
+``config.target`` is the one spelling of "which target, if any"."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +17,84 @@ from torch import nn
 from torchslim.latency.runtime import RUNTIMES
 
 ModuleFilter = Callable[[str, nn.Module], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What may be pruned: module globs to prune (``op_names``) or keep (``exclude``: outputs,
+    ``protect_inputs``: inputs) and a ``filter_fn(name, module) -> bool``."""
+
+    op_names: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    filter_fn: ModuleFilter | None = None
+    protect_inputs: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Amount:
+    """How much: a ``ratio`` per group (``ratios`` per module glob or group id), or one target
+    (MACs, params or latency), never fewer than ``min_channels`` atoms per group."""
+
+    ratio: float = 0.5
+    ratios: dict[str | int, float] | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    min_channels: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How channels compete: the importance ``criterion`` and how atoms of different groups are
+    compared (``global_ranking``, ``latency_aware``), in which widths (``round_to``), how much
+    one group may lose (``max_sparsity_per_layer``) and whether inexact groups may be used."""
+
+    criterion: object = "l1"
+    global_ranking: bool = False
+    latency_aware: bool | None = None
+    round_to: int | str | None = None
+    max_sparsity_per_layer: float | None = None
+    exact_only: bool | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyOptions:
+    """Where latency is measured: the runtime the model ships on and its thread count."""
+
+    latency_threads: int = 1
+    latency_runtime: str = "torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """How the result is checked against the zeroed original (tolerances by dtype when None) and
+    how far inexact groups may move the outputs."""
+
+    verify: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    max_inexact_deviation: float | None = 0.75
+
+
+PARTS: dict[str, type] = {"scope": Scope, "amount": Amount, "ranking": Ranking, "latency": LatencyOptions,
+                          "verification": Verification}
+TARGET_FIELDS = ("target_macs", "target_params", "target_latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The config's target: ``field`` (``"target_macs"``, ``"target_params"`` or
+    ``"target_latency"``) and its ``value`` (a fraction of the original if <= 1, else absolute:
+    MACs, parameters or milliseconds)."""
+
+    field: str
+    value: float
+
+    @property
+    def quantity(self) -> str:
+        """``"macs"``, ``"params"`` or ``"latency"``."""
+        return self.field.removeprefix("target_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +113,20 @@ class PruneConfig:
                   block), the search finishes with single steps of each group (FFN units,
                   channels, in ``round_to`` multiples), so the result lands within one such
                   step of the target instead of a whole ratio step under it.
+                  By default (``latency_aware``, ``global_ranking``, ``round_to`` and
+                  ``max_sparsity_per_layer`` left unset) atoms are ranked across groups by time
+                  saved per MAC saved, the time estimated from shapes without measuring
+                  (``torchslim.latency.lut.CostModel``: MACs at dense or depthwise speed,
+                  activation traffic, thin layers slower per MAC), so the MACs budget is spent
+                  where the time per MAC is highest; widths are kept in multiples of 8 channels
+                  and no group loses more than 60% of the width it had before any pruning
+                  (earlier ``prune_`` calls count) unless the target needs it.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact
                   width and its roundings up to 4/8/16/32 (a wider width wins ties), so pruning
-                  never lands on a width slower than a wider one.
+                  never lands on a width slower than a wider one. None (default): 8 under the
+                  default MACs-target ranking, else 1.
     target_latency: prune until the predicted latency (per-layer table measured on this machine,
                   see ``torchslim.latency``) is <= target: a fraction of the measured original if
                   <= 1, else milliseconds. ``latency_threads`` fixes the thread count measured,
@@ -43,6 +138,9 @@ class PruneConfig:
                   (``"latency_per_mac"``), of importance per MAC saved (``"global"``) and of
                   uniform per-group ratios (widths rounded to 8 and 16) are each measured on
                   ``latency_runtime`` and the fastest is applied (``PruneResult.latency_candidates``).
+                  None (default): under ``target_macs`` without ``global_ranking``, the same
+                  ranking on the shape-based estimate (no table, no candidates measured); False:
+                  each group cut alike (the behaviour before the estimate became the default).
     min_channels: never keep fewer than this many atoms in a group.
     target_params: like ``target_macs`` for the trainable parameter count.
     ratios:       ``{module glob: ratio}``: per-module ratios for the group holding that module's
@@ -58,7 +156,9 @@ class PruneConfig:
                   groups excluded) prunes nothing with a ``NothingPrunedWarning`` naming the field.
     global_ranking: rank atoms across groups (scores divided by their group's mean; with a
                   target, by importance per MAC/param saved) instead of per group.
-    max_sparsity_per_layer: with global ranking, the most any group may lose.
+    max_sparsity_per_layer: with global ranking, the most any group may lose. None (default):
+                  0.6 under the default MACs-target ranking (lifted if the target cannot be
+                  met within it), else no limit.
     protect_inputs: module globs whose INPUT channels must stay (``exclude`` protects outputs).
     exact_only:   groups whose channels feed a statistic over the channel dim (LayerNorm, RMSNorm,
                   softmax, mean) are inexact: removing them is not identical to zeroing. None
@@ -84,35 +184,36 @@ class PruneConfig:
                   deviation is in ``PruneResult.inexact_groups`` and a warning.
     """
 
-    ratio: float = 0.5
-    criterion: object = "l1"
-    op_names: Sequence[str] | None = None
-    exclude: Sequence[str] = ()
-    filter_fn: ModuleFilter | None = None
-    target_macs: float | None = None
-    round_to: int | str = 1
-    min_channels: int = 1
-    target_params: float | None = None
-    ratios: dict[str | int, float] | None = None
-    global_ranking: bool = False
-    max_sparsity_per_layer: float = 1.0
-    protect_inputs: Sequence[str] = ()
-    target_latency: float | None = None
-    latency_threads: int = 1
-    latency_runtime: str = "torch"
-    latency_aware: bool = False
-    exact_only: bool | None = None
-    seed: int = 0
-    verify: bool = True
-    atol: float | None = None
-    rtol: float | None = None
-    max_inexact_deviation: float | None = 0.75
+    ratio: float = Amount.ratio
+    criterion: object = Ranking.criterion
+    op_names: Sequence[str] | None = Scope.op_names
+    exclude: Sequence[str] = Scope.exclude
+    filter_fn: ModuleFilter | None = Scope.filter_fn
+    target_macs: float | None = Amount.target_macs
+    round_to: int | str | None = Ranking.round_to
+    min_channels: int = Amount.min_channels
+    target_params: float | None = Amount.target_params
+    ratios: dict[str | int, float] | None = Amount.ratios
+    global_ranking: bool = Ranking.global_ranking
+    max_sparsity_per_layer: float | None = Ranking.max_sparsity_per_layer
+    protect_inputs: Sequence[str] = Scope.protect_inputs
+    target_latency: float | None = Amount.target_latency
+    latency_threads: int = LatencyOptions.latency_threads
+    latency_runtime: str = LatencyOptions.latency_runtime
+    latency_aware: bool | None = Ranking.latency_aware
+    exact_only: bool | None = Ranking.exact_only
+    seed: int = Ranking.seed
+    verify: bool = Verification.verify
+    atol: float | None = Verification.atol
+    rtol: float | None = Verification.rtol
+    max_inexact_deviation: float | None = Verification.max_inexact_deviation
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
             raise ValueError(f"PruneConfig.ratio must be in [0, 1), got {self.ratio}")
-        if self.round_to != "latency" and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"PruneConfig.round_to must be an int >= 1 or 'latency', got {self.round_to!r}")
+        if self.round_to is not None and self.round_to != "latency" and (not isinstance(self.round_to, int)
+                                                                        or self.round_to < 1):
+            raise ValueError(f"PruneConfig.round_to must be an int >= 1, 'latency' or None, got {self.round_to!r}")
         if self.latency_runtime not in RUNTIMES:
             raise ValueError(f"PruneConfig.latency_runtime must be one of {', '.join(RUNTIMES)}, "
                              f"got {self.latency_runtime!r}")
@@ -124,10 +225,10 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.target_macs must be > 0, got {self.target_macs}")
         if self.target_params is not None and not float(self.target_params) > 0:
             raise ValueError(f"PruneConfig.target_params must be > 0, got {self.target_params}")
-        targets = [f for f in ("target_macs", "target_params", "target_latency") if getattr(self, f) is not None]
+        targets = [f for f in TARGET_FIELDS if getattr(self, f) is not None]
         if len(targets) > 1:
             raise ValueError(f"PruneConfig.{targets[0]} and PruneConfig.{targets[1]} conflict: give one target")
-        if not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
+        if self.max_sparsity_per_layer is not None and not 0.0 < float(self.max_sparsity_per_layer) <= 1.0:
             raise ValueError(f"PruneConfig.max_sparsity_per_layer must be in (0, 1], got {self.max_sparsity_per_layer}")
         for pattern, value in (self.ratios or {}).items():
             if not 0.0 <= float(value) < 1.0:
@@ -147,10 +248,51 @@ class PruneConfig:
             if self.criterion not in CRITERIA:
                 raise ValueError(f"PruneConfig.criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
 
+    @classmethod
+    def from_parts(cls, *parts: Scope | Amount | Ranking | LatencyOptions | Verification, **fields) -> "PruneConfig":
+        """A config from part objects (at most one of each kind), flat ``fields`` overriding them."""
+        kinds = [type(part).__name__ for part in parts]
+        for part in parts:
+            if type(part) not in PARTS.values():
+                raise TypeError(f"PruneConfig.from_parts takes Scope, Amount, Ranking, LatencyOptions and "
+                                f"Verification objects, got {type(part).__name__}")
+            if kinds.count(type(part).__name__) > 1:
+                raise ValueError(f"PruneConfig.from_parts got two {type(part).__name__} parts")
+        values = {f.name: getattr(part, f.name) for part in parts for f in dataclasses.fields(part)}
+        return cls(**{**values, **fields})
+
+    def _part(self, kind: type):
+        return kind(**{f.name: getattr(self, f.name) for f in dataclasses.fields(kind)})
+
     @property
-    def has_target(self) -> bool:
-        return self.target_macs is not None or self.target_params is not None or self.target_latency is not None
+    def scope(self) -> Scope:
+        return self._part(Scope)
+
+    @property
+    def amount(self) -> Amount:
+        return self._part(Amount)
+
+    @property
+    def ranking(self) -> Ranking:
+        return self._part(Ranking)
+
+    @property
+    def latency(self) -> LatencyOptions:
+        return self._part(LatencyOptions)
+
+    @property
+    def verification(self) -> Verification:
+        return self._part(Verification)
+
+    @property
+    def target(self) -> Target | None:
+        """The one target set (MACs, params or latency), or None when ``ratio`` applies."""
+        for field in TARGET_FIELDS:
+            value = getattr(self, field)
+            if value is not None:
+                return Target(field, float(value))
+        return None
 
     @property
     def needs_latency(self) -> bool:
-        return self.target_latency is not None or self.round_to == "latency" or self.latency_aware
+        return self.target_latency is not None or self.round_to == "latency" or bool(self.latency_aware)

@@ -158,7 +158,7 @@ def shape_conflict(recorded: dict[str, tuple[int, ...]], actual: dict[str, tuple
 def _shapes_before(model: nn.Module, plan: PruningPlan) -> dict[str, tuple[int, ...]]:
     """``model``'s state_dict shapes before ``plan`` was applied: the current shapes, with each
     tensor the plan sliced put back to the shape its first step found (tied names alike)."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     before: dict[int, tuple[int, ...]] = {}
     for step in reversed(plan.steps):

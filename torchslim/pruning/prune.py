@@ -15,8 +15,8 @@ from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.dependency import sorted_unique
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning._hf_config import sync_hf_config
-from torchslim.pruning._latency_loop import calibrate_latency_goal, choose_fastest_ranking
-from torchslim.pruning._select import PruningError, Selector, eligible_groups, warn_nothing_pruned
+from torchslim.search import latency_loop  # called at run time: the loop imports this package too
+from torchslim.pruning.selector import PruningError, Selector, eligible_groups, warn_nothing_pruned
 from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
@@ -75,6 +75,29 @@ class PruneResult:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
 
 
+@dataclasses.dataclass
+class Attempt:
+    """What applying one removal gave: on success the step applied (its plan, the groups it
+    touched, what the check measured); after a rollback the atoms to ban (empty when no op
+    could be named) and why."""
+
+    plan: PruningPlan | None = None
+    groups_pruned: int = 0
+    max_abs_error: float | None = None
+    inexact_groups: list[dict] = dataclasses.field(default_factory=list)
+    inexact_deviation: float | None = None
+    culprits: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.plan is not None
+
+    @classmethod
+    def failed(cls, culprits: np.ndarray, reason: str) -> "Attempt":
+        return cls(culprits=culprits, reason=reason)
+
+
 def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig | None = None, *,
            data: Any = None, loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
     """Structurally prune ``model`` in place and return what was removed.
@@ -109,10 +132,13 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     macs_before = selector.macs_before
     banned = np.zeros(graph.n_atoms, dtype=bool)
     skipped: list[str] = []
-    calibration = calibrate_latency_goal(selector, graph, example_inputs, config, banned) \
-        if config.target_latency is not None else []
-    candidates = choose_fastest_ranking(selector, graph, example_inputs, config, banned) \
-        if config.latency_aware and (config.target_macs is not None or config.target_params is not None) else []
+    target = config.target
+    calibration: list[dict] = []
+    candidates: list[dict] = []
+    if target and target.quantity == "latency":
+        selector, calibration = latency_loop.calibrate_latency_goal(selector, graph, example_inputs, config, banned)
+    elif target and config.latency_aware:
+        selector, candidates = latency_loop.choose_fastest_ranking(selector, graph, example_inputs, config, banned)
     for _ in range(MAX_ATTEMPTS):
         ratio, removed = selector.select(banned)
         if removed.size == 0:
@@ -120,22 +146,23 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             warn_nothing_pruned(selector, banned)
             return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, ratio, 0,
                                skipped=skipped)
-        outcome = _try_apply(model, graph, removed, example_inputs, config, groups)
-        if isinstance(outcome, PruneResult):
-            outcome.macs_before, outcome.params_before, outcome.ratio = macs_before, params_before, ratio
-            outcome.macs_after = estimate_macs(graph, removed)
+        attempt = _try_apply(model, graph, removed, example_inputs, config, groups)
+        if attempt.plan is not None:
+            result = PruneResult(
+                attempt.plan, macs_before, estimate_macs(graph, removed), params_before,
+                sum(p.numel() for p in model.parameters()), ratio, attempt.groups_pruned,
+                max_abs_error=attempt.max_abs_error, skipped=skipped, hf_config=sync_hf_config(model),
+                inexact_groups=attempt.inexact_groups, inexact_deviation=attempt.inexact_deviation)
             if latency is not None:
-                outcome.latency_before_ms = latency.measured_ms
-                outcome.latency_predicted_ms = latency.predict(removed)
-                outcome.latency_calibration = calibration
-                outcome.latency_candidates = candidates
-            outcome.skipped = skipped
-            outcome.hf_config = sync_hf_config(model)
-            _record_commit(model, outcome.plan, optimizer)
+                result.latency_before_ms = latency.measured_ms
+                result.latency_predicted_ms = latency.predict(removed)
+                result.latency_calibration = calibration
+                result.latency_candidates = candidates
+            _record_commit(model, result.plan, optimizer)
             _warn_rolled_back(skipped)
-            _warn_inexact(outcome)
-            return outcome
-        culprits, reason = outcome
+            _warn_inexact(result)
+            return result
+        culprits, reason = attempt.culprits, attempt.reason
         if culprits.size == 0 or banned[culprits].all():
             # nothing points at an op (e.g. a size read in Python built an output): bisect the groups
             culprits = _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
@@ -165,7 +192,7 @@ def _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
 
     def fails(subset: list[Group]) -> bool:
         atoms = np.intersect1d(removed, np.concatenate([g.atoms for g in subset]))
-        return not isinstance(_try_apply(model, graph, atoms, example_inputs, config, groups, commit=False), PruneResult)
+        return not _try_apply(model, graph, atoms, example_inputs, config, groups, commit=False).ok
 
     while len(candidates) > 1:
         half = candidates[: len(candidates) // 2]
@@ -175,8 +202,8 @@ def _bisect_failing_group(model, graph, removed, example_inputs, config, groups)
     return np.zeros(0, dtype=np.int64)
 
 
-def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bool = True):
-    """Apply and check; return a PruneResult, or (atoms to ban, reason) after rolling back.
+def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bool = True) -> Attempt:
+    """Apply and check; on a failure roll back and say which atoms to ban and why.
 
     Exact groups are checked at tolerance; where inexact groups (LayerNorm statistics...) are
     removed too, the exact part is first checked alone, then the whole removal for structure
@@ -194,10 +221,10 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         exact_part = np.setdiff1d(removed, np.concatenate([g.atoms for g in inexact]))
         if exact_part.size:
             checked = _try_apply(model, graph, exact_part, example_inputs, config, groups, commit=False)
-            if not isinstance(checked, PruneResult):
+            if not checked.ok:
                 return checked
         if commit and len(inexact) > 1:
-            deviations = _inexact_group_deviations(model, graph, removed, inexact, example_inputs)
+            deviations.update(_inexact_group_deviations(model, graph, removed, inexact, example_inputs))
     reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
     tx = Transaction()
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
@@ -210,20 +237,21 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         op = _failing_op(model, graph, example_inputs, removed)
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if op is None:
-            return np.zeros(0, dtype=np.int64), reason
+            return Attempt.failed(np.zeros(0, dtype=np.int64), reason)
         culprits = np.concatenate([_atoms_of_op(graph, twin, removed) for twin in _analogous_ops(graph, op)])
-        return culprits, f"{op.name} in module '{op.module or '<root>'}': {reason}"
+        return Attempt.failed(culprits, f"{op.name} in module '{op.module or '<root>'}': {reason}")
     report, deviation = None, None
     if reference is not None:
         atol, rtol = tolerances([*reference.outputs, *model.parameters()], config.atol, config.rtol)
         # inexact groups cannot match: here only the structure (shapes, finite values) is checked
+        assert isinstance(actual, Run)  # recorded: reference is set
         report = compare_runs(reference, actual, *((math.inf, math.inf) if inexact else (atol, rtol)))
         if not report.ok:
             tx.rollback()
             # a wrong number names no op: the caller bisects the groups to find the one at fault
             names = ", ".join(sorted({f"{op.name} in '{op.module or '<root>'}'" for op in suspects})[:3])
-            return np.zeros(0, np.int64), (f"pruned model differs from the zeroed original ({report.message}); "
-                                           f"sizes read in Python: {names or 'none'}")
+            return Attempt.failed(np.zeros(0, np.int64), f"pruned model differs from the zeroed original "
+                                                         f"({report.message}); sizes read in Python: {names or 'none'}")
         if inexact:
             deviation = relative_deviation(reference, actual)
             if len(inexact) == 1:
@@ -236,10 +264,8 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         tx.rollback()
     plan = PruningPlan([PlanStep({n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in removal.items()},
                                  shapes, tx.changes)])
-    params_after = sum(p.numel() for p in model.parameters())
-    return PruneResult(plan, 0, 0, 0, params_after, 0.0, len(touched),
-                       max_abs_error=report.max_abs_error if report is not None else None,
-                       inexact_groups=inexact_groups, inexact_deviation=deviation)
+    return Attempt(plan, len(touched), max_abs_error=report.max_abs_error if report is not None else None,
+                   inexact_groups=inexact_groups, inexact_deviation=deviation)
 
 
 def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs, forward=run_recorded) -> Run:
@@ -307,8 +333,9 @@ def _inexact_reasons(graph: DependencyGraph, groups: list[Group], limit: int = 3
     reasons: dict[int, list[str]] = {g.index: [] for g in groups}
     for mark in graph.coupling.inexact_reasons:
         ops = consumers.get(mark.node, [])
-        op = next((o for o in ops if mark.reason.startswith(o.name)), ops[0] if ops else None)
-        text = mark.reason if op is None else f"{mark.reason} (in '{op.module or '<root>'}')"
+        reader = next((o for o in ops if mark.reason.startswith(o.name)), ops[0] if ops else None)
+        text = mark.reason if reader is None else f"{mark.reason} (in '{reader.module or '<root>'}')"
+        assert mark.dim is not None  # Coupling.mark_inexact marks one dimension
         owners = graph.atom_group[sorted_unique(graph.labels[graph.coupling.ids(mark.node, mark.dim)])]
         for index in sorted_unique(owners[owners >= 0]).tolist():
             if index in reasons and text not in reasons[index] and len(reasons[index]) < limit:

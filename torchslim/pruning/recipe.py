@@ -56,6 +56,8 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "object": (lambda v: isinstance(v, str), "a name"),
     "int | str": (lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
                   "an integer or a name"),
+    "int | str | None": (lambda v: v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+                         "an integer or a name"),
     "Sequence[str]": (_is_names, "a list of strings"),
     "Sequence[str] | None": (lambda v: v is None or _is_names(v), "a list of strings"),
     "dict[str | int, float] | None": (lambda v: v is None or (isinstance(v, dict) and all(

@@ -11,8 +11,8 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
 from torchslim.modes import training_mode
-from torchslim.pruning._selections import Selection, SelectionRecorder, near_tie_explains
-from torchslim.pruning._selections import _same as same_tensors
+from torchslim.pruning._near_ties import Selection, SelectionRecorder, near_tie_explains
+from torchslim.pruning._near_ties import _same as same_tensors
 from torchslim.pruning._surgery import named_tensors
 from torchslim.pruning.plan import PruningPlan
 
@@ -97,7 +97,7 @@ def run_recorded(model: nn.Module, example_inputs: ExampleInputs) -> Run:
 
 def compare_runs(expected: Run, actual: Run, atol: float, rtol: float) -> VerifyReport:
     """``compare_outputs``, except that outputs which differ only because a selection broke a
-    near-tie differently (see ``_selections``) count as exact, with the reason in ``message``."""
+    near-tie differently (see ``torchslim.pruning._near_ties``) count as exact, with the reason in ``message``."""
     report = compare_outputs(expected.outputs, actual.outputs, atol, rtol)
     if not report.ok:
         reason = near_tie_explains(expected.selections, actual.selections, atol, rtol)

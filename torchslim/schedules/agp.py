@@ -72,7 +72,7 @@ class AGPPruner:
             self.masks.masks = self._structured_masks(sparsity)
         else:
             layers = selected_layers(self.model, DEFAULT_TYPES, self.config.op_names, self.config.exclude, self.config.filter_fn)
-            self.masks.masks = {f"{n}.weight": keep_largest(m.weight.detach(), sparsity) for n, m in layers}
+            self.masks.masks = {f"{n}.weight": keep_largest(w.detach(), sparsity) for n, w in layers}
         self.masks.apply_()
 
     def _structured_masks(self, sparsity: float) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Prune a little, fine-tune, repeat (the lesson of seeds/000): ``prune_iteratively``."""
+"""Prune a little, fine-tune, repeat (iterative pruning as in Han et al. 2015, "Learning both
+Weights and Connections", and Li et al. 2017's prune-and-retrain): ``prune_iteratively``."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,8 @@ def step_configs(config: PruneConfig, steps: int, macs_before: int | None = None
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if config.target_macs is not None:
+        if macs_before is None:
+            raise ValueError("step_configs: a MACs target needs macs_before, the original model's MACs")
         total = config.target_macs * macs_before if config.target_macs <= 1 else config.target_macs
         start = macs_before
         return [dataclasses.replace(config, target_macs=float(start - (start - total) * (i + 1) / steps))

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchslim.sparsity.masks import WeightMasks
 
-DEFAULT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
 
 
 @dataclasses.dataclass
@@ -30,29 +30,37 @@ class LayerSparsity:
         return self.zeros / max(self.total, 1)
 
 
-def sparsity_report(model: nn.Module, op_types: Sequence[type] = DEFAULT_TYPES) -> list[LayerSparsity]:
+def sparsity_report(model: nn.Module, op_types: Sequence[type[nn.Module]] = DEFAULT_TYPES) -> list[LayerSparsity]:
     """Fraction of exactly-zero weights per layer."""
-    return [LayerSparsity(f"{name}.weight", int((m.weight == 0).sum()), m.weight.numel())
-            for name, m in model.named_modules() if isinstance(m, tuple(op_types)) and m.weight is not None]
+    return [LayerSparsity(f"{name}.weight", int((weight == 0).sum()), weight.numel())
+            for name, m in model.named_modules()
+            if (weight := _weight(m)) is not None and isinstance(m, tuple(op_types))]
 
 
-def selected_layers(model: nn.Module, op_types, op_names, exclude, filter_fn) -> list[tuple[str, nn.Module]]:
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def selected_layers(model: nn.Module, op_types, op_names, exclude, filter_fn) -> list[tuple[str, torch.Tensor]]:
+    """``(name, weight)`` of the layers of ``op_types`` with a weight, chosen by the globs and ``filter_fn``."""
     chosen = []
     for name, module in model.named_modules():
-        if not isinstance(module, tuple(op_types)) or getattr(module, "weight", None) is None:
+        weight = _weight(module)
+        if not isinstance(module, tuple(op_types)) or weight is None:
             continue
         if op_names is not None and not any(fnmatch.fnmatchcase(name, p) for p in op_names):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude) or (filter_fn and not filter_fn(name, module)):
             continue
-        chosen.append((name, module))
+        chosen.append((name, weight))
     if not chosen:
         raise ValueError("sparsify_: no layer matches op_types/op_names/exclude")
     return chosen
 
 
 @torch.no_grad()
-def sparsify_(model: nn.Module, sparsity: float, *, scope: str = "layer", op_types: Sequence[type] = DEFAULT_TYPES,
+def sparsify_(model: nn.Module, sparsity: float, *, scope: str = "layer", op_types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
               op_names: Sequence[str] | None = None, exclude: Sequence[str] = (),
               filter_fn: Callable[[str, nn.Module], bool] | None = None) -> WeightMasks:
     """Zero the ``sparsity`` fraction of smallest |w| in each selected layer (``scope="layer"``)
@@ -64,14 +72,14 @@ def sparsify_(model: nn.Module, sparsity: float, *, scope: str = "layer", op_typ
     layers = selected_layers(model, op_types, op_names, exclude, filter_fn)
     masks: dict[str, torch.Tensor] = {}
     if scope == "global":
-        magnitudes = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
+        magnitudes = torch.cat([weight.detach().abs().flatten() for _, weight in layers])
         k = int(sparsity * magnitudes.numel())
         threshold = torch.kthvalue(magnitudes, k).values if k > 0 else magnitudes.min() - 1
-        for name, m in layers:
-            masks[f"{name}.weight"] = m.weight.detach().abs() > threshold
+        for name, weight in layers:
+            masks[f"{name}.weight"] = weight.detach().abs() > threshold
     else:
-        for name, m in layers:
-            masks[f"{name}.weight"] = keep_largest(m.weight.detach(), sparsity)
+        for name, weight in layers:
+            masks[f"{name}.weight"] = keep_largest(weight.detach(), sparsity)
     result = WeightMasks(model, masks)
     result.apply_()
     return result

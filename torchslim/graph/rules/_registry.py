@@ -12,19 +12,27 @@ from typing import Any, Callable
 
 import torch
 
+from torchslim._registry import Registry
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import NodeRef, OpCall, Trace
 
 OpRule = Callable[[Coupling, OpCall, Trace], None]
-_RULES: dict[Any, OpRule] = {}
+_RULES: Registry[Any, OpRule] = Registry("op rule")
 
 
-def op_rule(*ops: Any) -> Callable[[OpRule], OpRule]:
-    """Register ``fn`` as the rule for aten ops (packets like ``aten.view`` or single overloads)."""
+def op_rule(*ops: Any, replace: bool = False) -> Callable[[OpRule], OpRule]:
+    """Register ``fn`` as the rule for aten ops (packets like ``aten.view`` or single overloads).
+
+    An op that already has a rule is refused (``ValueError`` naming it) unless ``replace=True``.
+    """
 
     def register(fn: OpRule) -> OpRule:
+        if not replace:  # refuse before registering any op, so a refused call changes nothing
+            for op in ops:
+                if op in _RULES:
+                    _RULES.register(op, fn)  # raises the registry's error naming the op
         for op in ops:
-            _RULES[op] = fn
+            _RULES.register(op, fn, replace=replace)
         return fn
 
     return register
@@ -61,6 +69,14 @@ def node_arg(op: OpCall, position: int, keyword: str) -> int | None:
     """Node index of a tensor argument, or None when absent."""
     value = op.arg(position, keyword)
     return value.node if isinstance(value, NodeRef) and value.node >= 0 else None
+
+
+def tensor_arg(op: OpCall, position: int, keyword: str) -> int:
+    """Node index of a tensor argument the rule needs; without it the rule fails and the op is pinned."""
+    node = node_arg(op, position, keyword)
+    if node is None:
+        raise ValueError(f"{op.name}: argument {keyword!r} is not a traced tensor")
+    return node
 
 
 def node_list_arg(op: OpCall, position: int, keyword: str) -> list[int]:

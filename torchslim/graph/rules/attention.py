@@ -7,7 +7,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
-from torchslim.graph.rules._registry import node_arg, op_rule
+from torchslim.graph.rules._registry import node_arg, op_rule, tensor_arg
 
 aten = torch.ops.aten
 
@@ -17,7 +17,7 @@ aten = torch.ops.aten
          aten._scaled_dot_product_cudnn_attention, aten.scaled_dot_product_attention,
          aten._scaled_dot_product_fused_attention_overrideable)
 def sdpa_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    q, k, v = (node_arg(op, i, name) for i, name in enumerate(("query", "key", "value")))
+    q, k, v = (tensor_arg(op, i, name) for i, name in enumerate(("query", "key", "value")))
     out = op.outputs[0]
     batch = len(c.shape(q)) - 2
     for d in range(batch):
@@ -70,8 +70,8 @@ def _couple_heads(c: Coupling, q: int, kv: int, dim: int) -> None:
 def native_mha_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     q, k, v = op.inputs[0], op.inputs[1], op.inputs[2]
     heads = op.arg(4, "num_head")
-    qkv_w, qkv_b = node_arg(op, 5, "qkv_weight"), node_arg(op, 6, "qkv_bias")
-    proj_w, proj_b = node_arg(op, 7, "proj_weight"), node_arg(op, 8, "proj_bias")
+    qkv_w, qkv_b = tensor_arg(op, 5, "qkv_weight"), node_arg(op, 6, "qkv_bias")
+    proj_w, proj_b = tensor_arg(op, 7, "proj_weight"), node_arg(op, 8, "proj_bias")
     out = op.outputs[0]
     embed = c.shape(qkv_w)[1]
     for x in (q, k, v):

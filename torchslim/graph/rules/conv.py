@@ -14,7 +14,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
-from torchslim.graph.rules._registry import node_arg, op_rule
+from torchslim.graph.rules._registry import node_arg, op_rule, tensor_arg
 
 aten = torch.ops.aten
 
@@ -50,7 +50,7 @@ def _couple_groups(c: Coupling, x: int, out: int, weight: int, groups: int, tran
 
 @op_rule(aten.convolution, aten._convolution, aten.conv2d, aten.conv1d, aten.conv3d)
 def convolution_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    x, weight, out = node_arg(op, 0, "input"), node_arg(op, 1, "weight"), op.outputs[0]
+    x, weight, out = tensor_arg(op, 0, "input"), tensor_arg(op, 1, "weight"), op.outputs[0]
     bias = node_arg(op, 2, "bias")
     transposed = bool(op.arg(6, "transposed", False)) if op.func.overloadpacket in (aten.convolution, aten._convolution) else False
     groups = op.arg(8, "groups", 1) if op.func.overloadpacket in (aten.convolution, aten._convolution) else op.arg(6, "groups", 1)

@@ -8,7 +8,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
-from torchslim.graph.rules._registry import align_broadcast, node_arg, op_rule
+from torchslim.graph.rules._registry import align_broadcast, node_arg, op_rule, tensor_arg
 
 aten = torch.ops.aten
 
@@ -37,8 +37,7 @@ def mm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
 
 @op_rule(aten.addmm, aten.baddbmm, aten.addbmm)
 def addmm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    bias, a, b = node_arg(op, 0, "self"), node_arg(op, 1, "mat1"), node_arg(op, 2, "mat2")
-    if a is None:  # baddbmm names them batch1/batch2
-        a, b = node_arg(op, 1, "batch1"), node_arg(op, 2, "batch2")
+    first, second = ("mat1", "mat2") if node_arg(op, 1, "mat1") is not None else ("batch1", "batch2")  # baddbmm's names
+    bias, a, b = tensor_arg(op, 0, "self"), tensor_arg(op, 1, first), tensor_arg(op, 2, second)
     _couple_product(c, a, b, op.outputs[0], trace)
     align_broadcast(c, bias, op.outputs[0])

@@ -11,7 +11,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
-from torchslim.graph.rules._registry import node_arg, op_rule
+from torchslim.graph.rules._registry import node_arg, op_rule, tensor_arg
 
 aten = torch.ops.aten
 
@@ -20,7 +20,7 @@ aten = torch.ops.aten
          aten._native_batch_norm_legit_functional, aten.batch_norm, aten._batch_norm_with_update,
          aten._batch_norm_no_update, aten.cudnn_batch_norm, aten.miopen_batch_norm)
 def batch_norm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    x = node_arg(op, 0, "input")
+    x = tensor_arg(op, 0, "input")
     for position, keyword in ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")):
         param = node_arg(op, position, keyword)
         if param is not None:
@@ -49,7 +49,7 @@ def _uses_batch_statistics(op: OpCall) -> bool:
 
 @op_rule(aten.native_layer_norm, aten.layer_norm, aten._fused_rms_norm, aten.rms_norm)
 def layer_norm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    x = node_arg(op, 0, "input")
+    x = tensor_arg(op, 0, "input")
     normalized = op.arg(1, "normalized_shape")
     k = len(normalized)
     ndim = len(c.shape(x))
@@ -68,7 +68,7 @@ def layer_norm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
 
 @op_rule(aten.native_group_norm, aten.group_norm)
 def group_norm_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
-    x = node_arg(op, 0, "input")
+    x = tensor_arg(op, 0, "input")
     groups = op.arg(6, "group") if op.func.overloadpacket is aten.native_group_norm else op.arg(1, "num_groups")
     channels = c.shape(x)[1]
     for position, keyword in ((1, "weight"), (2, "bias")):

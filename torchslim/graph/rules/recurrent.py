@@ -35,9 +35,12 @@ def _node(value) -> int | None:
     return value.node if isinstance(value, NodeRef) else None
 
 
-def _data(value) -> int | None:
+def _data(value) -> int:
     """The data tensor of an input or output: a tensor, or a PackedSequence's first field."""
-    return _node(value[0]) if isinstance(value, tuple) else _node(value)
+    node = _node(value[0]) if isinstance(value, tuple) else _node(value)
+    if node is None:  # the rule fails and the layer is pinned
+        raise ValueError("the recurrent layer's data is not a traced tensor")
+    return node
 
 
 def _states(value) -> list[int | None]:
@@ -92,8 +95,9 @@ def recurrent_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
                     c.pin(node, d, HELD)
     if packed:
         for value in args[0][1:]:
-            if _node(value) is not None:
-                c.pin(_node(value), None, HELD)
+            node = _node(value)
+            if node is not None:
+                c.pin(node, None, HELD)
 
 
 def _couple_layer(c: Coupling, units: _Units, layer: int, suffix: str, x: int) -> None:

@@ -19,12 +19,14 @@ less than the sum of layers measured alone (NetAdapt measures every proposal too
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
 from torchslim._timing import measure_latency
 from torchslim.latency import best_of_rounds, make_runner
 from torchslim.modes import training_mode
-from torchslim.pruning._select import TARGET_SEARCH_MAX_RATIO
+from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, Selector
 from torchslim.pruning.apply import applied, plan_removal
 
 ROUNDS = 4
@@ -33,21 +35,23 @@ CALIBRATION_ROUNDS = 3
 MIN_SECONDS = 0.25  # per measurement: a 2 ms model is timed over ~125 calls, not 10
 
 
-def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
-    """Adjust ``selector.latency_goal_ms`` until the measured latency of its removal meets the
-    target (at most ``ROUNDS`` rounds), then keep the goal that measured closest; if no proposal
-    came within tolerance, measure removals between the two around the target. Returns what
-    each round predicted and measured (kept in ``PruneResult``)."""
+def calibrate_latency_goal(selector: Selector, graph, example_inputs, config,
+                           banned: np.ndarray) -> tuple[Selector, list[dict]]:
+    """Adjust the latency goal handed to ``selector`` until the measured latency of its removal
+    meets the target (at most ``ROUNDS`` rounds), then keep the goal that measured closest; if
+    no proposal came within tolerance, measure removals between the two around the target.
+    Returns the selector with that goal (the one given is not changed) and what each round
+    predicted and measured (kept in ``PruneResult``)."""
     latency = selector.latency
     original, target = latency.measured_ms, selector.absolute_target()
-    unpruned = _removal_timer(graph, np.zeros(0, dtype=np.int64), example_inputs, config)
+    unpruned = removal_timer(graph, np.zeros(0, dtype=np.int64), example_inputs, config)
     history, removals = [], []
     for round_ in range(ROUNDS):
         ratio, removed = selector.select(banned)
         if removed.size == 0:
             break
         predicted = latency.predict(removed)
-        measured = _measured_against(unpruned, _removal_timer(graph, removed, example_inputs, config), original)
+        measured = _measured_against(unpruned, removal_timer(graph, removed, example_inputs, config), original)
         history.append({"goal_ms": selector.latency_goal_ms, "predicted_ms": predicted, "measured_ms": measured})
         removals.append((ratio, removed))
         if measured is None or abs(measured - target) <= TOLERANCE * target or round_ == ROUNDS - 1:
@@ -55,22 +59,23 @@ def calibrate_latency_goal(selector, graph, example_inputs, config, banned: np.n
         points = [(original, original)] + [(h["predicted_ms"], h["measured_ms"]) for h in history]
         goal = next_goal(points, target)
         lowest = latency.predict(selector.remove_at(TARGET_SEARCH_MAX_RATIO, banned))  # the most this config allows
-        selector.latency_goal_ms = float(np.clip(goal, lowest, original))
+        selector = selector.choosing(latency_goal_ms=float(np.clip(goal, lowest, original)))
     # on a noisy machine a later round can measure worse than an earlier one: keep the goal
     # whose removal measured closest to the target
     measured_rounds = [h for h in history if h["measured_ms"] is not None]
     best = min(measured_rounds, key=lambda h: abs(h["measured_ms"] - target), default=None)
     if best is not None:
-        selector.latency_goal_ms = best["goal_ms"]
+        selector = selector.choosing(latency_goal_ms=best["goal_ms"])
     for entry in history:
         entry["goal_ms"] = entry["goal_ms"] if entry["goal_ms"] is not None else target
     if best is not None and abs(best["measured_ms"] - target) > TOLERANCE * target:
         refined = _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target)
         if refined is not None and abs(refined[0]["measured_ms"] - target) < abs(best["measured_ms"] - target):
-            best, selector.measured_choice = refined
+            best, choice = refined
+            selector = selector.choosing(measured_choice=choice)
     for entry in history:
         entry["chosen"] = entry is best
-    return history
+    return selector, history
 
 
 BETWEEN_ROUNDS = 3
@@ -105,7 +110,7 @@ def _between_proposals(selector, graph, example_inputs, config, history, removal
             break
         k = (lo + hi) // 2
         removed = np.concatenate([fewer, step[np.isin(owners, groups[:k])]])
-        ms = _measured_against(unpruned, _removal_timer(graph, removed, example_inputs, config), original)
+        ms = _measured_against(unpruned, removal_timer(graph, removed, example_inputs, config), original)
         if ms is None:
             break
         entry = {"goal_ms": None, "predicted_ms": selector.latency.predict(removed), "measured_ms": ms,
@@ -144,17 +149,19 @@ MAX_OVERSHOOT = 0.02  # a candidate may remove at most 2% of the original more t
 CANDIDATE_ROUNDS = 3
 
 
-def choose_fastest_ranking(selector, graph, example_inputs, config, banned: np.ndarray) -> list[dict]:
-    """Point ``selector`` at the candidate ranking whose removal measures fastest on the target
-    runtime; returns each candidate's measured latency (kept in ``PruneResult``)."""
+def choose_fastest_ranking(selector: Selector, graph, example_inputs, config,
+                           banned: np.ndarray) -> tuple[Selector, list[dict]]:
+    """The selector set to the candidate ranking whose removal measures fastest on the target
+    runtime (the one given is not changed), and each candidate's measured latency (kept in
+    ``PruneResult``)."""
     candidates = [(selector.ranking, selector.round_to)] + [c for c in OTHER_CANDIDATES
                                                           if c != (selector.ranking, selector.round_to)]
     _, _, measure, before = selector.measure_for_target()
-    trials, timers = [], {}
+    trials: list[dict[str, Any]] = []
+    timers: dict[int, Callable[[], float]] = {}
     for ranking, round_to in candidates:
-        selector.ranking, selector.round_to = ranking, round_to
         try:
-            _, removed = selector.select(banned)
+            _, removed = selector.choosing(ranking=ranking, round_to=round_to).select(banned)
         except ValueError:  # this ranking cannot meet the target (e.g. min_channels): not a candidate
             continue
         left = measure(graph, removed)
@@ -162,23 +169,22 @@ def choose_fastest_ranking(selector, graph, example_inputs, config, banned: np.n
             continue  # coarse widths removed more than the config's own (ViT's 64 head dims in steps of 16)
         trial = {"ranking": ranking, "round_to": round_to, "measured_ms": None, "target_fraction": left / before}
         trials.append(trial)
-        timer = _removal_timer(graph, removed, example_inputs, config) if removed.size else None
+        timer = removal_timer(graph, removed, example_inputs, config) if removed.size else None
         if timer is not None:
             timers[len(trials) - 1] = timer
     for index, ms in best_of_rounds(timers, rounds=CANDIDATE_ROUNDS).items():
         trials[index]["measured_ms"] = ms if np.isfinite(ms) else None
-    best = {"ranking": candidates[0][0], "round_to": candidates[0][1], "measured_ms": None}
+    best: dict[str, Any] = {"ranking": candidates[0][0], "round_to": candidates[0][1], "measured_ms": None}
     for trial in trials:  # the config's own ranking wins unless another is clearly faster
         if trial["measured_ms"] is not None and (best["measured_ms"] is None or
                                                  trial["measured_ms"] < best["measured_ms"] * (1 - CLEARLY_FASTER)):
             best = trial
-    selector.ranking, selector.round_to = best["ranking"], best["round_to"]
     for trial in trials:
         trial["chosen"] = trial is best
-    return trials
+    return selector.choosing(ranking=best["ranking"], round_to=best["round_to"]), trials
 
 
-def _removal_timer(graph, removed, example_inputs, config):
+def removal_timer(graph, removed, example_inputs, config):
     """A function returning, per call, one median latency of the model with ``removed`` applied
     (the model itself is restored after each call); None if the removal breaks the model.
 
