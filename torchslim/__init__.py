@@ -44,6 +44,7 @@ _EXPORTS = {
     "load": "torchslim.io",
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
+    "training_mode": "torchslim.modes",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts
