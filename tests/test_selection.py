@@ -279,6 +279,22 @@ def test_default_macs_target_cuts_where_the_estimated_time_is_with_hardware_widt
     assert _estimated_ms(default) < 0.9 * _estimated_ms(alike), (_estimated_ms(default), _estimated_ms(alike))
 
 
+def test_default_cap_counts_against_the_width_before_any_pruning():
+    """Pruned in steps with the default MACs ranking, no group ends thinner than one prune
+    could leave it (40% of its width as built, in multiples of 8): the thin high-resolution
+    layers the ranking cuts first stop at 16 of 32 channels while the wide ones pay the rest."""
+    model = HighAndLowResolution().eval()
+    original = copy.deepcopy(model)
+    macs = []
+    for _ in range(3):
+        result = torchslim.prune_(model, X64, torchslim.PruneConfig(target_macs=0.8))
+        assert result.macs_after <= 0.8 * result.macs_before
+        macs.append(result.macs_after)
+    assert model.a.out_channels >= 16 and model.b.out_channels >= 16, (model.a.out_channels, model.b.out_channels)
+    assert model.c.out_channels < 256  # the rest of the budget came from the wide layers
+    assert torchslim.verify(original, model, X64, torchslim.pruning_history(model)).ok
+
+
 def test_cost_model_charges_memory_traffic_depthwise_and_thin_products():
     """The shape-based estimate behind the default ranking: a depthwise MAC costs several dense
     ones, elementwise ops cost their traffic, and thin products cost more per MAC."""

@@ -23,6 +23,9 @@ _EXPORTS = {
     "register_module_rule": "torchslim.graph",
     "op_rule": "torchslim.graph",
     "PruneConfig": "torchslim.pruning",
+    "SensitivitySearch": "torchslim.search",
+    "NetAdaptSearch": "torchslim.search",
+    "AnnealingSearch": "torchslim.search",
     "PruneResult": "torchslim.pruning",
     "PruningPlan": "torchslim.pruning",
     "PruningError": "torchslim.pruning",
@@ -44,9 +47,7 @@ _EXPORTS = {
     "load": "torchslim.io",
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
-    "SensitivitySearch": "torchslim.search",
-    "NetAdaptSearch": "torchslim.search",
-    "AnnealingSearch": "torchslim.search",
+    "training_mode": "torchslim.modes",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts

@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torchslim._inputs import call_model
+from torchslim.modes import training_mode
 
 __all__ = ["FinetuneResult", "distillation_loss", "evaluate_accuracy", "finetune", "recalibrate_bn_"]
 
@@ -85,17 +86,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _restore_modes(*models: nn.Module | None) -> Iterator[None]:
-    """Restore every module's ``training`` flag on exit (module by module, not just the root)."""
-    flags = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _progress(enabled: bool):
@@ -196,11 +186,9 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
             optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, span) / span)))
     losses: list[float] = []
     steps = 0
-    with _restore_modes(model, teacher), _progress(progress) as bar:
+    teacher_mode = training_mode(teacher, False) if teacher is not None else contextlib.nullcontext()
+    with training_mode(model, True), teacher_mode, _progress(progress) as bar:
         task = bar.add_task("fine-tuning", total=total, status="") if bar is not None else None
-        model.train()
-        if teacher is not None:
-            teacher.eval()
         for epoch in range(epochs):
             running, count = 0.0, 0
             for batch in loader:
@@ -240,8 +228,7 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable, *, device: torch.devic
     """
     device = _model_device(model) if device is None else torch.device(device)
     correct, total = 0, 0
-    with _restore_modes(model):
-        model.eval()
+    with training_mode(model, False):
         for batch in loader:
             inputs, targets = _split(_to(batch, device), need_targets=True)
             pred = _logits(_forward(model, inputs)).argmax(dim=-1)
@@ -282,8 +269,7 @@ def recalibrate_bn_(model: nn.Module, batches: Iterable, num_batches: int | None
     saved = [(m, m.momentum, _clone(m.running_mean), _clone(m.running_var), _clone(m.num_batches_tracked))
              for m in norms]
     used = 0
-    with _restore_modes(model):
-        model.eval()
+    with training_mode(model, False):
         for m in norms:
             m.reset_running_stats()
             m.momentum = None

@@ -21,6 +21,7 @@ from torchslim._inputs import ExampleInputs, call_model, input_tensors, normaliz
 from torchslim._timing import LatencyStats, ModuleTiming, measure_latency, module_latency, warn_if_rounds_disagree
 from torchslim.analysis._macs import profile_macs
 from torchslim.analysis.report import AnalysisReport, LayerRow
+from torchslim.modes import training_mode
 
 
 def analyze(model: nn.Module, example_inputs: ExampleInputs, *, latency: bool = True, warmup: int = 3,
@@ -47,8 +48,7 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs, *, latency: bool = 
     """
     normalize_inputs(example_inputs)  # reject unsupported input forms before touching the model
     was_training = model.training
-    with _preserved_state(model), torch.no_grad():
-        model.eval()
+    with training_mode(model, False), _preserved_buffers(model), torch.no_grad():
         profile, _ = profile_macs(model, example_inputs)
         timing = stats = None
         if latency:
@@ -146,20 +146,17 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-class _preserved_state:
-    """Restore every module's training flag and every buffer's value on exit."""
+class _preserved_buffers:
+    """Restore every buffer's value on exit (training flags: :func:`torchslim.modes.training_mode`)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
         self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         return self
 
     def __exit__(self, *exc):
-        for module, flag in self.flags:
-            module.training = flag
         with torch.no_grad():
             for buf, saved in self.buffers:
                 if buf.shape == saved.shape and not torch.equal(buf, saved):

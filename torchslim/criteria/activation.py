@@ -22,6 +22,7 @@ from torchslim.criteria._base import iter_batches, scatter_to_atoms
 from torchslim.criteria.taylor import batch_inputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph import module_names
+from torchslim.modes import training_mode
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.PReLU, nn.Sigmoid,
                nn.Tanh)
@@ -65,18 +66,14 @@ class ActivationImportance:
         for module in model.modules():
             if isinstance(module, ACTIVATIONS) or (self.statistic == "mean" and not list(module.children())):
                 handles.append(module.register_forward_hook(hook))
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
         try:
-            with torch.no_grad():
+            with training_mode(model, False), torch.no_grad():
                 for batch in iter_batches(data, self.max_batches):
                     call_index.clear()
                     call_model(model, batch_inputs(batch))
         finally:
             for h in handles:
                 h.remove()
-            for m, flag in flags.items():
-                m.training = flag
 
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
         scores = np.zeros(len(group), dtype=np.float64)

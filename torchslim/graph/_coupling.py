@@ -7,16 +7,15 @@ vocabularies) and which feed a statistic over the dimension (``mark_inexact``:
 removing them changes, e.g., LayerNorm's mean, so the pruned model is not equal to
 the zeroed original there). The connected components of the union edges are the
 *atoms*: the smallest sets of indices that can be removed while keeping every op valid.
-Components are found with scipy's sparse connected components, so building the
-graph stays linear in the number of elements and fast on billion-parameter models.
+Components are found by a vectorised union-find (:func:`connected_components`), so building
+the graph stays close to linear in the number of elements, without importing scipy (0.25 s of
+the first ``prune_`` in a process).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from torchslim.graph._trace import TensorNode
 
@@ -168,8 +167,35 @@ class Coupling:
         return self._connected(*self._expand([self._left[i] for i in keep], [self._right[i] for i in keep], self._ranges))
 
     def _connected(self, left: np.ndarray, right: np.ndarray) -> tuple[int, np.ndarray]:
-        matrix = coo_matrix((np.ones(left.size, dtype=np.int8), (left, right)), shape=(self.size, self.size))
-        return connected_components(matrix, directed=False)
+        return connected_components(self.size, left, right)
+
+
+def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of the undirected graph on ``n`` vertices with edges
+    ``left[i] - right[i]``: ``(count, label per vertex)``, labels numbered in the order of each
+    component's smallest vertex (as scipy.sparse.csgraph numbers them).
+
+    Union-find in whole-array steps: every root joined by an edge to a smaller root is hooked
+    under it, then paths are compressed by pointer jumping; each round at least halves the roots
+    that still have edges, and every vertex's parent is never above itself, so no cycle forms.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    left, right = np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
+    while left.size:
+        a, b = parent[left], parent[right]
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        joins = low != high
+        if not joins.any():
+            break
+        left, right = left[joins], right[joins]
+        parent[high[joins]] = low[joins]  # any smaller root will do when a root has several
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+    rank = np.cumsum(parent == np.arange(n)) - 1  # roots are each component's smallest vertex
+    return (int(rank[-1]) + 1 if n else 0), rank[parent]
 
 
 def _norm_dim(dim: int, ndim: int) -> int:

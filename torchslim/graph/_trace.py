@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
+from torchslim.modes import training_mode
 
 INPUT, PARAM, BUFFER, CONST, ACT = "input", "param", "buffer", "const", "act"
 
@@ -316,18 +317,15 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Trace:
             continue
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        input_nodes = [recorder.node_for(t, INPUT, f"input{i}") for i, t in enumerate(iter_tensors((args, kwargs)))]
-        with torch.no_grad(), recorder:
-            output = model(*args, **kwargs)
-        output_nodes = [recorder.node_for(t) for t in iter_tensors(output)]
+        with training_mode(model, False):
+            input_nodes = [recorder.node_for(t, INPUT, f"input{i}") for i, t in enumerate(iter_tensors((args, kwargs)))]
+            with torch.no_grad(), recorder:
+                output = model(*args, **kwargs)
+            output_nodes = [recorder.node_for(t) for t in iter_tensors(output)]
     finally:
         for h in handles:
             h.remove()
-        for m, flag in training.items():
-            m.training = flag
     return Trace(
         nodes=recorder.nodes,
         ops=recorder.ops,

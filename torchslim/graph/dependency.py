@@ -13,14 +13,12 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from torchslim._inputs import ExampleInputs
 from torchslim._registry import Registry
 from torchslim.graph import rules
-from torchslim.graph._coupling import Coupling
+from torchslim.graph._coupling import Coupling, connected_components
 from torchslim.graph._trace import PARAM, BUFFER, CONST, OpCall, Trace, trace
 from torchslim.graph.rules.pointwise import pointwise_rule
 from torchslim.graph.rules.shape import BROADCAST_PIN
@@ -132,8 +130,7 @@ class DependencyGraph:
         first = np.ones(slot.size, dtype=bool)
         first[1:] = slot[1:] != slot[:-1]
         rep = atom[first][np.cumsum(first) - 1]  # each pair's slot representative (its smallest atom)
-        matrix = coo_matrix((np.ones(atom.size, dtype=np.int8), (atom, rep)), shape=(self.n_atoms,) * 2)
-        _, family = connected_components(matrix, directed=False)
+        _, family = connected_components(self.n_atoms, atom, rep)
         params_by_family: dict[int, set[tuple[str, int]]] = {}
         with_weights: set[int] = set()
         for s, a in zip(slot[first].tolist(), atom[first].tolist()):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
+from torchslim.modes import training_mode
 from torchslim.pruning.verify import compare_outputs, run_eval
 
 
@@ -74,13 +75,8 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
         export_kwargs["input_names"] = [f"input_{i}" for i in range(len(flat_inputs))]
     input_names = list(export_kwargs["input_names"])
 
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with training_mode(model, False):
         exporter = _export(model, args, kwargs, path, opset, dynamo, export_kwargs)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     report = OnnxExportReport(str(path), exporter, _opset_of(path), path.stat().st_size, checked=check)
     if not check:
         return report

@@ -1,6 +1,7 @@
 """Whole-model latency on PyTorch eager or ONNX Runtime (CPU), warm-up, repeats, medians."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -10,6 +11,7 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, normalize_inputs
 from torchslim._timing import LatencyStats, measure_latency, warn_if_rounds_disagree
+from torchslim.modes import training_mode
 
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -35,11 +37,14 @@ def measure_in_turn(models: dict[str, nn.Module], example_inputs: ExampleInputs,
     runs. Each result's ``round_medians_ms`` lists its rounds; rounds more than
     ``ROUNDS_DISAGREE_FACTOR`` apart raise a :class:`~torchslim._timing.LatencyNoiseWarning`.
     """
-    runners = {label: make_runner(model, example_inputs, runtime, threads) for label, model in models.items()}
-    timers = {label: (lambda run=run: measure_latency(run, warmup=warmup, repeats=repeats, threads=threads))
-              for label, run in runners.items()}
-    history: dict[str, list[LatencyStats]] = {}
-    stats = best_of_rounds(timers, rounds, key=lambda s: s.median_ms, history=history)
+    with contextlib.ExitStack() as modes:
+        for model in models.values():  # timed in eval mode; every training flag comes back afterwards
+            modes.enter_context(training_mode(model, False))
+        runners = {label: make_runner(model, example_inputs, runtime, threads) for label, model in models.items()}
+        timers = {label: (lambda run=run: measure_latency(run, warmup=warmup, repeats=repeats, threads=threads))
+                  for label, run in runners.items()}
+        history: dict[str, list[LatencyStats]] = {}
+        stats = best_of_rounds(timers, rounds, key=lambda s: s.median_ms, history=history)
     for label, entry in stats.items():
         entry.round_medians_ms = [s.median_ms for s in history[label]]
         if runtime == "onnxruntime":
@@ -51,10 +56,11 @@ def measure_in_turn(models: dict[str, nn.Module], example_inputs: ExampleInputs,
 def make_runner(model: nn.Module, example_inputs: ExampleInputs, runtime: str = "torch",
                 threads: int | None = 1) -> Callable[[], object]:
     """A call that runs ``model`` on ``example_inputs`` in ``runtime``. For ONNX Runtime the
-    model is exported now, into a session with ``threads`` intra-op threads, so later changes
-    to ``model`` do not reach it; the torch call runs the live model (time it under
-    ``fixed_threads``, as :func:`measure_latency` does)."""
-    model.eval()
+    model is exported now (in eval mode), into a session with ``threads`` intra-op threads, so
+    later changes to ``model`` do not reach it; the torch call runs the live model in whatever
+    mode it is in when called (time it in eval mode, e.g. under
+    :func:`torchslim.modes.training_mode`, and under ``fixed_threads``, as
+    :func:`measure_latency` does). The model's training flags are left as they were."""
     if runtime == "torch":
         return lambda: call_model(model, example_inputs)
     if runtime == "onnxruntime":
@@ -74,7 +80,7 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
         path = Path(tmp) / "model.onnx"
         from torchslim.analysis import fastpath_disabled
 
-        with torch.no_grad(), fastpath_disabled():  # the fused MHA kernel has no ONNX export
+        with torch.no_grad(), fastpath_disabled(), training_mode(model, False):  # no fused MHA kernel in ONNX
             torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17)
         options = ort.SessionOptions()
         if threads:

@@ -1,5 +1,6 @@
-"""A MODNet-shaped portrait matting network, written from the brief (seeds/000) and the
-layout of the official MODNet (ZHKKKe/MODNet, ``src/models/modnet.py``).
+"""A MODNet-shaped portrait matting network, written from the paper (Ke et al., "MODNet:
+Real-Time Trimap-Free Portrait Matting via Objective Decomposition", AAAI 2022) and the
+layout of the official code (github.com/ZHKKKe/MODNet, ``src/models/modnet.py``).
 
 Structure (``hr_channels=32``):
 

@@ -114,12 +114,13 @@ class PruneConfig:
                   channels, in ``round_to`` multiples), so the result lands within one such
                   step of the target instead of a whole ratio step under it.
                   By default (``latency_aware``, ``global_ranking``, ``round_to`` and
-                  ``max_sparsity_per_layer`` left unset) atoms are ranked across groups by
-                  importance per millisecond saved, the time estimated from shapes without
-                  measuring (``torchslim.latency.lut.CostModel``: MACs at dense or depthwise
-                  speed, activation traffic, thin layers slower per MAC), so the MACs budget is
-                  spent where the time is; widths are kept in multiples of 8 channels and no
-                  group loses more than 60% unless the target needs it.
+                  ``max_sparsity_per_layer`` left unset) atoms are ranked across groups by time
+                  saved per MAC saved, the time estimated from shapes without measuring
+                  (``torchslim.latency.lut.CostModel``: MACs at dense or depthwise speed,
+                  activation traffic, thin layers slower per MAC), so the MACs budget is spent
+                  where the time per MAC is highest; widths are kept in multiples of 8 channels
+                  and no group loses more than 60% of the width it had before any pruning
+                  (earlier ``prune_`` calls count) unless the target needs it.
     round_to:     keep a multiple of this many channels per group (an atom of several channels,
                   e.g. a 64-dim attention head, counts as that many); ``"latency"`` picks,
                   per group, the kept width whose measured latency is lowest among the exact

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
+from torchslim.modes import training_mode
 from torchslim.pruning._near_ties import Selection, SelectionRecorder, near_tie_explains
 from torchslim.pruning._near_ties import _same as same_tensors
 from torchslim.pruning._surgery import named_tensors
@@ -76,13 +77,8 @@ def zero_removed_(model: nn.Module, removed: dict[str, dict[int, list[int]]]) ->
 @torch.no_grad()
 def run_eval(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:
     """Outputs of ``model`` in eval mode, flattened to a list of tensors; training flags restored."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with training_mode(model, False):
         return [t.detach().clone() for t in iter_tensors(call_model(model, example_inputs))]
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Prune a little, fine-tune, repeat (the lesson of seeds/000): ``prune_iteratively``."""
+"""Prune a little, fine-tune, repeat (iterative pruning as in Han et al. 2015, "Learning both
+Weights and Connections", and Li et al. 2017's prune-and-retrain): ``prune_iteratively``."""
 from __future__ import annotations
 
 import dataclasses

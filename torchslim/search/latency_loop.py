@@ -25,6 +25,7 @@ import numpy as np
 
 from torchslim._timing import measure_latency
 from torchslim.latency import best_of_rounds, make_runner
+from torchslim.modes import training_mode
 from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, Selector
 from torchslim.pruning.apply import applied, plan_removal
 
@@ -198,7 +199,7 @@ def removal_timer(graph, removed, example_inputs, config):
 
         def measure() -> float:
             try:
-                with applied(graph, plan):
+                with applied(graph, plan), training_mode(graph.model, False):
                     run = make_runner(graph.model, example_inputs, "torch", threads)
                     return measure_latency(run, warmup=3, repeats=10, threads=threads, min_seconds=MIN_SECONDS).median_ms
             except Exception:  # noqa: BLE001 - a removal that breaks the model is the retry loop's business
