@@ -1,6 +1,5 @@
 """Automatic searches that decide what to prune by measuring the model while they decide.
 
-<<<<<<< HEAD
 One loop (:class:`~torchslim.search.base.Search`) proposes per-group ratios, scales each
 candidate to meet the budget exactly, prunes it on the side (apply + rollback on one traced
 graph), optionally fine-tunes a copy, evaluates and appends the record to a resumable history;
@@ -9,14 +8,11 @@ the least predicted loss meeting the budget; the analysis re-searches a new budg
 evaluating), :class:`NetAdaptSearch` (Yang et al. 2018: scheduled cuts, one proposal per group,
 the best kept) and :class:`AnnealingSearch` (simulated annealing, as NNI's pruner). The result is an ordinary ``PruneConfig`` with per-group ratios by group id.
 
-=======
->>>>>>> main
 ``torchslim.search.latency_loop`` closes the loop on latency for ``prune_``: a latency
 target's goal is calibrated against measured removals, and under ``latency_aware`` the
 candidate rankings are timed and the fastest kept (NetAdapt's lesson: measure every proposal).
 The searches drive the engine only through its public API (``torchslim.pruning``: the
 :class:`~torchslim.pruning.selector.Selector`, ``plan_removal`` and ``applied``).
-<<<<<<< HEAD
 
 Names are imported lazily: ``torchslim.pruning`` imports ``latency_loop`` from this package.
 """
@@ -51,6 +47,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-=======
-"""
->>>>>>> main
