@@ -24,6 +24,7 @@ It must not train on the data it scores (the search would select for what it mem
 """
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import math
@@ -99,7 +100,7 @@ class SearchResult:
         return result
 
 
-class Search:
+class Search(abc.ABC):
     """Base of the search methods: holds the model, budget, evaluator and history; subclasses
     implement :meth:`explore`.
 
@@ -157,9 +158,9 @@ class Search:
         self._started = 0.0
 
     # what subclasses implement ------------------------------------------------------
+    @abc.abstractmethod
     def explore(self) -> None:
         """Propose candidates, calling :meth:`evaluate_ratios` for each, until done."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement explore()")
 
     def options(self) -> dict[str, Any]:
         """The method's own settings, written to the history header (a resume checks them)."""
