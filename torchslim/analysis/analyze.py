@@ -1,7 +1,7 @@
 """``analyze``: where the parameters, MACs, activation memory and time of a model go.
 
 One forward pass under ``torch.utils.flop_counter.FlopCounterMode`` (with the extra
-formulas and the convention of :mod:`torchslim.analysis._macs`) gives every module's MACs,
+formulas and the convention of :mod:`torchslim.graph.macs`) gives every module's MACs,
 output shapes and activation bytes; latency is measured, not modelled, in rounds: each round
 times the whole model (median, p10, p90 of repeated runs), then every module with forward
 hooks (medians), and the least-disturbed round is reported, so a burst of other work on the
@@ -19,7 +19,7 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, input_tensors, normalize_inputs
 from torchslim._timing import LatencyStats, ModuleTiming, measure_latency, module_latency, warn_if_rounds_disagree
-from torchslim.analysis._macs import profile_macs
+from torchslim.analysis._profile import profile_macs
 from torchslim.analysis.report import AnalysisReport, LayerRow
 from torchslim.modes import training_mode
 

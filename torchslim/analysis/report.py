@@ -10,7 +10,7 @@ Per row:
   ``self_params`` those registered directly on it.
 * ``macs`` -- MACs of the module and its submodules; ``self_macs`` the MACs of ops its own
   ``forward`` ran outside any submodule call (e.g. ``F.interpolate`` in a branch's forward).
-  Convention: :mod:`torchslim.analysis._macs`.
+  Convention: :mod:`torchslim.graph.macs`.
 * ``output_shape`` -- shapes of the tensors in the module's output (first call);
   ``activation_bytes`` -- bytes of those output tensors, summed over all calls; ``calls``.
 * ``latency_ms`` -- median time per run inside the module's forward (children included);

@@ -1,23 +1,50 @@
-"""MACs of a traced graph, before or after a (hypothetical) removal, without running the model.
+"""The one MAC counter: a traced graph's MACs before or after a (hypothetical) removal, and
+the live counter that the analysis runs a forward pass under.
 
-The counting convention is the analysis's (``torchslim.graph._formulas``): torch's FLOP
-formulas / 2 for convolutions and matrix products, the shared table for attention,
-interpolation, pooling and reductions, and nn.MultiheadAttention's fused fast path counted
-as the projections and attention it computes. Each op is re-evaluated on the shapes it has
-after the removal, so a MACs target is searched in milliseconds per candidate.
+Convention: one multiply-accumulate = 1 MAC = 2 FLOPs; torch's FLOP formulas
+(``torch.utils.flop_counter``) / 2 for convolutions and matrix products, the shared table of
+``torchslim.graph._formulas`` for what torch does not count (attention kernels, interpolation,
+pooling, reductions, recurrent kernels), 0 for memory-bound ops. ``nn.MultiheadAttention`` is
+counted as the projections and attention it computes: the live counter runs it with its fused
+fast path disabled, the graph counts the fused op as the same products. Each op of a graph is
+re-evaluated on the shapes it has after the removal, so a MACs target is searched in
+milliseconds per candidate.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from torchslim.graph._formulas import CUSTOM_MAPPING
 from torchslim.graph._trace import NodeRef, OpCall
+from torchslim.graph.conv_args import conv_args
 from torchslim.graph.dependency import DependencyGraph
 from torchslim.graph.rules.recurrent import RECURRENT_OPS, recurrent_macs
+
+
+def live_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that counts a forward pass in this module's convention (FLOPs = 2 x MACs);
+    run the model under :func:`fastpath_disabled` as well, so fused attention is seen as products."""
+    return FlopCounterMode(display=False, custom_mapping=CUSTOM_MAPPING)
+
+
+@contextlib.contextmanager
+def fastpath_disabled() -> Iterator[None]:
+    """Let MHA / TransformerEncoderLayer run their unfused path so their matmuls are seen."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -43,7 +70,7 @@ def _native_mha_macs(op: OpCall, shapes) -> int:
 def _conv_macs(op: OpCall, shapes) -> int:
     """torch's conv formula / 2: batch x spatial positions (output's, or input's if transposed) x weight size."""
     x, w, out = shapes(op.args[0].node), shapes(op.args[1].node), shapes(op.outputs[0])
-    spatial = (x if op.arg(6, "transposed", False) else out)[2:]
+    spatial = (x if conv_args(op).transposed else out)[2:]
     return x[0] * _numel(spatial) * _numel(w)
 
 

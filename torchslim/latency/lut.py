@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from torchslim.graph import DependencyGraph
-from torchslim.graph import OpCall
+from torchslim.graph import OpCall, conv_args
 from torchslim.graph.macs import has_macs, op_macs
 from torchslim.latency.runtime import RUNTIMES, measure_model
 
@@ -92,12 +92,11 @@ def layer_spec(graph: DependencyGraph, op: OpCall, weight_views: set[int]) -> tu
     if packet is aten.convolution:
         x, w, out = op.inputs[0], op.inputs[1], op.outputs[0]
         shape = nodes[x].shape
-        groups = op.arg(8, "groups", 1)
-        transposed = bool(op.arg(6, "transposed", False))
-        depthwise = groups > 1 and groups == shape[1]
-        spec = ("conv", len(shape) - 2, tuple(nodes[w].shape[2:]), tuple(op.arg(3, "stride")),
-                tuple(op.arg(4, "padding")), tuple(op.arg(5, "dilation")), depthwise, 1 if depthwise else groups,
-                transposed, shape[0], tuple(shape[2:]), op.arg(2, "bias") is not None)
+        args = conv_args(op)
+        depthwise = args.depthwise(shape[1])
+        spec = ("conv", len(shape) - 2, tuple(nodes[w].shape[2:]), tuple(args.stride), tuple(args.padding),
+                tuple(args.dilation), depthwise, 1 if depthwise else args.groups, args.transposed, shape[0],
+                tuple(shape[2:]), args.has_bias)
         return spec, (x, 1), (out, 1)
     if packet in (aten.addmm, aten.mm):
         a, b = (op.inputs[1], op.inputs[2]) if packet is aten.addmm else (op.inputs[0], op.inputs[1])
@@ -246,10 +245,10 @@ def _thin_penalty(op: OpCall, shapes) -> float:
     packet = op.func.overloadpacket
     if packet is aten.convolution:
         cin, cout = shapes[op.inputs[0]][1], shapes[op.outputs[0]][1]
-        groups = op.arg(8, "groups", 1)
-        if groups > 1 and groups == cin:
+        args = conv_args(op)
+        if args.depthwise(cin):
             return 1.0 + THIN_CHANNELS / max(cout, 1)
-        cin //= max(groups, 1)
+        cin //= max(args.groups, 1)
     elif packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
         first = 1 if packet in (aten.addmm, aten.baddbmm) else 0
         cin, cout = shapes[op.inputs[first]][-1], shapes[op.outputs[0]][-1]
@@ -261,5 +260,4 @@ def _thin_penalty(op: OpCall, shapes) -> float:
 def _is_depthwise(op: OpCall, nodes) -> bool:
     if op.func.overloadpacket is not aten.convolution:
         return False
-    groups = op.arg(8, "groups", 1)
-    return groups > 1 and groups == nodes[op.inputs[0]].shape[1]
+    return conv_args(op).depthwise(nodes[op.inputs[0]].shape[1])

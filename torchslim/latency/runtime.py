@@ -78,7 +78,7 @@ def _onnxruntime_runner(model, example_inputs, threads) -> Callable[[], object]:
         raise ValueError("ONNX latency takes positional tensor inputs only")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        from torchslim.analysis import fastpath_disabled
+        from torchslim.graph.macs import fastpath_disabled
 
         with torch.no_grad(), fastpath_disabled(), training_mode(model, False):  # no fused MHA kernel in ONNX
             torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17)

@@ -37,7 +37,7 @@ Figures at 1x3x512x512 (``tests/test_modnet.py`` checks them against hand formul
   6,452,243 params and 18,117.07 M MACs -- consistent with a module-hook counter
   (thop-style) that counts weight layers only, called as ``model(img, False)``; functional
   ops (``F.interpolate``, ``x * w``) are invisible to such a counter.
-* torchslim's convention (:mod:`torchslim.analysis._macs`) also counts the bilinear resizes
+* torchslim's convention (:mod:`torchslim.graph.macs`) also counts the bilinear resizes
   (4 MACs per output element: 95.88 M) and the SE block's global pooling (0.33 M):
   **18,213.27 M, 0.53% above the brief**. BatchNorm adds 34,832 params: 6,487,075 in all
   (+0.6%).

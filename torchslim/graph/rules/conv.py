@@ -14,6 +14,7 @@ import torch
 
 from torchslim.graph._coupling import Coupling
 from torchslim.graph._trace import OpCall, Trace
+from torchslim.graph.conv_args import CONVOLUTIONS, conv_args
 from torchslim.graph.rules._registry import node_arg, op_rule, tensor_arg
 
 aten = torch.ops.aten
@@ -48,12 +49,12 @@ def _couple_groups(c: Coupling, x: int, out: int, weight: int, groups: int, tran
     _same_local_index(c, own, 1, cin_g if transposed else cout_g)
 
 
-@op_rule(aten.convolution, aten._convolution, aten.conv2d, aten.conv1d, aten.conv3d)
+@op_rule(*CONVOLUTIONS)
 def convolution_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     x, weight, out = tensor_arg(op, 0, "input"), tensor_arg(op, 1, "weight"), op.outputs[0]
     bias = node_arg(op, 2, "bias")
-    transposed = bool(op.arg(6, "transposed", False)) if op.func.overloadpacket in (aten.convolution, aten._convolution) else False
-    groups = op.arg(8, "groups", 1) if op.func.overloadpacket in (aten.convolution, aten._convolution) else op.arg(6, "groups", 1)
+    args = conv_args(op)
+    transposed, groups = args.transposed, args.groups
     batched = len(c.shape(x)) == len(c.shape(weight))
     if not batched:
         c.pin(x, None, "unbatched convolution")

@@ -1,11 +1,9 @@
-"""MAC counting on top of ``torch.utils.flop_counter.FlopCounterMode``.
+"""Per-module MACs of one forward pass, counted by :func:`torchslim.graph.macs.live_counter`.
 
-Convention: one multiply-accumulate = 1 MAC = 2 FLOPs; torch's formulas for convolutions and
-matrix products, the shared table in ``torchslim.graph._formulas`` for what torch does not
-count (attention kernels, interpolation, pooling, reductions), 0 for memory-bound ops. The
-pruner's graph estimates use the same table, so both always agree. ``nn.MultiheadAttention``
-is counted with its fused fast path disabled, so its projections and attention are seen as
-the matmuls and SDPA they compute; timing keeps the fast path.
+The counting convention (1 MAC = 2 FLOPs; torch's formulas plus a shared table for what torch
+does not count; memory-bound ops 0; ``nn.MultiheadAttention`` with its fused fast path
+disabled) lives in :mod:`torchslim.graph.macs`, the one MAC counter that the pruner's graph
+estimates use too. This module only attributes the counted MACs to modules.
 
 Attribution: every op's MACs go to the innermost module whose forward was running (its
 ``self_macs``); a module's ``macs`` is its ``self_macs`` plus its submodules' (by qualified
@@ -15,17 +13,16 @@ kept as ``MacProfile.by_call`` for comparison.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim._inputs import ExampleInputs, call_model, iter_tensors
-from torchslim.graph import CUSTOM_MAPPING
+from torchslim.graph.macs import fastpath_disabled, live_counter
 
 
 @dataclasses.dataclass
@@ -44,21 +41,6 @@ class MacProfile:
     modules: dict[str, ModuleCalls]  # by qualified name; modules that never ran are absent
     by_op: dict[str, int]           # MACs per aten op
     by_call: dict[str, int]         # FlopCounterMode's per-module counts (call nesting) / 2
-
-
-@contextlib.contextmanager
-def fastpath_disabled() -> Iterator[None]:
-    """Let MHA / TransformerEncoderLayer run their unfused path so their matmuls are seen."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    previous = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(previous)
 
 
 def _tracker_names(counter: FlopCounterMode, model: nn.Module) -> dict[str, str]:
@@ -87,7 +69,7 @@ def profile_macs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[MacPr
     """
     names = {id(m): name for name, m in model.named_modules()}
     modules: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
-    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_MAPPING)
+    counter = live_counter()
     # frames: [module id, qualified name, FLOPs at entry, FLOPs inside child module calls]
     stack: list[list] = []
 
