@@ -7,14 +7,20 @@ Front door::
     torchslim.verify(original, model, example_inputs, result.plan)
     torchslim.save(model, "pruned/"); torchslim.load("pruned/", fresh_original)
 
-Names are imported lazily so that ``import torchslim`` and the CLI start fast.
+Names are imported lazily so that ``import torchslim`` and the CLI start fast. What the library
+skips or falls back on (ops without a channel rule, groups left out and why, rolled-back
+removals, a lifted cap, the other ONNX exporter) is logged on the ``torchslim`` logger:
+``logging.basicConfig(level=logging.INFO)`` (or ``torchslim -v``) shows it.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # silent unless the application configures logging
 
 _EXPORTS = {
     "AnalysisReport": "torchslim.analysis",

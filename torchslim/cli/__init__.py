@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import warnings
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchslim", description="Analyse, prune and slim PyTorch models.")
     parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what the library skips or falls back on (ops without a rule, rolled-back removals)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for module in COMMANDS.values():
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO, format="torchslim: %(message)s")
         run = getattr(args, "run", None) or importlib.import_module(COMMANDS[args.command]).run
         with warnings.catch_warnings():
             show_warnings_on_one_line()

@@ -10,6 +10,7 @@ pruner cuts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,8 @@ from torchslim.graph._coupling import Coupling, connected_components
 from torchslim.graph._trace import PARAM, BUFFER, CONST, OpCall, Trace, trace
 from torchslim.graph.rules.pointwise import pointwise_rule
 from torchslim.graph.rules.shape import BROADCAST_PIN
+
+LOG = logging.getLogger(__name__)
 
 ModuleRule = Callable[[Coupling, nn.Module, str, Trace], None]
 _MODULE_RULES: Registry[type, ModuleRule] = Registry("module rule")
@@ -110,6 +113,7 @@ class DependencyGraph:
             if revised == choices:
                 break
             choices = revised
+        _log_blockers(model, blockers)
         return cls(model, recorded, coupling, blockers)
 
     def _any_per_atom(self, element_flags: np.ndarray) -> np.ndarray:
@@ -347,6 +351,15 @@ def _own_ids(c: Coupling, dims: list[tuple[int, int]], candidates: list[list[tup
 def _owned_by(param_name: str, module_name: str) -> bool:
     prefix = f"{module_name}." if module_name else ""
     return param_name.startswith(prefix) and "." not in param_name[len(prefix):]
+
+
+def _log_blockers(model: nn.Module, blockers: list[OpBlocker]) -> None:
+    """Say which ops pinned their tensors for want of a rule: pruning stays exact but keeps those channels."""
+    if not blockers:
+        return
+    LOG.info("%s: %d op call(s) without a usable channel rule pin every dimension they touch: %s",
+             type(model).__name__, len(blockers), "; ".join(str(b) for b in blockers[:10]) +
+             (f"; ... {len(blockers) - 10} more" if len(blockers) > 10 else ""))
 
 
 def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBlocker]) -> None:

@@ -13,6 +13,7 @@ milliseconds per candidate.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -24,6 +25,9 @@ from torchslim.graph._trace import NodeRef, OpCall
 from torchslim.graph.conv_args import conv_args
 from torchslim.graph.dependency import DependencyGraph
 from torchslim.graph.rules.recurrent import RECURRENT_OPS, recurrent_macs
+
+
+LOG = logging.getLogger(__name__)
 
 
 def live_counter() -> FlopCounterMode:
@@ -124,7 +128,8 @@ def op_macs(op: OpCall, shapes) -> int:
         try:
             return int(DIRECT[packet](op, shapes))
         except (AttributeError, IndexError, TypeError):  # an unusual call spelling: torch's formula reads it
-            pass
+            LOG.debug("%s in module '%s': the shape shortcut could not read the call; torch's formula counts it",
+                      op.name, op.module or "<root>")
     try:
         return _formula_macs(op, shapes)
     except Exception as exc:  # any formula failure is reported with the op it concerns

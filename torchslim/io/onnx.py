@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +22,8 @@ from torch import nn
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
 from torchslim.modes import training_mode
 from torchslim.pruning.verify import compare_outputs, run_eval
+
+LOG = logging.getLogger(__name__)
 
 
 class OnnxCheckError(RuntimeError):
@@ -144,6 +147,7 @@ def _export(model, args, kwargs, path, opset, dynamo, export_kwargs) -> str:
             return "dynamo" if use_dynamo else "torchscript"
         except Exception as exc:  # noqa: BLE001 - try the other exporter, report both
             errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
+            LOG.info("ONNX export of %s: %s", type(model).__name__, errors[-1].splitlines()[0])
     hint = "" if importlib.util.find_spec("onnxscript") else " (the torch.export-based exporter needs onnxscript)"
     raise RuntimeError(f"ONNX export of {type(model).__name__} failed{hint}:\n" + "\n".join(errors))
 

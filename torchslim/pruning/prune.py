@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 from typing import Any
@@ -25,6 +26,7 @@ from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
 from torchslim.pruning.verify import (Run, compare_runs, relative_deviation, run_eval, run_recorded, tolerances,
                                       zero_removed_)
 
+LOG = logging.getLogger(__name__)
 MAX_ATTEMPTS = 32  # each rolled-back attempt bans the atoms at fault; raft_small at target_macs=0.5 needs 14
 # inexact groups whose deviation is measured one by one (two forwards each); beyond this many,
 # the rest are reported with deviation None and only count in the total
@@ -173,6 +175,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
             raise PruningError(f"pruning failed and was rolled back: {reason}. {_advice(reason, model, config)}")
         banned[culprits] = True
         skipped.append(reason)
+        LOG.info("removal rolled back (%s); %d channel(s) of the groups at fault are kept and the selection is "
+                 "retried", reason, int(culprits.size))
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
 
 

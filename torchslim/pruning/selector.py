@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import logging
 import math
 import warnings
 from typing import Any
@@ -23,6 +24,8 @@ from torchslim.graph import module_aliases
 from torchslim.graph.macs import estimate_macs
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import pruning_history
+
+LOG = logging.getLogger(__name__)
 
 TARGET_SEARCH_MAX_RATIO = 0.95
 SEARCH_STEPS = 14
@@ -59,11 +62,16 @@ def eligible_groups(graph: DependencyGraph, config: PruneConfig, *, quiet: bool 
         if chosen is not None and not np.isin(group.atoms, chosen).any():
             continue
         if excluded is not None and np.isin(group.atoms, excluded).any():
+            LOG.debug("group %d (modules %s) left out: it touches a module that exclude/protect_inputs/filter_fn keeps",
+                      group.index, group_labels(graph, [group]))
             continue
         groups.append(group)
     if config.exact_only or (config.exact_only is None and config.target is None):
         inexact = [g for g in groups if not g.exact]
         groups = [g for g in groups if g.exact]
+        if inexact:
+            LOG.info("%d inexact group(s) left out (%s): exact_only=%s", len(inexact), group_labels(graph, inexact),
+                     config.exact_only)
         if inexact and config.exact_only is None and not quiet:
             warnings.warn(f"{len(inexact)} inexact group(s) left unpruned ({group_labels(graph, inexact)}): their "
                           f"channels feed a statistic over the channel dimension (LayerNorm, RMSNorm, softmax, "
@@ -441,6 +449,8 @@ class Selector:
         lo, hi = 0.0, TARGET_SEARCH_MAX_RATIO
         best = self.remove_at(hi, banned)
         if measure(self.graph, best) > target and self.max_sparsity < 1.0 and config.max_sparsity_per_layer is None:
+            LOG.info("the default per-group cap (%.0f%%) cannot meet %s=%s: lifted", 100 * self.max_sparsity, field,
+                     value)
             self.max_sparsity = 1.0  # the default cap gives way to the target (before inexact groups do)
             best = self.remove_at(hi, banned)
         if measure(self.graph, best) > target and self.held_inexact:
