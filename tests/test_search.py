@@ -393,3 +393,45 @@ def test_time_limit_stops_with_the_best_so_far():
 
     result = RandomProposals(model, x, slow, target_macs=0.5, n=50, time_limit=0.5).run()
     assert result.stopped == "time_limit" and 1 <= len(result.history) <= 4
+
+
+def test_ranking_settings_of_the_users_config_do_not_reach_the_result():
+    """Per-group ratios leave global or latency-aware ranking nothing to decide; were they kept,
+    the returned config would prune by one global ranking instead of the ratios evaluated."""
+    model, x = _net()
+    config = torchslim.PruneConfig(global_ranking=True, criterion="l2")
+    result = RandomProposals(model, x, width_score([1, 2, 3, 4]), target_macs=0.5, n=3, config=config).run()
+    assert result.config.global_ranking is False and result.config.latency_aware is False
+    assert result.config.criterion == "l2"
+    before = _macs(model, x)
+    result.apply_(model, x)
+    assert _macs(model, x) == result.macs <= 0.5 * before
+
+
+def test_round_to_latency_is_refused_with_the_reason():
+    model, x = _net()
+    with pytest.raises(ValueError, match="round_to='latency' cannot be searched"):
+        RandomProposals(model, x, width_score([1, 1, 1, 1]), target_macs=0.5,
+                        config=torchslim.PruneConfig(round_to="latency"))
+
+
+class Normed(nn.Module):
+    """conv -> LayerNorm over channels -> conv: the first conv's group is inexact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 32, 1), nn.LayerNorm(32), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = self.norm(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.b(y)
+
+
+def test_unreachable_budget_names_the_inexact_groups_left_out():
+    model, x = Normed().eval(), (torch.randn(1, 3, 8, 8),)
+    search = RandomProposals(model, x, lambda m: 0.0, target_macs=0.5)
+    with pytest.raises(ValueError, match=r"1 inexact group\(s\) were left out \(a, b, norm\): exact_only=False"):
+        search.run()
+    relaxed = RandomProposals(model, x, lambda m: 0.0, target_macs=0.5, n=1,
+                              config=torchslim.PruneConfig(exact_only=False)).run()
+    assert relaxed.macs <= 0.5 * _macs(model, x)

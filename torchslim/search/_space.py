@@ -19,7 +19,8 @@ from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.macs import estimate_macs
 from torchslim.criteria import make_importance
 from torchslim.pruning import PruneConfig
-from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, Selector, eligible_groups, estimate_params, keep_count
+from torchslim.pruning.selector import (TARGET_SEARCH_MAX_RATIO, Selector, eligible_groups, estimate_params,
+                                       group_labels, keep_count)
 
 Ratios = Mapping[int, float]
 # a candidate's ratios are scaled along a monotone path until the budget is met: bisection steps
@@ -51,17 +52,25 @@ class SearchSpace:
 
     def __init__(self, model: nn.Module, example_inputs: Any, config: PruneConfig, *, data: Any = None,
                  loss_fn: Any = None):
+        if config.round_to == "latency":
+            raise ValueError("round_to='latency' cannot be searched: it picks each width by timing at prune time, so "
+                             "the MACs a candidate leaves are unknown until then; give an integer (e.g. 8)")
         self.config = config
+        # a candidate's ratios are per group: the ranking settings that compare groups (global,
+        # latency-aware) have nothing left to decide, and must not reach the result's config
         self.base = dataclasses.replace(config, ratio=0.0, ratios=None, target_macs=None, target_params=None,
-                                        target_latency=None)
+                                        target_latency=None, global_ranking=False, latency_aware=False)
         self.graph = DependencyGraph.build(model, example_inputs)
         importance = make_importance(config.criterion, config.seed)
         if hasattr(importance, "prepare"):
             importance.prepare(self.graph, data, loss_fn)
-        self.groups: list[Group] = eligible_groups(self.graph, self.base)
+        self.groups: list[Group] = eligible_groups(self.graph, self.base, quiet=True)
         scores = {g.index: np.asarray(importance(self.graph, g), dtype=np.float64) for g in self.groups}
         self.selector = Selector(self.graph, self.groups, scores, self.base)
         self.groups = list(self.selector.groups)  # exact groups unless exact_only=False
+        self.left_out_inexact = [] if config.exact_only is False else [
+            g for g in eligible_groups(self.graph, dataclasses.replace(self.base, exact_only=False), quiet=True)
+            if not g.exact]
         self.sizes = {g.index: len(g) for g in self.groups}
         self.latency = None
         target = config.target
@@ -157,7 +166,14 @@ class SearchSpace:
             raise ValueError(f"PruneConfig.{target.field}={target.value:g} cannot be met by any candidate: the "
                              f"smallest reachable {target.quantity} is {least:.6g} ({least / original:.1%} of the "
                              f"original {original:.6g}), with every eligible group "
-                             f"({len(self.groups)}) at ratio {TARGET_SEARCH_MAX_RATIO}")
+                             f"({len(self.groups)}) at ratio {TARGET_SEARCH_MAX_RATIO}{self._inexact_hint()}")
+
+    def _inexact_hint(self) -> str:
+        if not self.left_out_inexact:
+            return ""
+        return (f"; {len(self.left_out_inexact)} inexact group(s) were left out "
+                f"({group_labels(self.graph, self.left_out_inexact)}): exact_only=False in the search's config lets "
+                f"it prune them too (the pruned model then differs slightly from the zeroed original)")
 
     def scaled(self, ratios: Ratios, u: float) -> dict[int, float]:
         """A point on the monotone path from no removal (u=0) through ``ratios``'s shape, scaled
