@@ -6,7 +6,10 @@ graph), optionally fine-tunes a copy, evaluates and appends the record to a resu
 the methods built on it: :class:`SensitivitySearch` (each group pruned alone at 0.1..0.9, then
 the least predicted loss meeting the budget; the analysis re-searches a new budget without
 evaluating), :class:`NetAdaptSearch` (Yang et al. 2018: scheduled cuts, one proposal per group,
-the best kept) and :class:`AnnealingSearch` (simulated annealing, as NNI's pruner). The result is an ordinary ``PruneConfig`` with per-group ratios by group id.
+the best kept) and :class:`AnnealingSearch` (simulated annealing, as NNI's pruner). The result
+is an ordinary ``PruneConfig`` with per-group ratios by group id. Candidates proposed together
+(sensitivity probes, one NetAdapt iteration) are scored by an executor: in process by default,
+or in parallel on Ray (:class:`RayExecutor`), with the same history either way.
 
 ``torchslim.search.latency_loop`` closes the loop on latency for ``prune_``: a latency
 target's goal is calibrated against measured removals, and under ``latency_aware`` the
@@ -32,6 +35,9 @@ _EXPORTS = {
     "SensitivityAnalysis": "torchslim.search.sensitivity",
     "AnnealingSearch": "torchslim.search.annealing",
     "NetAdaptSearch": "torchslim.search.netadapt",
+    "Executor": "torchslim.search.executors",
+    "InProcess": "torchslim.search.executors",
+    "RayExecutor": "torchslim.search.executors",
 }
 
 __all__ = list(_EXPORTS)

@@ -32,13 +32,14 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 from torch import nn
 
-from torchslim.pruning import PruneConfig, PruneResult, applied, prune_
+from torchslim.pruning import PruneConfig, PruneResult, plan_removal, prune_
 from torchslim.search._space import Measures, Ratios, SearchSpace
+from torchslim.search.executors import Executor, InProcess, Scored
 from torchslim.search.history import History, Record
 
 Evaluator = Callable[[nn.Module], float]
@@ -124,7 +125,7 @@ class Search(abc.ABC):
                  data: Any = None, loss_fn: Any = None, recalibrate_bn: bool = False, max_evals: int | None = None,
                  time_limit: float | None = None, seed: int = 0, criterion: Any = None,
                  config: PruneConfig | None = None, history: str | os.PathLike | None = None,
-                 resume: str | os.PathLike | None = None):
+                 resume: str | os.PathLike | None = None, executor: Executor | None = None):
         if not callable(evaluate):
             raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
         if finetune is not None and not callable(finetune):
@@ -149,6 +150,7 @@ class Search(abc.ABC):
         self.data, self.loss_fn, self.recalibrate_bn = data, loss_fn, recalibrate_bn
         self.max_evals = max_evals if max_evals is not None else self.default_max_evals
         self.time_limit, self.seed = time_limit, seed
+        self.executor = executor if executor is not None else InProcess()
         self.rng = np.random.default_rng(seed)
         self.working = copy.deepcopy(model)  # the user's model is not touched until apply_
         self.space = SearchSpace(self.working, example_inputs, self.config, data=data, loss_fn=loss_fn)
@@ -230,23 +232,57 @@ class Search(abc.ABC):
         """Evaluate one candidate: ``ratios`` (group id -> share removed) scaled to meet the
         budget unless ``meet_budget=False`` (a probe, e.g. one group alone), pruned on the side,
         scored, recorded. A record of a resumed history is returned instead where it exists."""
-        assert self.history is not None, "evaluate_ratios runs inside run()"
+        return self.evaluate_batch([ratios], meet_budget=meet_budget, notes=[note])[0]
+
+    def evaluate_batch(self, proposals: Sequence[Ratios], *, meet_budget: bool = True,
+                       notes: Sequence[str] | None = None) -> list[Record]:
+        """Evaluate independent candidates together (in parallel under a parallel executor);
+        recorded in proposal order, exactly as one :meth:`evaluate_ratios` call each would.
+        Stops (``max_evals``) after the evaluations that fit, those recorded."""
+        assert self.history is not None, "evaluate_batch runs inside run()"
+        notes = list(notes) if notes is not None else [""] * len(proposals)
+        fitted = [self._fit(ratios, meet_budget) for ratios in proposals]
+        records = []
+        while fitted and self._replayed < len(self.history.records):
+            proposed, exact = fitted.pop(0)
+            records.append(self._replay(exact))
+            notes.pop(0)
+        if not fitted:
+            return records
+        self._check_limits()
+        room = len(fitted) if self.max_evals is None else self.max_evals - len(self.history.records)
+        batch = fitted[:room]
+        removals = [plan_removal(self.space.graph, self.space.removal(exact)) for _, exact in batch]
+        scored = self.executor.scores(self, removals)
+        for (proposed, exact), note in zip(batch, notes):
+            try:
+                outcome = next(scored)
+            except Exception as exc:  # whatever the user's code raises stops the search, the records kept
+                raise SearchInterrupted(self._interrupted_message(exc), list(self.history.records),
+                                        self.history.path) from exc
+            records.append(self._record(proposed if meet_budget else None, exact, outcome, note))
+        if len(batch) < len(fitted):
+            raise _Exhausted("max_evals")
+        return records
+
+    def _fit(self, ratios: Ratios, meet_budget: bool) -> tuple[dict[int, float], dict[int, float]]:
+        """(the ratios as proposed, the exact ratios evaluated: scaled to the budget unless a probe)."""
         proposed = {int(k): float(v) for k, v in ratios.items()}
         fitted = self.space.meet_budget(proposed) if meet_budget else proposed
-        exact = self.space.exact_ratios(fitted)
-        if self._replayed < len(self.history.records):
-            return self._replay(exact)
-        self._check_limits()
+        return proposed, self.space.exact_ratios(fitted)
+
+    def _record(self, proposed: dict[int, float] | None, exact: dict[int, float], outcome: Scored,
+                note: str) -> Record:
+        assert self.history is not None
         found = self.space.measure(exact)
-        start = time.perf_counter()
-        raw = self._score(exact)
+        raw = outcome.score
         score = raw if math.isfinite(raw) else -math.inf
         if not math.isfinite(raw):
             warnings.warn(f"{self.method}: evaluate returned {raw} for evaluation {len(self.history.records)} "
-                          f"({note or exact}); it counts as the worst score", SearchWarning, stacklevel=2)
-        record = Record(len(self.history.records), exact, found.macs, found.params, score,
-                        time.perf_counter() - start, self.space.meets(found), found.latency_ms,
-                        proposed if meet_budget else None, note, None if math.isfinite(raw) else repr(raw))
+                          f"({note or exact}); it counts as the worst score", SearchWarning, stacklevel=3)
+        record = Record(len(self.history.records), exact, found.macs, found.params, score, outcome.seconds,
+                        self.space.meets(found), found.latency_ms, proposed, note,
+                        None if math.isfinite(raw) else repr(raw))
         self.history.append(record)
         self._replayed = len(self.history.records)
         return record
@@ -267,33 +303,19 @@ class Search(abc.ABC):
         if self.time_limit is not None and time.monotonic() - self._started > self.time_limit:
             raise _Exhausted("time_limit")
 
-    def _score(self, ratios: dict[int, float]) -> float:
-        """The evaluator's score of the model pruned at ``ratios`` (on a copy when it is
-        fine-tuned or recalibrated, else on the working copy, rolled back after)."""
-        removal = self.space.removal(ratios)
-        try:
-            with applied(self.space.graph, removal):
-                if self.finetune is None and not self.recalibrate_bn:
-                    return self._call(self.working)
-                candidate = copy.deepcopy(self.working)
-            if self.finetune is not None:
-                self.finetune(candidate, self.finetune_budget)
-            if self.recalibrate_bn:
-                from torchslim.recovery import recalibrate_bn_
-
-                recalibrate_bn_(candidate, self.data)
-            return self._call(candidate)
-        except Exception as exc:  # whatever the user's code raises stops the search, the records kept
-            raise SearchInterrupted(self._interrupted_message(exc), list(self.history.records) if self.history else [],
-                                    self.history.path if self.history else None) from exc
-
-    def _call(self, model: nn.Module) -> float:
+    # what executors use ---------------------------------------------------------------
+    def call_evaluator(self, model: nn.Module) -> float:
+        """``evaluate(model)`` in eval mode, the model's training flag restored after."""
         training = model.training
         model.eval()
         try:
             return float(self.evaluate(model))
         finally:
             model.train(training)
+
+    def copy_working(self) -> nn.Module:
+        """A copy of the working model as it is now (inside ``applied``: the pruned candidate)."""
+        return copy.deepcopy(self.working)
 
     def _interrupted_message(self, exc: Exception) -> str:
         assert self.history is not None

@@ -85,12 +85,11 @@ class NetAdaptSearch(Search):
             bound = max(before - scheduled, budget)
             best: Record | None = None
             best_group = -1
-            for group in sorted(self.space.sizes):
-                proposal = self.smallest_removal(current, group, bound)
-                if proposal is None:
-                    continue
-                record = self.evaluate_ratios(proposal, meet_budget=False,
-                                              note=f"iteration {index}: group {group} to {proposal[group]:g}")
+            proposals = {group: self.smallest_removal(current, group, bound) for group in sorted(self.space.sizes)}
+            proposing = [(group, p) for group, p in proposals.items() if p is not None]
+            records = self.evaluate_batch([p for _, p in proposing], meet_budget=False,
+                                          notes=[f"iteration {index}: group {g} to {p[g]:g}" for g, p in proposing])
+            for (group, _), record in zip(proposing, records):
                 if best is None or record.score > best.score:
                     best, best_group = record, group
             if best is None:

@@ -232,11 +232,13 @@ class SensitivitySearch(Search):
             raise ValueError(f"sensitivity analysis needs {self.needed_evals()} evaluations "
                              f"(1 + {len(self.space.sizes)} groups x {len(self.ratios)} ratios"
                              f"{' + the chosen ratios' if self.space.quantity else ''}); max_evals={self.max_evals}")
-        baseline = self.evaluate_ratios({}, meet_budget=False, note="unpruned").score
-        curves = {}
-        for group in sorted(self.space.sizes):
-            curves[group] = [self.evaluate_ratios({group: r}, meet_budget=False, note=f"group {group} at {r:g}").score
-                             for r in self.ratios]
+        probes = [(group, r) for group in sorted(self.space.sizes) for r in self.ratios]
+        records = self.evaluate_batch([{}] + [{group: r} for group, r in probes], meet_budget=False,
+                                      notes=["unpruned"] + [f"group {group} at {r:g}" for group, r in probes])
+        baseline = records[0].score
+        curves: dict[int, list[float]] = {group: [] for group in sorted(self.space.sizes)}
+        for (group, _), record in zip(probes, records[1:]):
+            curves[group].append(record.score)
         graph = self.space.graph
         labels = {g.index: group_label(g) or group_labels(graph, [g]) for g in self.space.groups}
         self.analysis = SensitivityAnalysis(baseline, self.ratios, curves, labels, dict(self.space.sizes))
