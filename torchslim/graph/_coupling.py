@@ -179,8 +179,9 @@ def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> tuple[i
     under it, then paths are compressed by pointer jumping; each round at least halves the roots
     that still have edges, and every vertex's parent is never above itself, so no cycle forms.
     """
-    parent = np.arange(n, dtype=np.int64)
-    left, right = np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
+    index = np.int32 if n < 2**31 else np.int64  # half the temporaries' memory on any real model
+    parent = np.arange(n, dtype=index)
+    left, right = np.asarray(left, dtype=index), np.asarray(right, dtype=index)
     while left.size:
         a, b = parent[left], parent[right]
         low, high = np.minimum(a, b), np.maximum(a, b)
@@ -194,8 +195,8 @@ def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> tuple[i
             if np.array_equal(grand, parent):
                 break
             parent = grand
-    rank = np.cumsum(parent == np.arange(n)) - 1  # roots are each component's smallest vertex
-    return (int(rank[-1]) + 1 if n else 0), rank[parent]
+    rank = np.cumsum(parent == np.arange(n, dtype=index)) - 1  # roots are each component's smallest vertex
+    return (int(rank[-1]) + 1 if n else 0), rank[parent].astype(np.int64)
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
