@@ -30,6 +30,7 @@ from torch import nn
 
 from torchslim.pruning import Transaction, named_tensors, remember_former_shapes, sync_hf_config
 from torchslim.pruning.apply import RemovalPlan, apply_plan
+from torchslim.sparsity import parametrization_problem
 from torchslim.pruning.plan import PlanStep, PruningPlan, history_mismatch, record_history, recorded_history
 
 FORMAT = "torchslim.checkpoint/1"
@@ -61,6 +62,7 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     model that plan started from (the CLI records it). ``metadata`` is any JSON-serialisable
     dict, stored in ``meta.json``. Files are written atomically (temporary file, then rename).
     """
+    _refuse_parametrized(model, "torchslim.save")
     plan = _plan_to_save(model, plan)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -100,6 +102,13 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     _write_text(directory / PLAN_FILE, plan_text)
     _write_text(directory / META_FILE, _dumps(meta, META_FILE))  # last: a complete meta means a complete save
     return directory
+
+
+def _refuse_parametrized(model: nn.Module, action: str) -> None:
+    """Masked weights live in ``parametrizations.<name>.original``: no plan or checkpoint describes them."""
+    problem = parametrization_problem(model, action)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _plan_to_save(model: nn.Module, plan: Any) -> PruningPlan:
@@ -198,6 +207,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     directory = Path(path)
     if directory.is_file() and directory.name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
         directory = directory.parent  # a file of the checkpoint names its directory
+    _refuse_parametrized(model, "torchslim.load")
     meta, plan, state = _read_checkpoint(directory)
     try:
         tensors_after = _validate(directory, meta, plan, state, model)
