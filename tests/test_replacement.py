@@ -304,3 +304,26 @@ def test_a_module_put_by_a_replacement_can_be_replaced_again(tmp_path):
     torchslim.save(model, tmp_path / "ckpt")
     loaded = torchslim.load(tmp_path / "ckpt", cnn(seed=4))
     assert type(loaded.bn1) is nn.ReLU and torch.equal(loaded(x), model(x))
+
+
+def test_a_module_swapped_by_hand_is_refused_by_save(tmp_path):
+    model = cnn()
+    torchslim.prune_(model, torch.randn(1, 3, 16, 16), torchslim.PruneConfig(ratio=0.25))
+    model.bn2 = nn.Identity()  # not recorded: the history no longer describes the model
+    with pytest.raises(CheckpointError, match=r"'bn2.weight'.*replace_module_"):
+        torchslim.save(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_removed_indices_of_a_replaced_module_start_over():
+    """PruningPlan.removed composes steps per tensor; a replaced module's tensors are new ones."""
+    model, x = cnn(), torch.randn(1, 3, 16, 16)
+    first = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.25)).plan.removed
+    assert "conv1.weight" in first and "bn1.weight" in first
+    fold(model, "conv1", "bn1")
+    second = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5)).plan.removed
+    composed = pruning_history(model).removed
+    assert composed["conv1.weight"] == second["conv1.weight"]  # relative to the folded conv, not composed
+    assert "bn1.weight" not in composed  # an Identity now: its old removals are gone with it
+    assert composed["conv2.weight"][1] == sorted(set(first["conv2.weight"][1]) | set(
+        [i for i in range(8) if i not in first["conv2.weight"][1]][j] for j in second["conv2.weight"][1]))

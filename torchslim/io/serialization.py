@@ -126,7 +126,8 @@ def _plan_to_save(model: nn.Module, plan: Any) -> PruningPlan:
     if mismatch is not None:
         raise CheckpointError(f"cannot save {_qualname(model)}: its shapes no longer match its pruning history "
                               f"({mismatch}); was it changed by hand after prune_/load? Pass the plan that "
-                              "re-creates it from the original, or prune with torchslim.prune_ only")
+                              "re-creates it from the original, or prune with torchslim.prune_ only (and swap "
+                              "modules with torchslim.replace_module_, which records the swap)")
     return history.plan
 
 
