@@ -307,3 +307,43 @@ def test_other_parametrizations_are_refused_too(tmp_path):
     parametrize.register_parametrization(model.fc, "weight", nn.Identity())
     with pytest.raises(torchslim.CheckpointError, match=r"'fc.weight'.*remove_parametrizations"):
         torchslim.save(model, tmp_path / "x")
+
+
+def _agp_run(structured: bool, keep_dense: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 4)).train()
+    x = torch.randn(1, 3, 8, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = torchslim.AGPPruner(model, x, final_sparsity=0.5, total_steps=6, frequency=2, structured=structured,
+                                 optimizer=optimizer, keep_dense=keep_dense)
+    gen = torch.Generator().manual_seed(1)
+    masks, dense_kept = [], []
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 8, 8, generator=gen)).pow(2).mean().backward()
+        optimizer.step()
+        pruner.step()
+        masks.append({n: m.clone() for n, m in pruner.masks.masks.items()})
+        if keep_dense and "0.weight" in pruner.masks.masks:
+            keep = pruner.masks.masks["0.weight"]
+            assert torch.equal(model[0].weight[~keep], torch.zeros(int((~keep).sum())))  # the model reads zeros
+            dense_kept.append(bool((model[0].parametrizations.weight.original[~keep] != 0).any()))
+    pruner.finalize()
+    return model.eval(), x, masks, dense_kept
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_agp_with_kept_dense_weights_prunes_like_hard_zeroing(structured):
+    """The model computes with the same masked weights either way, so training and the final
+    model are identical; with keep_dense the masked dense values were kept until finalize."""
+    hard, x, hard_masks, _ = _agp_run(structured, keep_dense=False)
+    kept, _, kept_masks, dense_kept = _agp_run(structured, keep_dense=True)
+    assert len(hard_masks) == len(kept_masks)
+    for a, b in zip(hard_masks, kept_masks):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert dense_kept and all(dense_kept)
+    assert not torchslim.sparsity.live_parametrizations(kept)
+    assert {k: v.shape for k, v in kept.state_dict().items()} == {k: v.shape for k, v in hard.state_dict().items()}
+    assert torch.equal(kept(x), hard(x))
