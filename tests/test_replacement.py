@@ -327,3 +327,12 @@ def test_removed_indices_of_a_replaced_module_start_over():
     assert "bn1.weight" not in composed  # an Identity now: its old removals are gone with it
     assert composed["conv2.weight"][1] == sorted(set(first["conv2.weight"][1]) | set(
         [i for i in range(8) if i not in first["conv2.weight"][1]][j] for j in second["conv2.weight"][1]))
+
+
+def test_replacements_are_built_in_the_dtype_of_the_model(tmp_path):
+    model, x = cnn().double(), torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    fold(model, "conv1", "bn1")
+    model.conv1.double()
+    torchslim.save(model, tmp_path / "ckpt")
+    loaded = torchslim.load(tmp_path / "ckpt", cnn(seed=2).double())
+    assert loaded.conv1.weight.dtype == torch.float64 and torch.equal(loaded(x), model(x))
