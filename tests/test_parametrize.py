@@ -141,6 +141,7 @@ def test_remove_masks_bakes_exactly_into_the_same_parameters():
     keep = random_masks(model)
     params = {n: p for n, p in model.named_parameters()}
     mask_(model, keep)
+    copied = copy.deepcopy(model)
     _train(model.train(), steps=2)
     model.eval()
     expected_out = model(x)
@@ -153,6 +154,29 @@ def test_remove_masks_bakes_exactly_into_the_same_parameters():
         assert dict(model.named_parameters())[name] is params[name]  # an optimiser keeps them
         assert torch.equal(params[name], value)
     assert torch.equal(model(x), expected_out)
+    remove_masks_(copied)  # a deep copy of a masked model bakes alike, in the original order
+    assert list(copied.state_dict()) == list(model.state_dict())
+
+
+def test_a_deep_copy_keeps_its_masks_when_the_original_changes_its_own():
+    """torch gives a deep copy the parametrized class of the original: changing the masks of one
+    must not break the other."""
+    model, x = net(), torch.randn(2, 3, 8, 8)
+    keep = random_masks(model, names=("conv.weight",))
+    mask_(model, keep)
+    copied = copy.deepcopy(model)
+    expected = copied(x)
+    bias_keep = torch.rand(8) > 0.5
+    mask_(model, {"conv.bias": bias_keep})  # adds a parametrized tensor to model.conv only
+    assert torch.equal(copied(x), expected) and not hasattr(copied.conv.parametrizations, "bias")
+    remove_masks_(model)
+    assert torch.equal(copied(x), expected)
+    assert set(masks_of(copied)) == {"conv.weight"}
+    remove_masks_(copied)
+    zeroed = net()
+    with torch.no_grad():
+        zeroed.conv.weight[~keep["conv.weight"]] = 0.0
+    assert torch.equal(copied(x), zeroed(x))
 
 
 def test_remove_masks_without_baking_restores_the_dense_weight_and_by_name():

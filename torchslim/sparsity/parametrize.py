@@ -35,7 +35,6 @@ masked once.
 from __future__ import annotations
 
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -108,7 +107,9 @@ def mask_(model: nn.Module, masks: dict[str, torch.Tensor], *, straight_through:
         for name, keep in by_param.values():
             parametrization = MaskParametrization(keep, straight_through=straight_through)
             for module, attr in _holders(model, targets[name]):
-                _ORDER.setdefault(module, list(module._parameters))
+                if not hasattr(module, _ORDER):
+                    setattr(module, _ORDER, list(module._parameters))
+                _own_class(module)
                 parametrize.register_parametrization(module, attr, parametrization)
                 registered.append((module, attr))
     except BaseException:
@@ -189,15 +190,32 @@ def parametrization_problem(model: nn.Module, action: str) -> str | None:
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-# each masked module's parameter order before masking, restored when its last mask goes
-# (parametrize re-registers the parameter last; optimisers and state_dicts follow that order)
-_ORDER: WeakKeyDictionary = WeakKeyDictionary()
+# a masked module's parameter order before masking (a plain attribute: it survives deepcopy),
+# restored when its last mask goes: parametrize re-registers the parameter last, and
+# optimisers and state_dicts follow that order
+_ORDER = "_torchslim_parameter_order"
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
+
+    ``torch.nn.utils.parametrize`` keeps each parametrized tensor as a property of a class
+    made for the module, adds and deletes those properties as parametrizations come and go,
+    and ``copy.deepcopy`` gives the copy that same class: changing one module's masks would
+    break the other's. A copy of the class (same bases, same properties) keeps them apart.
+    """
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _remove(module: nn.Module, attr: str, *, bake: bool) -> None:
+    _own_class(module)
     parametrize.remove_parametrizations(module, attr, leave_parametrized=bake)
-    if not parametrize.is_parametrized(module) and module in _ORDER:
-        order = _ORDER.pop(module)
+    if not parametrize.is_parametrized(module) and hasattr(module, _ORDER):
+        order = getattr(module, _ORDER)
+        delattr(module, _ORDER)
         params = module._parameters
         keys = [k for k in order if k in params] + [k for k in params if k not in order]
         module._parameters = {k: params[k] for k in keys}
