@@ -336,3 +336,19 @@ def test_replacements_are_built_in_the_dtype_of_the_model(tmp_path):
     torchslim.save(model, tmp_path / "ckpt")
     loaded = torchslim.load(tmp_path / "ckpt", cnn(seed=2).double())
     assert loaded.conv1.weight.dtype == torch.float64 and torch.equal(loaded(x), model(x))
+
+
+def test_a_failure_after_the_swaps_rolls_load_back(folded_checkpoint, monkeypatch):
+    """load is transactional: modules swapped in by the replay are swapped back on any error."""
+    from torchslim.io import serialization
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure while setting the weights")
+
+    model = cnn(seed=2)
+    snap = snapshot(model)
+    monkeypatch.setattr(serialization, "_set_weights", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        torchslim.load(folded_checkpoint, model)
+    assert_untouched(model, snap)
+    assert type(model.bn1) is nn.BatchNorm2d and model.conv1.bias is None

@@ -1,4 +1,5 @@
-"""Structured pruning with physical removal: config, criteria, plan, surgery, verification."""
+"""Structured pruning with physical removal: config, criteria, plan, surgery, verification, and
+recorded module replacements (``replace_module_``) for structural rewrites."""
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import PlanStep, PruningPlan
