@@ -41,6 +41,8 @@ _EXPORTS = {
     "verify": "torchslim.pruning",
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",
+    "replace_module_": "torchslim.pruning",
+    "register_replacement_type": "torchslim.pruning",
     "config_from_recipe": "torchslim.pruning",
     "sparsify_": "torchslim.sparsity",
     "sparsity_report": "torchslim.sparsity",

@@ -3,8 +3,10 @@
 A checkpoint is a directory of three files, none of them pickled::
 
     model.safetensors   the pruned state_dict (tied/shared tensors stored once)
-    plan.json           PruningPlan.to_dict(): what was removed, step by step, and the
+    plan.json           PruningPlan.to_dict(): what was removed, step by step, the
                         module attributes each step changed (in_channels, num_heads...)
+                        and the modules it replaced (an allow-listed type name and
+                        JSON-plain constructor kwargs; see torchslim.pruning.replace_module_)
     meta.json           format, versions, model class, parameter count, sha256 of the
                         two other files, aliases of tied tensors, user metadata
 
@@ -28,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.pruning import Transaction, named_tensors, remember_former_shapes, sync_hf_config
+from torchslim.pruning import Transaction, build_replacement, named_tensors, remember_former_shapes, sync_hf_config
 from torchslim.pruning.apply import RemovalPlan, apply_plan
-from torchslim.pruning.plan import PlanStep, PruningPlan, history_mismatch, record_history, recorded_history
+from torchslim.sparsity import parametrization_problem
+from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, record_history,
+                                    recorded_history, under)
 
 FORMAT = "torchslim.checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,6 +65,7 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     model that plan started from (the CLI records it). ``metadata`` is any JSON-serialisable
     dict, stored in ``meta.json``. Files are written atomically (temporary file, then rename).
     """
+    _refuse_parametrized(model, "torchslim.save")
     plan = _plan_to_save(model, plan)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -102,6 +107,13 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     return directory
 
 
+def _refuse_parametrized(model: nn.Module, action: str) -> None:
+    """Masked weights live in ``parametrizations.<name>.original``: no plan or checkpoint describes them."""
+    problem = parametrization_problem(model, action)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
 def _plan_to_save(model: nn.Module, plan: Any) -> PruningPlan:
     """The plan given, or else ``model``'s own history after checking that its current shapes
     are still the ones that history left (empty for a model never pruned)."""
@@ -114,7 +126,8 @@ def _plan_to_save(model: nn.Module, plan: Any) -> PruningPlan:
     if mismatch is not None:
         raise CheckpointError(f"cannot save {_qualname(model)}: its shapes no longer match its pruning history "
                               f"({mismatch}); was it changed by hand after prune_/load? Pass the plan that "
-                              "re-creates it from the original, or prune with torchslim.prune_ only")
+                              "re-creates it from the original, or prune with torchslim.prune_ only (and swap "
+                              "modules with torchslim.replace_module_, which records the swap)")
     return history.plan
 
 
@@ -132,6 +145,8 @@ def _check_plan_matches_model(plan: PruningPlan, model: nn.Module) -> None:
     """The plan's final shapes must be the model's current shapes (catches passing the wrong plan)."""
     final: dict[str, list[int]] = {}
     for step in plan.steps:
+        for path in step.replaced:  # the replaced module's tensors are gone
+            final = {n: shape for n, shape in final.items() if not under(n, path)}
         for name, shape in step.shapes.items():
             new = list(shape)
             for dim, gone in step.removed.get(name, {}).items():
@@ -198,9 +213,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     directory = Path(path)
     if directory.is_file() and directory.name in (META_FILE, PLAN_FILE, WEIGHTS_FILE):
         directory = directory.parent  # a file of the checkpoint names its directory
+    _refuse_parametrized(model, "torchslim.load")
     meta, plan, state = _read_checkpoint(directory)
     try:
-        tensors_after = _validate(directory, meta, plan, state, model)
+        tensors_after, built = _validate(directory, meta, plan, state, model)
     except CheckpointError as exc:
         saved_class = meta.get("model_class")
         if saved_class and saved_class != _qualname(model):
@@ -212,7 +228,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                       f"{_qualname(model)} (every name and shape matches)", stacklevel=2)
     tx = Transaction()
     try:
-        _replay_plan(model, plan, tx)
+        _replay_plan(model, plan, tx, built)
         _set_weights(model, state, meta.get("aliases", {}), tx)
         _final_check(model, tensors_after)
     except BaseException:
@@ -323,8 +339,10 @@ def _check_plan_data(data: Any, path: Path) -> None:
     integers (not 1.5, not true, not "3"). Errors name the key path and the value found."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: must be a JSON object with 'format' and 'steps', got {type(data).__name__}")
-    if data.get("format") != "torchslim.plan/1":
-        raise CheckpointError(f"{path}: 'format' must be 'torchslim.plan/1', got {data.get('format')!r}")
+    if data.get("format") not in PLAN_FORMATS:
+        raise CheckpointError(f"{path}: 'format' must be '{PLAN_FORMATS[0]}', got {data.get('format')!r} (or "
+                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules; written by a newer torchslim?)")
+    keys = {"removed", "shapes", "attributes"} | ({"replaced"} if data["format"] != PLAN_FORMATS[0] else set())
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
@@ -332,7 +350,7 @@ def _check_plan_data(data: Any, path: Path) -> None:
         where = f"{path}: steps[{i}]"
         if not isinstance(step, dict):
             raise CheckpointError(f"{where} must be an object with 'removed' and 'shapes', got {_json_kind(step)}")
-        unknown = sorted(set(step) - {"removed", "shapes", "attributes"})
+        unknown = sorted(set(step) - keys)
         if unknown:
             raise CheckpointError(f"{where} has unknown key(s) {unknown}")
         for key in ("removed", "shapes"):
@@ -340,6 +358,7 @@ def _check_plan_data(data: Any, path: Path) -> None:
                 raise CheckpointError(f"{where}.{key} must be an object, got {_json_kind(step.get(key))}")
         if not isinstance(step.get("attributes", {}), dict):
             raise CheckpointError(f"{where}.attributes must be an object, got {_json_kind(step.get('attributes'))}")
+        _check_replaced_data(step.get("replaced", {}), where)
         for name, shape in step["shapes"].items():
             if not isinstance(shape, list):
                 raise CheckpointError(f"{where}.shapes['{name}'] must be a list of sizes, got {_json_kind(shape)}")
@@ -359,6 +378,24 @@ def _check_plan_data(data: Any, path: Path) -> None:
                     _check_json_int(index, f"{where}.removed['{name}']['{dim}'][{k}]", "removed indices")
 
 
+def _check_replaced_data(replaced: Any, where: str) -> None:
+    """``replaced`` is {module path: {"type": name, "init": {kwarg: plain JSON}}}."""
+    if not isinstance(replaced, dict):
+        raise CheckpointError(f"{where}.replaced must be an object {{module path: {{type, init}}}}, "
+                              f"got {_json_kind(replaced)}")
+    for module_path, spec in replaced.items():
+        at = f"{where}.replaced['{module_path}']"
+        if not module_path:
+            raise CheckpointError(f"{at}: the model itself cannot be replaced (empty module path)")
+        if not isinstance(spec, dict) or set(spec) != {"type", "init"}:
+            raise CheckpointError(f"{at} must be an object with exactly 'type' and 'init', got {_json_kind(spec)}")
+        if not isinstance(spec["type"], str):
+            raise CheckpointError(f"{at}.type must be a type name (a string), got {_json_kind(spec['type'])}")
+        if not isinstance(spec["init"], dict):
+            raise CheckpointError(f"{at}.init ({spec['type']}) must be an object of keyword arguments, "
+                                  f"got {_json_kind(spec['init'])}")
+
+
 def _check_json_int(value: Any, where: str, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"{where} is {json.dumps(value)}; {what} must be non-negative integers")
@@ -375,16 +412,26 @@ def _json_kind(value: Any) -> str:
 
 
 def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, torch.Tensor],
-              model: nn.Module) -> dict[str, list[int]]:
+              model: nn.Module) -> tuple[dict[str, list[int]], dict[tuple[int, str], nn.Module]]:
     """Check the plan and weights against ``model`` without touching it; returns expected
-    post-load shapes per state_dict key."""
+    post-load shapes per state_dict key and the replacement modules, built, by (step, path)."""
     plan_file = directory / PLAN_FILE
     weights_file = directory / WEIGHTS_FILE
-    named = named_tensors(model, remove_duplicate=False)
-    group = {name: id(t) for name, t in named.items()}  # tied names share a group
-    shapes = {id(t): list(t.shape) for t in named.values()}
+    virtual = _VirtualModel(model)
+    group = {name: id(t) for name, t in virtual.named.items()}  # tied names share a group
+    shapes = {id(t): list(t.shape) for t in virtual.named.values()}
+    built: dict[tuple[int, str], nn.Module] = {}
     for i, step in enumerate(plan.steps, 1):
         where = f"{plan_file} step {i}"
+        for module_path, spec in step.replaced.items():
+            replacement = _build_replacement(virtual, module_path, spec, where)
+            built[(i, module_path)] = replacement
+            virtual.replace(module_path, replacement)
+            group = {name: key for name, key in group.items() if not under(name, module_path)}
+            for name, tensor in virtual.named.items():
+                if under(name, module_path):
+                    group[name] = id(tensor)
+                    shapes[id(tensor)] = list(tensor.shape)
         for name in step.removed:
             if name not in step.shapes:
                 raise CheckpointError(f"{where}: '{name}' is removed from but has no recorded shape")
@@ -417,7 +464,7 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
         for label, attrs in step.attributes.items():
             if not isinstance(attrs, dict):
                 raise CheckpointError(f"{where}: attributes of '{label}' must be an object")
-            module = _submodule(model, label, where)
+            module = _submodule(virtual, label, where)
             for attr, value in attrs.items():
                 _check_attribute(module, label, attr, value, where)
 
@@ -427,8 +474,8 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
         if target not in state:
             raise CheckpointError(f"{directory / META_FILE}: alias '{alias}' points to '{target}', which "
                                   f"{weights_file} does not hold")
-    state_vars = model.state_dict(keep_vars=True)
-    by_id = {id(t): t for t in named.values()}
+    state_vars = virtual.state
+    by_id = {id(t): t for t in virtual.named.values()}
     expected: dict[str, list[int]] = {}
     for key, value in state_vars.items():
         if not isinstance(value, torch.Tensor) or id(value) not in by_id:
@@ -459,7 +506,7 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
             if a != b and not torch.equal(state[a], state[b]):
                 raise CheckpointError(f"{weights_file}: '{other}' and '{key}' are tied in the model but hold "
                                       "different values")
-    return expected
+    return expected, built
 
 
 def _check_attribute(module: nn.Module, label: str, attr: str, value: Any, where: str) -> None:
@@ -485,10 +532,61 @@ def _is_plain(value: Any) -> bool:
     return isinstance(value, (type(None), bool, int, str))
 
 
-def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction) -> None:
-    """Apply every recorded step in turn: its kept indices and its recorded attributes."""
-    for step in plan.steps:
+def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction,
+                 built: dict[tuple[int, str], nn.Module]) -> None:
+    """Apply every recorded step in turn: its module replacements (the modules ``_validate``
+    built), its kept indices and its recorded attributes."""
+    for i, step in enumerate(plan.steps, 1):
+        for module_path in step.replaced:
+            tx.replace_module(model, module_path, built[(i, module_path)])
         apply_plan(model, _removal_of(model, step), tx)
+
+
+class _VirtualModel:
+    """The model as the plan's module replacements so far leave it, without touching it:
+    its modules by path, its tensors by name and its state_dict entries."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.replaced: dict[str, nn.Module] = {}  # path -> the module the plan put there
+        self.named = named_tensors(model, remove_duplicate=False)
+        self.state: dict[str, Any] = dict(model.state_dict(keep_vars=True))
+
+    def module(self, label: str) -> nn.Module:
+        """The module at ``label`` (``AttributeError`` when there is none)."""
+        for path in sorted(self.replaced, key=len, reverse=True):
+            if under(label, path):
+                new = self.replaced[path]
+                return new if label == path else new.get_submodule(label[len(path) + 1:])
+        return self.model.get_submodule(label) if label else self.model
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        self.replaced = {p: m for p, m in self.replaced.items() if not under(p, path)}
+        self.replaced[path] = new
+        self.named = {n: t for n, t in self.named.items() if not under(n, path)}
+        self.named.update({f"{path}.{n}": t for n, t in named_tensors(new, remove_duplicate=False).items()})
+        self.state = {k: v for k, v in self.state.items() if not under(k, path)}
+        self.state.update({f"{path}.{k}": v for k, v in new.state_dict(keep_vars=True).items()})
+
+
+def _build_replacement(virtual: _VirtualModel, path: str, spec: dict[str, Any], where: str) -> nn.Module:
+    """The module a step puts at ``path``, built from its allow-listed type and plain kwargs, on
+    the device, in the floating dtype and in the training mode of the module it replaces."""
+    type_name = spec["type"]
+    try:
+        old = virtual.module(path)
+    except AttributeError:
+        raise CheckpointError(f"{where}: the plan replaces module '{path}' by {type_name!r}, but the model "
+                              f"({_qualname(virtual.model)}) has no such module") from None
+    try:
+        new = build_replacement(type_name, spec["init"])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: cannot replace module '{path}': {exc}") from None
+    like = [t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()]
+    like = like or [t for t in virtual.named.values() if t.is_floating_point()]
+    if like:
+        new.to(device=like[0].device, dtype=like[0].dtype)
+    return new.train(old.training)
 
 
 def _removal_of(model: nn.Module, step: PlanStep) -> RemovalPlan:
@@ -540,14 +638,14 @@ def _final_check(model: nn.Module, expected: dict[str, list[int]]) -> None:
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-def _submodule(model: nn.Module, label: str, where: str) -> nn.Module:
+def _submodule(virtual: _VirtualModel, label: str, where: str) -> nn.Module:
     if not isinstance(label, str):
         raise CheckpointError(f"{where}: module name {label!r} is not a string")
     try:
-        return model.get_submodule(label) if label else model
+        return virtual.module(label)
     except AttributeError:
         raise CheckpointError(f"{where}: the plan sets attributes of module '{label}', which the model "
-                              f"({_qualname(model)}) does not have") from None
+                              f"({_qualname(virtual.model)}) does not have") from None
 
 
 def _qualname(model: nn.Module) -> str:

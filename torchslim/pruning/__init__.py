@@ -1,4 +1,5 @@
-"""Structured pruning with physical removal: config, criteria, plan, surgery, verification."""
+"""Structured pruning with physical removal: config, criteria, plan, surgery, verification, and
+recorded module replacements (``replace_module_``) for structural rewrites."""
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import PlanStep, PruningPlan
@@ -6,6 +7,8 @@ from torchslim.pruning.selector import PruningError
 from torchslim.pruning.apply import RemovalPlan, applied, apply_plan, channel_order, plan_removal
 from torchslim.pruning.prune import PruneResult, prune_
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
+from torchslim.pruning.replace import (build_replacement, register_replacement_type, replace_module_,
+                                       replacement_types)
 from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
 # Shared with torchslim.io and torchslim.schedules (not user API): surgery that replays a saved
@@ -18,5 +21,6 @@ from torchslim.pruning._surgery import (Transaction as Transaction, get_tensor a
 
 __all__ = [
     "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "PruneResult", "PruningError", "PruningPlan",
-    "VerifyReport", "config_from_recipe", "load_recipe", "prune_", "register_module_handler", "verify", "zero_removed_",
+    "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "prune_", "register_module_handler",
+    "register_replacement_type", "replace_module_", "replacement_types", "verify", "zero_removed_",
 ]

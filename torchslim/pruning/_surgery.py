@@ -65,6 +65,20 @@ class Transaction:
 
         self._undo.append(undo)
 
+    def replace_module(self, model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+        """Put ``new`` at ``path`` (a submodule of ``model``, not the model itself); returns the old one."""
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        modules = parent._modules
+        if name not in modules:
+            raise AttributeError(f"{type(parent).__name__} has no submodule '{name}'")
+        old = modules[name]
+        if old is None:
+            raise AttributeError(f"{type(parent).__name__}.{name} is None, not a module")
+        modules[name] = new
+        self._undo.append(lambda: modules.__setitem__(name, old))
+        return old
+
     def rollback(self) -> None:
         while self._undo:
             self._undo.pop()()

@@ -4,6 +4,13 @@ Plans are plain JSON (parameter name -> dim -> removed indices, plus the origina
 shapes), so a pruned checkpoint can be re-created from a freshly built original
 without unpickling anything. Successive prunings are kept as ordered steps.
 
+A step may also record module replacements (structural rewrites: a block replaced by
+``nn.Identity``, a conv and its BatchNorm folded into one conv), ``replaced``: module path ->
+``{"type": <allow-listed type name>, "init": <JSON-plain constructor kwargs>}``, applied before
+the step's removals (see :func:`torchslim.pruning.replace_module_`). Plans without
+replacements are written as format ``torchslim.plan/1``, as before; with one, as
+``torchslim.plan/2`` (an older reader refuses it rather than ignore the rewrite). Both are read.
+
 A model pruned by ``prune_`` (or re-created by ``load``) carries its history, the plan of
 every pruning since it was built, as a plain attribute of its root module (read it with
 :func:`pruning_history`): it survives ``copy.deepcopy``, stays out of ``state_dict()`` and
@@ -24,6 +31,8 @@ class PlanStep:
     removed: dict[str, dict[int, list[int]]]  # name -> dim -> removed indices (of the shape before this step)
     shapes: dict[str, list[int]]  # name -> shape before this step
     attributes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # module -> attr -> new value
+    # module path -> {"type": allow-listed type name, "init": JSON-plain kwargs}; before the removals
+    replaced: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def kept(self, name: str, dim: int) -> np.ndarray:
         size = self.shapes[name][dim]
@@ -42,6 +51,9 @@ class PruningPlan:
         composed: dict[str, dict[int, np.ndarray]] = {}
         current: dict[tuple[str, int], np.ndarray] = {}  # original index of each surviving index
         for step in self.steps:
+            for path in step.replaced:  # a replaced module's tensors are new: they start unpruned
+                composed = {n: d for n, d in composed.items() if not under(n, path)}
+                current = {k: v for k, v in current.items() if not under(k[0], path)}
             for name, dims in step.removed.items():
                 for dim, gone in dims.items():
                     key = (name, dim)
@@ -57,34 +69,44 @@ class PruningPlan:
         return sum(len(v) for dims in self.removed.values() for v in dims.values())
 
     def __bool__(self) -> bool:
-        return any(step.removed for step in self.steps)
+        return any(step.removed or step.replaced for step in self.steps)
 
     def extend(self, other: "PruningPlan") -> "PruningPlan":
         return PruningPlan(self.steps + other.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "torchslim.plan/1",
-            "steps": [
-                {
-                    "removed": {n: {str(d): list(map(int, idx)) for d, idx in dims.items()} for n, dims in s.removed.items()},
-                    "shapes": {n: list(map(int, shape)) for n, shape in s.shapes.items()},
-                    "attributes": s.attributes,
-                }
-                for s in self.steps
-            ],
-        }
+        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules."""
+        steps = []
+        for s in self.steps:
+            step: dict[str, Any] = {
+                "removed": {n: {str(d): list(map(int, idx)) for d, idx in dims.items()} for n, dims in s.removed.items()},
+                "shapes": {n: list(map(int, shape)) for n, shape in s.shapes.items()},
+                "attributes": s.attributes,
+            }
+            if s.replaced:
+                step["replaced"] = {path: {"type": spec["type"], "init": spec["init"]} for path, spec in s.replaced.items()}
+            steps.append(step)
+        return {"format": PLAN_FORMATS[1] if any(s.replaced for s in self.steps) else PLAN_FORMATS[0], "steps": steps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
-        if not isinstance(data, dict) or data.get("format") != "torchslim.plan/1":
-            raise ValueError("not a torchslim pruning plan (missing format 'torchslim.plan/1')")
+        if not isinstance(data, dict) or data.get("format") not in PLAN_FORMATS:
+            raise ValueError(f"not a torchslim pruning plan (format is not one of {', '.join(PLAN_FORMATS)})")
         steps = []
         for s in data["steps"]:
             removed = {n: {int(d): [int(i) for i in idx] for d, idx in dims.items()} for n, dims in s["removed"].items()}
             shapes = {n: [int(x) for x in shape] for n, shape in s["shapes"].items()}
-            steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {}))))
+            replaced = {path: {"type": spec["type"], "init": dict(spec["init"])} for path, spec in s.get("replaced", {}).items()}
+            steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced))
         return cls(steps)
+
+
+PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")  # written: /1 without replacements, /2 with
+
+
+def under(name: str, path: str) -> bool:
+    """Whether the tensor or module ``name`` lies inside the module at ``path`` (or is it)."""
+    return name == path or name.startswith(path + ".")
 
 
 # pruning history ------------------------------------------------------------------------
@@ -114,17 +136,20 @@ def recorded_history(model: nn.Module) -> PruningHistory | None:
     return history if isinstance(history, PruningHistory) else None
 
 
-def record_history(model: nn.Module, plan: PruningPlan, *, start_over: bool = False) -> None:
+def record_history(model: nn.Module, plan: PruningPlan, *, start_over: bool = False,
+                   shapes_before: dict[str, tuple[int, ...]] | None = None) -> None:
     """Append ``plan`` (just applied to ``model``) to its history, or start the history with it.
 
     Appending first checks that the model, before ``plan``, still had the shapes the history
     left it with; if not (pruned by hand in between), the history keeps the plan but records
     the conflict, so that ``save`` refuses it rather than write a checkpoint ``load`` rejects.
+    ``shapes_before``: the model's state_dict shapes before ``plan`` when the plan cannot tell
+    them (a module replacement changes the state_dict keys).
     """
     previous = None if start_over else recorded_history(model)
     conflict = previous.conflict if previous is not None else None
     if previous is not None and conflict is None:
-        found = shape_conflict(previous.shapes, _shapes_before(model, plan))
+        found = shape_conflict(previous.shapes, shapes_before if shapes_before is not None else _shapes_before(model, plan))
         conflict = f"before pruning step {len(previous.plan.steps) + 1}, {found}" if found else None
     steps = (list(previous.plan.steps) if previous is not None else []) + list(plan.steps)
     setattr(model, HISTORY_ATTRIBUTE, PruningHistory(PruningPlan(steps), state_shapes(model), conflict))

@@ -23,6 +23,7 @@ from torchslim.pruning.config import PruneConfig
 from torchslim.criteria import make_importance
 from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
 from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
+from torchslim.sparsity import parametrization_problem
 from torchslim.pruning.verify import (Run, compare_runs, relative_deviation, run_eval, run_recorded, tolerances,
                                       zero_removed_)
 
@@ -117,6 +118,9 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     (``torchslim.pruning_history``), which ``torchslim.save(model, path)`` writes.
     """
     check_optimizer(optimizer)
+    problem = parametrization_problem(model, "torchslim.prune_")
+    if problem is not None:
+        raise PruningError(problem)
     config = config or PruneConfig()
     graph = DependencyGraph.build(model, example_inputs)
     groups = eligible_groups(graph, config)
