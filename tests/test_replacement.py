@@ -4,6 +4,7 @@ a tampered plan is refused with the step, module and type named, the model left 
 from __future__ import annotations
 
 import hashlib
+import copy
 import json
 from pathlib import Path
 
@@ -352,3 +353,13 @@ def test_a_failure_after_the_swaps_rolls_load_back(folded_checkpoint, monkeypatc
         torchslim.load(folded_checkpoint, model)
     assert_untouched(model, snap)
     assert type(model.bn1) is nn.BatchNorm2d and model.conv1.bias is None
+
+
+def test_verify_refuses_a_plan_with_replacements_and_checks_the_prunings_since():
+    model, x = cnn(), torch.randn(2, 3, 16, 16)
+    fold(model, "conv1", "bn1")
+    after_fold = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.25))
+    with pytest.raises(ValueError, match=r"replaces modules \(step 1: conv1; step 2: bn1\)"):
+        torchslim.verify(cnn(), model, x, torchslim.pruning_history(model))
+    assert torchslim.verify(after_fold, model, x, result.plan).ok
