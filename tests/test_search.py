@@ -435,3 +435,19 @@ def test_unreachable_budget_names_the_inexact_groups_left_out():
     relaxed = RandomProposals(model, x, lambda m: 0.0, target_macs=0.5, n=1,
                               config=torchslim.PruneConfig(exact_only=False)).run()
     assert relaxed.macs <= 0.5 * _macs(model, x)
+
+
+def test_netadapt_halves_a_cut_no_single_group_can_make():
+    """90% of the MACs in one group is more than any group of this net holds: the iteration's
+    cut is halved until one can, recorded, and the loop still reaches the budget."""
+    from torchslim.search import NetAdaptSearch
+
+    model, x = _net()
+    search = NetAdaptSearch(model, x, width_score(PLANTED), target_macs=0.1, initial_cut=0.9, decay=1.0)
+    result = search.run()
+    original = search.space.original.macs
+    first = search.iterations[0]
+    assert first.halved >= 1 and first.scheduled == pytest.approx(0.9 * original / 2 ** first.halved)
+    for it in search.iterations:
+        assert it.before - it.after >= it.scheduled or it.after <= 0.1 * original, it
+    assert result.macs <= 0.1 * original

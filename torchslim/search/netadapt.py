@@ -16,7 +16,10 @@ table predicts (the paper's empirical latency model, built per platform).
 Where this departs from the paper: the paper carries each iteration's short-term fine-tuned
 weights into the next; here every proposal is the original weights with the accumulated
 removal, fine-tuned on a copy, so the result stays an ordinary per-group ``PruneConfig``
-(apply it, then run the long-term fine-tune as the paper does at the end).
+(apply it, then run the long-term fine-tune as the paper does at the end). When no single
+group can cut an iteration's scheduled amount any more (each group near its limit, or a latency
+table flat in that range), the iteration's cut is halved, up to ``MAX_HALVINGS`` times, instead
+of stopping short of the budget.
 """
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, keep_count
 from torchslim.search.base import Search
 from torchslim.search.history import Record
 
+MAX_HALVINGS = 6
+
 
 @dataclasses.dataclass
 class Iteration:
-    """One NetAdapt iteration: the resource before, its scheduled cut, the bound
-    ``before - scheduled``, what the kept proposal left, which group it cut and its score."""
+    """One NetAdapt iteration: the resource before, its cut (the schedule's, halved ``halved``
+    times where no single group could make it), the bound ``before - scheduled``, what the kept
+    proposal left, which group it cut and its score."""
 
     index: int
     before: float
@@ -40,6 +46,7 @@ class Iteration:
     after: float
     group: int
     score: float
+    halved: int = 0  # times the schedule's cut was halved because no single group could make it
 
 
 class NetAdaptSearch(Search):
@@ -82,23 +89,29 @@ class NetAdaptSearch(Search):
             if before <= budget:
                 break
             scheduled = self.schedule(index)
-            bound = max(before - scheduled, budget)
+            proposing, halved = [], 0
+            while True:
+                bound = max(before - scheduled, budget)
+                proposals = {group: self.smallest_removal(current, group, bound) for group in sorted(self.space.sizes)}
+                proposing = [(group, p) for group, p in proposals.items() if p is not None]
+                if proposing or halved == MAX_HALVINGS:
+                    break
+                scheduled, halved = scheduled / 2, halved + 1  # no single group can cut that much any more
             best: Record | None = None
             best_group = -1
-            proposals = {group: self.smallest_removal(current, group, bound) for group in sorted(self.space.sizes)}
-            proposing = [(group, p) for group, p in proposals.items() if p is not None]
             records = self.evaluate_batch([p for _, p in proposing], meet_budget=False,
                                           notes=[f"iteration {index}: group {g} to {p[g]:g}" for g, p in proposing])
             for (group, _), record in zip(proposing, records):
                 if best is None or record.score > best.score:
                     best, best_group = record, group
             if best is None:
-                raise ValueError(f"NetAdapt iteration {index}: no single group can bring the "
-                                 f"{self.space.quantity} from {before:.6g} to {bound:.6g}; lower initial_cut")
+                raise ValueError(f"NetAdapt iteration {index}: no single group can bring the {self.space.quantity} "
+                                 f"from {before:.6g} to {bound:.6g}, even with the scheduled cut halved "
+                                 f"{MAX_HALVINGS} times; the budget needs several groups cut at once")
             current = dict(best.ratios)
             self._chosen = best
             self.iterations.append(Iteration(index, before, scheduled, bound, self.resource(current), best_group,
-                                             best.score))
+                                             best.score, halved))
 
     def smallest_removal(self, current: dict[int, float], group: int, bound: float) -> dict[int, float] | None:
         """``current`` with ``group`` cut by the fewest atoms that bring the resource to ``bound``
