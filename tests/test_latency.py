@@ -296,3 +296,44 @@ def test_target_latency_measures_removals_between_proposals_that_jump_over_it(mo
     assert np.isin(removed, below).all() and set(removed.tolist()) == set(first[:29].tolist())  # the slow group first
     assert abs(entry["measured_ms"] - (1 - 0.5 * 29 / 32) * original) < 1e-6 * original
     assert ratio == 0.9
+
+
+def test_a_cached_entry_timed_under_load_is_timed_again_when_a_neighbour_disagrees(tmp_path, monkeypatch):
+    """A full-width layer cached at 2.5x its real time (timed while other work held the CPU)
+    would make one channel less look like a big saving; the first neighbouring width measured
+    exposes it, and both are timed again (the faster measurement kept)."""
+    from torchslim.latency.lut import LatencyTable
+
+    spec = ("conv", 2, (3, 3), (1, 1), (1, 1), (1, 1), False, 1, False, 1, (7, 7), False)
+    real = lambda cin, cout: 1e-3 * cin * cout  # noqa: E731 - the layer's true time: proportional to its MACs
+    cached = {json.dumps([list(spec), 64, 64]): 2.5 * real(64, 64),  # polluted
+              json.dumps([list(spec), 32, 64]): real(32, 64)}
+    (tmp_path / "table.json").write_text(json.dumps(cached))
+    table = LatencyTable(path=tmp_path / "table.json")
+    timed: list[tuple[int, int]] = []
+    monkeypatch.setattr(table, "_measure", lambda s, cin, cout: timed.append((cin, cout)) or real(cin, cout))
+    assert table.lookup(spec, 63, 64) == pytest.approx(real(63, 64))
+    assert timed == [(63, 64), (63, 64), (64, 64)]  # the new width, then the disagreeing pair again
+    assert table.lookup(spec, 64, 64) == pytest.approx(real(64, 64))
+    assert table.lookup(spec, 62, 64) == pytest.approx(real(62, 64)) and timed[-1] == (62, 64)  # consistent: once
+    # a table whose polluted entry already has cached neighbours is repaired on first use as well
+    cached[json.dumps([list(spec), 63, 64])] = real(63, 64)
+    (tmp_path / "table.json").write_text(json.dumps(cached))
+    again = LatencyTable(path=tmp_path / "table.json")
+    monkeypatch.setattr(again, "_measure", lambda s, cin, cout: real(cin, cout))
+    assert again.lookup(spec, 64, 64) == pytest.approx(real(64, 64))
+    again.save()
+    assert json.loads((tmp_path / "table.json").read_text())[json.dumps([list(spec), 64, 64])] == \
+        pytest.approx(real(64, 64))
+
+
+def test_neighbouring_entries_that_agree_are_not_timed_again(tmp_path, monkeypatch):
+    from torchslim.latency.lut import LatencyTable
+
+    spec = ("linear", 1, True)
+    table = LatencyTable(path=tmp_path / "table.json")
+    timed: list[tuple[int, int]] = []
+    monkeypatch.setattr(table, "_measure", lambda s, cin, cout: timed.append((cin, cout)) or 1e-3 * cin * cout)
+    for width in (100, 99, 98, 97):
+        table.lookup(spec, width, 50)
+    assert timed == [(100, 50), (99, 50), (98, 50), (97, 50)]
