@@ -373,7 +373,8 @@ def test_netadapt_under_a_latency_budget_cuts_the_predicted_latency_per_schedule
     # a deterministic per-layer table (cost ~ cin x cout), so the test does not time layers
     monkeypatch.setattr(LatencyTable, "_measure", lambda self, spec, cin, cout: 1e-3 * cin * cout)
     model, x = _net()
-    search = NetAdaptSearch(model, x, width_score(PLANTED), target_latency=0.7, initial_cut=0.1, decay=0.8)
+    search = NetAdaptSearch(model, x, width_score(PLANTED), target_latency=0.7, initial_cut=0.1, decay=0.8,
+                            measure_latency=False)
     result = search.run()
     original = search.space.original.latency_ms
     for it in search.iterations:
@@ -451,3 +452,33 @@ def test_netadapt_halves_a_cut_no_single_group_can_make():
     for it in search.iterations:
         assert it.before - it.after >= it.scheduled or it.after <= 0.1 * original, it
     assert result.macs <= 0.1 * original
+
+
+def test_netadapt_lowers_the_tables_goal_when_the_result_measures_slower(tmp_path, monkeypatch):
+    """The table times layers alone; a result that measures 25% over its prediction makes the
+    search lower its goal by that excess and continue; resuming replays the measurement."""
+    from torchslim.latency import LatencyTable
+    from torchslim.search import NetAdaptSearch
+
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path))
+    monkeypatch.setattr(LatencyTable, "_measure", lambda self, spec, cin, cout: 1e-3 * cin * cout)
+    timed = []
+
+    def measured_share(self, ratios):  # the machine: 25% slower than the table says, for any pruned model
+        timed.append(dict(ratios))
+        return min(1.0, 1.25 * self.resource(ratios) / self.space.original.latency_ms)
+
+    monkeypatch.setattr(NetAdaptSearch, "measured_share", measured_share)
+    model, x = _net()
+    kwargs = dict(target_latency=0.6, initial_cut=0.05, decay=1.0, history=tmp_path / "h.jsonl")
+    search = NetAdaptSearch(model, x, width_score(PLANTED), **kwargs)
+    result = search.run()
+    original = search.space.original.latency_ms
+    shares = [c["measured_share"] for c in search.calibration]
+    assert shares[0] > 0.6 * 1.04 and shares[-1] <= 0.6 * 1.04  # over the target, then within tolerance
+    assert result.latency_ms <= 0.6 / 1.25 * original * 1.04
+    assert result.latency_ms == search.space.measure(result.ratios).latency_ms
+    calls = len(timed)
+    kwargs["resume"] = kwargs.pop("history")
+    again = NetAdaptSearch(model, x, width_score(PLANTED), **kwargs).run()
+    assert len(timed) == calls and again.ratios == result.ratios  # replayed, not timed again

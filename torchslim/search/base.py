@@ -153,6 +153,7 @@ class Search(abc.ABC):
         self.executor = executor if executor is not None else InProcess()
         self.rng = np.random.default_rng(seed)
         self.working = copy.deepcopy(model)  # the user's model is not touched until apply_
+        self.example_inputs = example_inputs
         self.space = SearchSpace(self.working, example_inputs, self.config, data=data, loss_fn=loss_fn)
         self._history_path, self._resume_path = history, resume
         self.history: History | None = None

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FORMAT = "torchslim.search/1"
 
@@ -66,6 +66,7 @@ class History:
         self.header = {"format": FORMAT, **header}
         self.path = Path(path) if path is not None else None
         self.records: list[Record] = list(records or [])
+        self.measurements: dict[str, Any] = {}  # named measurements (timings) a resumed search replays
         if self.path is not None and not records:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write([self.header], mode="w")
@@ -74,13 +75,14 @@ class History:
     def resume(cls, path: str | os.PathLike, header: dict[str, Any]) -> "History":
         """The history in ``path``, checked to belong to the same search (method, seed, target,
         model's groups), ready to replay its records and append new ones."""
-        found, records = read_history(path)
+        found, records, measurements = _read_lines(path)
         expected = {"format": FORMAT, **header}
         for key, value in expected.items():
             if json.loads(json.dumps(found.get(key))) != json.loads(json.dumps(value)):
                 raise ValueError(f"cannot resume from {path}: it was written by another search ({key} is "
                                  f"{found.get(key)!r} there, {value!r} here)")
         history = cls(header, path, records)
+        history.measurements = measurements
         history._write([], mode="a")  # fail now, not after the next evaluation, if it cannot be appended to
         return history
 
@@ -88,6 +90,15 @@ class History:
         self.records.append(record)
         if self.path is not None:
             self._write([record.to_json()], mode="a")
+
+    def measurement(self, name: str, measure: Callable[[], Any]) -> Any:
+        """The value recorded under ``name`` (a resumed search gets the original run's), else
+        ``measure()``, recorded: what a search decides from a timing is replayed, not re-timed."""
+        if name not in self.measurements:
+            self.measurements[name] = measure()
+            if self.path is not None:
+                self._write([{"measurement": {"name": name, "value": self.measurements[name]}}], mode="a")
+        return self.measurements[name]
 
     def _write(self, lines: list[dict[str, Any]], mode: str) -> None:
         assert self.path is not None
@@ -100,6 +111,12 @@ class History:
 
 def read_history(path: str | os.PathLike) -> tuple[dict[str, Any], list[Record]]:
     """(header, records) of a history file; a torn last line is dropped."""
+    header, records, _ = _read_lines(path)
+    return header, records
+
+
+def _read_lines(path: str | os.PathLike) -> tuple[dict[str, Any], list[Record], dict[str, Any]]:
+    """(header, records, measurements by name) of a history file."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     if not lines:
         raise ValueError(f"{path} is empty: not a torchslim search history")
@@ -109,12 +126,16 @@ def read_history(path: str | os.PathLike) -> tuple[dict[str, Any], list[Record]]
         raise ValueError(f"{path} is not a torchslim search history (first line: {exc})") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{path} is not a torchslim search history (no format {FORMAT!r} on its first line)")
-    records = []
+    records, measurements = [], {}
     for number, line in enumerate(lines[1:], start=2):
         try:
-            records.append(Record.from_json(json.loads(line)))
+            data = json.loads(line)
+            if isinstance(data, dict) and "measurement" in data:
+                measurements[str(data["measurement"]["name"])] = data["measurement"]["value"]
+                continue
+            records.append(Record.from_json(data))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             if number == len(lines):  # the line being written when the search was killed
                 break
             raise ValueError(f"{path}:{number}: not a search record ({exc})") from exc
-    return header, records
+    return header, records, measurements

@@ -19,18 +19,30 @@ removal, fine-tuned on a copy, so the result stays an ordinary per-group ``Prune
 (apply it, then run the long-term fine-tune as the paper does at the end). When no single
 group can cut an iteration's scheduled amount any more (each group near its limit, or a latency
 table flat in that range), the iteration's cut is halved, up to ``MAX_HALVINGS`` times, instead
-of stopping short of the budget.
+of stopping short of the budget. Under a latency budget the result is then timed against the
+unpruned model; where it measures over the target (the table times layers alone), the table's
+goal is lowered by the measured excess and the iterations go on (``measure_latency=False``
+keeps the table's word).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, keep_count
 from torchslim.search.base import Search
 from torchslim.search.history import Record
+from torchslim.search.latency_loop import removal_timer
+from torchslim.latency import best_of_rounds
 
 MAX_HALVINGS = 6
+# under a latency budget the result is timed (the table predicts layers timed alone); measured
+# more than LATENCY_TOLERANCE over the target, the table's goal is lowered by the measured excess
+# and the iterations continue, at most CALIBRATION_ROUNDS times
+LATENCY_TOLERANCE = 0.04
+CALIBRATION_ROUNDS = 3
 
 
 @dataclasses.dataclass
@@ -56,7 +68,7 @@ class NetAdaptSearch(Search):
     method = "netadapt"
 
     def __init__(self, *args: Any, initial_cut: float = 0.015, decay: float = 0.98, max_iterations: int = 200,
-                 **kwargs: Any):
+                 measure_latency: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not 0 < initial_cut < 1:
             raise ValueError(f"initial_cut must be a fraction of the original resource in (0, 1), got {initial_cut}")
@@ -65,11 +77,14 @@ class NetAdaptSearch(Search):
         if self.space.quantity is None:
             raise ValueError("NetAdapt needs a budget: target_macs, target_params or target_latency")
         self.initial_cut, self.decay, self.max_iterations = initial_cut, decay, max_iterations
+        self.measure_latency = measure_latency
         self.iterations: list[Iteration] = []
+        self.calibration: list[dict[str, Any]] = []  # under a latency budget: each measurement of the result
         self._chosen: Record | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"initial_cut": self.initial_cut, "decay": self.decay, "max_iterations": self.max_iterations}
+        return {"initial_cut": self.initial_cut, "decay": self.decay, "max_iterations": self.max_iterations,
+                "measure_latency": self.measure_latency}
 
     def resource(self, ratios: dict[int, float]) -> float:
         assert self.space.quantity is not None
@@ -81,10 +96,37 @@ class NetAdaptSearch(Search):
         return self.initial_cut * self.space.original.get(self.space.quantity) * self.decay ** index
 
     def explore(self) -> None:
-        current: dict[int, float] = {}
+        self.iterations, self.calibration = [], []
         budget = self.space.budget()
-        self.iterations = []
-        for index in range(self.max_iterations):
+        current = self._iterate({}, budget)
+        if self.space.quantity != "latency" or not self.measure_latency:
+            return
+        target = self.space.budget() / self.space.original.get("latency")  # the share of the latency asked for
+        assert self.history is not None
+        for round_ in range(CALIBRATION_ROUNDS):
+            predicted = self.resource(current)
+            measured = self.history.measurement(f"measured latency share, round {round_}",
+                                                functools.partial(self.measured_share, current))
+            self.calibration.append({"predicted_ms": predicted, "measured_share": measured, "goal_ms": budget})
+            if measured is None or measured <= target * (1 + LATENCY_TOLERANCE):
+                return
+            budget = predicted * target / measured  # the table's milliseconds that measure as the target
+            current = self._iterate(current, budget)
+
+    def measured_share(self, ratios: dict[int, float]) -> float | None:
+        """The latency of the model pruned at ``ratios`` over the unpruned one's, timed in turn on
+        the budget's runtime (best of rounds); None if the pruned model does not run."""
+        removal = self.space.removal(ratios)
+        timers = {"unpruned": removal_timer(self.space.graph, removal[:0], self.example_inputs, self.config),
+                  "pruned": removal_timer(self.space.graph, removal, self.example_inputs, self.config)}
+        if any(t is None for t in timers.values()):
+            return None
+        times = best_of_rounds(timers, rounds=3)
+        return times["pruned"] / times["unpruned"] if times["unpruned"] > 0 and math.isfinite(times["pruned"]) else None
+
+    def _iterate(self, current: dict[int, float], budget: float) -> dict[int, float]:
+        """NetAdapt's iterations from ``current`` until the resource is at most ``budget``."""
+        for index in range(len(self.iterations), self.max_iterations):
             before = self.resource(current)
             if before <= budget:
                 break
@@ -112,6 +154,7 @@ class NetAdaptSearch(Search):
             self._chosen = best
             self.iterations.append(Iteration(index, before, scheduled, bound, self.resource(current), best_group,
                                              best.score, halved))
+        return current
 
     def smallest_removal(self, current: dict[int, float], group: int, bound: float) -> dict[int, float] | None:
         """``current`` with ``group`` cut by the fewest atoms that bring the resource to ``bound``
