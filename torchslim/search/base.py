@@ -113,7 +113,9 @@ class Search(abc.ABC):
     group. ``data``/``loss_fn``: for data-driven criteria, and with ``recalibrate_bn=True``
     the batches BatchNorm statistics are re-estimated on before each evaluation.
     ``history``: JSON-lines file the records are appended to; ``resume``: a history file to
-    continue (records replayed, new ones appended there).
+    continue (records replayed, new ones appended there). ``executor``: where evaluations run
+    (:mod:`torchslim.search.executors`); ``on_record(record)``: called after each new evaluation
+    (progress bars).
     """
 
     method: ClassVar[str] = "search"
@@ -125,7 +127,8 @@ class Search(abc.ABC):
                  data: Any = None, loss_fn: Any = None, recalibrate_bn: bool = False, max_evals: int | None = None,
                  time_limit: float | None = None, seed: int = 0, criterion: Any = None,
                  config: PruneConfig | None = None, history: str | os.PathLike | None = None,
-                 resume: str | os.PathLike | None = None, executor: Executor | None = None):
+                 resume: str | os.PathLike | None = None, executor: Executor | None = None,
+                 on_record: Callable[[Record], Any] | None = None):
         if not callable(evaluate):
             raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
         if finetune is not None and not callable(finetune):
@@ -151,6 +154,7 @@ class Search(abc.ABC):
         self.max_evals = max_evals if max_evals is not None else self.default_max_evals
         self.time_limit, self.seed = time_limit, seed
         self.executor = executor if executor is not None else InProcess()
+        self.on_record = on_record
         self.rng = np.random.default_rng(seed)
         self.working = copy.deepcopy(model)  # the user's model is not touched until apply_
         self.example_inputs = example_inputs
@@ -286,6 +290,8 @@ class Search(abc.ABC):
                         None if math.isfinite(raw) else repr(raw))
         self.history.append(record)
         self._replayed = len(self.history.records)
+        if self.on_record is not None:
+            self.on_record(record)
         return record
 
     def _replay(self, exact: dict[int, float]) -> Record:

@@ -1,0 +1,110 @@
+"""``torchslim search``: a trained digits CNN searched under a MACs budget from the command
+line; the checkpoint, recipe and history it writes are checked independently."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+import torchslim
+from torchslim.cli import main
+from torchslim.graph import DependencyGraph
+from torchslim.graph.macs import estimate_macs
+
+EVALUATOR = textwrap.dedent('''
+    import torch
+    from torchslim.demo import load_digits_tensors
+
+    _, _, X, Y = load_digits_tensors(seed=0)
+    CALLS = []
+
+    def accuracy(model):
+        CALLS.append(1)
+        with torch.no_grad():
+            return (model(X).argmax(1) == Y).float().mean().item()
+
+    def broken(model):
+        raise RuntimeError("validation set missing")
+''')
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits CNN trained a few epochs, saved as a torchslim checkpoint (a MODEL for the CLI)."""
+    from torchslim.demo import load_digits_tensors
+    from torchslim.models import create_model
+
+    torch.manual_seed(0)
+    x, y, _, _ = load_digits_tensors(seed=0)
+    model = create_model("digits_cnn", width=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    root = tmp_path_factory.mktemp("search_cli")
+    torch.save(model, root / "trained.pt")
+    (root / "ev.py").write_text(EVALUATOR)
+    return root, model
+
+
+def _run(root, *flags):
+    return main(["search", str(root / "trained.pt"),
+                 "--input", "1,1,8,8", *flags])
+
+
+def test_search_writes_a_checkpoint_that_meets_the_budget_recipe_and_history(trained):
+    root, model = trained
+    out = root / "sens"
+    code = _run(root, "--method", "sensitivity", "--target-macs", "0.4", "--evaluator", f"{root / 'ev.py'}:accuracy",
+                "--out", str(out))
+    assert code == 0
+    x = torch.randn(1, 1, 8, 8)
+    original_macs = estimate_macs(DependencyGraph.build(model, x))
+    loaded = torchslim.load(out, torch.load(root / "trained.pt", weights_only=False))
+    assert estimate_macs(DependencyGraph.build(loaded, x)) <= 0.4 * original_macs
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["macs"][1] == estimate_macs(DependencyGraph.build(loaded, x)) and summary["evaluations"] > 10
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + summary["evaluations"] and json.loads(lines[0])["method"] == "sensitivity"
+    assert (out / "sensitivity.json").exists()
+    # the recipe re-applies the chosen ratios through 'torchslim prune' to the same widths
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["ratios"] and all(isinstance(k, int) for k in recipe["ratios"])
+    assert main(["prune", str(root / "trained.pt"), "--input", "1,1,8,8", "--recipe", str(out / "recipe.yaml"),
+                 "--out", str(root / "again"), "--repeats", "1"]) == 0
+    again = torchslim.load(root / "again", torch.load(root / "trained.pt", weights_only=False))
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}
+
+
+def test_resume_continues_without_evaluating_again(trained):
+    root, _ = trained
+    out = root / "sa"
+    flags = ["--method", "sa", "--target-macs", "0.5", "--evaluator", f"{root / 'ev.py'}:accuracy", "--max-evals",
+             "6", "--seed", "1", "--out", str(out)]
+    assert _run(root, *flags) == 0
+    first = (out / "history.jsonl").read_text().splitlines()
+    flags[flags.index("6")] = "9"
+    assert _run(root, *flags, "--resume") == 0
+    resumed = (out / "history.jsonl").read_text().splitlines()
+    assert resumed[:len(first)] == first and len(resumed) == 1 + 9
+
+
+def test_bad_input_is_one_line_naming_the_flag(trained, capsys):
+    root, _ = trained
+    base = ["--target-macs", "0.5", "--out", str(root / "bad")]
+    assert _run(root, "--method", "anneal", "--evaluator", f"{root / 'ev.py'}:accuracy", *base) == 2
+    assert "--method" in capsys.readouterr().err
+    assert _run(root, "--method", "sa", "--evaluator", f"{root / 'ev.py'}:nothing_here", *base) == 2
+    assert "nothing_here" in capsys.readouterr().err
+    assert _run(root, "--method", "sa", "--evaluator", f"{root / 'ev.py'}:accuracy", "--max-evals", "0", *base) == 2
+    assert "--max-evals must be >= 1" in capsys.readouterr().err
+    assert _run(root, "--method", "sa", "--evaluator", f"{root / 'ev.py'}:accuracy", "--resume", *base) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _run(root, "--method", "sa", "--evaluator", f"{root / 'ev.py'}:broken", *base) == 2
+    err = capsys.readouterr().err
+    assert "validation set missing" in err and "--resume" in err
