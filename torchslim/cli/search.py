@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--exact-only", action="store_true", help="never prune groups coupled to normalisation statistics")
     p.add_argument("--max-evals", type=int, help="stop after N evaluations (the best so far is kept)")
     p.add_argument("--time-limit", type=float, help="stop after S seconds (the best so far is kept)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (SA proposals; same seed, same result)")
     p.add_argument("--initial-cut", type=float, default=0.015, help="netadapt: first iteration's cut (default 0.015)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the latency table and timings")
     p.add_argument("--workers", type=int, default=1,
