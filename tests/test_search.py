@@ -86,7 +86,7 @@ def test_every_candidate_meets_the_budget_and_the_winner_applies_as_evaluated(tm
     assert len(result.history) == 6
     for record in result.history:
         assert record.meets_budget and record.macs <= 0.5 * original
-        assert record.macs >= 0.5 * original * 0.97, record  # met exactly, not far under
+        assert record.macs >= 0.5 * original * 0.98, record  # met exactly, within 2% under
     assert result.score == max(r.score for r in result.history)
     assert set(result.config.ratios) == set(result.ratios) and result.config.target is None
     pruned = result.apply_(model, x)

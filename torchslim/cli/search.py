@@ -203,6 +203,7 @@ def _write_outputs(args, model, inputs, search, result, pruned, summary: dict) -
     _write_checkpoint(args, model, pruned)
     config = result.config
     recipe = {"criterion": config.criterion if isinstance(config.criterion, str) else "l1",
+              "ratio": 0.0,  # groups not listed keep every channel
               "ratios": {int(k): float(v) for k, v in (config.ratios or {}).items()},
               "exclude": list(config.exclude), "exact_only": config.exact_only, "round_to": config.round_to,
               "latency_aware": False, "global_ranking": False}

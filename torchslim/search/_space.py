@@ -203,7 +203,36 @@ class SearchSpace:
                 hi = mid
             else:
                 lo = mid
-        return {index: r for index, r in self.scaled(ratios, hi).items() if r > 0}
+        return self.give_back({index: r for index, r in self.scaled(ratios, hi).items() if r > 0})
+
+    def give_back(self, ratios: Ratios) -> dict[int, float]:
+        """``ratios`` (meeting the budget) with channels handed back one step at a time, a group
+        per turn (the most cut first), while the budget stays met: on small or tightly cut models
+        one channel of a group is a large share of what is left, and the scaled path alone can
+        land several percent under the budget."""
+        current = self.exact_ratios(ratios)
+        keep = self.keep_counts(current)
+        changed = True
+        while changed:
+            changed = False
+            for index in sorted(current, key=lambda i: -current[i]):
+                if index not in current:
+                    continue
+                trial = self._one_step_back(current, index, keep[index])
+                if trial is not None and self.meets(self.measure(trial)):
+                    current, keep, changed = trial, self.keep_counts(trial), True
+        return current
+
+    def _one_step_back(self, ratios: dict[int, float], index: int, kept: int) -> dict[int, float] | None:
+        """``ratios`` with group ``index`` keeping the next representable count above ``kept``."""
+        for more in range(kept + 1, self.sizes[index] + 1):
+            if more == self.sizes[index]:
+                return {i: r for i, r in ratios.items() if i != index}
+            try:
+                return {**ratios, index: self.ratio_keeping(index, more)}
+            except ValueError:  # not a count this rounding can keep
+                continue
+        return None
 
     def _group(self, index: int) -> Group:
         return next(g for g in self.groups if g.index == index)
