@@ -60,12 +60,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int | None = None
 class Task:
     """One model trained on one seed's split, with the data every method shares."""
 
-    def __init__(self, name: str, seed: int, train_epochs: int):
+    def __init__(self, name: str, seed: int, train_epochs: int, calibration_batches: int = 4):
         x, y, x_test, y_test = load_digits_tensors(seed=seed)
         cut = int(0.8 * len(x))
         self.train = batches(x[:cut], y[:cut], 64, seed)
         self.val, self.test = batches(x[cut:], y[cut:], 256), batches(x_test, y_test, 256)
-        self.calibration = self.train[:8]
+        self.calibration = self.train[:calibration_batches]
         self.example = (x[:1],)
         torch.manual_seed(seed)
         self.model = build(name)
@@ -83,7 +83,8 @@ class Task:
                     config=torchslim.PruneConfig(exact_only=True))
 
 
-def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa_evals: int) -> tuple:
+def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa_evals: int,
+              netadapt_cut: float) -> tuple:
     """(pruned copy, evaluations, seconds) for one method at one budget."""
     model = copy.deepcopy(task.model)
     evaluate = lambda m: evaluate_accuracy(m, task.val)  # noqa: E731 - recalibrated by the search first
@@ -101,7 +102,7 @@ def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa
         torchslim.prune_(model, task.example, config)
         return model, len(analysis.ratios) * len(analysis.curves) + 1, seconds + time.perf_counter() - start
     if method == "NetAdapt":
-        search = NetAdaptSearch(model, task.example, evaluate, initial_cut=0.05, **kwargs)
+        search = NetAdaptSearch(model, task.example, evaluate, initial_cut=netadapt_cut, **kwargs)
     else:
         search = AnnealingSearch(model, task.example, evaluate, max_evals=sa_evals, **kwargs)
     result = search.run()
@@ -120,10 +121,13 @@ def analyse(task: Task, seed: int):
 def run_task(name: str, seed: int, args) -> list[dict]:
     task = Task(name, seed, args.train_epochs)
     sensitivity = analyse(task, seed) if "sensitivity" in args.methods else None
+    if sensitivity is not None and seed == args.seeds[0]:  # the curves the README shows
+        sensitivity[0].plot(args.out.parent / f"search_sensitivity_{name}.png")
     rows = []
     for budget in args.budgets:
         for method in args.methods:
-            model, evals, seconds = pruned_by(method, task, budget, seed, sensitivity, args.sa_evals)
+            model, evals, seconds = pruned_by(method, task, budget, seed, sensitivity, args.sa_evals,
+                                              args.netadapt_cut)
             row = {"model": name, "seed": seed, "budget": budget, "method": method, "evaluations": evals,
                    "seconds": seconds, "original_accuracy": task.accuracy,
                    "macs_ratio": estimate_macs(DependencyGraph.build(model, task.example)) / task.macs,
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--sa-evals", type=int, default=80)
+    parser.add_argument("--netadapt-cut", type=float, default=0.05, help="NetAdapt's first cut (share of the MACs)")
     parser.add_argument("--quick", action="store_true", help="one seed, the CNN, budget 0.2, few epochs (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
     args = parser.parse_args()
@@ -179,14 +184,20 @@ def main() -> None:
         args.models, args.budgets, args.seeds = ["digits_cnn"], [0.2], [0]
         args.train_epochs, args.finetune_epochs, args.sa_evals = 3, 1, 10
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    rows = [row for name in args.models for seed in args.seeds for row in run_task(name, seed, args)]
-    summary = summarize(rows)
-    print_table(summary, args)
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    args.out.write_text(json.dumps({"machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v
-                                                                     for k, v in vars(args).items()},
-                                    "summary": summary, "rows": rows}, indent=2))
+    rows: list[dict] = []
+    for name in args.models:
+        for seed in args.seeds:
+            rows += run_task(name, seed, args)
+            write(args, rows)  # after every model and seed: a long run keeps what it measured
+    print_table(summarize(rows), args)
     print(f"wrote {args.out}")
+
+
+def write(args, rows: list[dict]) -> None:
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"machine": machine, "settings": settings, "summary": summarize(rows),
+                                    "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
