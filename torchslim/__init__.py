@@ -59,6 +59,7 @@ _EXPORTS = {
     "share_weights_": "torchslim.compress",
     "save_compressed": "torchslim.compress",
     "load_compressed": "torchslim.compress",
+    "NetworkSurgery": "torchslim.compress",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts

@@ -21,8 +21,10 @@ from torchslim.compress.kmeans import kmeans_1d
 from torchslim.compress.report import CompressionReport, LayerBits
 from torchslim.compress.sharing import (SharedLayer, WeightSharing, is_shared, remove_sharing_, restore_sharing_,
                                         share_weights_, sharing_of)
+from torchslim.compress.surgery import NetworkSurgery, SurgeryLayer
 
-__all__ = ["CompressedFileError", "CompressionReport", "HuffmanStream", "LayerBits", "RelativeIndex", "SharedLayer",
+__all__ = ["CompressedFileError", "CompressionReport", "HuffmanStream", "LayerBits", "NetworkSurgery", "RelativeIndex", "SharedLayer",
+           "SurgeryLayer",
            "WeightSharing", "absolute_positions", "compression_report", "huffman_decode", "huffman_encode",
            "is_shared", "kmeans_1d", "load_compressed", "relative_index", "remove_sharing_", "restore_sharing_",
            "save_compressed", "share_weights_", "sharing_of"]
