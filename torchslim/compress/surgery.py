@@ -156,20 +156,21 @@ def _chosen(model: nn.Module, c: float | Mapping[str, float]) -> list[tuple[str,
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"NetworkSurgery: c for '{key}' must be a number, got {value!r}")
     names = {key: float(value) for key, value in spec.items() if key not in TYPE_KEYS}
-    chosen, matched = [], set()
+    chosen: list[tuple[str, torch.Tensor, float]] = []
+    matched: set[str] = set()
     for path, module in model.named_modules():
         if ".parametrizations." in f".{path}.":
             continue
         hits = [key for key in names if fnmatch.fnmatchcase(path, key)]
         matched.update(hits)
-        value = names[hits[0]] if hits else next(
+        layer_c: float | None = names[hits[0]] if hits else next(
             (float(spec[key]) for key, types in TYPE_KEYS.items() if key in spec and isinstance(module, types)), None)
-        if value is None:
+        if layer_c is None:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise ValueError(f"NetworkSurgery: '{path}' ({type(module).__name__}) has no floating-point weight")
-        chosen.append((f"{path}.weight" if path else "weight", weight, value))
+        chosen.append((f"{path}.weight" if path else "weight", weight, layer_c))
     unmatched = sorted(set(names) - matched)
     if unmatched:
         raise ValueError(f"NetworkSurgery: no module matches {', '.join(repr(k) for k in unmatched)}")
