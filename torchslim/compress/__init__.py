@@ -13,7 +13,7 @@ Deep Compression (Han, Mao & Dally, ICLR 2016) chains three stages, each usable 
 This shrinks the file, not the computation: the loaded model is an ordinary dense model, as
 fast as the original on dense kernels.
 """
-from torchslim.compress.fileformat import (CompressedFileError, compression_report, load_compressed,
+from torchslim.compress.fileformat import (FILE_NAME, CompressedFileError, compression_report, load_compressed,
                                            save_compressed)
 from torchslim.compress.huffman import (HuffmanStream, RelativeIndex, absolute_positions, huffman_decode,
                                         huffman_encode, relative_index)
@@ -23,7 +23,7 @@ from torchslim.compress.sharing import (SharedLayer, WeightSharing, is_shared, r
                                         share_weights_, sharing_of)
 from torchslim.compress.surgery import NetworkSurgery, SurgeryLayer
 
-__all__ = ["CompressedFileError", "CompressionReport", "HuffmanStream", "LayerBits", "NetworkSurgery", "RelativeIndex", "SharedLayer",
+__all__ = ["FILE_NAME", "CompressedFileError", "CompressionReport", "HuffmanStream", "LayerBits", "NetworkSurgery", "RelativeIndex", "SharedLayer",
            "SurgeryLayer",
            "WeightSharing", "absolute_positions", "compression_report", "huffman_decode", "huffman_encode",
            "is_shared", "kmeans_1d", "load_compressed", "relative_index", "remove_sharing_", "restore_sharing_",
