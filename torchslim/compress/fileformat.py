@@ -10,7 +10,9 @@ Layout (one file, ``model.tsc``)::
 A shared weight (see :func:`~torchslim.compress.share_weights_`) is stored as its codebook
 (raw, the weight's dtype), the Huffman-coded relative positions of its kept weights (omitted
 when it has no zeros) and the Huffman-coded cluster indices of the kept weights and filler
-zeros (:mod:`torchslim.compress.huffman`, codes built by ``bitarray``). Every other tensor of
+zeros (:mod:`torchslim.compress.huffman`, codes built by ``bitarray``); each coded stream's
+canonical code table (codes per length, symbols in canonical order, as small unsigned integers)
+is in the payload next to it, so the payload holds everything but the layout. Every other tensor of
 the ``state_dict`` (biases, BatchNorm statistics, unshared weights) is stored raw. Raw bytes
 are little-endian; the header's ``sha256`` covers the payload, so a corrupt or truncated file
 is refused before the model is touched.
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.compress.huffman import absolute_positions, huffman_decode, huffman_encode, relative_index
+from torchslim.compress.huffman import HuffmanStream, absolute_positions, huffman_decode, huffman_encode, relative_index
 from torchslim.compress.report import CompressionReport, LayerBits
 from torchslim.compress.sharing import TYPE_KEYS, restore_sharing_, sharing_of
 from torchslim.sparsity import live_parametrizations
@@ -44,6 +46,9 @@ DEFAULT_INDEX_BITS = {"conv": 8, "linear": 5}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                                       torch.int8, torch.uint8, torch.int16, torch.int32,
                                                       torch.int64, torch.bool)}
+
+
+_UINTS = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 
 
 class CompressedFileError(ValueError):
@@ -175,10 +180,10 @@ def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width:
         symbols = np.full(relative.gaps.size, k, dtype=np.int64)  # fillers read the zero symbol k
         symbols[~relative.filler] = flat[positions]
         gaps = huffman_encode(relative.gaps)
-        entry["positions"] = {"width": width, **_stream_header(gaps), **put(gaps.to_bytes())}
+        entry["positions"] = {"width": width, **_put_stream(gaps, put)}
         fillers = int(relative.filler.sum())
     values = huffman_encode(symbols)
-    entry["values"] = {**_stream_header(values), **put(values.to_bytes())}
+    entry["values"] = _put_stream(values, put)
     entries = symbols.size
     bits = max(k - 1, 1).bit_length()
     codebook_bits = k * element
@@ -188,15 +193,28 @@ def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width:
         value_bits = k.bit_length() if fillers else bits  # fillers add the symbol k
         pruned = entries * (element + width)
         shared = entries * (value_bits + width) + codebook_bits
-    position_bits = 0 if dense else entry["positions"]["nbits"]
-    stored = entry["codebook"]["nbytes"] + entry["values"]["nbytes"] + (0 if dense else entry["positions"]["nbytes"])
+    streams = [entry["values"]] + ([] if dense else [entry["positions"]])
+    coded_bits = sum(stream["nbits"] + 8 * stream["table"]["nbytes"] for stream in streams)
+    stored = entry["codebook"]["nbytes"] + sum(stream["nbytes"] + stream["table"]["nbytes"] for stream in streams)
     layer = LayerBits(key, flat.size, int(positions.size), entries, bits, None if dense else width, flat.size * element,
-                      pruned, shared, values.nbits + position_bits + codebook_bits, stored)
+                      pruned, shared, coded_bits + codebook_bits, stored)
     return entry, layer
 
 
-def _stream_header(stream) -> dict[str, Any]:
-    return {"nbits": stream.nbits, "count": stream.count, "symbols": stream.symbols, "length": stream.length}
+def _put_stream(stream: HuffmanStream, put) -> dict[str, Any]:
+    """Header entry of one coded stream; its code table (``count`` then ``symbols``, each as the
+    smallest unsigned integers that hold them) and its bits go to the payload."""
+    count, symbols = _compact(stream.count), _compact(stream.symbols)
+    table = put(count.tobytes() + symbols.tobytes())
+    return {"nbits": stream.nbits, "length": stream.length, "lengths": len(stream.count),
+            "count_dtype": count.dtype.name, "symbols_dtype": symbols.dtype.name,
+            "table": table, **put(stream.to_bytes())}
+
+
+def _compact(values: list[int]) -> np.ndarray:
+    top = max(values, default=0)
+    dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
+    return np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
 def _shared_key(key: str, sharing: Mapping[str, Any]) -> str | None:
@@ -331,9 +349,16 @@ def _decode_shared(payload: bytes, entry: dict[str, Any]) -> tuple[torch.Tensor,
 
 
 def _stream(payload: bytes, info: dict[str, Any]) -> np.ndarray:
-    data = _slice(payload, info)
-    return huffman_decode(data, int(info["nbits"]), [int(c) for c in info["count"]], [int(s) for s in info["symbols"]],
-                          int(info["length"]))
+    table = _slice(payload, info["table"])
+    lengths = int(info["lengths"])
+    count_dtype, symbols_dtype = (np.dtype(_UINTS[info[key]]).newbyteorder("<") for key in ("count_dtype",
+                                                                                           "symbols_dtype"))
+    split = lengths * count_dtype.itemsize
+    if split > len(table) or (len(table) - split) % symbols_dtype.itemsize:
+        raise ValueError("code table size does not match its description")
+    count = np.frombuffer(table[:split], dtype=count_dtype).astype(np.int64).tolist()
+    symbols = np.frombuffer(table[split:], dtype=symbols_dtype).astype(np.int64).tolist()
+    return huffman_decode(_slice(payload, info), int(info["nbits"]), count, symbols, int(info["length"]))
 
 
 def _slice(payload: bytes, info: dict[str, Any]) -> bytes:

@@ -8,7 +8,8 @@ Stages, per shared layer (``numel`` weights of ``b`` bits, ``kept`` of them non-
   stores no index: ``numel * b``);
 * shared: ``entries * index_bits + entries * width + codebook`` with fixed-width indices (one
   more code when there are filler zeros);
-* huffman: the coded streams as written to the file (whole bytes per stream) plus the codebook.
+* huffman: the coded streams as written to the file (whole bytes per stream) with their code
+  tables, plus the codebook.
 
 The other tensors (biases, BatchNorm, unshared weights) are stored raw and counted as they are
 at every stage; the header (JSON) is counted apart, so ``payload + header = file size``.
