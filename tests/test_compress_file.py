@@ -208,3 +208,13 @@ def test_save_refuses_a_model_without_codebooks_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"index_bits for 'linear' must be an integer in \[1, 32\]"):
         save_compressed(compressed_net(), tmp_path / "m.tsc", index_bits={"linear": 0})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_a_parametrized_model_and_restores_sharing_on_request(tmp_path):
+    model = compressed_net()
+    save_compressed(model, tmp_path)
+    shared = compressed_net()
+    with pytest.raises(CompressedFileError, match="plain weights"):
+        load_compressed(tmp_path, shared)
+    restored = load_compressed(tmp_path, net(), shared=True)
+    assert set(sharing_of(restored)) == set(sharing_of(model))

@@ -181,3 +181,17 @@ def test_model_without_codebooks_and_masked_weights_refused():
         share_weights_(net(), {"nope": 2})
     with pytest.raises(ValueError, match="init must be one of"):
         share_weights_(net(), 2, init="kmeans++")
+
+
+def test_assigning_a_weight_projects_it_on_the_clusters():
+    model = net()
+    sparsify_(model, 0.5)
+    share_weights_(model, {"linear": 2})
+    codebook, index = sharing_of(model)["5.weight"]
+    target = torch.randn(5, 20, generator=torch.Generator().manual_seed(2))
+    model[5].weight = target  # right_inverse: each centroid becomes the mean of its members' new values
+    new_codebook, new_index = sharing_of(model)["5.weight"]
+    assert torch.equal(new_index, index)
+    for j in range(codebook.numel()):
+        assert float(new_codebook[j]) == pytest.approx(float(target[index == j].mean()), abs=1e-6)
+    assert bool((model[5].weight[index == codebook.numel()] == 0).all())
