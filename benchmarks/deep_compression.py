@@ -115,11 +115,11 @@ def prune_per_layer(model: nn.Module, sparsity: dict[str, float]) -> WeightMasks
 def prune_iteratively(model: nn.Module, sparsity: dict[str, float], data, epochs: int, lr: float,
                       steps: tuple[float, ...] = (0.6, 0.85, 1.0)) -> WeightMasks:
     """The paper's iterative pruning: a growing fraction of each layer's final sparsity, each
-    step followed by ``epochs / len(steps)`` of fine-tuning under the masks."""
+    step followed by ``epochs`` of fine-tuning under the masks."""
     masks = WeightMasks(model, {})
     for i, fraction in enumerate(steps):
         masks = prune_per_layer(model, {name: s * fraction for name, s in sparsity.items()})
-        fine_tune_masked(model, masks, data, max(epochs // len(steps), 1), lr, seed=10 + i)
+        fine_tune_masked(model, masks, data, epochs, lr, seed=10 + i)
     return masks
 
 
@@ -138,7 +138,7 @@ def deep_compression(name: str, dense: nn.Module, train_data, test_data, epochs:
     one_shot = copy.deepcopy(model)
     prune_per_layer(one_shot, PRUNE[name])
     stages.append({"stage": "pruned (one shot, before fine-tuning)", "accuracy": accuracy(one_shot, test_data)})
-    masks = prune_iteratively(model, PRUNE[name], train_data, epochs, 3e-4)
+    masks = prune_iteratively(model, PRUNE[name], train_data, epochs, 1e-3)
     stages.append({"stage": "pruned iteratively + fine-tuned", "accuracy": accuracy(model, test_data),
                    "sparsity": masks.sparsity()})
     share_weights_(model, BITS[name])
