@@ -213,6 +213,19 @@ def minilm(bits_list: list[int]) -> list[dict]:
     return rows
 
 
+def _merge_into_file(results: dict, train_data, test_data) -> None:
+    """Update the results file with what this run measured (re-read now: runs for other models or
+    parts, possibly in parallel, keep their entries)."""
+    merged: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged["dataset"] = {"name": "sklearn digits", "train": len(train_data[1]), "test": len(test_data[1])}
+    for name, entry in results["models"].items():
+        merged.setdefault("models", {}).setdefault(name, {}).update(entry)
+    if "minilm" in results:
+        merged["minilm"] = results["minilm"]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(merged, indent=2))
+
+
 def _print_compression(console: Console, name: str, compressed: dict) -> None:
     compressed.pop("table").print(console)
     stage_table = Table(title=f"{name}: accuracy per stage")
@@ -232,6 +245,7 @@ def main() -> None:
     parser.add_argument("--dense-epochs", type=int, default=100)
     parser.add_argument("--levels", nargs="*", type=float, default=[0.9, 0.95, 0.98])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="*", choices=tuple(MODELS), default=list(MODELS))
     parser.add_argument("--parts", nargs="*", choices=("dc", "dns", "minilm"), default=["dc", "dns"],
                         help="deep compression, DNS vs level pruning, MiniLM weight sharing (results merged into "
                              "the existing JSON)")
@@ -239,16 +253,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console(width=140)
     train_data, test_data = digits()
-    results: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["dataset"] = {"name": "sklearn digits", "train": len(train_data[1]), "test": len(test_data[1])}
-    results.setdefault("models", {})
-    results.setdefault("runs", {})
-    for name, cls in MODELS.items() if {"dc", "dns"} & set(args.parts) else ():
+    results: dict = {"models": {}, "runs": {}}
+    for name in args.models if {"dc", "dns"} & set(args.parts) else ():
+        cls = MODELS[name]
         torch.manual_seed(0)
         dense = cls()
         started = time.perf_counter()
         train(dense, train_data, args.dense_epochs, 1e-3, seed=0)
         entry: dict = results["models"].setdefault(name, {})
+        entry["dense_epochs"], entry["epochs"] = args.dense_epochs, args.epochs
         entry["dense_accuracy"] = accuracy(dense, test_data)
         if "dc" in args.parts:
             entry.update(prune=PRUNE[name], bits=BITS[name])
@@ -266,11 +279,7 @@ def main() -> None:
         results["minilm"] = minilm([4, 5])
         for row in results["minilm"]:
             console.print(row)
-    for part in args.parts:
-        results["runs"][part] = {"epochs": args.epochs, "dense_epochs": args.dense_epochs, "levels": args.levels,
-                                 "threads": args.threads}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    _merge_into_file(results, train_data, test_data)
     console.print(f"wrote {RESULTS}")
 
 
