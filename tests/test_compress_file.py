@@ -218,3 +218,13 @@ def test_load_refuses_a_parametrized_model_and_restores_sharing_on_request(tmp_p
         load_compressed(tmp_path, shared)
     restored = load_compressed(tmp_path, net(), shared=True)
     assert set(sharing_of(restored)) == set(sharing_of(model))
+
+
+def test_without_bitarray_sharing_works_and_huffman_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitarray", None)  # import bitarray now fails
+    model = compressed_net()  # weight sharing needs no bitarray
+    with pytest.raises(ImportError, match=r"torchslim\[compress\]"):
+        save_compressed(model, tmp_path / "m.tsc")
+    assert list(tmp_path.iterdir()) == []

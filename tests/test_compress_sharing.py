@@ -195,3 +195,13 @@ def test_assigning_a_weight_projects_it_on_the_clusters():
     for j in range(codebook.numel()):
         assert float(new_codebook[j]) == pytest.approx(float(target[index == j].mean()), abs=1e-6)
     assert bool((model[5].weight[index == codebook.numel()] == 0).all())
+
+
+def test_kmeans_one_cluster_and_an_empty_cluster():
+    values = torch.tensor([1.0, 2.0, 6.0])
+    centroids, labels = kmeans_1d(values, 1)
+    assert centroids.tolist() == [3.0] and labels.tolist() == [0, 0, 0]
+    values = torch.tensor([0.0, 0.1, 0.2, 9.8, 9.9, 10.0])
+    centroids, labels = kmeans_1d(values, 3)  # linear init 0, 5, 10: nothing near 5, that cluster stays empty
+    assert centroids[1].item() == 5.0 and 1 not in labels.tolist()
+    assert centroids[0].item() == pytest.approx(0.1) and centroids[2].item() == pytest.approx(9.9)

@@ -16,18 +16,31 @@ whose value is zero, until the remainder fits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from bitarray import bitarray
-from bitarray.util import canonical_decode, canonical_huffman
+
+if TYPE_CHECKING:
+    from bitarray import bitarray
+
+
+def _bitarray() -> Any:
+    """The ``bitarray`` module (the ``compress`` extra), imported when Huffman coding is used, so
+    that weight sharing and network surgery work without it."""
+    try:
+        import bitarray
+        import bitarray.util
+    except ImportError:
+        raise ImportError("Huffman coding (save_compressed / load_compressed) needs the bitarray package: "
+                          "pip install 'torchslim[compress]'") from None
+    return bitarray
 
 
 @dataclasses.dataclass
 class HuffmanStream:
     """A canonically Huffman-coded sequence of non-negative integer symbols."""
 
-    bits: bitarray  # the coded symbols, exactly ``nbits`` long (no padding)
+    bits: "bitarray"  # the coded symbols, exactly ``nbits`` long (no padding)
     count: list[int]  # count[i]: how many codes have length i
     symbols: list[int]  # the symbols in canonical order
     length: int  # how many symbols were coded
@@ -43,14 +56,15 @@ class HuffmanStream:
 
 def huffman_encode(values: Sequence[int] | np.ndarray) -> HuffmanStream:
     """Encode integer ``values`` with the canonical Huffman code of their frequencies."""
+    module = _bitarray()
     array = np.asarray(values, dtype=np.int64).ravel()
     if array.size == 0:
-        return HuffmanStream(bitarray(endian="big"), [], [], 0)
+        return HuffmanStream(module.bitarray(endian="big"), [], [], 0)
     if int(array.min()) < 0:
         raise ValueError("Huffman symbols must be non-negative integers")
     symbols, counts = np.unique(array, return_counts=True)
-    code, count, canonical = canonical_huffman({int(s): int(c) for s, c in zip(symbols, counts)})
-    bits = bitarray(endian="big")
+    code, count, canonical = module.util.canonical_huffman({int(s): int(c) for s, c in zip(symbols, counts)})
+    bits = module.bitarray(endian="big")
     bits.encode(code, array.tolist())
     return HuffmanStream(bits, [int(c) for c in count], [int(s) for s in canonical], int(array.size))
 
@@ -77,11 +91,12 @@ def huffman_decode(data: bytes, nbits: int, count: list[int], symbols: list[int]
         raise ValueError(f"Huffman stream: {nbits} bits announced, {8 * len(data)} present")
     if sum(count) != len(symbols) or not symbols:
         raise ValueError("Huffman stream: code description inconsistent (counts do not match symbols)")
-    bits = bitarray(endian="big")
+    module = _bitarray()
+    bits = module.bitarray(endian="big")
     bits.frombytes(data)
     del bits[nbits:]
     try:
-        decoded = np.fromiter(canonical_decode(bits, count, symbols), dtype=np.int64)
+        decoded = np.fromiter(module.util.canonical_decode(bits, count, symbols), dtype=np.int64)
     except ValueError as exc:
         raise ValueError(f"Huffman stream cannot be decoded: {exc}") from None
     if decoded.size != length:
