@@ -56,6 +56,10 @@ _EXPORTS = {
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
     "training_mode": "torchslim.modes",
+    "share_weights_": "torchslim.compress",
+    "save_compressed": "torchslim.compress",
+    "load_compressed": "torchslim.compress",
+    "NetworkSurgery": "torchslim.compress",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts

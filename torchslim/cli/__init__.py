@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "prune": "torchslim.cli.prune",
     "search": "torchslim.cli.search",
     "bench": "torchslim.cli.bench",
+    "compress": "torchslim.cli.compress",
     "demo": "torchslim.cli.demo",
 }
 
