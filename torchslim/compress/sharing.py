@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.compress.kmeans import INITS, kmeans_1d
 from torchslim.sparsity import parametrization_problem
+from torchslim.sparsity.parametrize import own_class
 
 #: the largest index width: 2**16 clusters
 MAX_BITS = 16
@@ -119,14 +120,14 @@ def share_weights_(model: nn.Module, bits: int | Mapping[str, int], *, init: str
     registered: list[nn.Module] = []
     try:
         for name, module, layer_bits, index, codebook in planned:
-            _own_class(module)
+            own_class(module)
             parametrize.register_parametrization(module, "weight", WeightSharing(index, codebook))
             registered.append(module)
             kept = int((index < codebook.numel()).sum())
             done.append(SharedLayer(f"{name}.weight", layer_bits, kept, index.numel(), init))
     except BaseException:
         for module in reversed(registered):
-            _own_class(module)
+            own_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         raise
     return done
@@ -163,7 +164,7 @@ def restore_sharing_(model: nn.Module, sharing: Mapping[str, tuple[torch.Tensor,
             raise ValueError(f"'{key}': index values must lie in [0, {codebook.numel()}] for a 1-D codebook")
         checked.append((module, index.to(weight.device), codebook.to(weight.device, weight.dtype)))
     for module, index, codebook in checked:
-        _own_class(module)
+        own_class(module)
         parametrize.register_parametrization(module, "weight", WeightSharing(index, codebook))
     return model
 
@@ -171,7 +172,7 @@ def restore_sharing_(model: nn.Module, sharing: Mapping[str, tuple[torch.Tensor,
 def remove_sharing_(model: nn.Module) -> nn.Module:
     """Bake every shared weight into a plain Parameter (``codebook[index]``) and drop the codebooks."""
     for _name, module in _shared_modules(model):
-        _own_class(module)
+        own_class(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 
@@ -201,15 +202,6 @@ def _sharing(module: nn.Module) -> WeightSharing | None:
 def _shared_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{path}.weight" if path else "weight", module) for path, module in model.named_modules()
             if ".parametrizations." not in f".{path}." and _sharing(module) is not None]
-
-
-def _own_class(module: nn.Module) -> None:
-    """A parametrised module gets a class of its own before its parametrisations change, so that a
-    deep copy (which shares the class ``torch.nn.utils.parametrize`` made) is not affected."""
-    cls = type(module)
-    if parametrize.is_parametrized(module):
-        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def check_bits(key: str, bits: Any) -> int:

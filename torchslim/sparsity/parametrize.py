@@ -109,7 +109,7 @@ def mask_(model: nn.Module, masks: dict[str, torch.Tensor], *, straight_through:
             for module, attr in _holders(model, targets[name]):
                 if not hasattr(module, _ORDER):
                     setattr(module, _ORDER, list(module._parameters))
-                _own_class(module)
+                own_class(module)
                 parametrize.register_parametrization(module, attr, parametrization)
                 registered.append((module, attr))
     except BaseException:
@@ -183,8 +183,9 @@ def parametrization_problem(model: nn.Module, action: str) -> str | None:
     shown = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (f"{action} refuses a model with live parametrizations ({shown}): its weights are computed "
             "from parametrizations.<name>.original. Call torchslim.sparsity.remove_masks_(model) first "
-            "(bake=True keeps the masked zeros), or torch.nn.utils.parametrize.remove_parametrizations "
-            "for other parametrizations")
+            "(bake=True keeps the masked zeros); shared weights: torchslim.compress.save_compressed writes them, "
+            "torchslim.compress.remove_sharing_(model) bakes them; others: "
+            "torch.nn.utils.parametrize.remove_parametrizations")
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def parametrization_problem(model: nn.Module, action: str) -> str | None:
 _ORDER = "_torchslim_parameter_order"
 
 
-def _own_class(module: nn.Module) -> None:
+def own_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own before its parametrizations change.
 
     ``torch.nn.utils.parametrize`` keeps each parametrized tensor as a property of a class
@@ -211,7 +212,7 @@ def _own_class(module: nn.Module) -> None:
 
 
 def _remove(module: nn.Module, attr: str, *, bake: bool) -> None:
-    _own_class(module)
+    own_class(module)
     parametrize.remove_parametrizations(module, attr, leave_parametrized=bake)
     if not parametrize.is_parametrized(module) and hasattr(module, _ORDER):
         order = getattr(module, _ORDER)
