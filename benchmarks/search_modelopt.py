@@ -50,13 +50,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import modelopt.torch.prune as mtp  # noqa: E402
-from modelopt.torch.prune.fastnas import BinarySearcher  # noqa: E402
+import modelopt.torch.prune as mtp
+from modelopt.torch.prune.fastnas import BinarySearcher
 
-import search  # noqa: E402  (benchmarks/search.py: the task, its scoring and its table)
-from torchslim.graph import DependencyGraph  # noqa: E402
-from torchslim.graph.macs import estimate_macs  # noqa: E402
-from torchslim.recovery import evaluate_accuracy, finetune  # noqa: E402
+import search  # benchmarks/search.py: the task, its scoring and its table
+from torchslim.graph import DependencyGraph
+from torchslim.graph.macs import estimate_macs
+from torchslim.recovery import evaluate_accuracy, finetune
 
 METHOD = "ModelOpt FastNAS"
 DEFAULT_DIVISORS = {"digits_cnn": 8, "resnet18": 32}
