@@ -183,21 +183,27 @@ def main() -> None:
         args.models, args.budgets, args.seeds = ["digits_cnn"], [0.2], [0]
         args.train_epochs, args.finetune_epochs = 3, 1
     torch.set_num_threads(args.threads)
+    search.METHODS = (*search.METHODS, METHOD)  # search.summarize orders rows by this tuple
+    rows: list[dict] = []
     refused: list[dict] = []
     details: list[dict] = []
-    rows = [row for name in args.models for seed in args.seeds for row in run_task(name, seed, args, refused, details)]
-    search.METHODS = (*search.METHODS, METHOD)  # search.summarize orders rows by this tuple
-    summary = search.summarize(rows)
-    search.print_table(summary, args)
+    for name in args.models:
+        for seed in args.seeds:
+            rows += run_task(name, seed, args, refused, details)
+            write(args, rows, refused, details)  # after every model and seed, so a stopped run keeps its rows
+    search.print_table(search.summarize(rows), args)
+    print(f"wrote {args.out}")
+
+
+def write(args, rows: list[dict], refused: list[dict], details: list[dict]) -> None:
     import modelopt
 
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "nvidia-modelopt": modelopt.__version__}
     args.out.write_text(json.dumps({"machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
-                                    "summary": summary, "rows": rows, "refused": refused,
+                                    "summary": search.summarize(rows), "rows": rows, "refused": refused,
                                     "fastnas_details": details}, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
