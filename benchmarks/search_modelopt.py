@@ -136,6 +136,7 @@ def run_task(name: str, seed: int, args, refused: list, details: list) -> list[d
             evaluations = clock.evaluations + (first_map[1] if reused else 0)
             seconds += first_map[0] if reused else 0.0
             macs = estimate_macs(DependencyGraph.build(model, task.example))
+            val_accuracy = task.score(copy.deepcopy(model), task.val)
             row = {"model": name, "seed": seed, "budget": budget, "method": METHOD, "evaluations": evaluations,
                    "seconds": seconds, "original_accuracy": task.accuracy, "macs_ratio": macs / task.macs,
                    "params": sum(p.numel() for p in model.parameters()),
@@ -147,6 +148,9 @@ def run_task(name: str, seed: int, args, refused: list, details: list) -> list[d
             details.append({"model": name, "seed": seed, "budget": budget, "channel_divisor": divisor,
                             "map_reused": reused, "map_seconds": first_map[0], "map_evaluations": first_map[1],
                             "modelopt_flops": best["constraints"]["flops"],
+                            # FastNAS ranks a subnet by its worst single-layer drop in the map, never scoring it:
+                            "predicted_val_accuracy": state["original_score"] + best["metric"],
+                            "val_accuracy": val_accuracy,
                             "widths": {k: v for k, v in best["config"].items()
                                        if k.endswith(("out_channels", "out_features"))}})
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
