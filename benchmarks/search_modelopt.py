@@ -22,7 +22,12 @@ Notes on ModelOpt (nvidia-modelopt 0.47.0, measured here):
   the FLOPs and FastNAS refuses every budget ("NOT all constraints can be satisfied"), so the
   digits CNN runs with divisor 8; ResNet-18 (64...512 channels) keeps the default 32;
 - the last conv before AdaptiveAvgPool2d -> Flatten -> Linear is never searched (its width stays
-  128 on the digits CNN), so the tight budgets are met by cutting only the first two convs.
+  128 on the digits CNN, and ResNet-18's layer4 residual group stays 512 wide), so the tight
+  budgets are met by cutting only what comes before: the CNN's smallest subnet has 8% of the
+  FLOPs, ResNet-18's (divisor 32) 10.4%, so ResNet-18 at 0.1 is refused;
+- the binary search ranks a subnet by the worst single-layer drop in the map and never scores the
+  subnet itself, so what it predicts can be far from what the subnet measures: the JSON's
+  "fastnas_details" has both validation accuracies for every pick, with the widths chosen.
 A budget FastNAS refuses is listed under "refused" in the JSON with its message, not as a row.
 
 Runs in its own virtual environment (ModelOpt pins packages the project does not need):
