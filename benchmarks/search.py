@@ -142,7 +142,7 @@ def run_task(name: str, seed: int, args) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[dict]:
     keys = sorted({(r["model"], r["budget"], r["method"]) for r in rows},
-                  key=lambda k: (k[0], -k[1], METHODS.index(k[2])))
+                  key=lambda k: (k[0], -k[1], METHODS.index(k[2]) if k[2] in METHODS else len(METHODS)))
     out = []
     for model, budget, method in keys:
         mine = [r for r in rows if (r["model"], r["budget"], r["method"]) == (model, budget, method)]
