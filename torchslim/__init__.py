@@ -56,6 +56,8 @@ _EXPORTS = {
     "export_onnx": "torchslim.io",
     "CheckpointError": "torchslim.io",
     "training_mode": "torchslim.modes",
+    "rewrite_": "torchslim.rewrite",
+    "RewriteConfig": "torchslim.rewrite",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts
