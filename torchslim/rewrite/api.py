@@ -69,10 +69,12 @@ def plan_rewrite(model: nn.Module, example_inputs: Any, config: RewriteConfig) -
     method = _method(config)
     names = select_layers(model, method, config.modules, config.exclude, config.filter_fn)
     positions = output_positions(model, names, example_inputs)
-    unused = [n for n in names if not positions[n]]
-    if unused and config.modules:
+    unused = [n for n in names if not positions[n] and n in config.modules]  # named exactly; globs skip them
+    if unused:
         raise ValueError(f"{', '.join(unused)} never ran on the example inputs: cannot cost or rewrite it")
     names = [n for n in names if positions[n]]
+    if not names:
+        raise ValueError("none of the layers chosen ran on the example inputs")
     moments = input_moments(model, names, config.data) if config.data is not None and method.data_aware else {}
     total = model_macs(model, example_inputs)
     if config.target_macs is not None:
