@@ -141,3 +141,22 @@ def test_absolute_target_and_exclude_and_filter():
     assert [p.name for p in plan.layers] == ["dear"]
     plan, _ = plan_rewrite(model, x, RewriteConfig(to="lowrank", setting=2, filter_fn=lambda n, m: n == "cheap"))
     assert [p.name for p in plan.layers] == ["cheap"]
+
+
+def test_the_budget_is_not_overshot_by_more_than_one_setting_step():
+    from torchslim.rewrite.methods import METHODS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 8, 10, 10)
+    plan, _ = plan_rewrite(model, x, RewriteConfig(to="separable", target_macs=0.5))
+    target = 0.5 * plan.model_macs
+    assert plan.macs_after <= target
+    method = METHODS["separable"]
+    for layer in plan.layers:  # any milder setting of any chosen layer would miss the target
+        module = model.get_submodule(layer.name)
+        positions = layer.macs_before // method.macs_per_position(module, None)
+        for milder in range(layer.setting + 1, method.max_setting(module) + 1):
+            extra = (method.macs_per_position(module, milder) - method.macs_per_position(module, layer.setting)) * positions
+            if method.macs_per_position(module, milder) < method.macs_per_position(module, None):
+                assert plan.macs_after + extra > target

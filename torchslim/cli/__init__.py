@@ -20,6 +20,7 @@ from torchslim.cli._model_spec import source_metadata as source_metadata  # shar
 COMMANDS: dict[str, str] = {
     "analyze": "torchslim.cli.analyze",
     "prune": "torchslim.cli.prune",
+    "rewrite": "torchslim.cli.rewrite",
     "bench": "torchslim.cli.bench",
     "demo": "torchslim.cli.demo",
 }

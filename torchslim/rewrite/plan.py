@@ -3,11 +3,13 @@ settings with the least fit error per MAC saved; the per-layer plan is a table t
 applying it.
 
 Budget planner: every eligible layer offers its settings (``methods.Method.settings``), each
-with the MACs it saves and its relative fit error. Starting from no rewrite, the planner
-repeatedly takes the step (a layer moved to a cheaper setting) with the least increase in fit
-error per MAC saved until the model's MACs are at or under the target, the marginal-cost
-greedy of rate-distortion allocation (the analysis's lesson that a few layers hold most MACs
-makes the big layers cheap per MAC saved).
+with the MACs it saves and its relative fit error e. Starting from no rewrite, the planner
+repeatedly takes the step (a layer moved to a cheaper setting) with the least increase in
+discarded energy e^2 per MAC saved until the model's MACs are at or under the target, the
+marginal-cost greedy of rate-distortion bit allocation (energies add up across layers; the
+analysis's lesson that a few layers hold most MACs makes the big layers cheap per MAC saved).
+A last pass gives back what overshoots: while the target still holds, the layer whose move to a
+milder setting removes the most error takes it.
 """
 from __future__ import annotations
 
@@ -181,7 +183,24 @@ def budget_plan(model: nn.Module, method: Method, names: list[str], positions: d
         before = current.get(step.name)
         macs -= step.macs_saved - (before.macs_saved if before else 0)
         current[step.name] = step
+    _give_back(options, current, model_macs - target_macs)
     return RewritePlan([current[n] for n in names if n in current], model_macs)
+
+
+def _give_back(options: dict[str, list[LayerPlan]], current: dict[str, LayerPlan], needed: int) -> None:
+    """Move layers to milder settings (most error removed first) while the saving stays >= ``needed``."""
+    while True:
+        saved = sum(r.macs_saved for r in current.values())
+        best, best_gain = None, 0.0
+        for name, now in current.items():
+            for row in options[name]:
+                if row.macs_saved < now.macs_saved and saved - now.macs_saved + row.macs_saved >= needed:
+                    gain = now.fit_error ** 2 - row.fit_error ** 2
+                    if gain > best_gain:
+                        best, best_gain = row, gain
+        if best is None:
+            return
+        current[best.name] = best
 
 
 def _cheapest_step(options: dict[str, list[LayerPlan]], current: dict[str, LayerPlan]) -> LayerPlan | None:
@@ -193,7 +212,7 @@ def _cheapest_step(options: dict[str, list[LayerPlan]], current: dict[str, Layer
             gain = row.macs_saved - saved
             if gain <= 0:
                 continue
-            cost = max(row.fit_error - error, 0.0) / gain
+            cost = max(row.fit_error ** 2 - error ** 2, 0.0) / gain
             if cost < best_cost:
                 best, best_cost = row, cost
     return best
