@@ -156,3 +156,19 @@ def test_modnet_hr_branch_rewrite_prunes_verifies_and_round_trips(tmp_path):
     torchslim.save(model, tmp_path / "ck")
     loaded = torchslim.load(tmp_path / "ck", create_model("modnet").eval())
     assert torch.equal(loaded(img, inference=True)[2], model(img, inference=True)[2])
+
+
+def test_grouped_rewrite_round_trips_exports_and_prunes_around_the_fixed_shuffles(tmp_path):
+    from test_rewrite import net, batch
+
+    model, x = net(), batch()
+    rewrite_(model, x, RewriteConfig(to="grouped", modules=["b1", "b2", "down"], setting=4))
+    assert isinstance(model.b1, GroupedConv2d) and model.b1[1].groups == 4
+    torchslim.save(model, tmp_path / "ck")
+    assert torch.equal(torchslim.load(tmp_path / "ck", net(seed=4))(x), model(x))
+    assert torchslim.export_onnx(model, x, tmp_path / "m.onnx").max_abs_error < 1e-4
+    rewritten = copy.deepcopy(model)
+    result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.4))
+    assert torchslim.verify(rewritten, model, x, result.plan).ok
+    # the shuffles' fixed indices keep the channels they permute (the graph pins index_select)
+    assert model.b1[1].weight.shape == rewritten.b1[1].weight.shape

@@ -63,6 +63,6 @@ def whitener(moment: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, tor
     Frobenius norm is the fit of ``W`` weighted by the data (SVD-LLM, Wang et al. 2024)."""
     d = moment.shape[0]
     ridge = eps * float(moment.diagonal().mean().clamp(min=1e-30))
-    vals, vecs = torch.linalg.eigh(moment + ridge * torch.eye(d, dtype=moment.dtype))
+    vals, vecs = torch.linalg.eigh(moment + ridge * torch.eye(d, dtype=moment.dtype, device=moment.device))
     vals = vals.clamp(min=ridge)
     return vecs * vals.sqrt(), (vecs / vals.sqrt()).T

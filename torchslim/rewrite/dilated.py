@@ -43,13 +43,13 @@ def fit_dilated(conv: Any, moment: torch.Tensor | None = None, ridge: float = 1e
     kept = _tap_indices(conv)
     if moment is None:
         fitted = weight[:, kept]
-        mask = torch.ones(weight.shape[1], dtype=torch.bool)
+        mask = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
         mask[kept] = False
         error = relative_error((weight[:, mask] ** 2).sum(), (weight ** 2).sum())
     else:
         c = moment.double()
         block = c[kept][:, kept]
-        block = block + ridge * float(block.diagonal().mean().clamp(min=1e-30)) * torch.eye(len(kept), dtype=c.dtype)
+        block = block + ridge * float(block.diagonal().mean().clamp(min=1e-30)) * torch.eye(len(kept), dtype=c.dtype, device=c.device)
         fitted = torch.linalg.solve(block, (weight @ c[:, kept]).T).T
         diff = weight.clone()
         diff[:, kept] -= fitted

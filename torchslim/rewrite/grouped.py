@@ -117,7 +117,7 @@ def _seed(energy: np.ndarray, groups: int) -> np.ndarray:
 
 def assign_groups(conv: Any, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """(input group, output group) per channel, maximising the weight energy inside the blocks."""
-    energy = (conv.weight.detach().double() ** 2).sum((2, 3)).numpy()  # (Cout, Cin)
+    energy = (conv.weight.detach().double().cpu() ** 2).sum((2, 3)).numpy()  # (Cout, Cin)
     in_label = _seed(energy, groups)
     out_label = np.zeros(energy.shape[0], dtype=np.int64)
     for _ in range(REFINE_ROUNDS):
