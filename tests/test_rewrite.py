@@ -101,13 +101,13 @@ def test_data_aware_lowrank_error_is_the_output_error_and_beats_plain_svd_on_the
     mix = torch.randn(16, 16) * torch.logspace(0, -2, 16)  # strongly anisotropic inputs
     x = torch.randn(512, 16) @ mix
     model = nn.Sequential(layer)
-    plan_free = fit_lowrank(layer, 4)
+    weight_only = fit_lowrank(layer, 4)
     moment = (x.double().T @ x.double()) / x.shape[0]
     aware = fit_lowrank(layer, 4, moment)
-    out = layer(x).double()
-    err = lambda f: float((f.block(x).double() - out).norm() / out.norm())  # noqa: E731
+    out = layer(x).detach().double()
+    err = lambda f: float((f.block(x).detach().double() - out).norm() / out.norm())  # noqa: E731
     assert aware.error == pytest.approx(err(aware), rel=1e-4)
-    assert err(aware) < err(plan_free)
+    assert err(aware) < err(weight_only)
     via_api = copy.deepcopy(model)
     rewrite_(via_api, x[:8], RewriteConfig(to="lowrank", setting=4, data=[x[:256], x[256:]]))
     torch.testing.assert_close(via_api(x), aware.block(x), atol=1e-5, rtol=1e-5)
@@ -160,8 +160,10 @@ def test_target_macs_is_met_and_the_plan_is_the_measured_macs():
     result = rewrite_(model, x, RewriteConfig(to="lowrank", target_macs=0.6))
     assert result.macs_after <= 0.6 * result.macs_before
     assert result.plan.macs_after == result.macs_after  # per-layer accounting agrees with the traced MACs
-    out, ref = model(x), original(x)
-    assert float((out - ref).norm() / ref.norm()) < 1.0
+    for p in result.plan.layers:  # each reported error is the discarded energy of an independent SVD
+        w = original.get_submodule(p.name).weight.detach().double().flatten(1)
+        s = torch.linalg.svdvals(w)
+        assert p.fit_error == pytest.approx(float((s[p.setting:] ** 2).sum().sqrt() / s.norm()), rel=1e-6)
     table = result.plan.table()
     assert all(p.name in table for p in result.plan.layers) and "model MACs" in table
 
@@ -205,3 +207,15 @@ def test_lowrank_blocks_are_the_registered_types():
     names = torchslim.pruning.replacement_types()
     for cls in (LowRankLinear, LowRankConv2d, SeparableConv2d):
         assert f"torchslim.rewrite.{cls.__name__}" in names
+
+
+def test_a_training_model_keeps_its_batchnorm_statistics_and_modes():
+    model, x = net(), batch()
+    model.train()
+    model.fc2.eval()  # mixed flags come back as they were
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone(), int(model.bn.num_batches_tracked))
+    rewrite_(model, x, RewriteConfig(to="lowrank", target_macs=0.6, data=[batch(2), batch(3)]))
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    assert int(model.bn.num_batches_tracked) == stats[2]
+    assert model.training and model.bn.training and not model.fc2.training
+    assert all(m.training for n, m in model.named_modules() if n.startswith("b1"))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._inputs import call_model
+from torchslim.modes import training_mode
 
 
 def conv_padding(conv: Any) -> tuple[int, int]:
@@ -47,8 +48,9 @@ def input_moments(model: nn.Module, names: list[str], batches: Iterable[Any]) ->
 
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     try:
-        for batch in batches:
-            call_model(model, batch)
+        with training_mode(model, False):  # eval: BatchNorm statistics are read, never updated
+            for batch in batches:
+                call_model(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import call_model
+from torchslim.modes import training_mode
 from torchslim.rewrite.methods import METHODS, Method
 
 
@@ -117,7 +118,8 @@ def output_positions(model: nn.Module, names: list[str], example_inputs: Any) ->
 
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     try:
-        call_model(model, example_inputs)
+        with training_mode(model, False):  # eval: BatchNorm statistics are read, never updated
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
