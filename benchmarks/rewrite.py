@@ -50,7 +50,20 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class Matte(nn.Module):
+    """MODNet's inference call with positional tensor inputs only (what ONNX Runtime timing takes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.model(img, inference=True)[2]
+
+
 def latency(original: nn.Module, variant: nn.Module, example, runtime: str) -> dict:
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict):
+        original, variant, example = Matte(original), Matte(variant), example[0]
     try:
         stats = measure_in_turn({"original": original, "variant": variant}, example, runtime=runtime, threads=1,
                                 rounds=3, warmup=3, repeats=10)
@@ -102,7 +115,7 @@ def modnet_task(finetune_steps: int) -> dict:
 
     def tune(m: nn.Module, teacher: nn.Module) -> None:  # distil the matte on random images
         torch.manual_seed(1)
-        m.train()
+        m.eval()  # BatchNorm statistics stay those of the original (random images would skew them)
         opt = torch.optim.Adam(m.parameters(), lr=1e-4)
         for step in range(finetune_steps):
             img = train_imgs[step % len(train_imgs)]
@@ -187,6 +200,9 @@ def main() -> None:
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": args.threads, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
             "modnet_finetune_steps": args.modnet_steps}
+    if OUT.exists():  # keep the other models' results from an earlier run
+        earlier = [r for r in json.loads(OUT.read_text())["results"] if r["model"] not in args.models]
+        results = earlier + results
     OUT.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {OUT}")
 
