@@ -5,7 +5,8 @@ digits (1-channel 3x3 stem, no max-pool), both trained here on scikit-learn's bu
 and the MODNet-shaped net (``create_model("modnet")``, untrained: output agreement) with only
 its HR-branch convolutions rewritten. Each model is rewritten to ~50% of its MACs (MODNet: the
 HR branch's convolution MACs halved) with each rewrite that applies (dilated needs 5x5+
-kernels, which none of these layers has), then the same short distillation fine-tune from the
+kernels: none in the digits nets or the HR branch, so for MODNet it rewrites the LR/fusion
+branches' 5x5 convs, all of them, fitted by least squares on their inputs), then the same short distillation fine-tune from the
 original; channel pruning (``prune_``, L1) is brought to the same MACs and fine-tuned the same
 way. Reported per row: MACs, params, mean/max fit error, accuracy (MODNet: relative output error
 on held-out random images) before and after the fine-tune, and latency on torch and ONNX
@@ -132,19 +133,23 @@ def modnet_task(finetune_steps: int) -> dict:
     hr_macs = sum(p.macs_before for p in plan.layers)
     target = plan.model_macs - 0.5 * hr_macs  # the HR branch's conv MACs halved
     row = run_task("modnet", model, example, data, score, tune, target=target, modules=modules,
-                   metric="relative_output_error")
+                   metric="relative_output_error", dilated_modules=("*conv_lr*.layers.0",))
     row["hr_conv_macs"] = hr_macs
     return row
 
 
-def run_task(name: str, model: nn.Module, example, data, score, tune, *, target: float, modules, metric: str) -> dict:
+def run_task(name: str, model: nn.Module, example, data, score, tune, *, target: float, modules, metric: str,
+             dilated_modules=None) -> dict:
+    """Each rewrite to ``target`` MACs over ``modules`` (dilated: every 5x5+ conv of ``dilated_modules``
+    when given, the HR branch having none), then channel pruning to the same MACs."""
     macs0 = model_macs(model, example)
     print(f"== {name}: {macs0:,} MACs, {params(model):,} params, {metric} {score(model):.4f}", flush=True)
     rows = []
     for method in METHODS:
         variant = copy.deepcopy(model)
         t0 = time.perf_counter()
-        config = RewriteConfig(to=method, modules=modules, target_macs=target,
+        scope, goal = (dilated_modules, None) if method == "dilated" and dilated_modules else (modules, target)
+        config = RewriteConfig(to=method, modules=scope, target_macs=goal,
                                data=data if method in ("lowrank", "dilated") else None)
         try:
             result = rewrite_(variant, example, config)

@@ -219,3 +219,17 @@ def test_a_training_model_keeps_its_batchnorm_statistics_and_modes():
     assert int(model.bn.num_batches_tracked) == stats[2]
     assert model.training and model.bn.training and not model.fc2.training
     assert all(m.training for n, m in model.named_modules() if n.startswith("b1"))
+
+
+def test_a_layer_too_wide_for_its_input_moment_is_fitted_on_the_weights_with_a_warning(monkeypatch, caplog):
+    import torchslim.rewrite._stats as stats
+
+    monkeypatch.setattr(stats, "MAX_MOMENT_DIM", 25)  # fc1 (24 inputs) is under, stem (3 x 3x3 = 27) over
+    model, x = net(), batch()
+    with caplog.at_level("WARNING", logger="torchslim"):
+        plan, moments = torchslim.rewrite.plan_rewrite(model, x, RewriteConfig(to="lowrank", modules=["fc1", "stem"],
+                                                                               setting=3, data=[x]))
+    assert set(moments) == {"fc1"}
+    assert "stem is fitted without data" in caplog.text and "fc1 is fitted" not in caplog.text
+    stem = next(p for p in plan.layers if p.name == "stem")
+    assert stem.fit_error == pytest.approx(fit_lowrank(model.stem, 3).error, rel=1e-9)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torchslim._inputs import call_model
 from torchslim.modes import training_mode
+
+LOG = logging.getLogger("torchslim")
+MAX_MOMENT_DIM = 8192  # a 8192 x 8192 float64 moment is 512 MB
 
 
 def conv_padding(conv: Any) -> tuple[int, int]:
@@ -33,9 +38,23 @@ def input_rows(module: Any, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _row_entries(module: Any) -> int:
+    return int(module.weight[0].numel())
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, names: list[str], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
-    """``{name: E[x x^T]}`` (float64) of each named layer's input rows over ``batches``."""
+    """``{name: E[x x^T]}`` (float64) of each named layer's input rows over ``batches``.
+
+    A layer whose rows have more than ``MAX_MOMENT_DIM`` entries (a D x D float64 matrix would
+    not fit in memory: 1280 channels x 5x5 taps is 8 GB) is left out, with a warning on the
+    ``torchslim`` logger; its fit then uses the weights only."""
+    dims = {n: _row_entries(model.get_submodule(n)) for n in names}
+    too_big = {n: d for n, d in dims.items() if d > MAX_MOMENT_DIM}
+    for name, dim in too_big.items():
+        LOG.warning("%s is fitted without data: its inputs have %d entries per row (more than MAX_MOMENT_DIM=%d)",
+                    name, dim, MAX_MOMENT_DIM)
+    names = [n for n in names if n not in too_big]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
