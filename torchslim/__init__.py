@@ -60,6 +60,8 @@ _EXPORTS = {
     "save_compressed": "torchslim.compress",
     "load_compressed": "torchslim.compress",
     "NetworkSurgery": "torchslim.compress",
+    "rewrite_": "torchslim.rewrite",
+    "RewriteConfig": "torchslim.rewrite",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]  # dir() sorts

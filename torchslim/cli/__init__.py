@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "torchslim.cli.analyze",
     "prune": "torchslim.cli.prune",
     "search": "torchslim.cli.search",
+    "rewrite": "torchslim.cli.rewrite",
     "bench": "torchslim.cli.bench",
     "compress": "torchslim.cli.compress",
     "demo": "torchslim.cli.demo",

@@ -1,0 +1,164 @@
+"""Grouped rewrite with channel permutations: a dense convolution becomes a convolution with g
+groups (ResNeXt / ShuffleNet style, params and MACs divided by g) after permuting its input and
+output channels so that as much weight energy as possible falls inside the g diagonal blocks.
+
+Assignment method: with ``E[o, i] = ||W[o, i]||^2``, input channels are seeded into g equal
+groups greedily by their affinity ``E^T E`` (channels feeding the same outputs go together),
+then input and output groups are refined alternately, each step being the optimal balanced
+assignment given the other side (a linear assignment problem over group slots, solved exactly
+by ``scipy.optimize.linear_sum_assignment``); the in-block energy never decreases. The weights
+outside the blocks are dropped: the relative error is their energy over the weight's, zero for
+an original that is block-diagonal up to permutation. The permutations are expressed as
+``ChannelShuffle`` modules (a fixed ``index_select`` on the channel dimension, the general
+form of ShuffleNet's shuffle, Zhang et al. 2018) around the grouped conv; the dependency graph
+keeps the permuted channels (fixed indices), so pruning leaves them in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from torchslim.pruning import register_replacement_type
+from torchslim.rewrite._fit import Fit, relative_error
+
+REFINE_ROUNDS = 20
+
+
+class ChannelShuffle(nn.Module):
+    """Reorder the channels (dim 1): ``out[:, j] = x[:, order[j]]``."""
+
+    order: torch.Tensor
+
+    def __init__(self, order: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("order", torch.tensor(order, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.order)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.order.numel()}"
+
+
+class GroupedConv2d(nn.Sequential):
+    """``ChannelShuffle(in_order)``, ``Conv2d(in, out, k, groups=groups)``, ``ChannelShuffle(out_order)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, groups: int, in_order: list[int],
+                 out_order: list[int], stride: Any = 1, padding: Any = 0, dilation: Any = 1, bias: bool = True) -> None:
+        super().__init__(ChannelShuffle(in_order),
+                         nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                   dilation=dilation, groups=groups, bias=bias),
+                         ChannelShuffle(out_order))
+
+
+def _init_of(m: Any) -> dict[str, Any]:
+    conv = m[1]
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
+            "groups": conv.groups, "in_order": m[0].order.tolist(), "out_order": m[2].order.tolist(),
+            "stride": list(conv.stride), "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation), "bias": conv.bias is not None}
+
+
+register_replacement_type(ChannelShuffle, "torchslim.rewrite.ChannelShuffle",
+                          init_of=lambda m: {"order": m.order.tolist()})
+register_replacement_type(GroupedConv2d, "torchslim.rewrite.GroupedConv2d", init_of=_init_of)
+
+
+def max_groups(conv: Any) -> int:
+    """The largest group count that divides both channel counts."""
+    return math.gcd(conv.in_channels, conv.out_channels)
+
+
+def groups_problem(conv: Any, groups: int) -> str | None:
+    """Why ``groups`` cannot be used for ``conv`` (None when it can)."""
+    if groups < 1 or conv.in_channels % groups or conv.out_channels % groups:
+        return (f"groups={groups} does not divide its {conv.in_channels} input and {conv.out_channels} "
+                "output channels")
+    return None
+
+
+def macs_per_position(conv: Any, groups: int | None) -> int:
+    """MACs per output position of the conv, or of its g-grouped form (the shuffles cost no MACs)."""
+    return conv.out_channels * conv.in_channels * conv.weight[0, 0].numel() // (groups or 1)
+
+
+def _balanced(score: np.ndarray, groups: int) -> np.ndarray:
+    """Optimal balanced assignment of rows to groups maximising ``score[row, group]`` (n/groups rows each)."""
+    n = score.shape[0]
+    slots = np.repeat(np.arange(groups), n // groups)
+    rows, cols = linear_sum_assignment(-score[:, slots])
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = slots[cols]
+    return out
+
+
+def _seed(energy: np.ndarray, groups: int) -> np.ndarray:
+    """Greedy affinity seeding of the input channels into equal groups."""
+    n = energy.shape[1]
+    affinity = energy.T @ energy
+    label = np.full(n, -1, dtype=np.int64)
+    size = n // groups
+    for g in range(groups):
+        free = np.flatnonzero(label < 0)
+        members = [free[np.argmax(energy[:, free].sum(0))]]
+        label[members[0]] = g
+        while len(members) < size:
+            free = np.flatnonzero(label < 0)
+            best = free[np.argmax(affinity[np.ix_(free, members)].sum(1))]
+            label[best] = g
+            members.append(best)
+    return label
+
+
+def assign_groups(conv: Any, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input group, output group) per channel, maximising the weight energy inside the blocks."""
+    energy = (conv.weight.detach().double().cpu() ** 2).sum((2, 3)).numpy()  # (Cout, Cin)
+    in_label = _seed(energy, groups)
+    out_label = np.zeros(energy.shape[0], dtype=np.int64)
+    for _ in range(REFINE_ROUNDS):
+        out_scores = np.stack([energy[:, in_label == g].sum(1) for g in range(groups)], 1)
+        out_label = _balanced(out_scores, groups)
+        in_scores = np.stack([energy[out_label == g].sum(0) for g in range(groups)], 1)
+        new_in = _balanced(in_scores, groups)
+        if np.array_equal(new_in, in_label):
+            break
+        in_label = new_in
+    return in_label, out_label
+
+
+def _orders(in_label: np.ndarray, out_label: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    in_order = np.concatenate([np.flatnonzero(in_label == g) for g in range(groups)])
+    out_order = np.concatenate([np.flatnonzero(out_label == g) for g in range(groups)])
+    return in_order, out_order
+
+
+def grouped_errors(conv: Any) -> dict[int, float]:
+    """Relative fit error for every valid group count."""
+    return {g: fit_grouped(conv, g).error for g in range(1, max_groups(conv) + 1) if groups_problem(conv, g) is None}
+
+
+@torch.no_grad()
+def fit_grouped(conv: Any, groups: int) -> Fit:
+    """The g-grouped form of ``conv`` between channel permutations, keeping its diagonal blocks."""
+    in_label, out_label = assign_groups(conv, groups)
+    in_order, out_order = _orders(in_label, out_label, groups)
+    weight = conv.weight.detach()
+    n_in, n_out = conv.in_channels // groups, conv.out_channels // groups
+    blocks = [weight[out_order[g * n_out:(g + 1) * n_out]][:, in_order[g * n_in:(g + 1) * n_in]] for g in range(groups)]
+    inverse_out = np.argsort(out_order)
+    block: Any = GroupedConv2d(conv.in_channels, conv.out_channels, list(conv.kernel_size), groups, in_order.tolist(),
+                          inverse_out.tolist(), list(conv.stride),
+                          conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+                          list(conv.dilation), bias=conv.bias is not None)
+    block = block.to(device=weight.device, dtype=weight.dtype)
+    block[1].weight.copy_(torch.cat(blocks, 0))
+    if conv.bias is not None:
+        block[1].bias.copy_(conv.bias[torch.as_tensor(out_order)])
+    kept = sum(float((b.double() ** 2).sum()) for b in blocks)
+    total = float((weight.double() ** 2).sum())
+    return Fit(block, relative_error(torch.tensor(total - kept), torch.tensor(total)))
