@@ -6,18 +6,12 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 from torchslim.cli import COMMANDS, main
 from torchslim.compress import load_compressed, sharing_of
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -17,12 +17,7 @@ from torchslim.compress.huffman import code_lengths
 from torchslim.sparsity import sparsify_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def optimal_huffman_bits(values: np.ndarray) -> int:

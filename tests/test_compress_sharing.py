@@ -14,12 +14,7 @@ from torchslim.compress.kmeans import initial_centroids
 from torchslim.sparsity import mask_, sparsify_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lloyd_numpy(x: np.ndarray, centroids: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from _checkpoint_edits import fix_hashes, rewrite_plan
+
 import torchslim
 from torchslim.io import CheckpointError, export_onnx, load, save
 
@@ -268,18 +270,6 @@ def _copy(checkpoint: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _fix_hashes(directory: Path) -> None:
-    meta = json.loads((directory / "meta.json").read_text())
-    meta["weights_sha256"] = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    meta["plan_sha256"] = hashlib.sha256((directory / "plan.json").read_bytes()).hexdigest()
-    (directory / "meta.json").write_text(json.dumps(meta))
-
-
-def _rewrite_plan(directory: Path, edit) -> None:
-    data = json.loads((directory / "plan.json").read_text())
-    edit(data)
-    (directory / "plan.json").write_text(json.dumps(data))
-    _fix_hashes(directory)
 
 
 def _rewrite_weights(directory: Path, edit) -> None:
@@ -288,7 +278,7 @@ def _rewrite_weights(directory: Path, edit) -> None:
     tensors = load_file(str(directory / "model.safetensors"))
     edit(tensors)
     save_file(tensors, str(directory / "model.safetensors"))
-    _fix_hashes(directory)
+    fix_hashes(directory)
 
 
 def _rewrite_meta(directory: Path, edit) -> None:
@@ -313,7 +303,7 @@ CORRUPTIONS = {
     "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
                           "model.safetensors: sha256 does not match"),
     "truncated weights, hash fixed": (
-        lambda d: ((d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), _fix_hashes(d)),
+        lambda d: ((d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), fix_hashes(d)),
         "cannot be read as safetensors"),
     "flipped byte in weights": (
         lambda d: (d / "model.safetensors").write_bytes(
@@ -321,30 +311,30 @@ CORRUPTIONS = {
         "sha256 does not match"),
     "tampered plan": (lambda d: (d / "plan.json").write_text((d / "plan.json").read_text().replace("[", "[0, ", 1)),
                       "plan.json: sha256 does not match"),
-    "plan not json, hash fixed": (lambda d: ((d / "plan.json").write_text("nope"), _fix_hashes(d)), "plan.json: not valid JSON"),
-    "plan format key": (lambda d: _rewrite_plan(d, lambda p: p.update(format="x")),
+    "plan not json, hash fixed": (lambda d: ((d / "plan.json").write_text("nope"), fix_hashes(d)), "plan.json: not valid JSON"),
+    "plan format key": (lambda d: rewrite_plan(d, lambda p: p.update(format="x")),
                         "plan.json: 'format' must be 'torchslim.plan/1', got 'x'"),
     # plan.json's structure is checked before it is used: the file, key and value at fault are named
-    "plan index is a float": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, 1.5)),
+    "plan index is a float": (lambda d: rewrite_plan(d, lambda p: _set_first_index(p, 1.5)),
                               r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is 1.5; removed indices "
                               "must be non-negative integers"),
-    "plan index is true": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, True)),
+    "plan index is true": (lambda d: rewrite_plan(d, lambda p: _set_first_index(p, True)),
                            r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is true"),
-    "plan index is a string": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, "3")),
+    "plan index is a string": (lambda d: rewrite_plan(d, lambda p: _set_first_index(p, "3")),
                                r"plan.json: steps\[0\].removed\['conv1.weight'\]\['0'\]\[0\] is \"3\""),
-    "plan index is negative": (lambda d: _rewrite_plan(d, lambda p: _set_first_index(p, -1)), r"\[0\] is -1"),
-    "plan steps is an object": (lambda d: _rewrite_plan(d, lambda p: p.update(steps={})),
+    "plan index is negative": (lambda d: rewrite_plan(d, lambda p: _set_first_index(p, -1)), r"\[0\] is -1"),
+    "plan steps is an object": (lambda d: rewrite_plan(d, lambda p: p.update(steps={})),
                                 "plan.json: 'steps' must be a list of steps, got an object {}"),
-    "plan without steps": (lambda d: _rewrite_plan(d, lambda p: p.pop("steps")), "plan.json: 'steps' must be a list"),
-    "plan step is a list": (lambda d: _rewrite_plan(d, lambda p: p["steps"].__setitem__(0, [])),
+    "plan without steps": (lambda d: rewrite_plan(d, lambda p: p.pop("steps")), "plan.json: 'steps' must be a list"),
+    "plan step is a list": (lambda d: rewrite_plan(d, lambda p: p["steps"].__setitem__(0, [])),
                             r"plan.json: steps\[0\] must be an object"),
-    "plan removed is a list": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0].update(removed=[])),
+    "plan removed is a list": (lambda d: rewrite_plan(d, lambda p: p["steps"][0].update(removed=[])),
                                r"plan.json: steps\[0\].removed must be an object, got a list"),
     "plan dim is not a number": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["removed"]["fc.weight"].update({"x": [0]})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["removed"]["fc.weight"].update({"x": [0]})),
         r"plan.json: steps\[0\].removed\['fc.weight'\] has dim 'x'"),
     "plan size is a float": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [64.0, 3, 7, 7]})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [64.0, 3, 7, 7]})),
         r"plan.json: steps\[0\].shapes\['conv1.weight'\]\[0\] is 64.0; sizes must be non-negative integers"),
     "meta hash is a number": (lambda d: _rewrite_meta(d, lambda m: m.update(weights_sha256=12345)),
                               "meta.json: 'weights_sha256' must be a sha256 hex digest \\(64 hex digits\\), got 12345"),
@@ -359,24 +349,24 @@ CORRUPTIONS = {
         "model.safetensors is a symbolic link to .*gone, which does not exist"),
     "plan is a directory": (lambda d: ((d / "plan.json").unlink(), (d / "plan.json").mkdir()),
                             "plan.json is a directory, not a file"),
-    "plan unknown name": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"nope.weight": [3]})),
+    "plan unknown name": (lambda d: rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"nope.weight": [3]})),
                           "'nope.weight', which the model"),
-    "plan wrong shape": (lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [65, 3, 7, 7]})),
+    "plan wrong shape": (lambda d: rewrite_plan(d, lambda p: p["steps"][0]["shapes"].update({"conv1.weight": [65, 3, 7, 7]})),
                          "'conv1.weight' has shape \\[64, 3, 7, 7\\] in the model, the plan expects \\[65"),
     "plan index out of range": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["removed"][_first_conv_key(p)]["0"].append(10_000)),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["removed"][_first_conv_key(p)]["0"].append(10_000)),
         "out of range"),
     "plan removes other indices": (  # same count, but then the weights no longer fit: one more removed
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["removed"]["fc.weight"].update({"0": [0]})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["removed"]["fc.weight"].update({"0": [0]})),
         "model.safetensors: 'fc.weight' has shape \\[10, 256\\], the model after the plan has \\[9, 256\\]"),
     "plan sets a method": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"conv1": {"forward": 3}})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"conv1": {"forward": 3}})),
         "'conv1.forward' cannot be set"),
     "plan sets unknown module": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"nope": {"x": 3}})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"nope": {"x": 3}})),
         "module 'nope'"),
     "plan sets a size to a string": (
-        lambda d: _rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"conv1": {"out_channels": "many"}})),
+        lambda d: rewrite_plan(d, lambda p: p["steps"][0]["attributes"].update({"conv1": {"out_channels": "many"}})),
         "different kind of value"),
     "weights wrong shape": (lambda d: _rewrite_weights(d, lambda t: t.update({"fc.bias": torch.zeros(11)})),
                             "'fc.bias' has shape \\[11\\]"),

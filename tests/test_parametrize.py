@@ -14,12 +14,7 @@ from torchslim.pruning import PruningError
 from torchslim.sparsity import mask_, masks_of, remove_masks_, set_mask_, update_masks_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

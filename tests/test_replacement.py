@@ -3,14 +3,14 @@ saves and loads into a freshly built original bit for bit, with an allow-list of
 a tampered plan is refused with the step, module and type named, the model left untouched."""
 from __future__ import annotations
 
-import hashlib
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from _checkpoint_edits import rewrite_plan
 
 import torchslim
 from torchslim.io import CheckpointError
@@ -19,12 +19,7 @@ from torchslim.pruning import PruningPlan, Transaction, register_replacement_typ
 from torchslim.pruning.replace import REPLACEMENT_TYPES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CNN(nn.Module):
@@ -140,18 +135,6 @@ def test_replacement_is_recorded_in_the_history():
     assert PruningPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).steps[0].replaced == plan.steps[0].replaced
 
 
-def _fix_hashes(directory: Path) -> None:
-    meta = json.loads((directory / "meta.json").read_text())
-    meta["weights_sha256"] = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    meta["plan_sha256"] = hashlib.sha256((directory / "plan.json").read_bytes()).hexdigest()
-    (directory / "meta.json").write_text(json.dumps(meta))
-
-
-def _rewrite_plan(directory: Path, edit) -> None:
-    data = json.loads((directory / "plan.json").read_text())
-    edit(data)
-    (directory / "plan.json").write_text(json.dumps(data))
-    _fix_hashes(directory)
 
 
 @pytest.fixture
@@ -182,7 +165,7 @@ def _replaced(data: dict, step: int = 0) -> dict:
     (lambda d: _replaced(d)["conv1"]["init"].update(out_channels=6), r"'conv1.weight' has shape \[8, 3, 3, 3\], the model after the plan has \[6, 3, 3, 3\]"),
 ])
 def test_tampered_replacements_are_refused_and_the_model_is_untouched(folded_checkpoint, edit, message):
-    _rewrite_plan(folded_checkpoint, edit)
+    rewrite_plan(folded_checkpoint, edit)
     model = cnn(seed=2)
     snap = snapshot(model)
     rng = torch.get_rng_state()

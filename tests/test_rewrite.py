@@ -16,12 +16,7 @@ from torchslim.rewrite import (LowRankConv2d, LowRankLinear, RewriteConfig, Sepa
                                rewrite_)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ResNetish(nn.Module):

@@ -14,12 +14,7 @@ from torchslim.cli import COMMANDS, main
 from torchslim.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rewrite_is_a_registered_command():

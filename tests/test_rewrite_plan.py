@@ -13,12 +13,7 @@ import torchslim
 from torchslim.rewrite import RewriteConfig, plan_rewrite, rewrite_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scale(nn.Module):

@@ -15,12 +15,7 @@ from torchslim.rewrite import (GroupedConv2d, LowRankLinear, RewriteConfig, Sepa
 from torchslim.rewrite.grouped import assign_groups
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def block_diagonal_conv(cin: int = 12, cout: int = 8, groups: int = 4, k: int = 3, seed: int = 0) -> nn.Conv2d:
