@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 from torch import nn
 
+from torchslim.modes import training_mode
 from torchslim.pruning import PruneConfig, PruneResult, plan_removal, prune_
 from torchslim.search._space import Measures, Ratios, SearchSpace
 from torchslim.search.executors import Executor, InProcess, Scored
@@ -312,13 +313,9 @@ class Search(abc.ABC):
 
     # what executors use ---------------------------------------------------------------
     def call_evaluator(self, model: nn.Module) -> float:
-        """``evaluate(model)`` in eval mode, the model's training flag restored after."""
-        training = model.training
-        model.eval()
-        try:
+        """``evaluate(model)`` in eval mode, every module's training flag restored after."""
+        with training_mode(model, False):
             return float(self.evaluate(model))
-        finally:
-            model.train(training)
 
     def copy_working(self) -> nn.Module:
         """A copy of the working model as it is now (inside ``applied``: the pruned candidate)."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from torch import nn
 
+from torchslim.modes import training_mode
 from torchslim.pruning import RemovalPlan, Transaction, applied, apply_plan
 
 if TYPE_CHECKING:
@@ -87,12 +88,8 @@ def score_candidate(model: nn.Module, evaluate: Any, finetune: Any, finetune_bud
         from torchslim.recovery import recalibrate_bn_
 
         recalibrate_bn_(model, recalibration_data)
-    training = model.training
-    model.eval()
-    try:
+    with training_mode(model, False):
         return float(evaluate(model))
-    finally:
-        model.train(training)
 
 
 def _score_on_worker(model: nn.Module, removal: RemovalPlan, evaluate: Any, finetune: Any, finetune_budget: Any,
