@@ -37,7 +37,6 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 from torch import nn
 
-from torchslim.modes import training_mode
 from torchslim.pruning import PruneConfig, PruneResult, plan_removal, prune_
 from torchslim.search._space import Measures, Ratios, SearchSpace
 from torchslim.search.executors import Executor, InProcess, Scored
@@ -310,16 +309,6 @@ class Search(abc.ABC):
             raise _Exhausted("max_evals")
         if self.time_limit is not None and time.monotonic() - self._started > self.time_limit:
             raise _Exhausted("time_limit")
-
-    # what executors use ---------------------------------------------------------------
-    def call_evaluator(self, model: nn.Module) -> float:
-        """``evaluate(model)`` in eval mode, every module's training flag restored after."""
-        with training_mode(model, False):
-            return float(self.evaluate(model))
-
-    def copy_working(self) -> nn.Module:
-        """A copy of the working model as it is now (inside ``applied``: the pruned candidate)."""
-        return copy.deepcopy(self.working)
 
     def _interrupted_message(self, exc: Exception) -> str:
         assert self.history is not None

@@ -19,6 +19,7 @@ the same as the sequential run's for the same seed, whatever finishes first.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import os
 import sys
@@ -70,10 +71,10 @@ class InProcess(Executor):
             start = time.perf_counter()
             with applied(search.space.graph, removal):
                 if search.finetune is None and not search.recalibrate_bn:
-                    score = search.call_evaluator(search.working)
+                    score = score_candidate(search.working, search.evaluate, None, None, None)
                     yield Scored(score, time.perf_counter() - start)
                     continue
-                candidate = search.copy_working()
+                candidate = copy.deepcopy(search.working)  # fine-tuned or recalibrated: on a copy
             score = score_candidate(candidate, search.evaluate, search.finetune, search.finetune_budget,
                                     search.data if search.recalibrate_bn else None)
             yield Scored(score, time.perf_counter() - start)
@@ -110,7 +111,8 @@ class RayExecutor(Executor):
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers, self.address, self.threads_per_worker = workers, address, threads_per_worker
         self._model_ref: Any = None
-        self._model_owner: int | None = None  # id of the search whose working model is in the store
+        self._stored: nn.Module | None = None  # the working model in the store (compared by identity)
+        self._task: Any = None  # the Ray remote function, made once
         self._started_ray = False
 
     def _ray(self) -> Any:
@@ -129,9 +131,11 @@ class RayExecutor(Executor):
 
     def scores(self, search: "Search", removals: list[RemovalPlan]) -> Iterator[Scored]:
         ray = self._ray()
-        if self._model_owner != id(search):  # the working model never changes during a search: stored once
-            self._model_ref, self._model_owner = ray.put(search.working), id(search)
-        task = ray.remote(num_cpus=self.threads_per_worker)(_score_on_worker)
+        if self._stored is not search.working:  # the working model never changes during a search: stored once
+            self._model_ref, self._stored = ray.put(search.working), search.working
+        if self._task is None:
+            self._task = ray.remote(num_cpus=self.threads_per_worker)(_score_on_worker)
+        task = self._task
         data = search.data if search.recalibrate_bn else None
         pending = [task.remote(self._model_ref, _portable(removal), search.evaluate, search.finetune,
                                search.finetune_budget, data) for removal in removals]
@@ -146,7 +150,7 @@ class RayExecutor(Executor):
                 ray.cancel(ref)
 
     def close(self) -> None:
-        self._model_ref = self._model_owner = None
+        self._model_ref = self._stored = self._task = None
         if self._started_ray:
             import ray
 
