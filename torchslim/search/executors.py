@@ -139,15 +139,11 @@ class RayExecutor(Executor):
         data = search.data if search.recalibrate_bn else None
         pending = [task.remote(self._model_ref, _portable(removal), search.evaluate, search.finetune,
                                search.finetune_budget, data) for removal in removals]
-        try:
-            for ref in pending:
-                try:
-                    yield ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the user's exception, raised where it happened
-                    raise exc.as_instanceof_cause() from None
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
+        for ref in pending:  # tasks after a failure run to their end and are dropped (no ray.cancel: it
+            try:             # interrupts workers with a signal and has taken the driver down with them)
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the user's exception, raised where it happened
+                raise exc.as_instanceof_cause() from None
 
     def close(self) -> None:
         self._model_ref = self._stored = self._task = None
