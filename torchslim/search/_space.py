@@ -205,11 +205,13 @@ class SearchSpace:
                 lo = mid
         return self.give_back({index: r for index, r in self.scaled(ratios, hi).items() if r > 0})
 
-    def give_back(self, ratios: Ratios) -> dict[int, float]:
+    def give_back(self, ratios: Ratios, limit: float | None = None) -> dict[int, float]:
         """``ratios`` (meeting the budget) with channels handed back one step at a time, a group
-        per turn (the most cut first), while the budget stays met: on small or tightly cut models
-        one channel of a group is a large share of what is left, and the scaled path alone can
-        land several percent under the budget."""
+        per turn (the most cut first), while the budget (or ``limit``, in its unit, where a
+        search aims below it) stays met: on small or tightly cut models one channel of a group
+        is a large share of what is left, and the scaled path alone can land several percent
+        under the budget."""
+        bound = self.budget() if limit is None and self.quantity is not None else limit
         current = self.exact_ratios(ratios)
         keep = self.keep_counts(current)
         changed = True
@@ -219,9 +221,12 @@ class SearchSpace:
                 if index not in current:
                     continue
                 trial = self._one_step_back(current, index, keep[index])
-                if trial is not None and self.meets(self.measure(trial)):
+                if trial is not None and self._within(self.measure(trial), bound):
                     current, keep, changed = trial, self.keep_counts(trial), True
         return current
+
+    def _within(self, found: Measures, bound: float | None) -> bool:
+        return self.quantity is None or bound is None or found.get(self.quantity) <= bound
 
     def _one_step_back(self, ratios: dict[int, float], index: int, kept: int) -> dict[int, float] | None:
         """``ratios`` with group ``index`` keeping the next representable count above ``kept``."""

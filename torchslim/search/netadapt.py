@@ -19,7 +19,9 @@ removal, fine-tuned on a copy, so the result stays an ordinary per-group ``Prune
 (apply it, then run the long-term fine-tune as the paper does at the end). When no single
 group can cut an iteration's scheduled amount any more (each group near its limit, or a latency
 table flat in that range), the iteration's cut is halved, up to ``MAX_HALVINGS`` times, instead
-of stopping short of the budget. Under a latency budget the result is then timed against the
+of stopping short of the budget. In the last iteration (the bound is the budget) each proposal
+hands back, one step at a time, the channels it cut past the budget (one channel of a narrow
+group can be a large share of what is left), so the result lands just under the budget. Under a latency budget the result is then timed against the
 unpruned model; where it measures over the target (the table times layers alone), the table's
 goal is lowered by the measured excess and the iterations go on (``measure_latency=False``
 keeps the table's word).
@@ -136,13 +138,15 @@ class NetAdaptSearch(Search):
                 bound = max(before - scheduled, budget)
                 proposals = {group: self.smallest_removal(current, group, bound) for group in sorted(self.space.sizes)}
                 proposing = [(group, p) for group, p in proposals.items() if p is not None]
+                if bound <= budget:  # the last iteration: hand back what a coarse group cut past the budget
+                    proposing = [(group, self.space.give_back(p, budget)) for group, p in proposing]
                 if proposing or halved == MAX_HALVINGS:
                     break
                 scheduled, halved = scheduled / 2, halved + 1  # no single group can cut that much any more
             best: Record | None = None
             best_group = -1
             records = self.evaluate_batch([p for _, p in proposing], meet_budget=False,
-                                          notes=[f"iteration {index}: group {g} to {p[g]:g}" for g, p in proposing])
+                                          notes=[f"iteration {index}: group {g} to {p.get(g, 0.0):g}" for g, p in proposing])
             for (group, _), record in zip(proposing, records):
                 if best is None or record.score > best.score:
                     best, best_group = record, group
