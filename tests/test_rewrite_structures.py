@@ -153,7 +153,7 @@ def test_modnet_hr_branch_rewrite_prunes_verifies_and_round_trips(tmp_path):
     assert torch.equal(loaded(img, inference=True)[2], model(img, inference=True)[2])
 
 
-def test_grouped_rewrite_round_trips_exports_and_prunes_around_the_fixed_shuffles(tmp_path):
+def test_grouped_rewrite_round_trips_exports_and_prunes_through_its_shuffles(tmp_path):
     from test_rewrite import net, batch
 
     model, x = net(), batch()
@@ -165,5 +165,13 @@ def test_grouped_rewrite_round_trips_exports_and_prunes_around_the_fixed_shuffle
     rewritten = copy.deepcopy(model)
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.4))
     assert torchslim.verify(rewritten, model, x, result.plan).ok
-    # the shuffles' fixed indices keep the channels they permute (the graph pins index_select)
-    assert model.b1[1].weight.shape == rewritten.b1[1].weight.shape
+    # the output shuffle of "down" lost the entries of the removed channels and was renumbered
+    assert model.down[1].out_channels < rewritten.down[1].out_channels
+    assert result.plan.steps[-1].renumbered == ["down.2.order"]
+    order = model.down[2].order
+    assert sorted(order.tolist()) == list(range(model.down[1].out_channels))
+    kept = [j for j in range(24) if j not in result.plan.removed["down.2.order"][0]]
+    old = rewritten.down[2].order[kept]
+    assert order.tolist() == torch.argsort(torch.argsort(old)).tolist()  # ranks among the kept
+    torchslim.save(model, tmp_path / "pruned")
+    assert torch.equal(torchslim.load(tmp_path / "pruned", net(seed=4))(x), model(x))

@@ -56,6 +56,8 @@ class Coupling:
         # aranges for the commonest declaration, expanded at once in ``edges``
         self._ranges: list[tuple[int, int, int]] = []
         self._components: tuple[tuple[int, int], tuple[int, np.ndarray]] | None = None  # (edge mark, result)
+        # index buffers that permute a dim: buffer node -> (the tensor it picks into, that dim)
+        self.index_buffers: dict[int, tuple[int, int]] = {}
 
     # element addressing -------------------------------------------------
     def shape(self, node: int) -> tuple[int, ...]:
@@ -108,6 +110,15 @@ class Coupling:
         """Two tensors of equal shape whose indices correspond one to one in every dim."""
         for d in range(self.nodes[node_a].ndim):
             self.same(node_a, d, node_b, d)
+
+    def follow_index(self, index: int, target: int, dim: int) -> None:
+        """Buffer ``index`` holds a permutation that picks ``target``'s ``dim`` from its source:
+        removing channels slices it and renumbers its values instead of pinning the dim. Used
+        again on another tensor, the two picks stay coupled so that one renumbering serves both."""
+        if index in self.index_buffers:
+            self.same(*self.index_buffers[index], target, dim)
+        else:
+            self.index_buffers[index] = (target, dim)
 
     def pin(self, node: int, dim: int | None = None, reason: str = "") -> None:
         for d in self._dims(node, dim):

@@ -209,6 +209,26 @@ class DependencyGraph:
                     out.setdefault(name, {})[d] = gone
         return out
 
+    @property
+    def index_buffers(self) -> dict[str, tuple[int, int]]:
+        """Buffers that hold a permutation picking a channel dim (a channel shuffle's order),
+        by name: the traced tensor they pick into and its dim. Removing channels slices them
+        and renumbers their values (:meth:`index_entries_kept`); a permutation leaves them as
+        they are."""
+        nodes = self.trace.nodes
+        return {str(nodes[index].name): where for index, where in self.coupling.index_buffers.items()}
+
+    def index_entries_kept(self, removed_atoms: np.ndarray) -> dict[str, np.ndarray]:
+        """Per index buffer that loses entries when ``removed_atoms`` go: the entries kept."""
+        removed = np.zeros(self.n_atoms, dtype=bool)
+        removed[np.asarray(removed_atoms, dtype=np.int64)] = True
+        out = {}
+        for name, (target, dim) in self.index_buffers.items():
+            gone = removed[self.labels[self.coupling.ids(target, dim)]]
+            if gone.any():
+                out[name] = np.flatnonzero(~gone)
+        return out
+
     def shapes_after(self, removed: np.ndarray) -> list[tuple[int, ...]]:
         """Shape of every traced tensor after removing atoms (``removed``: boolean mask over
         atoms), all at once: per slot, its size minus its removed elements."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from torchslim.pruning import Transaction, build_replacement, named_tensors, remember_former_shapes, sync_hf_config
-from torchslim.pruning.apply import RemovalPlan, apply_plan
+from torchslim.pruning.apply import RemovalPlan, apply_plan, renumbered_index
 from torchslim.sparsity import parametrization_problem
 from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, record_history,
                                     recorded_history, under)
@@ -341,8 +341,9 @@ def _check_plan_data(data: Any, path: Path) -> None:
         raise CheckpointError(f"{path}: must be a JSON object with 'format' and 'steps', got {type(data).__name__}")
     if data.get("format") not in PLAN_FORMATS:
         raise CheckpointError(f"{path}: 'format' must be '{PLAN_FORMATS[0]}', got {data.get('format')!r} (or "
-                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules; written by a newer torchslim?)")
-    keys = {"removed", "shapes", "attributes"} | ({"replaced"} if data["format"] != PLAN_FORMATS[0] else set())
+                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules or renumbers index buffers; written by a newer "
+                              "torchslim?)")
+    keys = {"removed", "shapes", "attributes"} | ({"replaced", "renumbered"} if data["format"] != PLAN_FORMATS[0] else set())
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
@@ -359,6 +360,7 @@ def _check_plan_data(data: Any, path: Path) -> None:
         if not isinstance(step.get("attributes", {}), dict):
             raise CheckpointError(f"{where}.attributes must be an object, got {_json_kind(step.get('attributes'))}")
         _check_replaced_data(step.get("replaced", {}), where)
+        _check_renumbered_data(step.get("renumbered", []), step["removed"], where)
         for name, shape in step["shapes"].items():
             if not isinstance(shape, list):
                 raise CheckpointError(f"{where}.shapes['{name}'] must be a list of sizes, got {_json_kind(shape)}")
@@ -376,6 +378,26 @@ def _check_plan_data(data: Any, path: Path) -> None:
                                           f"got {_json_kind(indices)}")
                 for k, index in enumerate(indices):
                     _check_json_int(index, f"{where}.removed['{name}']['{dim}'][{k}]", "removed indices")
+
+
+def _check_renumbered_data(renumbered: Any, removed: dict, where: str) -> None:
+    """``renumbered`` lists index buffers the step slices along dim 0 only."""
+    if not isinstance(renumbered, list) or not all(isinstance(name, str) for name in renumbered):
+        raise CheckpointError(f"{where}.renumbered must be a list of buffer names, got {_json_kind(renumbered)}")
+    for name in renumbered:
+        if set(removed.get(name, {})) != {"0"}:
+            raise CheckpointError(f"{where}.renumbered names '{name}', which the step does not slice along dim 0 "
+                                  "(alone); an index buffer loses entries only")
+
+
+def _check_index_buffer(virtual: "_VirtualModel", name: str, where: str) -> None:
+    """A renumbered tensor must be a 1-D integer buffer (a permutation index) of the model."""
+    tensor = virtual.named.get(name)
+    if tensor is None or isinstance(tensor, nn.Parameter) or tensor.ndim != 1 or tensor.is_floating_point():
+        kind = "absent" if tensor is None else f"a {'parameter' if isinstance(tensor, nn.Parameter) else 'buffer'} "
+        kind += "" if tensor is None else f"of {tensor.ndim} dims, {tensor.dtype}"
+        raise CheckpointError(f"{where}: renumbered names '{name}', which is {kind}; only 1-D integer index "
+                              "buffers are renumbered")
 
 
 def _check_replaced_data(replaced: Any, where: str) -> None:
@@ -461,6 +483,8 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
                 raise CheckpointError(f"{where}: '{name}' is tied to another entry of the plan that is "
                                       "sliced differently")
         shapes.update(after)
+        for name in step.renumbered:
+            _check_index_buffer(virtual, name, where)
         for label, attrs in step.attributes.items():
             if not isinstance(attrs, dict):
                 raise CheckpointError(f"{where}: attributes of '{label}' must be an object")
@@ -591,14 +615,17 @@ def _build_replacement(virtual: _VirtualModel, path: str, spec: dict[str, Any], 
 
 def _removal_of(model: nn.Module, step: PlanStep) -> RemovalPlan:
     """A recorded step as a :class:`RemovalPlan` (attribute values back in the types they replace)."""
-    kept = {name: {dim: step.kept(name, dim) for dim in sorted(dims)} for name, dims in step.removed.items()}
+    kept = {name: {dim: step.kept(name, dim) for dim in sorted(dims)} for name, dims in step.removed.items()
+            if name not in step.renumbered}
     shapes = {name: tuple(len(kept[name][d]) if d in kept[name] else size for d, size in enumerate(step.shapes[name]))
               for name in kept}
+    tensors = named_tensors(model)
+    renumbered = {name: renumbered_index(tensors[name], step.kept(name, 0)) for name in step.renumbered}
     attributes = {}
     for label, attrs in step.attributes.items():
         module = model.get_submodule(label) if label else model
         attributes[label] = {attr: _coerce(getattr(module, attr), value) for attr, value in attrs.items()}
-    return RemovalPlan(np.zeros(0, dtype=np.int64), kept, shapes, attributes)
+    return RemovalPlan(np.zeros(0, dtype=np.int64), kept, shapes, attributes, renumbered=renumbered)
 
 
 def _coerce(current: Any, value: Any) -> Any:

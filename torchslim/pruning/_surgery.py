@@ -214,12 +214,36 @@ def apply_removal(graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transac
     tensors = named_tensors(model)
     kept = _kept_from(tensors, removal)  # from the shapes before any slicing
     shapes = _planned_tensor_shapes(model, kept)
+    renumbered = renumbered_indices(graph, removed_atoms)
     for name, dims in kept.items():
         slice_to_kept(tensors[name], dims, tx)
+    set_renumbered(model, renumbered, tx)
     ctx = SurgeryContext(graph, removed_atoms, tx, shapes)
     _run_handlers(model, ctx)
     unresolved = _rewrite_literals(graph, ctx)
     return removal, unresolved
+
+
+def renumbered_indices(graph: DependencyGraph, removed_atoms: np.ndarray) -> dict[str, torch.Tensor]:
+    """The new values of the graph's index buffers (permutations that pick channels) once
+    ``removed_atoms`` go: the kept entries, renumbered to count the kept channels only."""
+    tensors = named_tensors(graph.model)
+    return {name: renumbered_index(tensors[name], kept) for name, kept in graph.index_entries_kept(removed_atoms).items()}
+
+
+def renumbered_index(values: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
+    """A permutation index buffer cut to its ``kept`` entries, each value replaced by its rank
+    among the kept values: the channels it picks from lost exactly the values it dropped."""
+    values = values.detach()
+    picked = values.index_select(0, torch.as_tensor(kept, dtype=torch.long, device=values.device))
+    return torch.argsort(torch.argsort(picked)).to(values.dtype)
+
+
+def set_renumbered(model: nn.Module, values: dict[str, torch.Tensor], tx: Transaction) -> None:
+    """Write the renumbered index buffers (:func:`renumbered_indices`) inside ``tx``."""
+    tensors = named_tensors(model)
+    for name, value in values.items():
+        tx.set_data(tensors[name], value.clone())
 
 
 def _complement(size: int, gone: np.ndarray) -> np.ndarray:

@@ -27,12 +27,15 @@ import dataclasses
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from torch import nn
 
 from torchslim.criteria import make_importance
 from torchslim.graph import DependencyGraph, Group, OpCall
 from torchslim.pruning._surgery import (Transaction, kept_indices, named_tensors, planned_attributes,
-                                        slice_to_kept)
+                                        renumbered_index, renumbered_indices, set_renumbered, slice_to_kept)
+
+__all__ = ["RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index"]
 
 
 @dataclasses.dataclass
@@ -42,7 +45,8 @@ class RemovalPlan:
     ``kept``: parameter/buffer name -> dim -> indices kept (of the current shape), only for
     tensors that shrink; ``shapes``: their new shapes; ``attributes``: module name ->
     attribute -> new value; ``unresolved``: traced ops whose literal sizes change but match no
-    module attribute (suspects if the removal breaks the model).
+    module attribute (suspects if the removal breaks the model); ``renumbered``: the new
+    values of index buffers (see ``DependencyGraph.index_buffers``), already sliced.
     """
 
     removed_atoms: np.ndarray
@@ -50,6 +54,7 @@ class RemovalPlan:
     shapes: dict[str, tuple[int, ...]]
     attributes: dict[str, dict[str, Any]]
     unresolved: list[OpCall] = dataclasses.field(default_factory=list)
+    renumbered: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def plan_removal(graph: DependencyGraph, removed_atoms: np.ndarray) -> RemovalPlan:
@@ -64,7 +69,7 @@ def plan_removal(graph: DependencyGraph, removed_atoms: np.ndarray) -> RemovalPl
             shape[dim] = len(keep)
         shapes[name] = tuple(shape)
     attributes, unresolved = planned_attributes(graph, atoms, kept)
-    return RemovalPlan(atoms, kept, shapes, attributes, unresolved)
+    return RemovalPlan(atoms, kept, shapes, attributes, unresolved, renumbered_indices(graph, atoms))
 
 
 def apply_plan(model: nn.Module, plan: RemovalPlan, tx: Transaction) -> None:
@@ -73,6 +78,7 @@ def apply_plan(model: nn.Module, plan: RemovalPlan, tx: Transaction) -> None:
     tensors = named_tensors(model)
     for name, dims in plan.kept.items():
         slice_to_kept(tensors[name], dims, tx)
+    set_renumbered(model, plan.renumbered, tx)
     for label, attrs in plan.attributes.items():
         module = model.get_submodule(label) if label else model
         for attr, value in attrs.items():

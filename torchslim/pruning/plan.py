@@ -33,6 +33,9 @@ class PlanStep:
     attributes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # module -> attr -> new value
     # module path -> {"type": allow-listed type name, "init": JSON-plain kwargs}; before the removals
     replaced: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # index buffers among ``removed`` (permutations that pick channels): after slicing, their
+    # values are renumbered to count the kept channels only
+    renumbered: list[str] = dataclasses.field(default_factory=list)
 
     def kept(self, name: str, dim: int) -> np.ndarray:
         size = self.shapes[name][dim]
@@ -65,6 +68,11 @@ class PruningPlan:
         return {n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in composed.items()}
 
     @property
+    def renumbered(self) -> set[str]:
+        """The index buffers some step slices and renumbers (not channels of the model's function)."""
+        return {name for step in self.steps for name in step.renumbered}
+
+    @property
     def num_removed(self) -> int:
         return sum(len(v) for dims in self.removed.values() for v in dims.values())
 
@@ -75,7 +83,8 @@ class PruningPlan:
         return PruningPlan(self.steps + other.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules."""
+        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules or
+        renumbers index buffers."""
         steps = []
         for s in self.steps:
             step: dict[str, Any] = {
@@ -85,8 +94,11 @@ class PruningPlan:
             }
             if s.replaced:
                 step["replaced"] = {path: {"type": spec["type"], "init": spec["init"]} for path, spec in s.replaced.items()}
+            if s.renumbered:
+                step["renumbered"] = list(s.renumbered)
             steps.append(step)
-        return {"format": PLAN_FORMATS[1] if any(s.replaced for s in self.steps) else PLAN_FORMATS[0], "steps": steps}
+        newer = any(s.replaced or s.renumbered for s in self.steps)
+        return {"format": PLAN_FORMATS[1] if newer else PLAN_FORMATS[0], "steps": steps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
@@ -97,11 +109,12 @@ class PruningPlan:
             removed = {n: {int(d): [int(i) for i in idx] for d, idx in dims.items()} for n, dims in s["removed"].items()}
             shapes = {n: [int(x) for x in shape] for n, shape in s["shapes"].items()}
             replaced = {path: {"type": spec["type"], "init": dict(spec["init"])} for path, spec in s.get("replaced", {}).items()}
-            steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced))
+            steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced,
+                                  [str(name) for name in s.get("renumbered", [])]))
         return cls(steps)
 
 
-PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")  # written: /1 without replacements, /2 with
+PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")  # written: /1 without replacements or renumbering, /2 with
 
 
 def under(name: str, path: str) -> bool:

@@ -270,10 +270,22 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
         raise PruningError(_deviation_refusal(deviation, inexact_groups, config))
     if not commit:
         tx.rollback()
-    plan = PruningPlan([PlanStep({n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in removal.items()},
-                                 shapes, tx.changes)])
+    plan = PruningPlan([_step(graph, removed, removal, shapes, tx.changes)])
     return Attempt(plan, len(touched), max_abs_error=report.max_abs_error if report is not None else None,
                    inexact_groups=inexact_groups, inexact_deviation=deviation)
+
+
+def _step(graph: DependencyGraph, removed: np.ndarray, removal: dict[str, dict[int, np.ndarray]],
+          shapes: dict[str, list[int]], attributes: dict[str, dict[str, Any]]) -> PlanStep:
+    """The plan step recording a removal: the sliced tensors, with the index buffers the
+    removal renumbers among them (their dropped entries, marked as renumbered)."""
+    recorded = {n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in removal.items()}
+    renumbered = graph.index_entries_kept(removed)
+    for name, kept in renumbered.items():
+        size = graph.trace.nodes[graph.trace.param_nodes[name]].shape[0]  # as traced: before this removal
+        recorded[name] = {0: np.setdiff1d(np.arange(size), kept).tolist()}
+        shapes[name] = [size]
+    return PlanStep(recorded, shapes, attributes, renumbered=sorted(renumbered))
 
 
 def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs, forward=run_recorded) -> Run:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from torchslim.graph._coupling import Coupling
-from torchslim.graph._trace import OpCall, Trace
+from torchslim.graph._trace import BUFFER, OpCall, Trace
 from torchslim.graph.rules._registry import node_arg, node_list_arg, norm_dim, op_rule
 
 aten = torch.ops.aten
@@ -263,13 +263,20 @@ def index_select_rule(c: Coupling, op: OpCall, trace: Trace) -> None:
     for d in range(ndim):
         if d != dim:
             c.same(source, d, target, d)
-    if values is None:
+    if values is None or index_node is None:
         c.pin(source, dim, "index_select with unknown indices")
         c.pin(target, dim, "index_select with unknown indices")
         return
     picked = np.asarray(values.reshape(-1).tolist(), dtype=np.int64)
     c.union(c.ids(source, dim, picked), c.ids(target, dim))
+    if _is_permutation(picked, c.shape(source)[dim]) and trace.nodes[index_node].kind == BUFFER:
+        c.follow_index(index_node, target, dim)  # a buffer the engine renumbers (e.g. a channel shuffle)
+        return
     c.pin(source, dim, "index_select indices are fixed")
+
+
+def _is_permutation(picked: np.ndarray, size: int) -> bool:
+    return picked.size == size and np.array_equal(np.sort(picked), np.arange(size))
 
 
 @op_rule(aten.flip, aten.roll, aten.cumsum, aten.cumprod, aten.sort, aten.argsort, aten.topk)
