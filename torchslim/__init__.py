@@ -42,6 +42,7 @@ _EXPORTS = {
     "VerifyReport": "torchslim.pruning",
     "register_module_handler": "torchslim.pruning",
     "replace_module_": "torchslim.pruning",
+    "sort_channels_": "torchslim.pruning",
     "register_replacement_type": "torchslim.pruning",
     "config_from_recipe": "torchslim.pruning",
     "sparsify_": "torchslim.sparsity",

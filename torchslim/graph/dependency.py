@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -229,6 +229,78 @@ class DependencyGraph:
                 out[name] = np.flatnonzero(~gone)
         return out
 
+    def permutation(self, orders: Mapping[int, Sequence[int] | np.ndarray]) -> dict[str, dict[int, np.ndarray]]:
+        """How every parameter/buffer is reordered when the atoms of some groups trade places.
+
+        ``orders[g][i]`` is the atom whose channels move into the place of the i-th atom of
+        group ``g`` (in ``group.atoms`` order); ``orders[g]`` must be a permutation of those
+        atoms. Returns, per tensor and dim that changes, the index with which
+        ``new = old.index_select(dim, index)``. In every traced tensor the k-th channel of an
+        atom takes the k-th channel of the atom replacing it, so the model computes the same
+        function; atoms that trade places must have as many channels as each other in every
+        traced tensor (else ``ValueError`` naming the tensor). Index buffers keep their values:
+        the channels they pick move with the channels they land on.
+        """
+        source = np.arange(self.n_atoms, dtype=np.int64)
+        for g, order in orders.items():
+            if not 0 <= g < len(self.groups):
+                raise ValueError(f"no group {g}: the graph has {len(self.groups)} groups")
+            atoms = self.groups[g].atoms
+            order = np.asarray(order, dtype=np.int64)
+            if order.shape != atoms.shape or not np.array_equal(np.sort(order), np.sort(atoms)):
+                raise ValueError(f"the order for group {g} must be a permutation of its {atoms.size} atoms")
+            source[atoms] = order
+        moved = source != np.arange(self.n_atoms)
+        if not moved.any():
+            return {}
+        self._check_equal_widths(source, moved)
+        out: dict[str, dict[int, np.ndarray]] = {}
+        index_buffers = self.index_buffers
+        for name, node_index in self.trace.param_nodes.items():
+            if name in index_buffers:
+                continue
+            for d in range(self.trace.nodes[node_index].ndim):
+                labels = self.labels[self.coupling.ids(node_index, d)]
+                if moved[labels].any():
+                    out.setdefault(name, {})[d] = _substitution(labels, source)
+        return out
+
+    def interchangeable(self, group: Group) -> list[np.ndarray]:
+        """The group's atoms split into classes whose members can trade places in
+        :meth:`permutation`: the same number of channels in every traced tensor dim (a concat
+        group has one class per producer; a plain group is one class). Each class keeps the
+        ``group.atoms`` order; classes come in the order of their first atom."""
+        n = self.n_atoms
+        member = np.zeros(n, dtype=bool)
+        member[group.atoms] = True
+        elements = np.flatnonzero(member[self.labels])
+        keys, counts = np.unique(self.labels[elements] * self._slot_size.size + self._slot_of_element[elements],
+                                 return_counts=True)  # sorted by atom, then slot
+        atoms = keys // self._slot_size.size
+        signature: dict[int, list[tuple[int, int]]] = {}
+        for atom, slot, count in zip(atoms.tolist(), (keys % self._slot_size.size).tolist(), counts.tolist()):
+            signature.setdefault(atom, []).append((slot, count))
+        classes: dict[tuple, list[int]] = {}
+        for atom in group.atoms.tolist():
+            classes.setdefault(tuple(signature.get(atom, ())), []).append(atom)
+        return [np.asarray(c, dtype=np.int64) for c in classes.values()]
+
+    def _check_equal_widths(self, source: np.ndarray, moved: np.ndarray) -> None:
+        """Every moved atom has, in every traced tensor dim, as many channels as the atom it takes."""
+        n = self.n_atoms
+        elements = np.flatnonzero(moved[self.labels])
+        keys, counts = np.unique(self._slot_of_element[elements] * n + self.labels[elements], return_counts=True)
+        partner = keys // n * n + source[keys % n]
+        at = np.minimum(np.searchsorted(keys, partner), keys.size - 1)
+        bad = np.flatnonzero((keys[at] != partner) | (counts[at] != counts))
+        if bad.size:
+            slot, atom = int(keys[bad[0]] // n), int(keys[bad[0]] % n)
+            node = self.trace.nodes[int(self._node_of_slot[slot])]
+            dim = slot - int(self._first_slot[node.index])
+            what = f"{node.kind} '{node.name}'" if node.name is not None else f"{node.kind} tensor of shape {node.shape}"
+            raise ValueError(f"atoms {atom} and {int(source[atom])} cannot trade places: they have different "
+                             f"numbers of channels in dim {dim} of the {what}")
+
     def shapes_after(self, removed: np.ndarray) -> list[tuple[int, ...]]:
         """Shape of every traced tensor after removing atoms (``removed``: boolean mask over
         atoms), all at once: per slot, its size minus its removed elements."""
@@ -287,6 +359,16 @@ class DependencyGraph:
             "prunable_atoms": int(sum(len(g) for g in self.groups)),
             "unsupported_ops": sorted({b.op for b in self.blockers}),
         }
+
+
+def _substitution(labels: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """The index that puts, at the k-th position of every atom in ``labels``, the k-th position
+    of the atom ``source`` names for it (positions counted in ascending order)."""
+    by_atom = np.argsort(labels, kind="stable")  # positions grouped by atom, ascending within each
+    grouped = labels[by_atom]
+    rank = np.empty(labels.size, dtype=np.int64)
+    rank[by_atom] = np.arange(labels.size) - np.searchsorted(grouped, grouped)
+    return by_atom[np.searchsorted(grouped, source[labels]) + rank]
 
 
 MAX_RESHAPE_ROUNDS = 3  # repeat_kv: the merge of repeated kv heads moves first, then the kv view
