@@ -180,3 +180,28 @@ def test_ratios_address_a_group_by_id():
     assert len(removed[name][dim]) == len(group) // 2 * width
     with pytest.raises(ValueError, match=r"PruneConfig.ratios\[9999\] names no group"):
         torchslim.prune_(_resnet()[0], inputs, torchslim.PruneConfig(ratio=0.0, ratios={9999: 0.5}))
+
+
+def test_remove_takes_exactly_the_atoms_given_records_them_and_refuses_pinned_ones(tmp_path):
+    import torchslim
+    from torchslim.pruning import PruningError, remove_
+
+    model, x = _resnet()
+    original = copy.deepcopy(model)
+    graph = DependencyGraph.build(model, x)
+    chosen = np.concatenate([channel_order(graph, g, "l1")[-3:] for g in graph.groups[:2]])  # the most important
+    expected = graph.removal(chosen)
+    result = remove_(graph, chosen, x)
+    assert result.plan.removed == {n: {d: idx.tolist() for d, idx in dims.items()} for n, dims in expected.items()}
+    assert torchslim.verify(original, model, x, result.plan).ok and result.macs_after < result.macs_before
+    torchslim.save(model, tmp_path / "ck")
+    assert torch.equal(torchslim.load(tmp_path / "ck", _resnet()[0])(*x), model(*x))
+    fresh, _ = _resnet()
+    graph = DependencyGraph.build(fresh, x)
+    pinned = np.flatnonzero(graph.atom_pinned)[:1]
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(PruningError, match="pinned"):
+        remove_(graph, pinned, x)
+    with pytest.raises(ValueError, match="labels of the graph"):
+        remove_(graph, np.array([graph.n_atoms]), x)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())

@@ -6,7 +6,7 @@ from torchslim.pruning.plan import PlanStep, PruningPlan
 from torchslim.pruning.selector import PruningError
 from torchslim.pruning.apply import RemovalPlan, applied, apply_plan, channel_order, plan_removal, renumbered_index
 from torchslim.pruning.permute import ChannelSort, permute_, sort_channels_, sorted_order
-from torchslim.pruning.prune import PruneResult, prune_
+from torchslim.pruning.prune import InexactPruningWarning, PruneResult, prune_, remove_
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
 from torchslim.pruning.replace import (build_replacement, register_replacement_type, replace_module_,
                                        replacement_types)
@@ -21,8 +21,8 @@ from torchslim.pruning._surgery import (Transaction as Transaction, get_tensor a
                                         named_tensors as named_tensors, slice_to_kept as slice_to_kept)
 
 __all__ = [
-    "ChannelSort", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
+    "ChannelSort", "InexactPruningWarning", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
     "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "prune_", "register_module_handler",
-    "permute_", "register_replacement_type", "replace_module_", "replacement_types", "sort_channels_", "sorted_order", "verify",
+    "permute_", "register_replacement_type", "remove_", "replace_module_", "replacement_types", "sort_channels_", "sorted_order", "verify",
     "zero_removed_",
 ]

@@ -184,6 +184,41 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     raise PruningError(f"pruning failed after {MAX_ATTEMPTS} attempts and was rolled back: {skipped[-1]}")
 
 
+def remove_(graph: DependencyGraph, atoms: np.ndarray, example_inputs: ExampleInputs, *, verify: bool = True,
+            max_inexact_deviation: float | None = PruneConfig.max_inexact_deviation,
+            optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
+    """Physically remove exactly ``atoms`` (of ``graph``, traced on ``graph.model``) and record
+    the step in the model's history, as ``prune_`` does once it has chosen: checked against
+    the zeroed original (``verify``), all or nothing (``PruningError`` naming the op at fault,
+    model untouched). For callers that choose the channels themselves (slimmable widths, a
+    search's winner)."""
+    check_optimizer(optimizer)
+    model = graph.model
+    problem = parametrization_problem(model, "torchslim.pruning.remove_")
+    if problem is not None:
+        raise PruningError(problem)
+    atoms = sorted_unique(np.asarray(atoms, dtype=np.int64))
+    if atoms.size and (atoms.min() < 0 or atoms.max() >= graph.n_atoms):
+        raise ValueError(f"atoms must be labels of the graph, in [0, {graph.n_atoms})")
+    if graph.atom_pinned[atoms].any():
+        raise PruningError(f"atoms {atoms[graph.atom_pinned[atoms]][:5].tolist()} are pinned and cannot be removed")
+    config = PruneConfig(verify=verify, max_inexact_deviation=max_inexact_deviation)
+    params_before = sum(p.numel() for p in model.parameters())
+    macs_before = estimate_macs(graph, np.zeros(0, dtype=np.int64))
+    if atoms.size == 0:
+        return PruneResult(PruningPlan(), macs_before, macs_before, params_before, params_before, 0.0, 0)
+    attempt = _try_apply(model, graph, atoms, example_inputs, config, graph.groups)
+    if attempt.plan is None:
+        raise PruningError(f"removal failed and was rolled back: {attempt.reason}")
+    share = atoms.size / max(1, sum(len(g) for g in graph.groups))  # of the prunable atoms
+    result = PruneResult(attempt.plan, macs_before, estimate_macs(graph, atoms), params_before,
+                         sum(p.numel() for p in model.parameters()), share, attempt.groups_pruned, max_abs_error=attempt.max_abs_error, hf_config=sync_hf_config(model),
+                         inexact_groups=attempt.inexact_groups, inexact_deviation=attempt.inexact_deviation)
+    _record_commit(model, result.plan, optimizer)
+    _warn_inexact(result)
+    return result
+
+
 def _record_commit(model: nn.Module, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> None:
     """After a committed removal: slice the optimizer's state, note the parameters' former shapes
     (a step on stale state then fails loudly) and append the plan to the model's history."""

@@ -1,0 +1,172 @@
+"""Slimmable networks on the engine: sorting keeps the function, every width runs exactly as the
+model exported at that width, gradients reach exactly the kept slices, switchable BatchNorm keeps
+per-width statistics, the sandwich step equals its hand-built sum, and bad input is refused."""
+from __future__ import annotations
+
+import copy
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from tests.archs import ARCHS, flat_outputs, run  # noqa: E402
+
+from torchslim.models.digits import DigitsCNN  # noqa: E402
+from torchslim.recovery import recalibrate_bn_  # noqa: E402
+from torchslim.slimmable import (calibrate_bn, export_width, make_slimmable, sandwich_step,  # noqa: E402
+                                 sandwich_widths, soft_target_loss)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+COVERED = [n for n in sorted(ARCHS) if n != "nothing_prunable"]
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if ARCHS[n].slow else n for n in COVERED]
+
+
+def close(expected: list[torch.Tensor], actual: list[torch.Tensor], scale: float = 1e-5) -> None:
+    for a, b in zip(expected, actual, strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, atol=scale * max(1.0, a.abs().max().item()), rtol=1e-4)
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_width_runs_exactly_as_the_model_exported_at_that_width(name):
+    model, x = ARCHS[name]()
+    expected = [t.clone() for t in flat_outputs(run(model, x))]
+    slim = make_slimmable(model, x, widths=WIDTHS)
+    close(expected, flat_outputs(run(slim.model, x)))  # sorting the channels kept the function
+    full_macs = slim.macs(1.0)
+    for width in WIDTHS[:-1]:
+        with slim.at_width(width):
+            narrow = [t.clone() for t in flat_outputs(run(slim.model, x))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = export_width(slim, width, x)
+        close(narrow, flat_outputs(run(small, x)))
+        assert slim.macs(width) < full_macs
+        assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in slim.model.parameters())
+    close(expected, flat_outputs(run(slim.model, x)))  # back at full width after the blocks
+
+
+def test_gradients_at_half_width_reach_exactly_the_kept_slices():
+    torch.manual_seed(0)
+    model = DigitsCNN().train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    slim = make_slimmable(model, x[:2], widths=(0.5, 1.0))
+    small = export_width(slim, 0.5, x[:2]).train()
+    slim.set_width(0.5)
+    F.cross_entropy(slim(x), y).backward()
+    F.cross_entropy(small(x), y).backward()
+    plan = slim.plan(0.5)
+    full = dict(slim.model.named_parameters())
+    for name, p in small.named_parameters():
+        grad = full[name].grad
+        kept = plan.kept.get(name, {})
+        index = [torch.as_tensor(kept[d]) if d in kept else torch.arange(s) for d, s in enumerate(grad.shape)]
+        sliced = grad[torch.meshgrid(*index, indexing="ij")]
+        torch.testing.assert_close(sliced, p.grad, atol=1e-6, rtol=1e-5)
+        mask = torch.zeros_like(grad, dtype=torch.bool)
+        mask[torch.meshgrid(*index, indexing="ij")] = True
+        assert torch.count_nonzero(grad[~mask]) == 0, f"{name}: gradient outside the kept slice"
+
+
+def test_switchable_batchnorm_keeps_separate_statistics_per_width():
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    x = torch.randn(32, 1, 8, 8)
+    slim = make_slimmable(model, x[:2], widths=(0.5, 1.0), switchable_bn=True)
+    bn_names = [n for n, m in slim.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    private = {w: slim.switchable[key] for w, key in ((0.5, "0_5"), (1.0, "1"))}
+    before = {w: {n: private[w][n.replace(".", "__")].running_mean.clone() for n in bn_names} for w in private}
+    shared = {n: slim.model.get_submodule(n).running_mean.clone() for n in bn_names}
+    slim.train()
+    with slim.at_width(0.5):
+        slim(x)
+    for n in bn_names:
+        key = n.replace(".", "__")
+        assert not torch.equal(private[0.5][key].running_mean, before[0.5][n])  # this width's statistics moved
+        assert torch.equal(private[1.0][key].running_mean, before[1.0][n])  # the other width's did not
+        assert torch.equal(slim.model.get_submodule(n).running_mean, shared[n])  # nor the shared ones
+    params = {id(p) for p in slim.parameters()}
+    assert all(id(p) in params for holder in private[0.5].values() for p in holder.parameters())
+    slim.eval()
+    small = export_width(slim, 0.5, x[:2])
+    for n in bn_names:
+        assert torch.equal(small.get_submodule(n).running_mean, private[0.5][n.replace(".", "__")].running_mean)
+
+
+def test_calibrating_a_width_equals_recalibrating_the_exported_model():
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(4)]
+    slim = make_slimmable(model, batches[0][:2], width_range=(0.25, 1.0), widths=(0.25, 1.0))
+    reference = export_width(slim, 0.4, batches[0][:2])
+    recalibrate_bn_(reference, batches)
+    assert calibrate_bn(slim, batches, 0.4) == 4
+    calibrated = export_width(slim, 0.4, batches[0][:2])
+    for (name, a), (_, b) in zip(reference.named_buffers(), calibrated.named_buffers(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_bn(slim, [], 0.5)
+
+
+def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses():
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()  # eval: BatchNorm uses fixed statistics, so the sum is order-free
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    slim = make_slimmable(model, x[:2], width_range=(0.25, 1.0), widths=(0.25, 1.0))
+    widths = sandwich_widths(slim, 2, random.Random(7))
+    assert widths[:2] == [1.0, 0.25] and all(0.25 <= w <= 1.0 for w in widths[2:]) and len(widths) == 4
+    losses = sandwich_step(slim, x, y, F.cross_entropy, n_random=2, rng=random.Random(7))
+    got = {n: p.grad.clone() for n, p in slim.named_parameters()}
+    slim.zero_grad()
+    with slim.at_width(1.0):
+        teacher = slim(x)
+    total = F.cross_entropy(teacher, y)
+    for w in widths[1:]:
+        with slim.at_width(w):
+            total = total + soft_target_loss(slim(x), teacher.detach())
+    total.backward()
+    for n, p in slim.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    assert list(losses) == widths and slim.width == 1.0
+
+
+def test_bad_input_is_refused_and_the_model_left_as_it_was():
+    model, x = ARCHS["residual_add"]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, message in [({"widths": (0.0, 1.0)}, r"in \(0, 1\]"), ({"widths": (0.5, 1.5)}, r"in \(0, 1\]"),
+                            ({"width_range": (0.5, 1.0), "widths": (0.25, 1.0)}, "outside width_range"),
+                            ({"width_range": (0.25, 1.0), "switchable_bn": True}, "switchable_bn"),
+                            ({"round_to": 0}, "round_to"), ({"wdths": (0.5,)}, "unknown SlimmableConfig")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            make_slimmable(model, x, **kwargs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    none, xn = ARCHS["nothing_prunable"]()
+    with pytest.raises(ValueError, match="no group of channels"):
+        make_slimmable(none, xn)
+    slim = make_slimmable(copy.deepcopy(model), x, widths=(0.5, 1.0))
+    with pytest.raises(ValueError, match="not one this model runs at"):
+        slim.set_width(0.3)
+    with pytest.raises(ValueError, match="not slimmable groups"):
+        slim.set_width({999: 0.5})
+
+
+def test_groups_whose_sizes_are_written_in_the_code_stay_at_full_width():
+    model, x = ARCHS["split_chunk"]()
+    slim = make_slimmable(model, x)
+    assert slim.left_out and all("sizes read in the code" in why for why in slim.left_out.values())
+    with slim.at_width(0.25):
+        narrow = flat_outputs(run(slim.model, x))
+    close(narrow, flat_outputs(run(export_width(slim, 0.25, x), x)))

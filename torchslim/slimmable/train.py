@@ -1,0 +1,98 @@
+"""Training one set of weights for every width: the sandwich rule with inplace distillation
+(Yu & Huang, ICCV 2019), usable as one step inside the user's own loop, and a small trainer for
+the demo and benchmarks.
+
+Per step: the largest width with the user's loss on the labels, then the smallest width and
+``n_random`` widths drawn uniformly from the range (US-Nets), or every other configured width
+(S-Nets), each trained to the largest width's detached output (inplace distillation);
+gradients accumulate over the widths and the caller takes one optimizer step.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from torchslim.recovery import distillation_loss
+from torchslim.slimmable.slimmable import Slimmable
+
+Loss = Callable[[Any, Any], torch.Tensor]
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Inplace distillation's loss: cross-entropy to the largest width's softened predictions
+    (KL divergence at temperature 1; equal to the soft cross-entropy up to a constant)."""
+    return distillation_loss(student, teacher, None, temperature=1.0)
+
+
+def sandwich_widths(slim: Slimmable, n_random: int, rng: random.Random) -> list[float]:
+    """The widths of one step, largest first: with a width range the smallest and ``n_random``
+    uniform draws (the sandwich rule), else every configured width."""
+    config = slim.config
+    if config.width_range is None:
+        return sorted(config.widths, reverse=True)
+    low, high = config.width_range
+    return [high, low] + [rng.uniform(low, high) for _ in range(n_random)]
+
+
+def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, n_random: int = 2,
+                  rng: random.Random | None = None, distill: bool = True,
+                  distill_fn: Callable[[Any, Any], torch.Tensor] = soft_target_loss) -> dict[float, float]:
+    """Forward and backward at every width of one sandwich step (see the module docstring);
+    returns each width's loss. Call ``optimizer.zero_grad()`` before and ``optimizer.step()``
+    after. ``distill=False`` trains every width on the labels (S-Nets). The model ends at the
+    width it started at."""
+    widths = sandwich_widths(slim, n_random, rng or random.Random(0))
+    losses: dict[float, float] = {}
+    before = slim.width
+    try:
+        teacher = None
+        for i, width in enumerate(widths):
+            slim.set_width(width)
+            output = slim.model(*inputs) if isinstance(inputs, tuple) else slim.model(inputs)
+            if i == 0 or not distill:
+                loss = loss_fn(output, targets)
+                teacher = output.detach() if i == 0 and isinstance(output, torch.Tensor) else teacher
+            else:
+                if teacher is None:
+                    raise TypeError("inplace distillation needs the model to return a tensor; pass distill_fn "
+                                    "and a model returning a tensor, or distill=False")
+                loss = distill_fn(output, teacher)
+            loss.backward()
+            losses[width] = float(loss.detach())
+    finally:
+        slim.set_width(before)
+    return losses
+
+
+def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float = 0.05, momentum: float = 0.9,
+                   weight_decay: float = 1e-4, n_random: int = 2, seed: int = 0, distill: bool = True,
+                   loss_fn: Loss = F.cross_entropy) -> list[float]:
+    """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
+    of ``(input, target)`` batches; returns the mean largest-width loss per epoch."""
+    optimizer = torch.optim.SGD(slim.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps = max(1, epochs * _length(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = random.Random(seed)
+    slim.train()
+    history = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng, distill=distill)
+            optimizer.step()
+            schedule.step()
+            total, count = total + next(iter(losses.values())), count + 1
+        history.append(total / max(1, count))
+    slim.eval()
+    return history
+
+
+def _length(loader: Iterable) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
