@@ -8,11 +8,14 @@ a chosen width as an ordinary, physically smaller model.
         y = slim(x)
     small = export_width(slim, 0.5, x)
 """
+from torchslim.slimmable.autoslim import AutoSlimSearch, autoslim, positional_importance
 from torchslim.slimmable.bn import calibrate_bn
 from torchslim.slimmable.config import SlimmableConfig
 from torchslim.slimmable.export import export_width
+from torchslim.slimmable.io import load_slimmable, save_slimmable
 from torchslim.slimmable.slimmable import Slimmable, make_slimmable
 from torchslim.slimmable.train import sandwich_step, sandwich_widths, soft_target_loss, train_sandwich
 
-__all__ = ["Slimmable", "SlimmableConfig", "calibrate_bn", "export_width", "make_slimmable", "sandwich_step",
-           "sandwich_widths", "soft_target_loss", "train_sandwich"]
+__all__ = ["AutoSlimSearch", "Slimmable", "SlimmableConfig", "autoslim", "calibrate_bn", "export_width",
+           "load_slimmable", "make_slimmable", "positional_importance", "sandwich_step", "sandwich_widths",
+           "save_slimmable", "soft_target_loss", "train_sandwich"]

@@ -243,14 +243,31 @@ def _private_copy(module: nn.Module, path: str, kept: dict[str, dict[int, np.nda
 def make_slimmable(model: nn.Module, example_inputs: ExampleInputs, config: SlimmableConfig | None = None,
                    **overrides: Any) -> Slimmable:
     """Make ``model`` slimmable in place: sort its channels (outputs unchanged, checked) and
-    install the hooks that run it at a width. Returns the :class:`Slimmable` that drives it.
+    install the hook that runs it at a width. Returns the :class:`Slimmable` that drives it.
 
     ``overrides`` set :class:`SlimmableConfig` fields (``widths=``, ``width_range=``, ...).
     """
-    config = _with_overrides(config or SlimmableConfig(), overrides)
+    return build_slimmable(model, example_inputs, _with_overrides(config or SlimmableConfig(), overrides))
+
+
+def build_slimmable(model: nn.Module, example_inputs: ExampleInputs, config: SlimmableConfig, *,
+                    groups: list[int] | None = None) -> Slimmable:
+    """:func:`make_slimmable` with the config given; with ``groups`` (a saved model's slimmable
+    group indices) the channels are taken as already sorted and exactly those groups narrow."""
     problem = parametrization_problem(model, "torchslim.slimmable.make_slimmable")
     if problem is not None:
         raise ValueError(problem)
+    if groups is not None:
+        graph = DependencyGraph.build(model, example_inputs)
+        unknown = [g for g in groups if not 0 <= g < len(graph.groups)]
+        if unknown:
+            raise ValueError(f"groups {unknown} do not exist in this model's graph ({len(graph.groups)} groups): "
+                             "is it the model the slimmable checkpoint was made from, traced on the same inputs?")
+        slim = Slimmable(model, example_inputs, graph, [graph.groups[g] for g in groups], config)
+        if slim.left_out:
+            raise ValueError(f"groups {sorted(slim.left_out)} cannot narrow on this model: "
+                             f"{'; '.join(slim.left_out.values())}")
+        return slim
     selection = PruneConfig(exclude=list(config.exclude), filter_fn=config.filter_fn, exact_only=False,
                             round_to=config.round_to)
     chosen: dict[int, set[int]] = {}
@@ -261,12 +278,12 @@ def make_slimmable(model: nn.Module, example_inputs: ExampleInputs, config: Slim
         return group.index in chosen[id(graph)]
 
     sort = sort_channels_(model, example_inputs, config.criterion, filter_fn=eligible)
-    groups = [g for g in sort.graph.groups if eligible(sort.graph, g)]
-    if not groups:
+    eligible_now = [g for g in sort.graph.groups if eligible(sort.graph, g)]
+    if not eligible_now:
         raise ValueError(f"{type(model).__name__} has no group of channels that can be slimmed "
                          f"({sort.graph.summary()['unsupported_ops'] or 'every channel is pinned'}); "
                          "see torchslim.analyze for what pins them")
-    slim = Slimmable(model, example_inputs, sort.graph, groups, config)
+    slim = Slimmable(model, example_inputs, sort.graph, eligible_now, config)
     if not slim.groups:
         raise ValueError(f"{type(model).__name__}: no group of channels can run narrower: "
                          f"{'; '.join(sorted(set(slim.left_out.values())))}")
