@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "rewrite": "torchslim.cli.rewrite",
     "bench": "torchslim.cli.bench",
     "compress": "torchslim.cli.compress",
+    "slim": "torchslim.cli.slim",
+    "autoslim": "torchslim.cli.autoslim",
     "demo": "torchslim.cli.demo",
 }
 

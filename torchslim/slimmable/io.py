@@ -43,10 +43,12 @@ def save_slimmable(slim: Slimmable, path: str | os.PathLike, *, metadata: dict[s
     return directory
 
 
-def load_slimmable(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs) -> Slimmable:
+def load_slimmable(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs, *,
+                   weights_loaded: bool = False) -> Slimmable:
     """Load a :func:`save_slimmable` directory into ``model`` (freshly built, as originally
     constructed) and make it slimmable again without re-sorting; a file from another model or
-    a damaged one raises ``CheckpointError`` before ``model`` is touched."""
+    a damaged one raises ``CheckpointError`` before ``model`` is touched. ``weights_loaded``:
+    ``model`` already holds the checkpoint (``torchslim.load``, or the CLI's MODEL)."""
     directory = Path(path)
     info = _read_info(directory)
     config = SlimmableConfig(widths=tuple(info["widths"]),
@@ -54,7 +56,8 @@ def load_slimmable(path: str | os.PathLike, model: nn.Module, example_inputs: Ex
                              criterion=info["criterion"], exclude=tuple(info["exclude"]), round_to=info["round_to"],
                              switchable_bn=info["switchable_bn"])
     switchable = load_file(str(directory / SWITCHABLE_FILE)) if config.switchable_bn else {}
-    load(directory, model)
+    if not weights_loaded:
+        load(directory, model)
     slim = build_slimmable(model, example_inputs, config, groups=info["groups"])
     if config.switchable_bn:
         expected = {f"{key}.{name}" for key, per_width in slim.switchable.items() for name in per_width.state_dict()}
