@@ -1,0 +1,254 @@
+"""Slimmable networks on real data: one US-Net against models trained one width at a time and
+against prune-then-fine-tune, AutoSlim against uniform width at the same MACs, and the speed of
+running at a width.
+
+Tasks: the digits CNN and a ResNet-18 adapted to 8x8 digits (3x3 stride-1 stem, no max-pool),
+on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
+
+* US-Net: the model made slimmable over widths [0.25, 1] (untrained, channels in their initial
+  order), trained with the sandwich rule (largest + smallest + 2 random widths per step, inplace
+  distillation) for ``--epochs``; each width scored on the test split after BatchNorm calibration
+  on 4 training batches;
+* individually trained: at each width a model of exactly that shape (``export_width`` of the
+  untrained slimmable model), trained alone for the same epochs with the same optimizer;
+* prune-then-fine-tune: the width-1.0 individual model pruned (uniform L1) to each width's MACs,
+  BatchNorm recalibrated, fine-tuned ``--finetune-epochs``;
+* AutoSlim at 50% and 25% of the MACs on the trained US-Net, against the uniform width with the
+  same MACs, scored right after export (BatchNorm calibrated) and after the same fine-tune;
+* latency (torch, 1 thread, batch 1): the slimmable model at each width against the model
+  exported at that width.
+
+Writes benchmarks/results/slimmable.json.
+Usage: python benchmarks/slimmable.py [--models digits_cnn resnet18] [--seeds 0 1 2] [--epochs 30]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from search import batches, build  # noqa: E402  (the search benchmark's tasks)
+
+import torchslim  # noqa: E402
+from torchslim.demo import load_digits_tensors  # noqa: E402
+from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_  # noqa: E402
+from torchslim.slimmable import autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich  # noqa: E402
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+AUTOSLIM_BUDGETS = (0.5, 0.25)
+
+
+class Data:
+    def __init__(self, seed: int):
+        x, y, x_test, y_test = load_digits_tensors(seed=seed)
+        cut = int(0.8 * len(x))
+        self.train = batches(x[:cut], y[:cut], 64, seed)
+        self.val, self.test = batches(x[cut:], y[cut:], 256), batches(x_test, y_test, 256)
+        self.calibration = [b[0] for b in self.train[:4]]
+        self.example = x[:1]
+
+
+def score(model: nn.Module, data: Data, split: list) -> float:
+    recalibrate_bn_(model, data.calibration)
+    return 100 * evaluate_accuracy(model, split)
+
+
+def fresh_slimmable(name: str, seed: int, data: Data, **kwargs):
+    torch.manual_seed(seed)
+    model = build(name).eval()
+    return make_slimmable(model, data.example, width_range=(WIDTHS[0], 1.0), widths=WIDTHS, **kwargs)
+
+
+def us_net(name: str, seed: int, data: Data, epochs: int, lr: float):
+    slim = fresh_slimmable(name, seed, data)
+    start = time.perf_counter()
+    train_sandwich(slim, data.train, epochs, lr=lr, seed=seed)
+    seconds = time.perf_counter() - start
+    accuracy = {}
+    for width in WIDTHS:
+        calibrate_bn(slim, data.calibration, width)
+        with slim.at_width(width):
+            accuracy[width] = 100 * evaluate_accuracy(slim, data.test)
+    return slim, accuracy, seconds
+
+
+def individual(name: str, seed: int, data: Data, width: float, epochs: int, lr: float) -> nn.Module:
+    """A model of exactly the width's shape, trained alone (same optimizer, schedule, epochs)."""
+    template = fresh_slimmable(name, seed, data)
+    model = export_width(template, width, data.example) if width < 1 else template.remove_hooks()
+    alone = make_slimmable(model, data.example, widths=(1.0,))
+    train_sandwich(alone, data.train, epochs, lr=lr, seed=seed, n_random=0)
+    return alone.remove_hooks().eval()
+
+
+def uniform_width_for(slim, budget: float) -> float:
+    """The uniform width whose MACs are closest under ``budget`` x the full width's."""
+    full, low, high = slim.macs(1.0), WIDTHS[0], 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if slim.macs(mid) <= budget * full else (low, mid)
+    return low
+
+
+def short_finetune(model: nn.Module, data: Data, epochs: int) -> nn.Module:
+    model = copy.deepcopy(model)
+    finetune(model, data.train, epochs=epochs, lr=1e-3, progress=False)
+    return model.eval()
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
+    with torch.no_grad():
+        for _ in range(20):
+            model(x)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            best = min(best, (time.perf_counter() - start) / repeats)
+    return best * 1e3
+
+
+def run_seed(name: str, seed: int, args) -> dict:
+    data = Data(seed)
+    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr)
+    row: dict = {"model": name, "seed": seed, "us_net": us_accuracy, "us_seconds": us_seconds,
+                 "macs": {w: slim.macs(w) for w in WIDTHS}}
+    start = time.perf_counter()
+    singles = {w: individual(name, seed, data, w, args.epochs, args.lr) for w in WIDTHS}
+    row["individual_seconds"] = time.perf_counter() - start
+    row["individual"] = {w: 100 * evaluate_accuracy(m, data.test) for w, m in singles.items()}
+    full = singles[1.0]
+    pruned = {}
+    for w in WIDTHS[:-1]:
+        model = copy.deepcopy(full)
+        config = torchslim.PruneConfig(target_macs=slim.macs(w) / slim.macs(1.0), exact_only=True,
+                                       latency_aware=False, verify=False)
+        torchslim.prune_(model, data.example, config)
+        recalibrate_bn_(model, data.calibration)
+        pruned[w] = 100 * evaluate_accuracy(short_finetune(model, data, args.finetune_epochs), data.test)
+    row["prune_finetune"] = pruned
+    row["autoslim"] = {}
+    for budget in AUTOSLIM_BUDGETS:
+        start = time.perf_counter()
+        evaluate = lambda m: evaluate_accuracy(m, data.val)  # noqa: E731 - recalibrated by the search first
+        result, found, _ = autoslim(slim, data.example, evaluate, data=data.calibration, target_macs=budget)
+        seconds = time.perf_counter() - start
+        width = uniform_width_for(slim, budget)
+        uniform = export_width(slim, width, data.example)
+        row["autoslim"][budget] = {
+            "autoslim_macs": result.macs / slim.macs(1.0), "uniform_width": width,
+            "uniform_macs": slim.macs(width) / slim.macs(1.0),
+            "autoslim_after": score(found, data, data.test), "uniform_after": score(uniform, data, data.test),
+            "autoslim_finetuned": 100 * evaluate_accuracy(short_finetune(found, data, args.finetune_epochs), data.test),
+            "uniform_finetuned": 100 * evaluate_accuracy(short_finetune(uniform, data, args.finetune_epochs), data.test),
+            "evaluations": len(result.history), "seconds": seconds}
+    torch.set_num_threads(1)
+    x = data.example
+    row["latency_ms"] = {}
+    for w in WIDTHS:
+        with slim.at_width(w):
+            at_width = latency_ms(slim, x)
+        exported = export_width(slim, w, x) if w < 1 else None
+        row["latency_ms"][w] = {"slimmable": at_width,
+                                "exported": latency_ms(exported, x) if exported is not None else at_width}
+    torch.set_num_threads(args.threads)
+    return row
+
+
+def mean_std(values: list[float]) -> list[float]:
+    return [statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        for w in WIDTHS:
+            out.append({"model": name, "width": w, "seeds": len(mine),
+                        "macs_share": mine[0]["macs"][w] / mine[0]["macs"][1.0],
+                        "us_net": mean_std([r["us_net"][w] for r in mine]),
+                        "individual": mean_std([r["individual"][w] for r in mine]),
+                        "prune_finetune": mean_std([r["prune_finetune"][w] for r in mine]) if w < 1 else None,
+                        "latency_slimmable_ms": mean_std([r["latency_ms"][w]["slimmable"] for r in mine]),
+                        "latency_exported_ms": mean_std([r["latency_ms"][w]["exported"] for r in mine])})
+        for budget in AUTOSLIM_BUDGETS:
+            entries = [r["autoslim"][budget] for r in mine]
+            out.append({"model": name, "autoslim_budget": budget, "seeds": len(mine),
+                        **{k: mean_std([e[k] for e in entries]) for k in entries[0]}})
+    return out
+
+
+def print_tables(summary: list[dict]) -> None:
+    console = Console(width=160)
+    widths = Table(title="US-Net (one model, sandwich rule) vs individually trained vs prune + fine-tune: test "
+                         "accuracy % (mean ± std over seeds); latency ms at batch 1, 1 thread")
+    for column in ("model", "width", "MACs", "US-Net", "individual", "prune+FT", "slimmable ms", "exported ms"):
+        widths.add_column(column, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"  # noqa: E731
+    for s in summary:
+        if "width" in s:
+            widths.add_row(s["model"], f"{s['width']:g}", f"{s['macs_share']:.3f}", fmt(s["us_net"]),
+                           fmt(s["individual"]), fmt(s["prune_finetune"]), f"{s['latency_slimmable_ms'][0]:.3f}",
+                           f"{s['latency_exported_ms'][0]:.3f}")
+    console.print(widths)
+    auto = Table(title="AutoSlim vs uniform width on the US-Net at the same MACs: right after export (BN calibrated) "
+                       "and after the same fine-tune")
+    for column in ("model", "budget", "AutoSlim MACs", "uniform MACs", "AutoSlim after", "uniform after",
+                   "AutoSlim FT", "uniform FT", "evals", "s"):
+        auto.add_column(column, justify="right")
+    for s in summary:
+        if "autoslim_budget" in s:
+            auto.add_row(s["model"], f"{s['autoslim_budget']:g}", f"{s['autoslim_macs'][0]:.3f}",
+                         f"{s['uniform_macs'][0]:.3f}", fmt(s["autoslim_after"]), fmt(s["uniform_after"]),
+                         fmt(s["autoslim_finetuned"]), fmt(s["uniform_finetuned"]), f"{s['evaluations'][0]:.0f}",
+                         f"{s['seconds'][0]:.1f}")
+    console.print(auto)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["digits_cnn"], choices=["digits_cnn", "resnet18"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slimmable.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    rows = []
+    for name in args.models:
+        for seed in args.seeds:
+            rows.append(run_seed(name, seed, args))
+            print(json.dumps({"model": name, "seed": seed, "us_net": rows[-1]["us_net"],
+                              "individual": rows[-1]["individual"]}), flush=True)
+            write(args, rows)
+    print_tables(summarize(rows))
+    print(f"wrote {args.out}")
+
+
+def write(args, rows: list[dict]) -> None:
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "settings": settings, "summary": summarize(rows),
+                                    "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
