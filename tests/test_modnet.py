@@ -92,6 +92,17 @@ def test_forward_outputs_in_both_modes():
     assert 0 < matte.min() and matte.max() < 1
 
 
+@pytest.mark.parametrize("hr_channels", [16, 48])
+def test_other_hr_widths_build_and_run(hr_channels):
+    """The HR branch's 4x conv takes 2*hr + the LR branch's 8x channels + 3 image channels (the
+    original's 3*hr + 3 holds only at hr = 32)."""
+    model = create_model("modnet", hr_channels=hr_channels).eval()
+    with torch.no_grad():
+        _, detail, matte = model(torch.rand(1, 3, 64, 64), inference=False)
+    assert detail.shape == matte.shape == (1, 1, 64, 64)
+    assert model.hr_branch.conv_hr4x[0].layers[0].in_channels == 2 * hr_channels + 32 + 3
+
+
 def test_brief_figures_at_512_via_cli(tmp_path, capsys):
     out = tmp_path / "modnet.json"
     code = main(["analyze", "torchslim:modnet", "--input", "1,3,512,512", "--kwargs", '{"inference": false}',

@@ -242,7 +242,8 @@ class HRBranch(nn.Module):
         self.tohr_enc4x = Conv2dIBNormRelu(enc_channels[1], hr, 1, stride=1, padding=0)
         self.conv_enc4x = Conv2dIBNormRelu(2 * hr, 2 * hr, 3, stride=1, padding=1)
         self.conv_hr4x = nn.Sequential(
-            Conv2dIBNormRelu(3 * hr + 3, 2 * hr, 3, stride=1, padding=1),
+            # the original writes 3 * hr + 3: right only for hr_channels == 32 == the 8x LR channels
+            Conv2dIBNormRelu(2 * hr + enc_channels[2] + 3, 2 * hr, 3, stride=1, padding=1),
             Conv2dIBNormRelu(2 * hr, 2 * hr, 3, stride=1, padding=1),
             Conv2dIBNormRelu(2 * hr, hr, 3, stride=1, padding=1),
         )
