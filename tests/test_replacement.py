@@ -346,3 +346,25 @@ def test_verify_refuses_a_plan_with_replacements_and_checks_the_prunings_since()
     with pytest.raises(ValueError, match=r"replaces modules \(step 1: conv1; step 2: bn1\)"):
         torchslim.verify(cnn(), model, x, torchslim.pruning_history(model))
     assert torchslim.verify(after_fold, model, x, result.plan).ok
+
+
+def test_replacing_several_modules_is_all_or_nothing_and_one_plan_step(tmp_path):
+    from torchslim.pruning import replace_modules_
+
+    model = cnn()
+    x = torch.randn(2, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    good = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    unlisted = type("Unlisted", (nn.Linear,), {})(16, 5)
+    with pytest.raises(ValueError, match="not an allowed replacement type"):
+        replace_modules_(model, {"conv1": good, "fc": unlisted})
+    assert model.conv1 is not good and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not pruning_history(model).steps
+    with pytest.raises(ValueError, match="lies inside"):
+        replace_modules_(model, {"bn1": nn.BatchNorm2d(8), "bn1.weight": nn.Identity()})
+    old = replace_modules_(model, {"conv1": good, "fc": nn.Linear(16, 5)})
+    assert set(old) == {"conv1", "fc"} and model.conv1 is good
+    steps = pruning_history(model).steps
+    assert len(steps) == 1 and set(steps[0].replaced) == {"conv1", "fc"}
+    torchslim.save(model, tmp_path / "ck")
+    assert torch.equal(torchslim.load(tmp_path / "ck", cnn(seed=3))(x), model(x))

@@ -9,7 +9,7 @@ from torchslim.pruning.permute import ChannelSort, permute_, sort_channels_, sor
 from torchslim.pruning.prune import InexactPruningWarning, PruneResult, prune_, remove_
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
 from torchslim.pruning.replace import (build_replacement, register_replacement_type, replace_module_,
-                                       replacement_types)
+                                       replace_modules_, replacement_types)
 from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
 # Shared with torchslim.io and torchslim.schedules (not user API): surgery that replays a saved
@@ -23,6 +23,6 @@ from torchslim.pruning._surgery import (Transaction as Transaction, get_tensor a
 __all__ = [
     "ChannelSort", "InexactPruningWarning", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
     "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "prune_", "register_module_handler",
-    "permute_", "register_replacement_type", "remove_", "replace_module_", "replacement_types", "sort_channels_", "sorted_order", "verify",
+    "permute_", "register_replacement_type", "remove_", "replace_module_", "replace_modules_", "replacement_types", "sort_channels_", "sorted_order", "verify",
     "zero_removed_",
 ]

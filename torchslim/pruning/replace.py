@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -131,7 +131,35 @@ def replace_module_(model: nn.Module, path: str, new_module: nn.Module, *,
     ``torchslim.load`` re-creates it; its weights come from the checkpoint. Only ``path`` is
     replaced: another name under which the old module is registered keeps it.
     """
-    parent, name, old = _locate(model, path)
+    return replace_modules_(model, {path: new_module}, inits={path: init} if init is not None else None)[path]
+
+
+def replace_modules_(model: nn.Module, replacements: Mapping[str, nn.Module], *,
+                     inits: Mapping[str, dict[str, Any]] | None = None) -> dict[str, nn.Module]:
+    """Replace several modules at once, all or nothing, recorded as one plan step (see
+    :func:`replace_module_`): every replacement is checked before the first is made, so a bad
+    one (unlisted type, an init that does not rebuild it, a missing or overlapping path) raises
+    ``ValueError`` naming its path with the model untouched. Returns the replaced modules."""
+    paths = list(replacements)
+    overlapping = [(a, b) for a in paths for b in paths if a != b and b.startswith(a + ".")]
+    if overlapping:
+        raise ValueError(f"'{overlapping[0][1]}' lies inside '{overlapping[0][0]}': replace one or the other")
+    checked: dict[str, tuple[nn.Module, str, nn.Module, str, dict[str, Any]]] = {}
+    for path, new_module in replacements.items():
+        parent, name, old = _locate(model, path)
+        type_name, init = _checked_replacement(path, new_module, (inits or {}).get(path))
+        checked[path] = (parent, name, old, type_name, init)
+    before = state_shapes(model)
+    for path, (parent, name, _, _, _) in checked.items():
+        parent._modules[name] = replacements[path]
+    step = PlanStep({}, {}, {}, {path: {"type": type_name, "init": init}
+                                 for path, (_, _, _, type_name, init) in checked.items()})
+    record_history(model, PruningPlan([step]), shapes_before=before)
+    return {path: old for path, (_, _, old, _, _) in checked.items()}
+
+
+def _checked_replacement(path: str, new_module: nn.Module, init: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The allow-listed type name and JSON-plain init of a replacement, checked to rebuild it."""
     if not isinstance(new_module, nn.Module):
         raise TypeError(f"new_module must be an nn.Module, got {type(new_module).__name__}")
     type_name = replacement_type_name(type(new_module))
@@ -145,11 +173,7 @@ def replace_module_(model: nn.Module, path: str, new_module: nn.Module, *,
         raise ValueError(f"replacing '{path}' by {type_name}: {problem or 'init must be a dict of keyword arguments'}")
     init = _json_round_trip(init, type_name)  # what a checkpoint will hold (tuples become lists)
     _check_rebuilds(path, type_name, init, new_module)
-    before = state_shapes(model)
-    parent._modules[name] = new_module
-    step = PlanStep({}, {}, {}, {path: {"type": type_name, "init": init}})
-    record_history(model, PruningPlan([step]), shapes_before=before)
-    return old
+    return type_name, init
 
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:

@@ -1,8 +1,9 @@
 """Front door: ``rewrite_(model, example_inputs, RewriteConfig(...))`` changes the model in place.
 
-Each chosen layer is replaced (``torchslim.replace_module_``, so checkpoints record the
-rewrite and ``torchslim.load`` replays it on a freshly built original) by a block of the same
-input and output shapes under the same module name, initialised from the trained weights.
+Each chosen layer is replaced by a block of the same input and output shapes under the same
+module name, initialised from the trained weights; all layers at once, recorded as one plan
+step (``torchslim.pruning.replace_modules_``), so checkpoints record the rewrite and
+``torchslim.load`` replays it on a freshly built original.
 Everything is checked and fitted before the first layer is replaced: bad input raises a
 ``ValueError`` naming the module and leaves the model untouched.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim.pruning import replace_module_
+from torchslim.pruning import replace_modules_
 from torchslim.rewrite._fit import Fit
 from torchslim.rewrite._stats import input_moments
 from torchslim.rewrite.methods import METHODS
@@ -110,5 +111,5 @@ def rewrite_(model: nn.Module, example_inputs: Any, config: RewriteConfig, *,
         row.fit_error = fits[row.name].error
     for name, fit in fits.items():
         fit.block.train(model.get_submodule(name).training)
-        replace_module_(model, name, fit.block)
+    replace_modules_(model, {name: fit.block for name, fit in fits.items()})  # all or nothing, one plan step
     return RewriteResult(plan, {n: f.error for n, f in fits.items()}, plan.model_macs, model_macs(model, example_inputs))
