@@ -14,7 +14,9 @@ or in parallel on Ray (:class:`RayExecutor`), with the same history either way.
 ``torchslim.search.latency_loop`` closes the loop on latency for ``prune_``: a latency
 target's goal is calibrated against measured removals, and under ``latency_aware`` the
 candidate rankings are timed and the fastest kept (NetAdapt's lesson: measure every proposal).
-The searches drive the engine only through its public API (``torchslim.pruning``: the
+:class:`ADMMPruner` (ADMM structured pruning inside the user's training loop, AutoCompress's
+inner loop) projects onto the group-sparse set the same selector chooses. The searches drive
+the engine only through its public API (``torchslim.pruning``: the
 :class:`~torchslim.pruning.selector.Selector`, ``plan_removal`` and ``applied``).
 
 Names are imported lazily: ``torchslim.pruning`` imports ``latency_loop`` from this package.
@@ -38,6 +40,8 @@ _EXPORTS = {
     "Executor": "torchslim.search.executors",
     "InProcess": "torchslim.search.executors",
     "RayExecutor": "torchslim.search.executors",
+    "ADMMPruner": "torchslim.search.admm",
+    "ADMMState": "torchslim.search.admm",
 }
 
 __all__ = list(_EXPORTS)
