@@ -23,6 +23,7 @@ so the model comes back physically smaller.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,7 @@ class ADMMPruner:
         self.Z = {n: shifted[n] * self._mask(n, keep) for n in self.params}
         for n, p in self.params.items():
             self.U[n] += p.detach() - self.Z[n]
-        residual = float(torch.sqrt(sum(((p.detach() - self.Z[n]) ** 2).sum() for n, p in self.params.items())))
+        residual = math.sqrt(sum(float(((p.detach() - self.Z[n]) ** 2).sum()) for n, p in self.params.items()))
         state = ADMMState(self.steps, int(self.removed_atoms.size), self.rho, residual)
         self.history.append(state)
         return state
