@@ -1,0 +1,139 @@
+"""Least-squares reconstruction after pruning: exact where the removed inputs are linear
+combinations of kept ones, the ridge solution equals an independent lstsq, bias compensation of
+a constant channel is exact, Gram accumulation is batch-independent, and on the digits CNN it
+brings the accuracy right after pruning back near the original."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchslim
+from torchslim.reconstruct import RankDeficientWarning, collect_grams, input_rows, reconstruct_, refit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TwoLinear(nn.Module):
+    def __init__(self, hidden: int = 6) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, hidden), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _prune_hidden(model: TwoLinear, x: torch.Tensor, keep_out_of_fc1: list[int]) -> TwoLinear:
+    """Remove fc1's other outputs (and fc2's matching inputs) through the engine."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning import remove_
+
+    graph = DependencyGraph.build(model, x)
+    labels = graph.param_labels("fc1.weight", 0)
+    gone = [labels[i] for i in range(model.fc1.out_features) if i not in keep_out_of_fc1]
+    remove_(graph, torch.as_tensor(gone).numpy(), x)
+    return model
+
+
+def test_removed_inputs_that_are_combinations_of_kept_ones_are_restored_exactly():
+    torch.manual_seed(0)
+    model = TwoLinear()
+    with torch.no_grad():  # hidden 4 = hidden 0 + 2 * hidden 1, hidden 5 = hidden 2 - hidden 3 (weights and biases)
+        model.fc1.weight[4] = model.fc1.weight[0] + 2 * model.fc1.weight[1]
+        model.fc1.bias[4] = model.fc1.bias[0] + 2 * model.fc1.bias[1]
+        model.fc1.weight[5] = model.fc1.weight[2] - model.fc1.weight[3]
+        model.fc1.bias[5] = model.fc1.bias[2] - model.fc1.bias[3]
+    original = copy.deepcopy(model)
+    x = torch.randn(64, 4)
+    pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
+    assert not torch.allclose(pruned(x), original(x), atol=1e-3)
+    report = reconstruct_(pruned, original, [x[:32], x[32:]], ridge=0.0)
+    torch.testing.assert_close(pruned(x), original(x), atol=1e-5, rtol=1e-5)
+    before, after = report.errors["fc2"]
+    assert before > 0.01 and after < 1e-6
+
+
+def test_the_ridge_solution_equals_an_independent_lstsq():
+    torch.manual_seed(1)
+    x = torch.randn(50, 7, dtype=torch.float64)
+    w = torch.randn(3, 7, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 6])
+    gram = x.T @ x
+    ridge = 0.05
+    lam = ridge * gram[kept][:, kept].diagonal().mean()
+    # min ||x w^T - x_K v^T||^2 + lam ||v||^2 as one stacked least-squares problem
+    a = torch.cat([x[:, kept], lam.sqrt() * torch.eye(4, dtype=torch.float64)])
+    b = torch.cat([x @ w.T, torch.zeros(4, 3, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(refit(w, gram, kept, ridge=ridge).weight, expected)
+
+
+def test_a_removed_constant_channel_moves_into_the_bias_exactly():
+    torch.manual_seed(2)
+    model = TwoLinear(hidden=5)
+    with torch.no_grad():
+        model.fc1.weight[4] = 0.0  # hidden 4 is the constant 0.7 whatever the input
+        model.fc1.bias[4] = 0.7
+    original = copy.deepcopy(model)
+    x = torch.randn(40, 4)
+    pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
+    reconstruct_(pruned, original, [x], ridge=0.0)
+    torch.testing.assert_close(pruned(x), original(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pruned.fc2.bias, original.fc2.bias + 0.7 * original.fc2.weight[:, 4])
+
+
+def test_gram_accumulation_over_batches_equals_one_batch_of_all_rows_for_convs_too():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 5, 3, padding=1, stride=2)
+    model = nn.Sequential(conv)
+    x = torch.randn(6, 3, 9, 9)
+    split = collect_grams(model, {"0": conv}, [x[:2], x[2:5], x[5:]])
+    whole = collect_grams(model, {"0": conv}, [x])
+    torch.testing.assert_close(split.grams["0"], whole.grams["0"])
+    rows = input_rows(conv, x).double()
+    assert split.rows["0"] == rows.shape[0] == 6 * 25
+    # the unfolded rows times the weight are the convolution (without bias)
+    out = (rows @ conv.weight.detach().double().reshape(5, -1).T).reshape(6, 25, 5).transpose(1, 2).reshape(6, 5, 5, 5)
+    torch.testing.assert_close(out.float(), conv(x) - conv.bias[None, :, None, None], atol=1e-5, rtol=1e-5)
+
+
+def test_too_few_rows_warn_and_no_data_is_refused():
+    torch.manual_seed(4)
+    model = TwoLinear(hidden=6)
+    original = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3, 4])
+    with pytest.warns(RankDeficientWarning, match="give at least 6 rows"):
+        reconstruct_(pruned, original, [x[:2]])
+    with pytest.raises(ValueError, match="no calibration batches"):
+        reconstruct_(pruned, original, [])
+
+
+def test_digits_cnn_right_after_pruning_comes_back_near_the_original():
+    from torchslim.demo import load_digits_tensors
+    from torchslim.models import create_model
+    from torchslim.recovery import recalibrate_bn_
+
+    torch.manual_seed(0)
+    X, Y, XT, YT = load_digits_tensors(seed=0)
+    model = create_model("digits_cnn")
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(8):
+        for i in range(0, len(X), 64):
+            opt.zero_grad()
+            F.cross_entropy(model(X[i:i + 64]), Y[i:i + 64]).backward()
+            opt.step()
+    model.eval()
+    accuracy = lambda m: (m(XT).argmax(1) == YT).float().mean().item()  # noqa: E731
+    pruned = copy.deepcopy(model)
+    torchslim.prune_(pruned, X[:1], torchslim.PruneConfig(target_macs=0.25))
+    calibration = [X[i:i + 128] for i in range(0, 1024, 128)]
+    recalibrate_bn_(pruned, calibration[:2])
+    plain = accuracy(pruned)
+    report = reconstruct_(pruned, model, calibration)
+    recalibrate_bn_(pruned, calibration[:2])
+    assert all(after < before for before, after in report.errors.values())
+    assert accuracy(pruned) > plain + 0.05 and accuracy(pruned) > accuracy(model) - 0.02

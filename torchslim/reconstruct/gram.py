@@ -1,0 +1,86 @@
+"""Calibration statistics for reconstruction: the Gram matrix ``X^T X`` of a layer's inputs
+(a Linear's input rows; a convolution's unfolded input patches), with a column of ones appended
+when the layer has a bias (so that least squares can move the removed channels' mean into it).
+Accumulated in float64 over the user's batches: memory is (columns + 1)^2 per layer whatever
+the number of batches, and the sum over batches equals one batch of all rows."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+CONSUMERS = (nn.Linear, nn.Conv2d)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer multiplies by its weight: (rows, in) for a Linear, (rows, in*k*k) for a
+    convolution (``F.unfold`` with its kernel, stride, padding and dilation; channel-major, the
+    order of ``weight.reshape(out, -1)``)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError(f"reconstruction takes ungrouped zero-padded convolutions, not {module}")
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)  # (N, in*k*k, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    raise TypeError(f"reconstruction takes Linear and Conv2d layers, not {type(module).__name__}")
+
+
+class GramCollector:
+    """Forward hooks on ``layers`` (name -> module) that add each call's ``[X, 1]^T [X, 1]``
+    (``[X]`` without a bias) to ``grams[name]``; ``rows[name]`` counts the rows seen."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "GramCollector":
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.add(name, module, args[0])
+        return hook
+
+    def add(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        rows = input_rows(module, x.detach()).double()
+        if getattr(module, "bias", None) is not None:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], dim=1)
+        gram = rows.T @ rows
+        self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+        self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
+
+
+@torch.no_grad()
+def collect_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]) -> GramCollector:
+    """Run ``model`` in eval mode on ``batches`` (inputs, tuples of inputs, or ``(input, target)``
+    pairs whose first item is the input) and return the Gram matrices of ``layers``' inputs."""
+    was_training = model.training
+    model.eval()
+    collector = GramCollector(layers)
+    used = 0
+    try:
+        with collector:
+            for batch in batches:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
+                    isinstance(batch[1], torch.Tensor) and batch[1].dtype in (torch.long, torch.int) else batch
+                model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+                used += 1
+    finally:
+        model.train(was_training)
+    if used == 0:
+        raise ValueError("no calibration batches: reconstruction needs data")
+    return collector

@@ -1,0 +1,61 @@
+"""The least-squares re-fit of one layer from its input Gram matrix.
+
+With ``X`` the original inputs (a column of ones appended when there is a bias), ``W`` the
+original weights (the bias as the last column) and ``K`` the columns the pruned layer still
+reads, the new weights minimise ``||X W^T - X_K W'^T||^2 + lam ||W'||^2``:
+``W' = W G[:, K] (G[K, K] + lam I)^-1`` with ``G = X^T X``, solved in float64. The ones
+column is always kept, so a removed channel's mean contribution moves into the bias (bias
+compensation). ``lam`` is ``ridge`` times the mean of ``diag(G[K, K])``."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+
+class RankDeficientWarning(UserWarning):
+    """Fewer calibration rows than the layer reads: the ridge term decides part of the fit."""
+
+
+@dataclasses.dataclass
+class Refit:
+    """The new weights (float64, ``(out, len(kept))``) and the relative output error on the
+    calibration data before (the kept columns of ``W`` as they are) and after the re-fit."""
+
+    weight: torch.Tensor
+    error_before: float
+    error_after: float
+
+
+def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, ridge: float = 1e-4,
+          rows: int | None = None, name: str = "layer") -> Refit:
+    """Least-squares weights over the ``kept`` columns reproducing ``weight``'s outputs (see
+    the module docstring); ``weight`` is ``(out, columns)`` with the bias, if any, last."""
+    w = weight.detach().double()
+    g = gram.double()
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    if rows is not None and rows < kept.numel():
+        warnings.warn(f"{name}: {rows} calibration rows for {kept.numel()} input columns: the Gram matrix is rank "
+                      f"deficient and ridge fills the gap; give at least {kept.numel()} rows", RankDeficientWarning,
+                      stacklevel=3)
+    gkk = g[kept][:, kept]
+    lam = ridge * float(gkk.diagonal().mean().clamp_min(1e-12))
+    system = gkk + lam * torch.eye(kept.numel(), dtype=g.dtype)
+    new = torch.linalg.solve(system, (w @ g[:, kept]).T).T  # W G[:, K] (G[K, K] + lam I)^-1
+    total = _energy(w, g)
+    before = _error(w, g, w[:, kept], kept)
+    after = _error(w, g, new, kept)
+    return Refit(new, before / total if total > 0 else 0.0, after / total if total > 0 else 0.0)
+
+
+def _energy(w: torch.Tensor, g: torch.Tensor) -> float:
+    return float(torch.sqrt(torch.clamp((w @ g * w).sum(), min=0.0)))
+
+
+def _error(w: torch.Tensor, g: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> float:
+    """``||X W^T - X_K new^T||`` from the Gram matrix alone."""
+    full = torch.zeros_like(w)
+    full[:, kept] = new
+    diff = w - full
+    return float(torch.sqrt(torch.clamp((diff @ g * diff).sum(), min=0.0)))
