@@ -43,6 +43,8 @@ _EXPORTS = {
     "register_module_handler": "torchslim.pruning",
     "replace_module_": "torchslim.pruning",
     "sort_channels_": "torchslim.pruning",
+    "reconstruct_": "torchslim.reconstruct",
+    "make_slimmable": "torchslim.slimmable",
     "register_replacement_type": "torchslim.pruning",
     "config_from_recipe": "torchslim.pruning",
     "sparsify_": "torchslim.sparsity",
