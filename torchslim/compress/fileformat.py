@@ -347,14 +347,29 @@ _LONG = {short: long for long, short in _SHORT.items()}
 
 
 def _compact_header(header: dict[str, Any]) -> dict[str, Any]:
-    """The version-2 header of a (version-1 style) header: payload size and compact tensor entries."""
-    def shrink(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {_SHORT.get(key, key): shrink(item) for key, item in value.items()
-                    if key not in ("offset", "kind") and not (key == "deflate" and not item)}
-        return value
+    """The version-2 header of a (version-1 style) header: payload size and compact tensor entries,
+    without what the reader derives (offsets, a stream's bytes from its bits, the values' count
+    from the positions' or the shape, uint8 code-table types)."""
+    derived = {"offset", "kind"}
 
-    return {"n": header["payload_bytes"], "t": [shrink(entry) for entry in header["tensors"]]}
+    def shrink(value: Any, stream: bool = False) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, item in value.items():
+            if key in derived or (key == "deflate" and not item) or (
+                    stream and (key == "nbytes" or (key.endswith("_dtype") and item == "uint8"))):
+                continue
+            out[_SHORT.get(key, key)] = shrink(item, key in ("positions", "values"))
+        return out
+
+    entries = []
+    for entry in header["tensors"]:
+        small = shrink(entry)
+        if "x" in small:
+            del small["x"]["l"]
+        entries.append(small)
+    return {"n": header["payload_bytes"], "t": entries}
 
 
 def _expand_header(compact: Any) -> dict[str, Any]:
@@ -363,14 +378,18 @@ def _expand_header(compact: Any) -> dict[str, Any]:
         raise ValueError("the header has no tensor list")
     offset = 0
 
-    def grow(value: Any, order: tuple[str, ...]) -> Any:
+    def grow(value: Any, order: tuple[str, ...], stream: bool = False) -> Any:
         nonlocal offset
         if not isinstance(value, dict):
             return value
         out = {_LONG.get(key, key): item for key, item in value.items()}
+        if stream:
+            out.update({"nbytes": (int(out["nbits"]) + 7) // 8, "count_dtype": out.get("count_dtype", "uint8"),
+                        "symbols_dtype": out.get("symbols_dtype", "uint8")})
         for key in order:  # the chunks of this entry, in the order they were written
             if isinstance(out.get(key), dict):
-                out[key] = grow(out[key], ("table",) if key in ("positions", "values") else ())
+                out[key] = grow(out[key], ("table",) if key in ("positions", "values") else (),
+                                key in ("positions", "values"))
         if "nbytes" in out:
             out["offset"] = offset
             offset += int(out["nbytes"])
@@ -384,6 +403,9 @@ def _expand_header(compact: Any) -> dict[str, Any]:
         grown = grow(entry, ("codebook", "positions", "values") if shared else ())
         grown["kind"] = "shared" if shared else "raw"
         grown.setdefault("positions", None)
+        if shared and isinstance(grown.get("values"), dict):
+            grown["values"]["length"] = (grown["positions"]["length"] if isinstance(grown["positions"], dict)
+                                         else int(np.prod(grown["shape"], dtype=np.int64)))
         entries.append(grown)
     return {"format": FORMAT, "version": 2, "payload_bytes": compact.get("n"), "tensors": entries}
 
