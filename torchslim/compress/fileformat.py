@@ -1,21 +1,28 @@
 """The deep-compression file: shared weights as Huffman-coded indices, no pickle.
 
-Layout (one file, ``model.tsc``)::
+Layout (one file, ``model.tsc``), format version 2::
 
-    b"TSLIMDC\\0"                 8 bytes, magic
+    b"TSLIMDC" + b"\\x02"         8 bytes, magic and format version
     header length                 4 bytes, little-endian unsigned
-    header                        JSON (UTF-8): format, version, payload size and SHA-256, tensors
-    payload                       the tensors' bytes, at the offsets the header gives
+    SHA-256                       32 bytes, of the header and payload bytes that follow
+    header                        compact JSON (UTF-8), raw-deflated (stdlib ``zlib``)
+    payload                       the tensors' bytes, one after the other in header order
 
-A shared weight (see :func:`~torchslim.compress.share_weights_`) is stored as its codebook
-(raw, the weight's dtype), the Huffman-coded relative positions of its kept weights (omitted
-when it has no zeros) and the Huffman-coded cluster indices of the kept weights and filler
-zeros (:mod:`torchslim.compress.huffman`, codes built by ``bitarray``); each coded stream's
-canonical code table (codes per length, symbols in canonical order, as small unsigned integers)
-is in the payload next to it, so the payload holds everything but the layout. Every other tensor of
-the ``state_dict`` (biases, BatchNorm statistics, unshared weights) is stored raw. Raw bytes
-are little-endian; the header's ``sha256`` covers the payload, so a corrupt or truncated file
-is refused before the model is touched.
+A shared weight (see :func:`~torchslim.compress.share_weights_`) is stored as its codebook,
+the Huffman-coded relative positions of its kept weights (omitted when it has no zeros) and the
+Huffman-coded cluster indices of the kept weights and filler zeros
+(:mod:`torchslim.compress.huffman`, codes built by ``bitarray``); each coded stream's canonical
+code table (codes per length, symbols in canonical order, as small unsigned integers) is in the
+payload next to it, so the header only holds the layout. Every other tensor of the
+``state_dict`` (biases, BatchNorm statistics, unshared weights) and each codebook is stored
+losslessly: as raw bytes, or (``pack=True``, the default) in the narrowest float type that holds
+every value exactly (float16 or bfloat16 when the values are representable there, e.g. because
+the model was rounded to them) and raw-deflated when that is smaller; the loaded tensor is
+bit-identical either way. Raw bytes are little-endian; the SHA-256 covers header and payload, so
+a corrupt or truncated file is refused before the model is touched.
+
+Version 1 (magic ``b"TSLIMDC\\0"``, plain JSON header with offsets and the payload's SHA-256, raw
+tensors only) is still read, and written with ``save_compressed(..., version=1)``.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import os
 import struct
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,15 +45,23 @@ from torchslim.compress.report import CompressionReport, LayerBits
 from torchslim.compress.sharing import TYPE_KEYS, restore_sharing_, sharing_of
 from torchslim.sparsity import live_parametrizations
 
-MAGIC = b"TSLIMDC\0"
+MAGIC = b"TSLIMDC\0"  # version 1
+MAGIC_PREFIX = b"TSLIMDC"  # then one byte: the format version (0 for version 1)
 FORMAT = "torchslim.compressed"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 FILE_NAME = "model.tsc"
 #: relative-index widths of the paper: 8 bits for conv layers, 5 for fully connected ones
 DEFAULT_INDEX_BITS = {"conv": 8, "linear": 5}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                                       torch.int8, torch.uint8, torch.int16, torch.int32,
                                                       torch.int64, torch.bool)}
+#: narrower float types a tensor may be stored in when every value survives the round trip
+_NARROWER = {torch.float64: (torch.float16, torch.bfloat16, torch.float32), torch.float32: (torch.float16,
+                                                                                            torch.bfloat16)}
+_BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MAX_HEADER = 1 << 26  # inflated header bytes accepted (64 MiB)
+_V2_FIXED = len(MAGIC_PREFIX) + 1 + 4 + 32
 
 
 _UINTS = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
@@ -56,18 +72,21 @@ class CompressedFileError(ValueError):
     that does not fit the model it is loaded into."""
 
 
-def save_compressed(model: nn.Module, path: str | Path,
-                    index_bits: int | Mapping[str, int] | None = None) -> CompressionReport:
+def save_compressed(model: nn.Module, path: str | Path, index_bits: int | Mapping[str, int] | None = None, *,
+                    pack: bool = True, version: int = VERSION) -> CompressionReport:
     """Write ``model`` (with shared weights) to ``path``; returns the per-layer size report.
 
     ``path``: a file, or a directory (then ``DIR/model.tsc``). ``index_bits`` is the width of the
     relative index of sparse positions: an int, or ``{"conv": 8, "linear": 5}`` (the paper's,
-    the default) with module names as further keys. A model without shared weights, or with
-    other live parametrisations (masks: call ``remove_masks_`` first), raises a ``ValueError``
-    and nothing is written; the file appears complete or not at all.
+    the default) with module names as further keys. ``pack`` stores codebooks and the other
+    tensors in the narrowest float type that holds them exactly, deflated when smaller
+    (lossless; ``False``: raw bytes). ``version=1`` writes the previous format (plain JSON
+    header, raw tensors) for older readers. A model without shared weights, or with other live
+    parametrisations (masks: call ``remove_masks_`` first), raises a ``ValueError`` and nothing
+    is written; the file appears complete or not at all.
     """
-    header, payload, report = _encode(model, index_bits)
-    blob = _frame(header, payload)
+    header, payload, report = _encode(model, index_bits, pack, version)
+    blob = _frame(header, payload, version)
     target = _file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
@@ -82,10 +101,11 @@ def save_compressed(model: nn.Module, path: str | Path,
     return report
 
 
-def compression_report(model: nn.Module, index_bits: int | Mapping[str, int] | None = None) -> CompressionReport:
+def compression_report(model: nn.Module, index_bits: int | Mapping[str, int] | None = None, *, pack: bool = True,
+                       version: int = VERSION) -> CompressionReport:
     """The report :func:`save_compressed` would return, without writing a file."""
-    header, payload, report = _encode(model, index_bits)
-    report.file_bytes = len(_frame(header, payload))
+    header, payload, report = _encode(model, index_bits, pack, version)
+    report.file_bytes = len(_frame(header, payload, version))
     return report
 
 
@@ -94,9 +114,9 @@ def load_compressed(path: str | Path, model: nn.Module, *, shared: bool = False)
 
     The weights come back bit-exactly as ``codebook[index]`` (zeros where pruned). ``shared=True``
     also restores the codebooks and indices as weight sharing, to fine-tune further. The whole
-    file is read, checked (magic, version, SHA-256 of the payload, every stream decoded) and
-    matched against the model's ``state_dict`` keys, shapes and dtypes before the model is
-    changed; any problem raises :class:`CompressedFileError` naming the file and key.
+    file is read, checked (magic, version, SHA-256, every stream decoded) and matched against the
+    model's ``state_dict`` keys, shapes and dtypes before the model is changed; any problem
+    raises :class:`CompressedFileError` naming the file and key. Versions 1 and 2 are read.
     """
     target = _file(path)
     try:
@@ -119,27 +139,34 @@ def load_compressed(path: str | Path, model: nn.Module, *, shared: bool = False)
 # ----------------------------------------------------------------------------------------
 # encoding
 # ----------------------------------------------------------------------------------------
-def _encode(model: nn.Module, index_bits: int | Mapping[str, int] | None
-            ) -> tuple[dict[str, Any], bytes, CompressionReport]:
+def _encode(model: nn.Module, index_bits: int | Mapping[str, int] | None, pack: bool = True,
+            version: int = VERSION) -> tuple[dict[str, Any], bytes, CompressionReport]:
+    if version not in VERSIONS:
+        raise ValueError(f"save_compressed: version must be one of {VERSIONS}, got {version!r}")
     sharing = sharing_of(model)  # raises for a model without codebooks
     others = [name for name in live_parametrizations(model) if name not in sharing]
     if others:
         raise ValueError(f"save_compressed: {', '.join(others[:5])} have other parametrizations (masks?): call "
                          "torchslim.sparsity.remove_masks_(model) before sharing and saving")
     widths = _widths(model, list(sharing), index_bits)
+    pack = pack and version >= 2  # version 1 stores raw tensors only
     chunks: list[bytes] = []
     offset = 0
 
-    def put(data: bytes) -> dict[str, int]:
+    def put(data: bytes, **extra: Any) -> dict[str, Any]:
         nonlocal offset
         chunks.append(data)
-        where = {"offset": offset, "nbytes": len(data)}
+        where = {"offset": offset, "nbytes": len(data), **extra}
         offset += len(data)
         return where
 
+    def put_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+        data, extra = _packed(tensor) if pack else (_raw_bytes(tensor), {})
+        return put(data, **extra)
+
     entries: list[dict[str, Any]] = []
     layers: list[LayerBits] = []
-    other_bytes = 0
+    other_bytes = other_raw = 0
     emitted: set[str] = set()
     for key, tensor in model.state_dict().items():
         shared_key = _shared_key(key, sharing)
@@ -147,22 +174,60 @@ def _encode(model: nn.Module, index_bits: int | Mapping[str, int] | None
             if shared_key not in emitted:
                 emitted.add(shared_key)
                 codebook, index = sharing[shared_key]
-                entry, layer = _encode_shared(shared_key, codebook, index, widths[shared_key], put)
+                entry, layer = _encode_shared(shared_key, codebook, index, widths[shared_key], put, put_tensor)
                 entries.append(entry)
                 layers.append(layer)
             continue
-        raw = _raw_bytes(tensor)
+        where = put_tensor(tensor)
         entries.append({"key": key, "kind": "raw", "dtype": _dtype_name(tensor), "shape": list(tensor.shape),
-                        **put(raw)})
-        other_bytes += len(raw)
+                        **where})
+        other_bytes += where["nbytes"]
+        other_raw += tensor.numel() * tensor.element_size()
     payload = b"".join(chunks)
-    header = {"format": FORMAT, "version": VERSION, "byteorder": "little", "payload_bytes": len(payload),
+    header = {"format": FORMAT, "version": version, "byteorder": "little", "payload_bytes": len(payload),
               "sha256": hashlib.sha256(payload).hexdigest(), "tensors": entries}
-    header_bytes = len(MAGIC) + 4 + len(_header_json(header))
-    return header, payload, CompressionReport(layers, other_bytes, header_bytes, 0)
+    header_bytes = len(_frame(header, payload, version)) - len(payload)
+    return header, payload, CompressionReport(layers, other_bytes, header_bytes, 0, other_raw)
 
 
-def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width: int, put) -> tuple[dict, LayerBits]:
+def _packed(tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    """The smallest lossless form of ``tensor``: its raw bytes, or those of the narrowest float type
+    that holds every value bit-exactly (checked by the round trip), raw-deflated when smaller."""
+    _dtype_name(tensor)
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    extra: dict[str, Any] = {}
+    for narrow in _NARROWER.get(flat.dtype, ()):
+        back = flat.to(narrow).to(flat.dtype)
+        if torch.equal(back.view(_BITS_VIEW[flat.element_size()]), flat.view(_BITS_VIEW[flat.element_size()])):
+            flat, extra = flat.to(narrow), {"stored": _dtype_name(flat.to(narrow))}
+            break
+    data = _raw_bytes(flat)
+    deflated = _deflate(data)
+    if len(deflated) < len(data):
+        data, extra = deflated, {**extra, "deflate": True}
+    return data, extra
+
+
+def _deflate(data: bytes) -> bytes:
+    """Raw deflate (no zlib wrapper: the file's SHA-256 already guards the bytes)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """Undo :func:`_deflate`; a ``ValueError`` when the data is not a whole deflate stream of at most ``limit`` bytes."""
+    unpacker = zlib.decompressobj(-15)
+    try:
+        out = unpacker.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"deflated data cannot be inflated ({exc})") from None
+    if len(out) > limit or not unpacker.eof or unpacker.unused_data:
+        raise ValueError("deflated data does not match its announced size")
+    return out
+
+
+def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width: int, put,
+                   put_tensor) -> tuple[dict, LayerBits]:
     """Header entry and size row of one shared weight; its streams go to ``put``."""
     k = codebook.numel()
     flat = index.detach().flatten().cpu().numpy().astype(np.int64)
@@ -170,7 +235,7 @@ def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width:
     dense = positions.size == flat.size
     element = codebook.element_size() * 8
     entry: dict[str, Any] = {"key": key, "kind": "shared", "dtype": _dtype_name(codebook),
-                             "shape": list(index.shape), "clusters": k, "codebook": put(_raw_bytes(codebook))}
+                             "shape": list(index.shape), "clusters": k, "codebook": put_tensor(codebook)}
     if dense:
         symbols = flat
         entry["positions"] = None
@@ -197,7 +262,7 @@ def _encode_shared(key: str, codebook: torch.Tensor, index: torch.Tensor, width:
     coded_bits = sum(stream["nbits"] + 8 * stream["table"]["nbytes"] for stream in streams)
     stored = entry["codebook"]["nbytes"] + sum(stream["nbytes"] + stream["table"]["nbytes"] for stream in streams)
     layer = LayerBits(key, flat.size, int(positions.size), entries, bits, None if dense else width, flat.size * element,
-                      pruned, shared, coded_bits + codebook_bits, stored)
+                      pruned, shared, coded_bits + 8 * entry["codebook"]["nbytes"], stored)
     return entry, layer
 
 
@@ -264,9 +329,85 @@ def _header_json(header: dict[str, Any]) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
 
-def _frame(header: dict[str, Any], payload: bytes) -> bytes:
-    text = _header_json(header)
-    return MAGIC + struct.pack("<I", len(text)) + text + payload
+def _frame(header: dict[str, Any], payload: bytes, version: int = VERSION) -> bytes:
+    """The file's bytes: version 1 (plain JSON header) or 2 (SHA-256, then the compact header deflated)."""
+    if version == 1:
+        text = _header_json(header)
+        return MAGIC + struct.pack("<I", len(text)) + text + payload
+    packed = _deflate(_header_json(_compact_header(header)))
+    digest = hashlib.sha256(packed + payload).digest()
+    return MAGIC_PREFIX + bytes([version]) + struct.pack("<I", len(packed)) + digest + packed + payload
+
+
+# version 2 header: short keys, no offsets (the payload holds the tensors in header order)
+_SHORT = {"key": "k", "dtype": "d", "shape": "s", "nbytes": "n", "stored": "e", "deflate": "z", "clusters": "K",
+          "codebook": "c", "positions": "p", "values": "x", "width": "w", "nbits": "b", "length": "l",
+          "lengths": "m", "count_dtype": "cd", "symbols_dtype": "sd", "table": "t"}
+_LONG = {short: long for long, short in _SHORT.items()}
+
+
+def _compact_header(header: dict[str, Any]) -> dict[str, Any]:
+    """The version-2 header of a (version-1 style) header: payload size and compact tensor entries,
+    without what the reader derives (offsets, a stream's bytes from its bits, the values' count
+    from the positions' or the shape, uint8 code-table types)."""
+    derived = {"offset", "kind"}
+
+    def shrink(value: Any, stream: bool = False) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, item in value.items():
+            if key in derived or (key == "deflate" and not item) or (
+                    stream and (key == "nbytes" or (key.endswith("_dtype") and item == "uint8"))):
+                continue
+            out[_SHORT.get(key, key)] = shrink(item, key in ("positions", "values"))
+        return out
+
+    entries = []
+    for entry in header["tensors"]:
+        small = shrink(entry)
+        if "x" in small:
+            del small["x"]["l"]
+        entries.append(small)
+    return {"n": header["payload_bytes"], "t": entries}
+
+
+def _expand_header(compact: Any) -> dict[str, Any]:
+    """The version-1 style header (kinds and offsets) of a version-2 header, walking the payload in order."""
+    if not isinstance(compact, dict) or not isinstance(compact.get("t"), list):
+        raise ValueError("the header has no tensor list")
+    offset = 0
+
+    def grow(value: Any, order: tuple[str, ...], stream: bool = False) -> Any:
+        nonlocal offset
+        if not isinstance(value, dict):
+            return value
+        out = {_LONG.get(key, key): item for key, item in value.items()}
+        if stream:
+            out.update({"nbytes": (int(out["nbits"]) + 7) // 8, "count_dtype": out.get("count_dtype", "uint8"),
+                        "symbols_dtype": out.get("symbols_dtype", "uint8")})
+        for key in order:  # the chunks of this entry, in the order they were written
+            if isinstance(out.get(key), dict):
+                out[key] = grow(out[key], ("table",) if key in ("positions", "values") else (),
+                                key in ("positions", "values"))
+        if "nbytes" in out:
+            out["offset"] = offset
+            offset += int(out["nbytes"])
+        return out
+
+    entries = []
+    for entry in compact["t"]:
+        if not isinstance(entry, dict):
+            raise ValueError("a tensor entry is not an object")
+        shared = "K" in entry
+        grown = grow(entry, ("codebook", "positions", "values") if shared else ())
+        grown["kind"] = "shared" if shared else "raw"
+        grown.setdefault("positions", None)
+        if shared and isinstance(grown.get("values"), dict):
+            grown["values"]["length"] = (grown["positions"]["length"] if isinstance(grown["positions"], dict)
+                                         else int(np.prod(grown["shape"], dtype=np.int64)))
+        entries.append(grown)
+    return {"format": FORMAT, "version": 2, "payload_bytes": compact.get("n"), "tensors": entries}
 
 
 def _file(path: str | Path) -> Path:
@@ -279,6 +420,39 @@ def _file(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------
 def _unframe(blob: bytes, where: Path) -> tuple[dict[str, Any], bytes]:
     """Header and payload of a file, after checking magic, version, length and checksum."""
+    prefix = len(MAGIC_PREFIX)
+    if len(blob) < prefix + 1 + 4 or blob[:prefix] != MAGIC_PREFIX:
+        raise CompressedFileError(f"{where} is not a torchslim compressed file (bad magic)")
+    version = blob[prefix] or 1  # version 1 files end their magic with a zero byte
+    if version == 1:
+        return _unframe_v1(blob, where)
+    if version != 2:
+        raise CompressedFileError(f"{where}: format version {version}; this torchslim reads versions "
+                                  f"{', '.join(map(str, VERSIONS))} (a newer torchslim wrote it?)")
+    (length,) = struct.unpack("<I", blob[prefix + 1:prefix + 5])
+    if _V2_FIXED + length > len(blob):
+        raise CompressedFileError(f"{where} is truncated: the header needs {length} bytes, "
+                                  f"{max(len(blob) - _V2_FIXED, 0)} present")
+    digest, packed = blob[prefix + 5:_V2_FIXED], blob[_V2_FIXED:_V2_FIXED + length]
+    payload = blob[_V2_FIXED + length:]
+    intact = hashlib.sha256(blob[_V2_FIXED:]).digest() == digest
+    try:
+        header = _expand_header(json.loads(_inflate(packed, _MAX_HEADER).decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise CompressedFileError(f"{where}: corrupt header ({exc})") from None
+    expected = header["payload_bytes"]
+    if not intact:
+        state = "truncated" if isinstance(expected, int) and len(payload) < expected else "corrupt"
+        raise CompressedFileError(f"{where} is {state}: the SHA-256 of header and payload does not match "
+                                  f"(payload {len(payload)} bytes, the header announces {expected})")
+    if len(payload) != expected:
+        raise CompressedFileError(f"{where} is corrupt: the payload has {len(payload)} bytes, the header "
+                                  f"announces {expected}")
+    return header, payload
+
+
+def _unframe_v1(blob: bytes, where: Path) -> tuple[dict[str, Any], bytes]:
+    """Version 1: plain JSON header with the payload's SHA-256."""
     if len(blob) < len(MAGIC) + 4 or blob[:len(MAGIC)] != MAGIC:
         raise CompressedFileError(f"{where} is not a torchslim compressed file (bad magic)")
     (length,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
@@ -292,9 +466,9 @@ def _unframe(blob: bytes, where: Path) -> tuple[dict[str, Any], bytes]:
         raise CompressedFileError(f"{where}: corrupt header ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CompressedFileError(f"{where}: not a {FORMAT} header")
-    if header.get("version") != VERSION:
-        raise CompressedFileError(f"{where}: format version {header.get('version')!r}; this torchslim reads "
-                                  f"version {VERSION}")
+    if header.get("version") != 1:
+        raise CompressedFileError(f"{where}: format version {header.get('version')!r} in a version-1 frame; "
+                                  f"this torchslim reads versions {', '.join(map(str, VERSIONS))}")
     payload = blob[start + length:]
     expected = header.get("payload_bytes")
     if len(payload) != expected:
@@ -369,16 +543,23 @@ def _slice(payload: bytes, info: dict[str, Any]) -> bytes:
 
 
 def _tensor(payload: bytes, info: dict[str, Any], shape: list[int]) -> torch.Tensor:
+    """A tensor of ``info["dtype"]`` from its bytes (stored as ``info["stored"]``, deflated or not)."""
     dtype = _DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise ValueError(f"unknown dtype {info['dtype']!r}")
+    stored = _DTYPES.get(info.get("stored", info["dtype"]))
+    if dtype is None or stored is None:
+        raise ValueError(f"unknown dtype {info.get('stored', info['dtype'])!r}")
+    if stored != dtype and stored not in _NARROWER.get(dtype, ()):
+        raise ValueError(f"{dtype} cannot be stored as {stored}")
     data = _slice(payload, info)
     numel = int(np.prod(shape, dtype=np.int64))
-    if len(data) != numel * dtype.itemsize:
-        raise ValueError(f"{len(data)} bytes for {numel} values of {dtype}")
+    if info.get("deflate"):
+        data = _inflate(data, numel * stored.itemsize)
+    if len(data) != numel * stored.itemsize:
+        raise ValueError(f"{len(data)} bytes for {numel} values of {stored}")
     if not data:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    values = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(stored).reshape(shape).clone()
+    return values.to(dtype)
 
 
 def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:

@@ -11,8 +11,9 @@ Stages, per shared layer (``numel`` weights of ``b`` bits, ``kept`` of them non-
 * huffman: the coded streams as written to the file (whole bytes per stream) with their code
   tables, plus the codebook.
 
-The other tensors (biases, BatchNorm, unshared weights) are stored raw and counted as they are
-at every stage; the header (JSON) is counted apart, so ``payload + header = file size``.
+The other tensors (biases, BatchNorm, unshared weights) count their raw size at the dense,
+pruned and shared stages and what the file holds for them (raw, or packed losslessly) at the
+Huffman stage; the header is counted apart, so ``payload + header = file size``.
 """
 from __future__ import annotations
 
@@ -50,15 +51,21 @@ class CompressionReport:
     """Per-layer and total sizes of a compressed model; ``file_bytes`` is the real file size."""
 
     layers: list[LayerBits]
-    other_bytes: int  # raw tensors (biases, BatchNorm, unshared weights)
-    header_bytes: int  # magic + length + JSON header
+    other_bytes: int  # other tensors (biases, BatchNorm, unshared weights) as stored in the file
+    header_bytes: int  # magic, length, checksum and header
     file_bytes: int
+    other_dense_bytes: int | None = None  # their raw size (None: as stored)
+
+    @property
+    def other_raw_bytes(self) -> int:
+        """Raw size of the other tensors (what the dense, pruned and shared stages count)."""
+        return self.other_bytes if self.other_dense_bytes is None else self.other_dense_bytes
 
     def stage_bits(self, stage: str) -> int:
         """Total bits of ``stage`` (dense, pruned, shared, huffman), other tensors included, header not."""
         if stage == "huffman":
             return 8 * (sum(layer.stored_bytes for layer in self.layers) + self.other_bytes)
-        return sum(getattr(layer, f"{stage}_bits") for layer in self.layers) + 8 * self.other_bytes
+        return sum(getattr(layer, f"{stage}_bits") for layer in self.layers) + 8 * self.other_raw_bytes
 
     @property
     def payload_bytes(self) -> int:
@@ -73,6 +80,7 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         stages = ("dense", "pruned", "shared", "huffman")
         return {"layers": [layer.to_dict() for layer in self.layers], "other_bytes": self.other_bytes,
+                "other_raw_bytes": self.other_raw_bytes,
                 "header_bytes": self.header_bytes, "file_bytes": self.file_bytes, "ratio": self.ratio,
                 "stage_bits": {stage: self.stage_bits(stage) for stage in stages}}
 
@@ -89,9 +97,10 @@ class CompressionReport:
                           "-" if layer.width is None else str(layer.width), _size(layer.dense_bits),
                           _size(layer.pruned_bits), _size(layer.shared_bits), _size(8 * layer.stored_bytes),
                           f"{layer.ratio:.1f}x")
-        other = _size(8 * self.other_bytes)
-        table.add_row("other tensors (raw)", "", "", "", "", other, other, other, other, "1.0x")
-        table.add_row("header (JSON)", "", "", "", "", "", "", "", _size(8 * self.header_bytes), "")
+        raw, stored = _size(8 * self.other_raw_bytes), _size(8 * self.other_bytes)
+        table.add_row("other tensors", "", "", "", "", raw, raw, raw, stored,
+                      f"{self.other_raw_bytes / max(self.other_bytes, 1):.1f}x")
+        table.add_row("header", "", "", "", "", "", "", "", _size(8 * self.header_bytes), "")
         table.add_row("total", "", "", "", "", _size(self.stage_bits("dense")), _size(self.stage_bits("pruned")),
                       _size(self.stage_bits("shared")), _size(8 * self.file_bytes), f"{self.ratio:.1f}x",
                       style="bold")

@@ -11,9 +11,19 @@ learning under the mask: the gradient of the masked weight reaches every entry (
 ones included, so a weight pruned by mistake can grow back past ``b_k``. This uses
 :func:`torchslim.sparsity.mask_` with ``straight_through=True``. The masks are updated at
 iteration ``i`` with probability ``(1 + gamma * i) ** -power`` (the paper's ``sigma(iter)``,
-Caffe's "inv" schedule), so surgery settles as training goes on::
+Caffe's "inv" schedule), so surgery settles as training goes on.
 
-    surgery = NetworkSurgery(model, c=1.0)          # or sparsity=0.9: a_k at that quantile of |W_k|
+The paper's fixed thresholds do not say where the sparsity ends: weights grow and shrink under
+training (with ``sparsity=0.9`` set once from the starting quantile, LeNet-like layers ended near
+85%). ``sparsity=`` therefore *aims* at a per-layer sparsity instead: at every mask update the
+thresholds are recomputed from the current ``|W_k|`` so that the layer has exactly that fraction
+pruned after the update, keeping the paper's gap as the ratio ``b_k / a_k = (1 + margin) / (1 - margin)``.
+With that ratio the rule "prune below ``a``, splice at ``b``, else keep the mask" is "keep where
+``e >= a``" for the score ``e = |w|`` of a kept weight and ``|w| * a / b`` of a pruned one, so
+``a_k`` is the score at the target rank: pruned weights still come back when they outgrow the
+kept ones by the margin, and the layer's sparsity equals the target (ties aside)::
+
+    surgery = NetworkSurgery(model, c=1.0)          # or sparsity=0.9 / {"conv": 0.8, "fc1": 0.95}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)   # after: the dense W is re-registered
     for x, y in batches:
         loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
@@ -35,51 +45,62 @@ from torchslim.sparsity import WeightMasks, mask_, masks_of, remove_masks_, upda
 
 @dataclasses.dataclass
 class SurgeryLayer:
-    """Thresholds of one layer: prune below ``a``, splice at ``b`` or above."""
+    """Thresholds of one layer: prune below ``a``, splice at ``b`` or above (``target``: the
+    sparsity the thresholds are recomputed for at each update; None: the paper's fixed ones)."""
 
     name: str
     c: float
     a: float
     b: float
+    target: float | None = None
 
 
 class NetworkSurgery:
     """Prune-and-splice masks on the Conv/Linear weights of ``model``, updated by :meth:`step`.
 
     ``c``: a float, or a dict with ``"conv"``, ``"linear"`` and module-name keys (a name beats a
-    type; layers no key matches are left alone), the multiple of ``std|W|`` in the threshold.
-    ``sparsity`` instead sets each layer's ``c`` so that ``a_k`` is that quantile of ``|W_k|``
-    (the first masks prune that fraction; splicing and later pruning move it). ``margin`` sets
-    ``a_k, b_k = (1 -/+ margin) t_k``; ``gamma`` and ``power`` the update probability; ``seed``
-    the draws. The masks are registered at once (a ``ValueError`` naming the weight, and nothing
+    type; layers no key matches are left alone), the multiple of ``std|W|`` in the threshold
+    (the paper's rule, fixed thresholds). ``sparsity``: aim at that fraction of pruned weights per
+    layer instead (a float for the layers ``c`` chooses, or a dict keyed like ``c`` that chooses
+    the layers itself): the thresholds follow the weights, see the module docstring; ``c`` is
+    then only reported. ``margin`` sets ``a_k, b_k = (1 -/+ margin) t_k``; ``gamma`` and
+    ``power`` the update probability; ``seed`` the draws. The masks are registered at once (a ``ValueError`` naming the weight, and nothing
     changed, when one is already parametrised): build the optimiser afterwards.
     """
 
-    def __init__(self, model: nn.Module, c: float | Mapping[str, float] = 1.0, *, sparsity: float | None = None,
+    def __init__(self, model: nn.Module, c: float | Mapping[str, float] = 1.0, *,
+                 sparsity: float | Mapping[str, float] | None = None,
                  margin: float = 0.1, gamma: float = 1e-4, power: float = 1.0, seed: int = 0) -> None:
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"NetworkSurgery: margin must be in [0, 1), got {margin}")
         if gamma < 0 or power < 0:
             raise ValueError(f"NetworkSurgery: gamma and power must be >= 0, got {gamma} and {power}")
-        if sparsity is not None and not 0.0 < sparsity < 1.0:
-            raise ValueError(f"NetworkSurgery: sparsity must be in (0, 1), got {sparsity}")
         self.model, self.margin, self.gamma, self.power = model, margin, gamma, power
         self.iteration = 0
         self.decisions: list[bool] = []
         self.finalized = False
         self._generator = torch.Generator().manual_seed(seed)
-        chosen = _chosen(model, c)
+        if isinstance(sparsity, Mapping):
+            chosen = _chosen(model, sparsity, "sparsity")
+            targets: dict[str, float | None] = {name: value for name, _, value in chosen}
+        else:
+            chosen = _chosen(model, c, "c")
+            targets = {name: None if sparsity is None else float(sparsity) for name, _, _ in chosen}
+        for name, target in targets.items():
+            if target is not None and not 0.0 < target < 1.0:
+                raise ValueError(f"NetworkSurgery: sparsity must be in (0, 1), got {target} for '{name}'")
         self.layers: dict[str, SurgeryLayer] = {}
         masks = {}
-        for name, weight, layer_c in chosen:
-            magnitude = weight.detach().abs().double().flatten()
-            mean, std = float(magnitude.mean()), float(magnitude.std(correction=0))
-            if sparsity is not None:
-                quantile = float(torch.quantile(magnitude.cpu(), sparsity))
-                layer_c = (quantile / (1 - margin) - mean) / std if std > 0 else 0.0
-            t = max(mean + layer_c * std, 0.0)
-            self.layers[name] = SurgeryLayer(name, layer_c, (1 - margin) * t, (1 + margin) * t)
-            masks[name] = weight.detach().abs() >= self.layers[name].a
+        for name, weight, value in chosen:
+            magnitude = weight.detach().abs()
+            target = targets[name]
+            if target is None:
+                t = max(_mean_plus_c_std(magnitude, value), 0.0)
+                self.layers[name] = SurgeryLayer(name, value, (1 - margin) * t, (1 + margin) * t)
+                masks[name] = magnitude >= self.layers[name].a
+            else:
+                self.layers[name] = SurgeryLayer(name, 0.0, 0.0, 0.0, target)
+                masks[name] = self._aim(self.layers[name], magnitude, torch.ones_like(magnitude, dtype=torch.bool))
         mask_(model, masks, straight_through=True)
 
     def probability(self, iteration: int) -> float:
@@ -106,9 +127,31 @@ class NetworkSurgery:
         current = masks_of(self.model)
         new = {}
         for name, layer in self.layers.items():
-            magnitude = self.dense(name).abs()
-            new[name] = (current[name] & (magnitude >= layer.a)) | (magnitude >= layer.b)
+            magnitude = self.dense(name).detach().abs()
+            if layer.target is not None:
+                new[name] = self._aim(layer, magnitude, current[name])
+            else:
+                new[name] = (current[name] & (magnitude >= layer.a)) | (magnitude >= layer.b)
         update_masks_(self.model, new)
+
+    def _aim(self, layer: SurgeryLayer, magnitude: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The mask of the paper's rule with ``a``, ``b = ratio * a`` set so that exactly
+        ``round(target * numel)`` weights are pruned; updates ``layer``'s thresholds (and its ``c``)."""
+        ratio = (1 + self.margin) / (1 - self.margin)
+        score = torch.where(kept.to(magnitude.device), magnitude, magnitude / ratio).flatten()
+        keep = score.numel() - int(round(float(layer.target or 0.0) * score.numel()))
+        mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+        if keep > 0:
+            order = torch.argsort(score, descending=True, stable=True)
+            mask[order[:keep]] = True
+            layer.a = float(score[order[keep - 1]])
+        else:
+            layer.a = float(score.max()) * ratio + 1.0  # above every score: everything pruned
+        layer.b = layer.a * ratio
+        std = float(magnitude.double().std(correction=0))
+        t = layer.a / (1 - self.margin)
+        layer.c = (t - float(magnitude.double().mean())) / std if std > 0 else 0.0
+        return mask.reshape(magnitude.shape)
 
     def dense(self, name: str) -> torch.Tensor:
         """The dense (unmasked) weight ``name`` that keeps learning under the mask."""
@@ -149,12 +192,19 @@ class NetworkSurgery:
         return WeightMasks(self.model, masks)
 
 
-def _chosen(model: nn.Module, c: float | Mapping[str, float]) -> list[tuple[str, torch.Tensor, float]]:
-    """(weight name, weight, c) of each layer in surgery, from the ``c`` spec."""
+def _mean_plus_c_std(magnitude: torch.Tensor, c: float) -> float:
+    """``mean + c * std`` of the magnitudes (population std), in float64."""
+    values = magnitude.double().flatten()
+    return float(values.mean()) + c * float(values.std(correction=0))
+
+
+def _chosen(model: nn.Module, c: float | Mapping[str, float], what: str = "c"
+            ) -> list[tuple[str, torch.Tensor, float]]:
+    """(weight name, weight, value) of each layer in surgery, from a ``c`` or ``sparsity`` spec."""
     spec: Mapping[str, float] = c if isinstance(c, Mapping) else dict.fromkeys(TYPE_KEYS, c)
     for key, value in spec.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"NetworkSurgery: c for '{key}' must be a number, got {value!r}")
+            raise ValueError(f"NetworkSurgery: {what} for '{key}' must be a number, got {value!r}")
     names = {key: float(value) for key, value in spec.items() if key not in TYPE_KEYS}
     chosen: list[tuple[str, torch.Tensor, float]] = []
     matched: set[str] = set()
