@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._inputs import call_model
+
 
 CONSUMERS = (nn.Linear, nn.Conv2d)
 
@@ -64,10 +66,20 @@ class GramCollector:
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
 
 
+def _inputs_of(batch: Any) -> Any:
+    """A batch's model inputs: an ``(input, integer targets)`` pair gives its input; anything
+    else is taken as example inputs (a tensor, a tuple of positional inputs, ``(args, kwargs)``)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
+            and not batch[1].is_floating_point():
+        return batch[0]
+    return batch
+
+
 @torch.no_grad()
 def collect_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]) -> GramCollector:
-    """Run ``model`` in eval mode on ``batches`` (inputs, tuples of inputs, or ``(input, target)``
-    pairs whose first item is the input) and return the Gram matrices of ``layers``' inputs."""
+    """Run ``model`` in eval mode on ``batches`` (example-input forms: a tensor, a tuple of
+    positional inputs, ``(args, kwargs)``; or ``(input, integer targets)`` pairs) and return the
+    Gram matrices of ``layers``' inputs."""
     was_training = model.training
     model.eval()
     collector = GramCollector(layers)
@@ -75,9 +87,7 @@ def collect_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Itera
     try:
         with collector:
             for batch in batches:
-                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
-                    isinstance(batch[1], torch.Tensor) and batch[1].dtype in (torch.long, torch.int) else batch
-                model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+                call_model(model, _inputs_of(batch))
                 used += 1
     finally:
         model.train(was_training)
