@@ -38,7 +38,8 @@ def _prune_hidden(model: TwoLinear, x: torch.Tensor, keep_out_of_fc1: list[int])
     return model
 
 
-def test_removed_inputs_that_are_combinations_of_kept_ones_are_restored_exactly():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_removed_inputs_that_are_combinations_of_kept_ones_are_restored_exactly(sequential):
     torch.manual_seed(0)
     model = TwoLinear()
     with torch.no_grad():  # hidden 4 = hidden 0 + 2 * hidden 1, hidden 5 = hidden 2 - hidden 3 (weights and biases)
@@ -50,7 +51,7 @@ def test_removed_inputs_that_are_combinations_of_kept_ones_are_restored_exactly(
     x = torch.randn(64, 4)
     pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
     assert not torch.allclose(pruned(x), original(x), atol=1e-3)
-    report = reconstruct_(pruned, original, [x[:32], x[32:]], ridge=0.0)
+    report = reconstruct_(pruned, original, [x[:32], x[32:]], ridge=0.0, sequential=sequential)
     torch.testing.assert_close(pruned(x), original(x), atol=1e-5, rtol=1e-5)
     before, after = report.errors["fc2"]
     assert before > 0.01 and after < 1e-6

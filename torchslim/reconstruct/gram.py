@@ -94,3 +94,44 @@ def collect_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Itera
     if used == 0:
         raise ValueError("no calibration batches: reconstruction needs data")
     return collector
+
+
+@torch.no_grad()
+def collect_paired(original: nn.Module, pruned: nn.Module, name: str, batches: Iterable[Any]) -> dict[str, Any]:
+    """For layer ``name``: the statistics of its inputs in ``original`` (X) and in ``pruned`` (Y,
+    the channels it still reads, as the pruned model computes them) on the same batches:
+    ``G = X^T X``, ``A = Y^T Y``, ``C = Y^T X`` (ones columns appended when the layer has a bias)
+    and the row count."""
+    layers = (original.get_submodule(name), pruned.get_submodule(name))
+    seen: list[torch.Tensor | None] = [None, None]
+    stats: dict[str, Any] = {"rows": 0}
+
+    def catcher(i: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            rows = input_rows(module, args[0].detach()).double()
+            if getattr(module, "bias", None) is not None:
+                rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], dim=1)
+            seen[i] = rows
+        return hook
+
+    handles = [layer.register_forward_hook(catcher(i)) for i, layer in enumerate(layers)]
+    modes = (original.training, pruned.training)
+    original.eval(), pruned.eval()
+    try:
+        for batch in batches:
+            inputs = _inputs_of(batch)
+            call_model(original, inputs)
+            call_model(pruned, inputs)
+            x, y = seen
+            if x is None or y is None:
+                raise ValueError(f"layer '{name}' did not run on a calibration batch")
+            for key, value in (("G", x.T @ x), ("A", y.T @ y), ("C", y.T @ x)):
+                stats[key] = stats[key] + value if key in stats else value
+            stats["rows"] += x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        original.train(modes[0]), pruned.train(modes[1])
+    if stats["rows"] == 0:
+        raise ValueError("no calibration batches: reconstruction needs data")
+    return stats

@@ -59,3 +59,28 @@ def _error(w: torch.Tensor, g: torch.Tensor, new: torch.Tensor, kept: torch.Tens
     full[:, kept] = new
     diff = w - full
     return float(torch.sqrt(torch.clamp((diff @ g * diff).sum(), min=0.0)))
+
+
+def refit_paired(weight: torch.Tensor, stats: dict, *, ridge: float = 1e-4, name: str = "layer") -> Refit:
+    """Least-squares weights for the pruned layer's own inputs Y reproducing ``weight``'s output
+    on the original inputs X: ``W' = W C^T (A + lam I)^-1`` from ``collect_paired``'s statistics
+    (``C = Y^T X``, ``A = Y^T Y``, ``G = X^T X`` for the errors)."""
+    w = weight.detach().double()
+    a, c, g = stats["A"], stats["C"], stats["G"]
+    k = a.shape[0]
+    if stats["rows"] < k:
+        warnings.warn(f"{name}: {stats['rows']} calibration rows for {k} input columns: the Gram matrix is rank "
+                      f"deficient and ridge fills the gap; give at least {k} rows", RankDeficientWarning, stacklevel=3)
+    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
+    new = torch.linalg.solve(a + lam * torch.eye(k, dtype=a.dtype), c @ w.T).T
+    total = float((w @ g * w).sum())
+
+    def error(v: torch.Tensor) -> float:  # ||X W^T - Y v^T||^2 = tr(W G W^T) - 2 tr(v C W^T) + tr(v A v^T)
+        return float((w @ g * w).sum() - 2 * (v @ c * w).sum() + (v @ a * v).sum())
+
+    return Refit(new, _relative(error(stats["kept_weight"].double()), total) if "kept_weight" in stats else 0.0,
+                 _relative(error(new), total))
+
+
+def _relative(squared: float, total: float) -> float:
+    return (max(squared, 0.0) / total) ** 0.5 if total > 0 else 0.0
