@@ -27,7 +27,12 @@ from rich.table import Table
 from torchslim.slimmable import export_width, make_slimmable
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-SKIP_BIG = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf"}
+# minutes each on 2 CPU cores (run them with --only): the largest of each family is skipped, its smaller
+# siblings (same blocks, same couplings) are not
+SKIP_BIG = {"vit_h_14", "vit_l_16", "vit_l_32", "vit_b_16", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf",
+            "regnet_x_32gf", "regnet_x_16gf", "convnext_large", "convnext_base", "efficientnet_b7", "efficientnet_b6",
+            "efficientnet_b5", "efficientnet_v2_l", "efficientnet_v2_m", "resnext101_64x4d", "resnext101_32x8d",
+            "wide_resnet101_2", "resnet152", "swin_v2_b", "swin_b", "maxvit_t", "densenet161", "densenet201"}
 
 
 def build(name: str):

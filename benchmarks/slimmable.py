@@ -40,12 +40,12 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from search import batches, build  # noqa: E402  (the search benchmark's tasks)
+from search import batches, build
 
-import torchslim  # noqa: E402
-from torchslim.demo import load_digits_tensors  # noqa: E402
-from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_  # noqa: E402
-from torchslim.slimmable import autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich  # noqa: E402
+import torchslim
+from torchslim.demo import load_digits_tensors
+from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_
+from torchslim.slimmable import autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 AUTOSLIM_BUDGETS = (0.5, 0.25)

@@ -2114,6 +2114,16 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return tuple(example_inputs), {}
 
 
+def assert_outputs_close(expected: list[torch.Tensor], actual: list[torch.Tensor], scale: float = 1e-5) -> None:
+    """Flat outputs equal: floats to ``scale`` times their magnitude (reordered sums differ in
+    the last bits), everything else exactly."""
+    for a, b in zip(expected, actual, strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, atol=scale * max(1.0, a.abs().max().item()), rtol=1e-4)
+        else:
+            assert torch.equal(a, b)
+
+
 def flat_outputs(obj: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) output, in a stable order; None entries are skipped."""
     if isinstance(obj, torch.Tensor):

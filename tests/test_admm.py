@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _digits import trained_digits_cnn
+
 import torchslim
 from torchslim.pruning import zero_removed_
 from torchslim.search import ADMMPruner
@@ -78,18 +80,7 @@ def test_penalty_gradient_dual_update_and_rho_schedule():
 
 
 def test_training_with_admm_then_the_hard_prune_keeps_accuracy_where_one_shot_loses_it():
-    from torchslim.demo import load_digits_tensors
-    from torchslim.models import create_model
-
-    torch.manual_seed(0)
-    X, Y, XT, YT = load_digits_tensors(seed=0)
-    model = create_model("digits_cnn")
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for i in range(0, len(X), 64):
-            opt.zero_grad()
-            F.cross_entropy(model(X[i:i + 64]), Y[i:i + 64]).backward()
-            opt.step()
+    model, (X, Y, XT, YT) = trained_digits_cnn()
     one_shot = copy.deepcopy(model).eval()
     config = torchslim.PruneConfig(target_macs=0.2, latency_aware=False)
     admm = ADMMPruner(model, X[:1], config, rho=0.01, update_every=20)

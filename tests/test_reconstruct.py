@@ -8,8 +8,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from _digits import trained_digits_cnn
 
 import torchslim
 from torchslim.reconstruct import RankDeficientWarning, collect_grams, input_rows, reconstruct_, refit
@@ -114,19 +115,9 @@ def test_too_few_rows_warn_and_no_data_is_refused():
 
 
 def test_digits_cnn_right_after_pruning_comes_back_near_the_original():
-    from torchslim.demo import load_digits_tensors
-    from torchslim.models import create_model
     from torchslim.recovery import recalibrate_bn_
 
-    torch.manual_seed(0)
-    X, Y, XT, YT = load_digits_tensors(seed=0)
-    model = create_model("digits_cnn")
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        for i in range(0, len(X), 64):
-            opt.zero_grad()
-            F.cross_entropy(model(X[i:i + 64]), Y[i:i + 64]).backward()
-            opt.step()
+    model, (X, Y, XT, YT) = trained_digits_cnn()
     model.eval()
     accuracy = lambda m: (m(XT).argmax(1) == YT).float().mean().item()  # noqa: E731
     pruned = copy.deepcopy(model)

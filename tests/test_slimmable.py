@@ -18,7 +18,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from tests.archs import ARCHS, flat_outputs, run  # noqa: E402
+from tests.archs import ARCHS, assert_outputs_close, flat_outputs, run  # noqa: E402
 
 from torchslim.models.digits import DigitsCNN  # noqa: E402
 from torchslim.recovery import recalibrate_bn_  # noqa: E402
@@ -32,20 +32,12 @@ COVERED = [n for n in sorted(ARCHS) if n != "nothing_prunable"]
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if ARCHS[n].slow else n for n in COVERED]
 
 
-def close(expected: list[torch.Tensor], actual: list[torch.Tensor], scale: float = 1e-5) -> None:
-    for a, b in zip(expected, actual, strict=True):
-        if a.is_floating_point():
-            torch.testing.assert_close(b, a, atol=scale * max(1.0, a.abs().max().item()), rtol=1e-4)
-        else:
-            assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_every_width_runs_exactly_as_the_model_exported_at_that_width(name):
     model, x = ARCHS[name]()
     expected = [t.clone() for t in flat_outputs(run(model, x))]
     slim = make_slimmable(model, x, widths=WIDTHS)
-    close(expected, flat_outputs(run(slim.model, x)))  # sorting the channels kept the function
+    assert_outputs_close(expected, flat_outputs(run(slim.model, x)))  # sorting the channels kept the function
     full_macs = slim.macs(1.0)
     for width in WIDTHS[:-1]:
         with slim.at_width(width):
@@ -53,10 +45,10 @@ def test_every_width_runs_exactly_as_the_model_exported_at_that_width(name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small = export_width(slim, width, x)
-        close(narrow, flat_outputs(run(small, x)))
+        assert_outputs_close(narrow, flat_outputs(run(small, x)))
         assert slim.macs(width) < full_macs
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in slim.model.parameters())
-    close(expected, flat_outputs(run(slim.model, x)))  # back at full width after the blocks
+    assert_outputs_close(expected, flat_outputs(run(slim.model, x)))  # back at full width after the blocks
 
 
 def test_gradients_at_half_width_reach_exactly_the_kept_slices():
@@ -169,4 +161,4 @@ def test_groups_whose_sizes_are_written_in_the_code_stay_at_full_width():
     assert slim.left_out and all("sizes read in the code" in why for why in slim.left_out.values())
     with slim.at_width(0.25):
         narrow = flat_outputs(run(slim.model, x))
-    close(narrow, flat_outputs(run(export_width(slim, 0.25, x), x)))
+    assert_outputs_close(narrow, flat_outputs(run(export_width(slim, 0.25, x), x)))
