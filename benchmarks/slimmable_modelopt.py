@@ -27,6 +27,8 @@ Notes on ModelOpt (nvidia-modelopt 0.47.0, read in its source and measured here)
 - the evolutionary search sets the lower FLOPs bound to 0.85 x the upper one (a subnet far under
   budget is "not satisfied"), and defaults to 5000 iterations; here ``--search-iters`` (default 300,
   population 100 / candidates 25 as ModelOpt's defaults), its "num_satisfied" is reported;
+- when no sampled subnet meets the constraint ModelOpt raises nothing: the first sample (iteration 0
+  is always "best") is exported whatever its FLOPs; "num_satisfied" in the JSON shows it;
 - the last conv before AdaptiveAvgPool2d -> Flatten -> Linear is never searched (stays 128 wide).
 
 Runs in ModelOpt's own virtual environment with this tree on the path:
