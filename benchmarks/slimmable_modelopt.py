@@ -27,6 +27,9 @@ Notes on ModelOpt (nvidia-modelopt 0.47.0, read in its source and measured here)
 - the evolutionary search sets the lower FLOPs bound to 0.85 x the upper one (a subnet far under
   budget is "not satisfied"), and defaults to 5000 iterations; here ``--search-iters`` (default 300,
   population 100 / candidates 25 as ModelOpt's defaults), its "num_satisfied" is reported;
+- the search caches subnets by config: "num_satisfied" counts repeats, "evaluations" (score_func
+  calls) the distinct subnets scored; on the CNN the space is 4 x 4 x 4 = 64 subnets (conv1, conv2,
+  fc1), so 300 iterations score only 8 distinct subnets at 50% and 4 at 25% (lower bound 0.85x);
 - when no sampled subnet meets the constraint ModelOpt raises nothing: the first sample (iteration 0
   is always "best") is exported whatever its FLOPs; "num_satisfied" in the JSON shows it;
 - the last conv before AdaptiveAvgPool2d -> Flatten -> Linear is never searched (stays 128 wide).
