@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 
 from torchslim.recovery import recalibrate_bn_
-from torchslim.slimmable.slimmable import Slimmable, Width, _width_key
+from torchslim.slimmable.slimmable import Slimmable, Width, width_key
 
 
 def calibrate_bn(slim: Slimmable, batches: Iterable, width: Width, num_batches: int | None = None) -> int:
@@ -25,7 +25,7 @@ def calibrate_bn(slim: Slimmable, batches: Iterable, width: Width, num_batches: 
 
 
 def _calibrate_private(slim: Slimmable, batches: Iterable, width: Width, num_batches: int | None) -> int:
-    per_width = slim.switchable[_width_key(width)]
+    per_width = slim.switchable[width_key(width)]
     assert isinstance(per_width, torch.nn.ModuleDict)
     stats = [_stats(h) for h in per_width.values() if getattr(h, "running_mean", None) is not None]
     saved = [[t.clone() for t in group] for group in stats]

@@ -22,7 +22,7 @@ def export_width(slim: Slimmable, width: Width, example_inputs: ExampleInputs) -
     a mismatch raises ``RuntimeError``."""
     with slim.at_width(width), torch.no_grad():
         expected = run_eval(slim.model, example_inputs)
-        private = slim._batchnorm_values(width) or {}
+        private = slim.batchnorm_values(width) or {}
     clone = copy_without_hooks(slim)
     graph = DependencyGraph.build(clone, example_inputs)
     if graph.n_atoms != slim.graph.n_atoms or len(graph.groups) != len(slim.graph.groups):

@@ -103,7 +103,7 @@ class Slimmable(nn.Module):
             if not self.config.allows(float(width)):
                 raise ValueError(f"width {width} is not one this model runs at: {self._describe_widths()}")
         plan = self.plan(width)
-        self.runtime.activate(plan, self._batchnorm_values(width))
+        self.runtime.activate(plan, self.batchnorm_values(width))
         self.width = width if not isinstance(width, Mapping) else dict(width)
 
     @contextlib.contextmanager
@@ -187,10 +187,12 @@ class Slimmable(nn.Module):
             return f"any width in [{self.config.width_range[0]}, {self.config.width_range[1]}]"
         return f"the configured widths {list(self.config.widths)}"
 
-    def _batchnorm_values(self, width: Width) -> dict[str, torch.Tensor] | None:
+    def batchnorm_values(self, width: Width) -> dict[str, torch.Tensor] | None:
+        """With switchable BatchNorm: the private tensors of ``width`` by the names of the
+        shared ones they stand in for (None without switchable BatchNorm)."""
         if not self.config.switchable_bn:
             return None
-        key = _width_key(width)
+        key = width_key(width)
         if key not in self.switchable:
             raise ValueError(f"switchable BatchNorm runs at the configured widths {list(self.config.widths)} only, "
                              f"not at {width}")
@@ -214,10 +216,11 @@ class Slimmable(nn.Module):
             for path, module in self.model.named_modules():
                 if isinstance(module, BATCHNORMS):
                     per_width[path.replace(".", "__")] = _private_copy(module, path, kept)
-            self.switchable[_width_key(width)] = per_width
+            self.switchable[width_key(width)] = per_width
 
 
-def _width_key(width: Width) -> str:
+def width_key(width: Width) -> str:
+    """The key of a width in ``Slimmable.switchable`` (module names cannot hold dots)."""
     if isinstance(width, Mapping):
         return "groups:" + ",".join(f"{g}={w:g}" for g, w in sorted(width.items()))
     return f"{float(width):g}".replace(".", "_")
