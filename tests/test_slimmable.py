@@ -162,3 +162,20 @@ def test_groups_whose_sizes_are_written_in_the_code_stay_at_full_width():
     with slim.at_width(0.25):
         narrow = flat_outputs(run(slim.model, x))
     assert_outputs_close(narrow, flat_outputs(run(export_width(slim, 0.25, x), x)))
+
+
+def test_per_group_widths_and_round_to():
+    model, x = ARCHS["residual_add"]()
+    slim = make_slimmable(model, x, widths=WIDTHS, round_to=4)
+    first = slim.groups[0].index
+    for counts in (slim.keep_counts(0.3), slim.keep_counts({first: 0.3})):
+        for g, kept in counts.items():
+            sizes = [len(c) for c in slim.classes[g]]
+            for k, n in zip(kept, sizes):
+                assert k == n or k % 4 == 0, (g, k, n)  # a multiple of 4 channels unless the whole class
+    only_first = slim.keep_counts({first: 0.3})
+    assert all(k == len(c) for g, ks in only_first.items() if g != first for k, c in zip(ks, slim.classes[g]))
+    with slim.at_width({first: 0.3}):
+        narrow = [t.clone() for t in flat_outputs(run(slim.model, x))]
+    assert_outputs_close(narrow, flat_outputs(run(export_width(slim, {first: 0.3}, x), x)))
+    assert slim.macs({first: 0.3}) > slim.macs(0.3)
