@@ -108,3 +108,60 @@ def test_bad_input_is_one_line_naming_the_flag(trained, capsys):
     assert _run(root, "--method", "sa", "--evaluator", f"{root / 'ev.py'}:broken", *base) == 2
     err = capsys.readouterr().err
     assert "validation set missing" in err and "--resume" in err
+
+
+ADMM_TRAIN = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from torchslim.demo import load_digits_tensors
+
+    X, Y, _, _ = load_digits_tensors(seed=0)
+    STEPS = []
+
+    def admm_train(model, admm):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for i in range(0, len(X), 128):
+            optimizer.zero_grad()
+            (F.cross_entropy(model(X[i:i + 128]), Y[i:i + 128]) + admm.penalty()).backward()
+            optimizer.step()
+            admm.step()
+            STEPS.append(1)
+
+    calibration = [X[:256]]
+''')
+
+
+def test_autocompress_writes_the_retrained_compressed_model_and_its_rounds(trained):
+    root, model = trained
+    (root / "ac.py").write_text(ADMM_TRAIN)
+    out = root / "ac"
+    code = _run(root, "--method", "autocompress", "--target-macs", "0.3", "--rounds", "2", "--max-evals", "3",
+                "--evaluator", f"{root / 'ev.py'}:accuracy", "--admm-train", f"{root / 'ac.py'}:admm_train",
+                "--data", f"{root / 'ac.py'}:calibration", "--out", str(out))
+    assert code == 0
+    x = torch.randn(1, 1, 8, 8)
+    original_macs = estimate_macs(DependencyGraph.build(model, x))
+    loaded = torchslim.load(out, torch.load(root / "trained.pt", weights_only=False)).eval()
+    assert 0.28 * original_macs <= estimate_macs(DependencyGraph.build(loaded, x)) <= 0.3 * original_macs
+    summary = json.loads((out / "search.json").read_text())
+    assert [r["evaluations"] for r in summary["rounds"]] == [3, 3]
+    assert summary["macs"][1] == estimate_macs(DependencyGraph.build(loaded, x))
+    for index in (1, 2):
+        assert (out / f"round{index}.jsonl").exists() and (out / f"round{index}" / "round.json").exists()
+    # the checkpoint holds the retrained weights: the model the last round saved, exactly
+    last = torchslim.load(out / "round2", torch.load(root / "trained.pt", weights_only=False)).eval()
+    torch.testing.assert_close(loaded(x), last(x))
+
+
+def test_autocompress_flags_are_checked_before_anything_runs(trained, capsys):
+    root, _ = trained
+    for flags, message in [([], "needs --admm-train"), (["--admm-train", "x.py:f", "--rounds", "0"], "--rounds"),
+                           (["--admm-train", "x.py:f", "--target-latency", "0.5"], "netadapt")]:
+        budget = [] if "--target-latency" in flags else ["--target-macs", "0.5"]
+        assert _run(root, "--method", "autocompress", *budget, "--evaluator", f"{root / 'ev.py'}:accuracy", *flags,
+                    "--out", str(root / "never")) != 0
+        assert message in capsys.readouterr().err
+    assert _run(root, "--method", "sa", "--target-macs", "0.5", "--evaluator", f"{root / 'ev.py'}:accuracy",
+                "--admm-train", "x.py:f", "--out", str(root / "never")) != 0
+    assert "--admm-train is for --method autocompress" in capsys.readouterr().err
+    assert not (root / "never").exists()

@@ -1,4 +1,4 @@
-"""``torchslim search MODEL --input ... --method sensitivity|netadapt|sa --target-macs F --evaluator FILE.py:FN --out DIR``."""
+"""``torchslim search MODEL --input ... --method sensitivity|netadapt|sa|autocompress --target-macs F --evaluator FILE.py:FN --out DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from typing import Any
 from torchslim.cli._common import add_model_arguments, make_console, model_and_inputs
 from torchslim.cli._errors import CliError, one_line
 
-METHODS = ("sensitivity", "netadapt", "sa")
+METHODS = ("sensitivity", "netadapt", "sa", "autocompress")
 
 EPILOG = """examples:
   torchslim search torchslim:digits_cnn --input 1,1,8,8 --method sensitivity --target-macs 0.3 \\
@@ -20,13 +20,23 @@ EPILOG = """examples:
   torchslim search nets.py:Net --input 1,3,32,32 --method sa --target-macs 0.5 --evaluator nets.py:accuracy \\
       --workers 2 --out n/              # evaluations as Ray tasks (pip install 'torchslim[ray]')
   torchslim search nets.py:Net ... --out n/ --resume          # continue n/history.jsonl after a crash
+  torchslim search nets.py:Net --input 1,3,32,32 --method autocompress --target-macs 0.25 --rounds 2 \
+      --evaluator nets.py:accuracy --admm-train nets.py:admm_train --data nets.py:calibration --out ac/
 
 --evaluator names a function model -> float, higher is better (e.g. accuracy on held-out batches;
 it must not train on them); --finetune a function (model, budget) -> None run on a copy of every
 candidate before it is scored. DIR receives the pruned checkpoint (usable as MODEL by every
 command), recipe.yaml (the chosen per-group ratios: 'torchslim prune MODEL --recipe DIR/recipe.yaml'
 re-applies them), history.jsonl (every evaluation), search.json and, for sensitivity, the
-analysis (sensitivity.json, sensitivity.png)."""
+analysis (sensitivity.json, sensitivity.png). --data names batches (or a function returning them)
+BatchNorm statistics are re-estimated on before each score.
+
+autocompress runs --rounds rounds of simulated annealing (--max-evals evaluations per round) then
+ADMM training at the round's winner through --admm-train, a function (model, admm) -> None: your
+training loop with admm.penalty() added to the loss and admm.step() after each optimizer step; the
+channels ADMM drove to zero are then removed. DIR receives the compressed model (its weights are
+the retrained ones, so there is no recipe), round<N>/ (each round's model and summary; --resume
+loads finished rounds), round<N>.jsonl (each round's evaluations) and search.json."""
 
 
 def add_parser(sub) -> None:
@@ -52,6 +62,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-evals", type=int, help="stop after N evaluations (the best so far is kept)")
     p.add_argument("--time-limit", type=float, help="stop after S seconds (the best so far is kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (SA proposals; same seed, same result)")
+    p.add_argument("--data", metavar="FILE.py:NAME", help="batches BatchNorm statistics are recalibrated on")
+    p.add_argument("--admm-train", metavar="FILE.py:FN", help="autocompress: function (model, admm) -> None")
+    p.add_argument("--rounds", type=int, default=2, help="autocompress: rounds to the budget (default 2)")
     p.add_argument("--initial-cut", type=float, default=0.015, help="netadapt: first iteration's cut (default 0.015)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the latency table and timings")
     p.add_argument("--workers", type=int, default=1,
@@ -71,12 +84,15 @@ def run(args: argparse.Namespace) -> int:
     evaluate = _function(args.evaluator, "--evaluator", import_attribute)
     finetune = _function(args.finetune, "--finetune", import_attribute) if args.finetune else None
     budget = _json_value(args.finetune_budget)
+    data = _batches(args.data, import_attribute) if args.data else None
     model, inputs = model_and_inputs(args)
+    if args.method == "autocompress":
+        return _run_autocompress(args, model, inputs, evaluate, finetune, budget, data)
     history = args.out / "history.jsonl"
     if args.resume and not history.exists():
         raise CliError(f"--resume: {history} does not exist (run once without --resume)")
     args.out.mkdir(parents=True, exist_ok=True)
-    search = _make_search(args, model, inputs, evaluate, finetune, budget, history)
+    search = _make_search(args, model, inputs, evaluate, finetune, budget, data, history)
     console = make_console()
     with _Progress(search, console) as progress:
         search.on_record = progress.record
@@ -102,6 +118,16 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise CliError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CliError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    if args.method == "autocompress" and not args.admm_train:
+        raise CliError("--method autocompress needs --admm-train FILE.py:FN (your training loop with "
+                       "admm.penalty() added to the loss and admm.step() after each optimizer step)")
+    if args.admm_train and args.method != "autocompress":
+        raise CliError(f"--admm-train is for --method autocompress, not {args.method}")
+    if args.rounds < 1:
+        raise CliError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.method == "autocompress" and args.target_latency is not None:
+        raise CliError("--method autocompress budgets MACs or parameters (--target-macs / --target-params); "
+                       "for a latency budget use --method netadapt")
     if args.ray_address and args.workers == 1:
         args.workers = 2  # a cluster address means: evaluate on Ray
     from torchslim.criteria import make_importance
@@ -122,6 +148,20 @@ def _function(spec: str, flag: str, import_attribute) -> Any:
     return value
 
 
+def _batches(spec: str, import_attribute) -> list:
+    """``--data``: a list of batches, or a function returning them (inputs, or (inputs, ...) tuples)."""
+    _, _, value = import_attribute(spec, "--data file", suggestable=lambda v: True)
+    value = value() if callable(value) else value
+    try:
+        batches = list(value)
+    except TypeError:
+        raise CliError(f"--data {spec} is a {type(value).__name__}, not batches (a list, or a function "
+                       "returning one)") from None
+    if not batches:
+        raise CliError(f"--data {spec} holds no batch")
+    return batches
+
+
 def _json_value(text: str | None) -> Any:
     if text is None:
         return None
@@ -131,19 +171,24 @@ def _json_value(text: str | None) -> Any:
         raise CliError(f"--finetune-budget is not JSON: {exc.msg}") from None
 
 
-def _make_search(args, model, inputs, evaluate, finetune, budget, history: Path):
+def _prune_config(args):
     import torchslim
+
+    try:
+        return torchslim.PruneConfig(criterion=args.criterion, exclude=tuple(args.exclude), round_to=args.round_to,
+                                     exact_only=args.exact_only or None, latency_threads=args.threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _make_search(args, model, inputs, evaluate, finetune, budget, data, history: Path):
     from torchslim.search import AnnealingSearch, NetAdaptSearch, SensitivitySearch
     from torchslim.search.executors import RayExecutor
 
-    try:
-        config = torchslim.PruneConfig(criterion=args.criterion, exclude=tuple(args.exclude), round_to=args.round_to,
-                                       exact_only=args.exact_only or None, latency_threads=args.threads)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
     kwargs: dict[str, Any] = dict(target_macs=args.target_macs, target_params=args.target_params,
                                   target_latency=args.target_latency, finetune=finetune, finetune_budget=budget,
-                                  max_evals=args.max_evals, time_limit=args.time_limit, seed=args.seed, config=config)
+                                  max_evals=args.max_evals, time_limit=args.time_limit, seed=args.seed,
+                                  config=_prune_config(args), data=data, recalibrate_bn=data is not None)
     kwargs["resume" if args.resume else "history"] = history
     if args.workers > 1:
         kwargs["executor"] = RayExecutor(workers=args.workers, address=args.ray_address, threads_per_worker=1)
@@ -154,6 +199,52 @@ def _make_search(args, model, inputs, evaluate, finetune, budget, history: Path)
         return cls(model, inputs, evaluate, **kwargs)
     except (ValueError, TypeError) as exc:
         raise CliError(one_line(str(exc))) from None
+
+
+def _run_autocompress(args, model, inputs, evaluate, finetune, budget, data) -> int:
+    """AutoCompress: the rounds, then the compressed model (retrained weights) and the summary."""
+    from torchslim.cli._model_spec import import_attribute
+    from torchslim.search import AutoCompress, SearchInterrupted
+    from torchslim.search.executors import RayExecutor
+
+    admm_train = _function(args.admm_train, "--admm-train", import_attribute)
+    if args.resume and not (args.out / "round1.jsonl").exists():
+        raise CliError(f"--resume: {args.out} holds no autocompress run (run once without --resume)")
+    executor = (RayExecutor(workers=args.workers, address=args.ray_address, threads_per_worker=1)
+                if args.workers > 1 else None)
+    try:
+        search = AutoCompress(model, inputs, evaluate, admm_train, target_macs=args.target_macs,
+                              target_params=args.target_params, rounds=args.rounds, evals_per_round=args.max_evals,
+                              finetune=finetune, finetune_budget=budget, data=data, recalibrate_bn=data is not None,
+                              seed=args.seed, config=_prune_config(args), executor=executor,
+                              **{"resume" if args.resume else "history": args.out})
+        result = search.run()
+    except SearchInterrupted as exc:
+        raise CliError(f"{exc} (continue with --resume)") from None
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CliError(one_line(str(exc))) from None
+    finally:
+        if executor is not None:
+            executor.close()
+    summary = {"method": "autocompress", "rounds": [r.summary() for r in result.rounds], "score": result.score,
+               "macs": [result.original_macs, result.macs], "params": [result.original_params, result.params],
+               "checkpoint": str(args.out)}
+    from torchslim.cli.prune import _write_checkpoint
+
+    _write_checkpoint(args, result.model, result.plan)  # rebuilt from MODEL by the rounds' removals
+    if args.onnx:
+        from torchslim.cli.prune import _export_onnx
+
+        summary["onnx"] = _export_onnx(result.model, inputs, args.out / "model.onnx")
+    (args.out / "search.json").write_text(json.dumps(summary, indent=2, default=str))
+    console = make_console()
+    macs, params = summary["macs"], summary["params"]
+    for r in result.rounds:
+        console.print(f"round {r.index}: goal {r.goal:.3f} of the original, MACs {r.macs:,}, params {r.params:,}, "
+                      f"score {r.score:.4g}")
+    console.print(f"compressed: MACs {macs[0]:,} -> {macs[1]:,} ({macs[1] / macs[0]:.3f}), params {params[0]:,} -> "
+                  f"{params[1]:,}, score {result.score:.4g}; checkpoint {args.out}")
+    return 0
 
 
 class _Progress:

@@ -42,6 +42,9 @@ _EXPORTS = {
     "RayExecutor": "torchslim.search.executors",
     "ADMMPruner": "torchslim.search.admm",
     "ADMMState": "torchslim.search.admm",
+    "AutoCompress": "torchslim.search.autocompress",
+    "AutoCompressResult": "torchslim.search.autocompress",
+    "admm_trainer": "torchslim.search.autocompress",
 }
 
 __all__ = list(_EXPORTS)

@@ -46,6 +46,14 @@ class ADMMState:
     residual: float
 
 
+def check_admm_schedule(rho: float, rho_growth: float, rho_max: float, update_every: int) -> None:
+    """Raise ``ValueError`` on a rho schedule or update period ADMM cannot run with."""
+    if not rho > 0 or not rho_growth >= 1 or not rho_max >= rho:
+        raise ValueError(f"need rho > 0, rho_growth >= 1 and rho_max >= rho; got {rho}, {rho_growth}, {rho_max}")
+    if not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"update_every must be an integer >= 1 (steps), got {update_every}")
+
+
 class ADMMPruner:
     """See the module docstring. ``config`` says how much goes (``ratio``, per-group ``ratios``,
     ``target_macs`` / ``target_params``) and where (scope, ``round_to``, ``exact_only``), as for
@@ -53,10 +61,7 @@ class ADMMPruner:
 
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig | None = None, *,
                  rho: float = 1e-3, rho_growth: float = 1.3, rho_max: float = 1.0, update_every: int = 50):
-        if not rho > 0 or not rho_growth >= 1 or not rho_max >= rho:
-            raise ValueError(f"need rho > 0, rho_growth >= 1 and rho_max >= rho; got {rho}, {rho_growth}, {rho_max}")
-        if update_every < 1:
-            raise ValueError(f"update_every must be >= 1 steps, got {update_every}")
+        check_admm_schedule(rho, rho_growth, rho_max, update_every)
         self.model, self.example_inputs = model, example_inputs
         self.config = config or PruneConfig()
         self.rho, self.rho_growth, self.rho_max, self.update_every = rho, rho_growth, rho_max, update_every

@@ -35,13 +35,8 @@ class AnnealingSearch(Search):
     def __init__(self, *args: Any, start_temperature: float = 100.0, stop_temperature: float = 20.0,
                  cool_down_rate: float = 0.9, perturbation_magnitude: float = 0.35, size_order: bool = True,
                  **kwargs: Any):
+        self.check_options(start_temperature, stop_temperature, cool_down_rate, perturbation_magnitude, size_order)
         super().__init__(*args, **kwargs)
-        if not start_temperature > stop_temperature > 0:
-            raise ValueError(f"need start_temperature > stop_temperature > 0, got {start_temperature}, {stop_temperature}")
-        if not 0 < cool_down_rate < 1:
-            raise ValueError(f"cool_down_rate must be in (0, 1), got {cool_down_rate}")
-        if not 0 < perturbation_magnitude <= 1:
-            raise ValueError(f"perturbation_magnitude must be in (0, 1], got {perturbation_magnitude}")
         if self.space.quantity is None:
             raise ValueError("simulated annealing needs a budget: target_macs, target_params or target_latency")
         self.start_temperature, self.stop_temperature = start_temperature, stop_temperature
@@ -49,6 +44,19 @@ class AnnealingSearch(Search):
                                                                               size_order)
         self.groups = sorted(self.space.sizes)
         self.size_rank = self._size_rank()
+
+    @staticmethod
+    def check_options(start_temperature: float = 100.0, stop_temperature: float = 20.0, cool_down_rate: float = 0.9,
+                      perturbation_magnitude: float = 0.35, size_order: bool = True) -> None:
+        """Raise ``ValueError`` on a schedule that cannot run (before any tracing or evaluation)."""
+        if not start_temperature > stop_temperature > 0:
+            raise ValueError(f"need start_temperature > stop_temperature > 0, got {start_temperature}, {stop_temperature}")
+        if not 0 < cool_down_rate < 1:
+            raise ValueError(f"cool_down_rate must be in (0, 1), got {cool_down_rate}")
+        if not 0 < perturbation_magnitude <= 1:
+            raise ValueError(f"perturbation_magnitude must be in (0, 1], got {perturbation_magnitude}")
+        if not isinstance(size_order, bool):
+            raise TypeError(f"size_order must be a bool, got {type(size_order).__name__}")
 
     def options(self) -> dict[str, Any]:
         return {"start_temperature": self.start_temperature, "stop_temperature": self.stop_temperature,
