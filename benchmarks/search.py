@@ -4,13 +4,16 @@ Tasks: the demo's digits CNN and a ResNet-18 adapted to 8x8 digits (3x3 stride-1
 max-pool, 1 input channel), trained per seed on scikit-learn's bundled digits; MACs budgets
 0.5, 0.2 and 0.1; 3 seeds. Methods: uniform L1 (every group cut alike to the budget), global L1
 ranking, SensitivitySearch (the analysis is measured once per model and seed; each budget is
-then chosen from it, which takes seconds, plus one evaluation), NetAdaptSearch and
-AnnealingSearch. The searches score candidates on a validation split of the training data
+then chosen from it, which takes seconds, plus one evaluation), NetAdaptSearch,
+AnnealingSearch and AutoCompress (2 rounds of annealing, each followed by ADMM training of
+``--admm-epochs`` epochs at the round's winner and the hard prune: it trains before its
+"right after" score, the others do not; the row says how many epochs). The searches score candidates on a validation split of the training data
 (accuracy after BatchNorm recalibration on training batches); the table reports the held-out
 test split: right after pruning with BatchNorm recalibration (no fine-tune), then after the same
 short fine-tune for every method. Writes benchmarks/results/search.json.
 Usage: python benchmarks/search.py [--models digits_cnn resnet18] [--budgets 0.5 0.2 0.1]
-       [--seeds 0 1 2] [--train-epochs 15] [--finetune-epochs 2] [--sa-evals 80] [--quick]
+       [--seeds 0 1 2] [--methods ...] [--train-epochs 15] [--finetune-epochs 2] [--sa-evals 80]
+       [--admm-epochs 2] [--out results/search.json] [--quick]
 """
 from __future__ import annotations
 
@@ -24,67 +27,22 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 import torchslim
-from torchslim.demo import load_digits_tensors
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim.models import create_model
-from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_
-from torchslim.search import AnnealingSearch, NetAdaptSearch, SensitivitySearch
+from torchslim.recovery import evaluate_accuracy, finetune
+from _digits_task import Task, batches, build  # noqa: F401 - batches and build: imported from here by slimmable.py
+from torchslim.search import AnnealingSearch, AutoCompress, NetAdaptSearch, SensitivitySearch, admm_trainer
 
-METHODS = ("uniform L1", "global L1", "sensitivity", "NetAdapt", "SA")
-
-
-def resnet18_digits() -> nn.Module:
-    model = torchvision.models.resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
-def build(name: str) -> nn.Module:
-    return resnet18_digits() if name == "resnet18" else create_model("digits_cnn")
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int | None = None) -> list:
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) if seed is not None else \
-        torch.arange(len(x))
-    return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, len(x), size)]
-
-
-class Task:
-    """One model trained on one seed's split, with the data every method shares."""
-
-    def __init__(self, name: str, seed: int, train_epochs: int, calibration_batches: int = 4):
-        x, y, x_test, y_test = load_digits_tensors(seed=seed)
-        cut = int(0.8 * len(x))
-        self.train = batches(x[:cut], y[:cut], 64, seed)
-        self.val, self.test = batches(x[cut:], y[cut:], 256), batches(x_test, y_test, 256)
-        self.calibration = self.train[:calibration_batches]
-        self.example = (x[:1],)
-        torch.manual_seed(seed)
-        self.model = build(name)
-        finetune(self.model, self.train, epochs=train_epochs, lr=2e-3, progress=False)
-        self.model.eval()
-        self.macs = estimate_macs(DependencyGraph.build(self.model, self.example))
-        self.accuracy = evaluate_accuracy(self.model, self.test)
-
-    def score(self, model: nn.Module, split: list) -> float:
-        recalibrate_bn_(model, (b[0] for b in self.calibration))
-        return evaluate_accuracy(model, split)
-
-    def search_kwargs(self, budget: float, seed: int) -> dict:
-        return dict(target_macs=budget, seed=seed, data=[b[0] for b in self.calibration], recalibrate_bn=True,
-                    config=torchslim.PruneConfig(exact_only=True))
+METHODS = ("uniform L1", "global L1", "sensitivity", "NetAdapt", "SA", "AutoCompress")
 
 
 def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa_evals: int,
-              netadapt_cut: float) -> tuple:
+              netadapt_cut: float, admm_epochs: int = 2) -> tuple:
     """(pruned copy, evaluations, seconds) for one method at one budget."""
     model = copy.deepcopy(task.model)
     evaluate = lambda m: evaluate_accuracy(m, task.val)  # noqa: E731 - recalibrated by the search first
@@ -101,6 +59,12 @@ def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa
                                      config=torchslim.PruneConfig(exact_only=True))
         torchslim.prune_(model, task.example, config)
         return model, len(analysis.ratios) * len(analysis.curves) + 1, seconds + time.perf_counter() - start
+    if method == "AutoCompress":
+        train = admm_trainer(task.train, F.cross_entropy, epochs=admm_epochs, lr=1e-3)
+        compressed = AutoCompress(model, task.example, evaluate, train, rounds=2, evals_per_round=max(1, sa_evals // 2),
+                                  rho=0.01, rho_growth=1.3,
+                                  update_every=6, **kwargs).run()
+        return compressed.model, len(compressed.history), time.perf_counter() - start
     if method == "NetAdapt":
         search = NetAdaptSearch(model, task.example, evaluate, initial_cut=netadapt_cut, **kwargs)
     else:
@@ -127,8 +91,10 @@ def run_task(name: str, seed: int, args) -> list[dict]:
     for budget in args.budgets:
         for method in args.methods:
             model, evals, seconds = pruned_by(method, task, budget, seed, sensitivity, args.sa_evals,
-                                              args.netadapt_cut)
+                                              args.netadapt_cut, args.admm_epochs)
+            trained = 2 * args.admm_epochs if method == "AutoCompress" else 0
             row = {"model": name, "seed": seed, "budget": budget, "method": method, "evaluations": evals,
+                   "epochs_before_score": trained,
                    "seconds": seconds, "original_accuracy": task.accuracy,
                    "macs_ratio": estimate_macs(DependencyGraph.build(model, task.example)) / task.macs,
                    "params": sum(p.numel() for p in model.parameters()),
@@ -150,20 +116,22 @@ def summarize(rows: list[dict]) -> list[dict]:
         out.append({"model": model, "budget": budget, "method": method, "seeds": len(mine),
                     **{k: stat(k) for k in ("accuracy_after_pruning", "accuracy_after_finetune", "macs_ratio",
                                             "seconds", "original_accuracy")},
-                    "evaluations": statistics.mean(r["evaluations"] for r in mine)})
+                    "evaluations": statistics.mean(r["evaluations"] for r in mine),
+                    "epochs_before_score": max(r.get("epochs_before_score", 0) for r in mine)})
     return out
 
 
 def print_table(summary: list[dict], args) -> None:
     table = Table(title=f"digits, accuracy on the test split (mean ± std over {len(args.seeds)} seeds): right after "
                         f"pruning + BN recalibration, then after {args.finetune_epochs} fine-tune epoch(s)")
-    for col in ("model", "MACs budget", "method", "MACs", "acc. right after", "acc. after fine-tune", "evals", "s"):
+    for col in ("model", "MACs budget", "method", "MACs", "acc. right after", "acc. after fine-tune", "evals", "s",
+                "epochs before"):
         table.add_column(col, justify="right")
     pm = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"  # noqa: E731
     for s in summary:
         table.add_row(s["model"], f"{s['budget']:g}", s["method"], f"{s['macs_ratio'][0]:.3f}",
                       pm(s["accuracy_after_pruning"]), pm(s["accuracy_after_finetune"]), f"{s['evaluations']:.0f}",
-                      f"{s['seconds'][0]:.1f}")
+                      f"{s['seconds'][0]:.1f}", str(s["epochs_before_score"]))
     Console().print(table)
 
 
@@ -176,6 +144,7 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--sa-evals", type=int, default=80)
+    parser.add_argument("--admm-epochs", type=int, default=2, help="AutoCompress: ADMM epochs per round (2 rounds)")
     parser.add_argument("--netadapt-cut", type=float, default=0.05, help="NetAdapt's first cut (share of the MACs)")
     parser.add_argument("--quick", action="store_true", help="one seed, the CNN, budget 0.2, few epochs (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
