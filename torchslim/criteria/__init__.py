@@ -1,8 +1,9 @@
 """Importance criteria, one per file; ``make_importance(name)`` is the front door.
 
 Every criterion returns one score per atom of a group (higher = keep); see ``_base`` for
-how per-slot values reduce to atoms. Data-driven ones (taylor, fisher, apoz, mean_activation)
-measure the model on ``data=`` batches passed to ``prune_`` first.
+how per-slot values reduce to atoms. Data-driven ones (taylor, fisher, apoz, mean_activation, thinet)
+measure the model on ``data=`` batches passed to ``prune_`` first; ``thinet`` ranks by the next
+layer's output change on them (greedy, Luo et al. 2017).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torchslim.criteria.lamp import LAMPImportance
 from torchslim.criteria.norm import NormImportance
 from torchslim.criteria.random import RandomImportance
 from torchslim.criteria.taylor import TaylorImportance
+from torchslim.criteria.thinet import ThiNetImportance
 
 CriterionFactory = Callable[[int], Importance]
 
@@ -56,6 +58,7 @@ register_criterion("taylor", lambda seed: TaylorImportance())
 register_criterion("fisher", lambda seed: FisherImportance())
 register_criterion("apoz", lambda seed: ActivationImportance("apoz"))
 register_criterion("mean_activation", lambda seed: ActivationImportance("mean"))
+register_criterion("thinet", lambda seed: ThiNetImportance())
 register_criterion("random", RandomImportance)
 
 
@@ -72,6 +75,6 @@ def make_importance(criterion: Any, seed: int = 0) -> Importance:
 
 __all__ = [
     "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance",
-    "Importance", "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "bn_l1_penalty",
+    "Importance", "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "ThiNetImportance", "bn_l1_penalty",
     "make_importance", "random_projection_loss", "register_criterion", "scatter_to_atoms",
 ]
