@@ -52,7 +52,7 @@ def consumer_layers(graph: DependencyGraph) -> dict[str, nn.Module]:
     return layers
 
 
-def channel_error_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def channel_error_matrix(module: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``A`` of one batch: ``A_cd = sum_{i in c, j in d} (X^T X)_ij (W^T W)_ij`` over the
     input channels c, d of ``module`` (float64)."""
     from torchslim.reconstruct.gram import input_rows
