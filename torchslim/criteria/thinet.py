@@ -101,7 +101,7 @@ class ThiNetImportance:
         self.matrices = {}
 
         def hook(name: str):
-            def add(module: nn.Module, args: tuple, output: Any) -> None:
+            def add(module: Any, args: tuple, output: Any) -> None:
                 value = channel_error_matrix(module, args[0])
                 self.matrices[name] = self.matrices[name] + value if name in self.matrices else value
             return add
