@@ -66,11 +66,15 @@ def test_the_ridge_solution_equals_an_independent_lstsq():
     gram = x.T @ x
     ridge = 0.05
     lam = ridge * gram[kept][:, kept].diagonal().mean()
-    # min ||x w^T - x_K v^T||^2 + lam ||v||^2 as one stacked least-squares problem
+    # min ||x w^T - x_K v^T||^2 + lam ||v - w_K||^2 as one stacked least-squares problem
     a = torch.cat([x[:, kept], lam.sqrt() * torch.eye(4, dtype=torch.float64)])
-    b = torch.cat([x @ w.T, torch.zeros(4, 3, dtype=torch.float64)])
+    b = torch.cat([x @ w.T, lam.sqrt() * w[:, kept].T])
     expected = torch.linalg.lstsq(a, b).solution.T
     torch.testing.assert_close(refit(w, gram, kept, ridge=ridge).weight, expected)
+    # a huge ridge keeps the kept weights as they are; none fits the calibration rows alone
+    torch.testing.assert_close(refit(w, gram, kept, ridge=1e9).weight, w[:, kept], atol=1e-6, rtol=1e-6)
+    unregularised = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T
+    torch.testing.assert_close(refit(w, gram, kept, ridge=0.0).weight, unregularised)
 
 
 def test_a_removed_constant_channel_moves_into_the_bias_exactly():

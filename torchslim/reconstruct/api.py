@@ -6,7 +6,8 @@ bias compensation as FLAP, AAAI 2024).
 The layers come from the pruned model's history (``torchslim.pruning_history``: which input
 channels each Linear / ungrouped Conv2d lost, relative to the original); the Gram matrices of
 their inputs are collected on the original model in one pass over ``data``; each layer's kept
-output rows get ``W' = W G[:, K] (G[K, K] + lam I)^-1`` (:mod:`torchslim.reconstruct.solve`).
+output rows get ``W' = (W G[:, K] + lam W_K) (G[K, K] + lam I)^-1`` (:mod:`torchslim.reconstruct.solve`; the
+ridge pulls toward the kept weights as they are).
 Attention output and FFN down projections are such Linear layers. Grouped and depthwise
 convolutions are left as they are (a depthwise layer loses its inputs with its outputs).
 Reconstruct before recalibrating BatchNorm: the re-fitted layers reproduce the original

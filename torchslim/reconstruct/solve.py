@@ -2,10 +2,14 @@
 
 With ``X`` the original inputs (a column of ones appended when there is a bias), ``W`` the
 original weights (the bias as the last column) and ``K`` the columns the pruned layer still
-reads, the new weights minimise ``||X W^T - X_K W'^T||^2 + lam ||W'||^2``:
-``W' = W G[:, K] (G[K, K] + lam I)^-1`` with ``G = X^T X``, solved in float64. The ones
-column is always kept, so a removed channel's mean contribution moves into the bias (bias
-compensation). ``lam`` is ``ridge`` times the mean of ``diag(G[K, K])``."""
+reads, the new weights minimise ``||X W^T - X_K W'^T||^2 + lam ||W' - W_K||^2``:
+``W' = (W G[:, K] + lam W_K) (G[K, K] + lam I)^-1`` with ``G = X^T X``, solved in float64. The
+ridge pulls toward the kept weights as they are (not toward zero), so a larger ``ridge``
+moves the fit from the full re-fit to no change at all, never below both: with few calibration
+rows for a wide layer (a transformer's FFN on a few sentences) that trades fitting the
+calibration set for staying near the trained weights. The ones column is always kept, so a
+removed channel's mean contribution moves into the bias (bias compensation). ``lam`` is
+``ridge`` times the mean of ``diag(G[K, K])``."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +46,7 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, ridge
     gkk = g[kept][:, kept]
     lam = ridge * float(gkk.diagonal().mean().clamp_min(1e-12))
     system = gkk + lam * torch.eye(kept.numel(), dtype=g.dtype)
-    new = torch.linalg.solve(system, (w @ g[:, kept]).T).T  # W G[:, K] (G[K, K] + lam I)^-1
+    new = torch.linalg.solve(system, (w @ g[:, kept] + lam * w[:, kept]).T).T  # (W G[:, K] + lam W_K) (...)^-1
     total = _energy(w, g)
     before = _error(w, g, w[:, kept], kept)
     after = _error(w, g, new, kept)
@@ -63,8 +67,9 @@ def _error(w: torch.Tensor, g: torch.Tensor, new: torch.Tensor, kept: torch.Tens
 
 def refit_paired(weight: torch.Tensor, stats: dict, *, ridge: float = 1e-4, name: str = "layer") -> Refit:
     """Least-squares weights for the pruned layer's own inputs Y reproducing ``weight``'s output
-    on the original inputs X: ``W' = W C^T (A + lam I)^-1`` from ``collect_paired``'s statistics
-    (``C = Y^T X``, ``A = Y^T Y``, ``G = X^T X`` for the errors)."""
+    on the original inputs X: ``W' = (W C^T + lam W_K) (A + lam I)^-1`` from ``collect_paired``'s
+    statistics (``C = Y^T X``, ``A = Y^T Y``, ``G = X^T X`` for the errors; ``W_K`` the layer's
+    current weights, ``stats["kept_weight"]``, zero when absent)."""
     w = weight.detach().double()
     a, c, g = stats["A"], stats["C"], stats["G"]
     k = a.shape[0]
@@ -72,7 +77,8 @@ def refit_paired(weight: torch.Tensor, stats: dict, *, ridge: float = 1e-4, name
         warnings.warn(f"{name}: {stats['rows']} calibration rows for {k} input columns: the Gram matrix is rank "
                       f"deficient and ridge fills the gap; give at least {k} rows", RankDeficientWarning, stacklevel=3)
     lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
-    new = torch.linalg.solve(a + lam * torch.eye(k, dtype=a.dtype), c @ w.T).T
+    anchor = stats["kept_weight"].double() if "kept_weight" in stats else torch.zeros(w.shape[0], k, dtype=w.dtype)
+    new = torch.linalg.solve(a + lam * torch.eye(k, dtype=a.dtype), c @ w.T + lam * anchor.T).T
     total = float((w @ g * w).sum())
 
     def error(v: torch.Tensor) -> float:  # ||X W^T - Y v^T||^2 = tr(W G W^T) - 2 tr(v C W^T) + tr(v A v^T)
