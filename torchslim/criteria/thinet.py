@@ -95,7 +95,7 @@ class ThiNetImportance:
         if data is None:
             raise ValueError("criterion 'thinet' needs data= (calibration batches) in prune_")
         from torchslim._inputs import call_model
-        from torchslim.reconstruct.gram import _inputs_of
+        from torchslim.criteria.taylor import batch_inputs
 
         layers = consumer_layers(graph)
         self.matrices = {}
@@ -113,7 +113,7 @@ class ThiNetImportance:
         used = 0
         try:
             for batch in iter_batches(data, self.max_batches):
-                call_model(model, _inputs_of(batch))
+                call_model(model, batch_inputs(batch))
                 used += 1
         finally:
             for handle in handles:
