@@ -15,7 +15,9 @@ or in parallel on Ray (:class:`RayExecutor`), with the same history either way.
 target's goal is calibrated against measured removals, and under ``latency_aware`` the
 candidate rankings are timed and the fastest kept (NetAdapt's lesson: measure every proposal).
 :class:`ADMMPruner` (ADMM structured pruning inside the user's training loop, AutoCompress's
-inner loop) projects onto the group-sparse set the same selector chooses. The searches drive
+inner loop) projects onto the group-sparse set the same selector chooses; :class:`AutoCompress`
+runs rounds of annealing then ADMM training; :class:`AMCSearch` (He et al. 2018) trains a DDPG
+agent whose per-group actions are clipped to keep the budget reachable. The searches drive
 the engine only through its public API (``torchslim.pruning``: the
 :class:`~torchslim.pruning.selector.Selector`, ``plan_removal`` and ``applied``).
 
@@ -42,6 +44,8 @@ _EXPORTS = {
     "RayExecutor": "torchslim.search.executors",
     "ADMMPruner": "torchslim.search.admm",
     "ADMMState": "torchslim.search.admm",
+    "AMCSearch": "torchslim.search.amc",
+    "DDPGConfig": "torchslim.search._ddpg",
     "AutoCompress": "torchslim.search.autocompress",
     "AutoCompressResult": "torchslim.search.autocompress",
     "admm_trainer": "torchslim.search.autocompress",
