@@ -165,3 +165,18 @@ def test_autocompress_flags_are_checked_before_anything_runs(trained, capsys):
                 "--admm-train", "x.py:f", "--out", str(root / "never")) != 0
     assert "--admm-train is for --method autocompress" in capsys.readouterr().err
     assert not (root / "never").exists()
+
+
+def test_amc_writes_the_pruned_checkpoint_history_and_policy(trained):
+    root, model = trained
+    out = root / "amc"
+    code = _run(root, "--method", "amc", "--target-macs", "0.4", "--episodes", "6", "--warmup", "3",
+                "--evaluator", f"{root / 'ev.py'}:accuracy", "--out", str(out))
+    assert code == 0
+    x = torch.randn(1, 1, 8, 8)
+    original_macs = estimate_macs(DependencyGraph.build(model, x))
+    loaded = torchslim.load(out, torch.load(root / "trained.pt", weights_only=False))
+    assert 0.36 * original_macs <= estimate_macs(DependencyGraph.build(loaded, x)) <= 0.4 * original_macs
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["method"] == "amc" and summary["evaluations"] == 6
+    assert (out / "history.jsonl.policy.pt").exists() and (out / "recipe.yaml").exists()

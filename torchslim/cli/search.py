@@ -1,4 +1,4 @@
-"""``torchslim search MODEL --input ... --method sensitivity|netadapt|sa|autocompress --target-macs F --evaluator FILE.py:FN --out DIR``."""
+"""``torchslim search MODEL --input ... --method sensitivity|netadapt|sa|autocompress|amc --target-macs F --evaluator FILE.py:FN --out DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from typing import Any
 from torchslim.cli._common import add_model_arguments, make_console, model_and_inputs
 from torchslim.cli._errors import CliError, one_line
 
-METHODS = ("sensitivity", "netadapt", "sa", "autocompress")
+METHODS = ("sensitivity", "netadapt", "sa", "autocompress", "amc")
 
 EPILOG = """examples:
   torchslim search torchslim:digits_cnn --input 1,1,8,8 --method sensitivity --target-macs 0.3 \\
@@ -22,6 +22,8 @@ EPILOG = """examples:
   torchslim search nets.py:Net ... --out n/ --resume          # continue n/history.jsonl after a crash
   torchslim search nets.py:Net --input 1,3,32,32 --method autocompress --target-macs 0.25 --rounds 2 \
       --evaluator nets.py:accuracy --admm-train nets.py:admm_train --data nets.py:calibration --out ac/
+  torchslim search nets.py:Net --input 1,3,32,32 --method amc --target-macs 0.5 --episodes 300 --warmup 100 \
+      --evaluator nets.py:accuracy --data nets.py:calibration --out amc/    # writes history.jsonl.policy.pt too
 
 --evaluator names a function model -> float, higher is better (e.g. accuracy on held-out batches;
 it must not train on them); --finetune a function (model, budget) -> None run on a copy of every
@@ -65,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", metavar="FILE.py:NAME", help="batches BatchNorm statistics are recalibrated on")
     p.add_argument("--admm-train", metavar="FILE.py:FN", help="autocompress: function (model, admm) -> None")
     p.add_argument("--rounds", type=int, default=2, help="autocompress: rounds to the budget (default 2)")
+    p.add_argument("--episodes", type=int, default=300, help="amc: episodes (evaluations; default 300)")
+    p.add_argument("--warmup", type=int, default=100, help="amc: random episodes first (default 100)")
     p.add_argument("--initial-cut", type=float, default=0.015, help="netadapt: first iteration's cut (default 0.015)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the latency table and timings")
     p.add_argument("--workers", type=int, default=1,
@@ -182,7 +186,7 @@ def _prune_config(args):
 
 
 def _make_search(args, model, inputs, evaluate, finetune, budget, data, history: Path):
-    from torchslim.search import AnnealingSearch, NetAdaptSearch, SensitivitySearch
+    from torchslim.search import AMCSearch, AnnealingSearch, NetAdaptSearch, SensitivitySearch
     from torchslim.search.executors import RayExecutor
 
     kwargs: dict[str, Any] = dict(target_macs=args.target_macs, target_params=args.target_params,
@@ -192,9 +196,12 @@ def _make_search(args, model, inputs, evaluate, finetune, budget, data, history:
     kwargs["resume" if args.resume else "history"] = history
     if args.workers > 1:
         kwargs["executor"] = RayExecutor(workers=args.workers, address=args.ray_address, threads_per_worker=1)
-    cls: Any = {"sensitivity": SensitivitySearch, "netadapt": NetAdaptSearch, "sa": AnnealingSearch}[args.method]
+    cls: Any = {"sensitivity": SensitivitySearch, "netadapt": NetAdaptSearch, "sa": AnnealingSearch,
+                "amc": AMCSearch}[args.method]
     if args.method == "netadapt":
         kwargs["initial_cut"] = args.initial_cut
+    if args.method == "amc":
+        kwargs.update(episodes=args.episodes, warmup=args.warmup)
     try:
         return cls(model, inputs, evaluate, **kwargs)
     except (ValueError, TypeError) as exc:
