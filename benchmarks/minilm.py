@@ -9,6 +9,7 @@ the final hidden states and embedding, with and without per-layer hidden-state d
 (``torchslim.recovery.LayerDistiller``, every encoder layer); plus params, latency and the
 seconds of calibration + reconstruction. Writes benchmarks/results/minilm.json.
 Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher] [--epochs 3] [--lr 1e-4]
+       [--train-sentences 1200] [--out results/minilm.json]
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--train-sentences", type=int, default=1200)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     parser.add_argument("--criteria", nargs="*", default=["l1", "fisher"],
                         help="channel criteria to compare (data-driven ones measure on the training text)")
     args = parser.parse_args()
@@ -183,7 +185,7 @@ def main() -> None:
                       f"{r['cosine_before_distill']:.4f}", "yes" if r["layer_distill"] else "no",
                       f"{r['cosine_after_distill']:.4f}", f"{r['latency_ratio']:.3f}")
     console.print(table)
-    out = Path(__file__).parent / "results" / "minilm.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"train_sentences": len(train), "calibration_sentences": len(calibration),
                                "held_out_sentences": len(held_out), "rows": rows}, indent=2))
