@@ -25,7 +25,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from torchslim.pruning.plan import pruning_history
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -127,6 +126,8 @@ class LayerDistiller:
 def _kept_outputs(student: nn.Module, mapping: Mapping[str, str]) -> dict[str, tuple[int, torch.Tensor]]:
     """Per mapped layer whose output rows were pruned: (channel dim of its output, kept indices)
     from the history of the module's last ``weight`` (its own, or its last submodule's)."""
+    from torchslim.pruning.plan import pruning_history  # here: recovery's training helpers run without the graph
+
     removed = pruning_history(student).removed
     kept: dict[str, tuple[int, torch.Tensor]] = {}
     for name in mapping:
