@@ -5,7 +5,7 @@ max-pool, 1 input channel), trained per seed on scikit-learn's bundled digits; M
 0.5, 0.2 and 0.1; 3 seeds. Methods: uniform L1 (every group cut alike to the budget), global L1
 ranking, SensitivitySearch (the analysis is measured once per model and seed; each budget is
 then chosen from it, which takes seconds, plus one evaluation), NetAdaptSearch,
-AnnealingSearch, AMCSearch (300 episodes, 100 of them random; "AMC-12": 12 episodes, 3
+AnnealingSearch, AMCSearch (120 episodes, 40 of them random; "AMC-12": 12 episodes, 3
 random, the budget NNI's AMC was tried with) and AutoCompress (2 rounds of annealing, each followed by ADMM training of
 ``--admm-epochs`` epochs at the round's winner and the hard prune: it trains before its
 "right after" score, the others do not; the row says how many epochs). The searches score candidates on a validation split of the training data
@@ -67,7 +67,7 @@ def pruned_by(method: str, task: Task, budget: float, seed: int, sensitivity, sa
                                   update_every=6, **kwargs).run()
         return compressed.model, len(compressed.history), time.perf_counter() - start
     if method in ("AMC", "AMC-12"):  # AMC-12: the episode budget NNI's AMC was run with
-        episodes, warmup = (12, 3) if method == "AMC-12" else (300, 100)
+        episodes, warmup = (12, 3) if method == "AMC-12" else (120, 40)
         search = AMCSearch(model, task.example, evaluate, episodes=episodes, warmup=warmup, **kwargs)
         result = search.run()
         result.apply_(model, task.example)
