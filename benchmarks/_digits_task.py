@@ -8,6 +8,7 @@ Imports only what runs on older torch too (the NNI anchor's environment needs to
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 import torchvision
@@ -68,3 +69,14 @@ class Task:
     def search_kwargs(self, budget: float, seed: int) -> dict:
         return dict(target_macs=budget, seed=seed, data=[b[0] for b in self.calibration], recalibrate_bn=True,
                     config=torchslim.PruneConfig(exact_only=True))
+
+    def finish(self, model: nn.Module, row: dict, finetune_epochs: int) -> dict:
+        """``row`` completed the way every search benchmark scores a pruned model: parameters, test
+        accuracy right after pruning (BatchNorm recalibrated), then after the same short fine-tune;
+        printed as one JSON line."""
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["accuracy_after_pruning"] = self.score(model, self.test)
+        finetune(model, self.train, epochs=finetune_epochs, lr=1e-3, progress=False)
+        row["accuracy_after_finetune"] = evaluate_accuracy(model, self.test)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        return row

@@ -35,7 +35,7 @@ from rich.table import Table
 import torchslim
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim.recovery import evaluate_accuracy, finetune
+from torchslim.recovery import evaluate_accuracy
 from _digits_task import Task, batches, build  # noqa: F401 - batches and build: imported from here by slimmable.py
 from torchslim.search import AMCSearch, AnnealingSearch, AutoCompress, NetAdaptSearch, SensitivitySearch, admm_trainer
 
@@ -103,13 +103,8 @@ def run_task(name: str, seed: int, args) -> list[dict]:
             row = {"model": name, "seed": seed, "budget": budget, "method": method, "evaluations": evals,
                    "epochs_before_score": trained,
                    "seconds": seconds, "original_accuracy": task.accuracy,
-                   "macs_ratio": estimate_macs(DependencyGraph.build(model, task.example)) / task.macs,
-                   "params": sum(p.numel() for p in model.parameters()),
-                   "accuracy_after_pruning": task.score(model, task.test)}
-            finetune(model, task.train, epochs=args.finetune_epochs, lr=1e-3, progress=False)
-            row["accuracy_after_finetune"] = evaluate_accuracy(model, task.test)
-            rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                   "macs_ratio": estimate_macs(DependencyGraph.build(model, task.example)) / task.macs}
+            rows.append(task.finish(model, row, args.finetune_epochs))
     return rows
 
 

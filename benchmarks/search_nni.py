@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _digits_task import Task
-from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_
+from torchslim.recovery import evaluate_accuracy, recalibrate_bn_
 
 METHOD = "NNI AMC"
 
@@ -88,13 +88,8 @@ def run_task(seed: int, args) -> list[dict]:
         model, seconds = run_amc(task, budget, args.episodes)
         row = {"model": "digits_cnn", "seed": seed, "budget": budget, "method": METHOD, "evaluations": args.episodes,
                "epochs_before_score": 0, "seconds": seconds, "original_accuracy": task.accuracy,
-               "macs_ratio": nni_macs(model, example) / unpruned, "nni_unpruned_macs": unpruned,
-               "params": sum(p.numel() for p in model.parameters()),
-               "accuracy_after_pruning": task.score(model, task.test)}
-        finetune(model, task.train, epochs=args.finetune_epochs, lr=1e-3, progress=False)
-        row["accuracy_after_finetune"] = evaluate_accuracy(model, task.test)
-        rows.append(row)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+               "macs_ratio": nni_macs(model, example) / unpruned, "nni_unpruned_macs": unpruned}
+        rows.append(task.finish(model, row, args.finetune_epochs))
     return rows
 
 
