@@ -217,9 +217,8 @@ class AutoCompress:
         history = None if self.directory is None else self.directory / f"round{index}.jsonl"
         kwargs: dict[str, Any] = {f"target_{self.quantity}": fraction}
         if history is not None:
-            kwargs["resume" if self.resuming and history.exists() else "history"] = history
-        if history is not None:
             history.parent.mkdir(parents=True, exist_ok=True)
+            kwargs["resume" if self.resuming and history.exists() else "history"] = history
         return AnnealingSearch(model, self.example_inputs, self.evaluate, finetune=self.finetune,
                                finetune_budget=self.finetune_budget, data=self.data, loss_fn=self.loss_fn,
                                recalibrate_bn=self.recalibrate_bn, max_evals=self.evals_per_round,
