@@ -20,9 +20,9 @@ EPILOG = """examples:
   torchslim search nets.py:Net --input 1,3,32,32 --method sa --target-macs 0.5 --evaluator nets.py:accuracy \\
       --workers 2 --out n/              # evaluations as Ray tasks (pip install 'torchslim[ray]')
   torchslim search nets.py:Net ... --out n/ --resume          # continue n/history.jsonl after a crash
-  torchslim search nets.py:Net --input 1,3,32,32 --method autocompress --target-macs 0.25 --rounds 2 \
+  torchslim search nets.py:Net --input 1,3,32,32 --method autocompress --target-macs 0.25 --rounds 2 \\
       --evaluator nets.py:accuracy --admm-train nets.py:admm_train --data nets.py:calibration --out ac/
-  torchslim search nets.py:Net --input 1,3,32,32 --method amc --target-macs 0.5 --episodes 300 --warmup 100 \
+  torchslim search nets.py:Net --input 1,3,32,32 --method amc --target-macs 0.5 --episodes 300 --warmup 100 \\
       --evaluator nets.py:accuracy --data nets.py:calibration --out amc/    # writes history.jsonl.policy.pt too
 
 --evaluator names a function model -> float, higher is better (e.g. accuracy on held-out batches;
@@ -31,7 +31,7 @@ candidate before it is scored. DIR receives the pruned checkpoint (usable as MOD
 command), recipe.yaml (the chosen per-group ratios: 'torchslim prune MODEL --recipe DIR/recipe.yaml'
 re-applies them), history.jsonl (every evaluation), search.json and, for sensitivity, the
 analysis (sensitivity.json, sensitivity.png). --data names batches (or a function returning them)
-BatchNorm statistics are re-estimated on before each score.
+that BatchNorm statistics are re-estimated on before each score.
 
 autocompress runs --rounds rounds of simulated annealing (--max-evals evaluations per round) then
 ADMM training at the round's winner through --admm-train, a function (model, admm) -> None: your
