@@ -4,6 +4,10 @@
 The TorchScript-based exporter (``dynamo=False``) is tried first: it works offline with
 no further dependency. The ``torch.export``-based exporter needs ``onnxscript`` and is
 used when asked for (``dynamo=True``) or as a fallback when the first one fails.
+
+Hugging Face decoders export without their cache object (``use_cache=False``), or with
+``kv_cache=True`` as a step of a generation loop: past keys and values in, logits and the
+updated keys and values out, with free batch and sequence axes (see ``_decoder``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
+from torchslim.io._decoder import DecoderWithCache, without_cache
 from torchslim.modes import training_mode
 from torchslim.pruning.verify import compare_outputs, run_eval
 
@@ -52,8 +57,8 @@ class OnnxExportReport:
 
 
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *, check: bool = True,
-                opset: int | None = None, dynamo: bool | None = None, atol: float = 1e-4, rtol: float = 1e-3,
-                **export_kwargs: Any) -> OnnxExportReport:
+                opset: int | None = None, dynamo: bool | None = None, kv_cache: bool = False, past_length: int = 4,
+                atol: float = 1e-4, rtol: float = 1e-3, **export_kwargs: Any) -> OnnxExportReport:
     """Export ``model`` to ONNX at ``path`` and, with ``check``, compare onnxruntime with PyTorch.
 
     ``example_inputs``: a tensor, a tuple of inputs, or an ``(args, kwargs)`` pair. ``opset``:
@@ -62,20 +67,33 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     arguments (``input_names``, ``output_names``, ``dynamic_axes``...) go to
     ``torch.onnx.export``. The model is exported in eval mode; its training flags are restored.
 
+    Hugging Face decoders: called with ``use_cache=False`` unless the inputs say otherwise.
+    ``kv_cache=True`` exports one generation step instead (needs onnxscript): inputs
+    ``input_ids``, ``attention_mask`` (past + new tokens) and ``past_key_values.{i}.key|value``,
+    outputs ``logits`` and ``present.{i}.key|value``, batch and sequence axes dynamic; the
+    example's ``input_ids`` are the new tokens after a past of ``past_length`` tokens, and the
+    check runs at two lengths so that the free axes are checked too.
+
     Returns an :class:`OnnxExportReport` (max absolute/relative error when checked); raises
     :class:`OnnxCheckError` if onnxruntime's outputs differ beyond ``atol`` + ``rtol`` x the
     output's magnitude, and ``ImportError`` if a needed optional package is missing.
     """
     if check:
         _require("onnxruntime", "to check the exported model (check=False skips the check)")
+    if kv_cache:
+        dynamo = True
     if dynamo and importlib.util.find_spec("onnxscript") is None:
-        _require("onnxscript", "for the torch.export-based exporter (dynamo=True)")
+        why = "for kv_cache=True" if kv_cache else "for the torch.export-based exporter (dynamo=True)"
+        _require("onnxscript", why)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = normalize_inputs(example_inputs)
-    flat_inputs = list(iter_tensors((args, kwargs)))
+    checks: list[tuple[tuple, dict]] = [(args, without_cache(model, kwargs))]
+    if kv_cache:
+        model, checks = _with_cache(model, args, kwargs, past_length, export_kwargs)
+    args, kwargs = checks[0]
     if "input_names" not in export_kwargs:
-        export_kwargs["input_names"] = [f"input_{i}" for i in range(len(flat_inputs))]
+        export_kwargs["input_names"] = [f"input_{i}" for i in range(len(list(iter_tensors((args, kwargs)))))]
     input_names = list(export_kwargs["input_names"])
 
     with training_mode(model, False):
@@ -83,16 +101,44 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     report = OnnxExportReport(str(path), exporter, _opset_of(path), path.stat().st_size, checked=check)
     if not check:
         return report
+    for inputs in checks:
+        _check(model, inputs, path, input_names, atol, rtol, report)
+    return report
 
-    expected = run_eval(model, example_inputs)
+
+def _with_cache(model: nn.Module, args: tuple, kwargs: dict, past_length: int,
+                export_kwargs: dict[str, Any]) -> tuple[nn.Module, list[tuple[tuple, dict]]]:
+    """The generation-step wrapper of a HF decoder, and its inputs at two lengths (the second
+    a token shorter with a longer past) for the check."""
+    step = DecoderWithCache(model)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError("kv_cache=True needs the example's input_ids (as the first input or input_ids=...)")
+    if input_ids.shape[0] == 1:
+        input_ids = input_ids.repeat(2, 1)  # an example batch of 1 would fix the batch axis at 1
+    first = step.example_inputs(input_ids, past_length)
+    second = step.example_inputs(input_ids[:, : max(1, input_ids.shape[1] - 1)], past_length + 1)
+    n_past = len(first) - 2
+    names_in, names_out = step.names(n_past)
+    export_kwargs.setdefault("input_names", names_in)
+    export_kwargs.setdefault("output_names", names_out)
+    export_kwargs.setdefault("dynamic_shapes", step.dynamic_shapes(n_past))
+    return step, [(first, {}), (second, {})]
+
+
+def _check(model: nn.Module, inputs: tuple[tuple, dict], path: Path, input_names: list[str], atol: float,
+           rtol: float, report: OnnxExportReport) -> None:
+    """Compare onnxruntime with PyTorch on ``inputs``; fills ``report``, raises on a mismatch."""
+    flat_inputs = list(iter_tensors(inputs))
+    expected = run_eval(model, inputs)
     actual = _run_onnxruntime(path, dict(zip(input_names, flat_inputs)))
     verdict = compare_outputs([t.detach().cpu() for t in expected], actual, atol, rtol)
     report.ok, report.outputs, report.message = verdict.ok, verdict.outputs, verdict.message
-    report.max_abs_error, report.max_rel_error = verdict.max_abs_error, verdict.max_rel_error
+    report.max_abs_error = max(report.max_abs_error or 0.0, verdict.max_abs_error)
+    report.max_rel_error = max(report.max_rel_error or 0.0, verdict.max_rel_error)
     if not verdict.ok:
         raise OnnxCheckError(f"{path}: onnxruntime's outputs differ from PyTorch's: {verdict.message} "
                              f"(max abs error {verdict.max_abs_error:.3g}, atol {atol}, rtol {rtol})", report)
-    return report
 
 
 class _Positional(nn.Module):
@@ -136,6 +182,8 @@ def _export(model, args, kwargs, path, opset, dynamo, export_kwargs) -> str:
         order = [False]
     wrapper = _Positional(model, args, kwargs).eval()
     flat = list(iter_tensors((args, kwargs)))
+    if "dynamic_shapes" in export_kwargs:  # one entry per flat input; the wrapper takes them as *tensors
+        export_kwargs = {**export_kwargs, "dynamic_shapes": (tuple(export_kwargs["dynamic_shapes"]),)}
     errors = []
     for use_dynamo in order:
         try:
