@@ -101,8 +101,9 @@ def test_graph_and_analysis_count_the_same_recurrent_macs(kind):
 
 class PackedTagger(Tagger):
     """Variable-length sequences: pack_padded_sequence in, then either the packed rows straight
-    into the head, the final state, or pad_packed_sequence (which builds the padded output in a
-    constant tensor, ``aten.full``: its width is held, so the units it receives are too)."""
+    into the head, the final state, or pad_packed_sequence (which builds the padded output in
+    ``aten.full`` sized from the packed data: it holds one value everywhere, so it shrinks with
+    the units it receives)."""
 
     def __init__(self, readout: str):
         super().__init__("LSTM", batch_first=True, bidirectional=True)
@@ -120,7 +121,7 @@ class PackedTagger(Tagger):
         return self.head(pad_packed_sequence(out, batch_first=True)[0])
 
 
-@pytest.mark.parametrize("readout, hidden", [("rows", 8), ("final_state", 8), ("padded", 16)])
+@pytest.mark.parametrize("readout, hidden", [("rows", 8), ("final_state", 8), ("padded", 8)])
 def test_packed_sequences_prune_exactly(readout, hidden):
     torch.manual_seed(0)
     model = PackedTagger(readout).eval()
@@ -163,7 +164,7 @@ def test_initial_state_from_a_layer_and_final_state_readout(kind):
 
 
 class GivenState(nn.Module):
-    """The initial state handed in by the caller, or made in forward with a literal width."""
+    """The initial state handed in by the caller, or made in forward from an attribute."""
 
     def __init__(self, made_inside: bool):
         super().__init__()
@@ -176,14 +177,19 @@ class GivenState(nn.Module):
         return self.head(self.rnn(self.embed(x), h0)[0])
 
 
-@pytest.mark.parametrize("made_inside", [False, True])
-def test_an_initial_state_of_fixed_width_holds_the_units(made_inside):
-    """A state whose width the model's interface (or a literal in forward) fixes keeps the
-    units; the input width still prunes."""
-    model = GivenState(made_inside).eval()
-    inputs = (torch.randn(5, 2, 6),) if made_inside else (torch.randn(5, 2, 6), torch.randn(1, 2, 16))
-    _prune(model, inputs, ratio=0.5)
+def test_an_initial_state_of_fixed_width_holds_the_units():
+    """A state whose width the model's interface fixes keeps the units; the input width still prunes."""
+    model = GivenState(made_inside=False).eval()
+    _prune(model, (torch.randn(5, 2, 6), torch.randn(1, 2, 16)), ratio=0.5)
     assert (model.rnn.input_size, model.rnn.hidden_size) == (6, 16)
+
+
+def test_a_zero_initial_state_made_in_forward_shrinks_with_the_units():
+    """``torch.zeros(1, batch, self.hidden)`` is zero at every unit: it shrinks with them, and
+    the attribute that sizes it follows."""
+    model = GivenState(made_inside=True).eval()
+    _prune(model, (torch.randn(5, 2, 6),), ratio=0.5)
+    assert (model.rnn.input_size, model.rnn.hidden_size, model.hidden) == (6, 8, 8)
 
 
 def test_gru_target_macs():

@@ -103,3 +103,78 @@ def test_config_that_cannot_describe_the_pruned_model_is_left_alone():
     result = torchslim.prune_(model, ids, torchslim.PruneConfig(ratio=0.5, exact_only=True))
     assert model.encoder.layer[0].attention.self.num_attention_heads == 2
     assert result.hf_config is None and model.config.to_dict() == before
+
+
+# today's architectures: fused qkv/gate_up (Phi-3), experts (Mixtral, Qwen2-MoE), encoder-decoder with
+# cross-attention (T5), QK-norm (Qwen3), soft-capped sliding-window attention (Gemma 2)
+ZOO = {
+    "phi3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=128, vocab_size=100, pad_token_id=0),
+    "t5": dict(d_model=64, num_layers=2, num_heads=4, d_ff=128, d_kv=16, vocab_size=100),
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                    intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=100),
+    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                      intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                      num_experts=4, num_experts_per_tok=2, vocab_size=100),
+    "qwen3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=128, head_dim=16, vocab_size=100),
+    "gemma2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                   intermediate_size=128, head_dim=16, vocab_size=100),
+}
+
+
+def _build_lm(kind: str):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(kind, **ZOO[kind])
+    auto = transformers.AutoModelForSeq2SeqLM if kind == "t5" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    ids = torch.randint(1, 100, (1, 8))
+    extra = {"decoder_input_ids": ids[:, :4]} if kind == "t5" else {"use_cache": False}
+    return model, ((), {"input_ids": ids, **extra})
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(*inputs[0], **inputs[1]).logits
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_todays_transformers_reach_half_the_macs_exactly_and_round_trip(kind, tmp_path):
+    model, inputs = _build_lm(kind)
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(target_macs=0.5, exact_only=True))
+    assert 0.48 <= result.macs_after / result.macs_before <= 0.5
+    assert torchslim.verify(original, model, inputs, result.plan).ok
+    torchslim.save(model, tmp_path / "ck", result)
+    fresh, _ = _build_lm(kind)
+    torchslim.load(tmp_path / "ck", fresh)
+    torch.testing.assert_close(_logits(fresh.eval(), inputs), _logits(model, inputs), rtol=0, atol=0)
+    ids = inputs[1]["input_ids"]
+    start = {"decoder_start_token_id": 0} if kind == "t5" else {}
+    generated = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, **start)
+    assert generated.shape[-1] == (4 if kind == "t5" else 11)
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_todays_transformers_pruned_alike_round_trip_through_save_pretrained(kind, tmp_path):
+    model, inputs = _build_lm(kind)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratio=0.5, exact_only=True))
+    assert result.hf_config, f"{kind}: no config describes the pruned model"
+    model.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForSeq2SeqLM if kind == "t5" else transformers.AutoModelForCausalLM
+    back = auto.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(back, inputs), _logits(model, inputs), rtol=0, atol=0)
+
+
+def test_phi3_fused_qkv_keeps_whole_kv_groups_and_its_own_head_counts():
+    model, inputs = _build_lm("phi3")
+    original = copy.deepcopy(model)
+    result = torchslim.prune_(model, inputs, torchslim.PruneConfig(ratios={"model.layers.0.self_attn.qkv_proj": 0.5},
+                                                                   ratio=0.0, exact_only=True))
+    attn, other = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    head_dim = attn.head_dim
+    assert (attn.config.num_attention_heads, attn.config.num_key_value_heads) == (4, 2)
+    assert attn.qkv_proj.out_features == (4 + 2 * 2) * head_dim and attn.o_proj.in_features == 4 * head_dim
+    assert (other.config.num_attention_heads, other.config.num_key_value_heads) == (8, 4)  # the other layer keeps all
+    assert model.config.num_attention_heads == 8  # the model's config is not one layer's
+    assert torchslim.verify(original, model, inputs, result.plan).ok

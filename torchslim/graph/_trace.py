@@ -144,6 +144,30 @@ class Trace:
                 dependent.update(op.outputs)
         return frozenset(dependent)
 
+    @functools.cached_property
+    def selected_weights(self) -> frozenset[int]:
+        """Input-dependent nodes that are still weights: a weight picked by input-dependent
+        indices (a mixture-of-experts layer's ``experts.down_proj[expert_ids]``) and views of
+        it. A product with one is a layer, not a product of two activations."""
+        aten = torch.ops.aten
+        picks = {aten.index, aten.select, aten.index_select, aten.embedding}
+        views = {aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
+                 aten.unsqueeze, aten.squeeze, aten.slice, aten.clone, aten.contiguous, aten.alias}
+        dependent = self.input_dependent
+        selected: set[int] = set()
+        for op in self.ops:
+            if not op.inputs or not op.outputs:
+                continue
+            packet, source = op.func.overloadpacket, op.inputs[0]
+            if (packet in picks and source not in dependent) or (packet in views and source in selected):
+                selected.update(o for o in op.outputs if o in dependent)
+        return frozenset(selected)
+
+    @functools.cached_property
+    def activations(self) -> frozenset[int]:
+        """Input-dependent nodes that are not selected weights."""
+        return self.input_dependent - self.selected_weights
+
 
 class _Recorder(TorchDispatchMode):
     def __init__(self, named_tensors: dict[int, tuple[str, str, torch.Tensor]]):

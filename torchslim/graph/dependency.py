@@ -10,6 +10,7 @@ pruner cuts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Callable, Mapping, Sequence
 
@@ -21,6 +22,7 @@ from torchslim._registry import Registry
 from torchslim.graph import rules
 from torchslim.graph._coupling import Coupling, connected_components
 from torchslim.graph._trace import PARAM, BUFFER, CONST, OpCall, Trace, trace
+from torchslim.graph.rules.factory import UNIFORM_FACTORIES
 from torchslim.graph.rules.pointwise import pointwise_rule
 from torchslim.graph.rules.shape import BROADCAST_PIN
 
@@ -317,21 +319,52 @@ class DependencyGraph:
             for d, size in enumerate(node.shape)
         )
 
-    def module_output_atoms(self, module_name: str) -> np.ndarray:
-        """Atoms of a module's output channels: output dims coupled to the module's own parameters."""
-        return self._io_atoms(module_name, outputs=True)
+    @functools.cached_property
+    def input_held(self) -> np.ndarray:
+        """Per atom: held by the model's inputs and in no weight (a batch or sequence position):
+        sizes along it come from the data, never from a module attribute. (An input's feature
+        width is in a weight, and a layer's ``in_features`` holds it.)"""
+        held = np.zeros(self.n_atoms, dtype=bool)
+        held[self.labels[self.coupling.held_by((INPUT_PIN,))]] = True
+        c = self.coupling
+        for node in self.trace.param_nodes.values():
+            for d in range(c.nodes[node].ndim):
+                held[self.labels[c.ids(node, d)]] = False
+        return held
 
-    def _io_atoms(self, module_name: str, outputs: bool) -> np.ndarray:
+    def data_sized(self, node: int, dim: int) -> bool:
+        """Whether ``node``'s ``dim`` runs along the model inputs' own dims (its size is the data's)."""
+        return bool(self.input_held[self.labels[self.coupling.ids(node, dim)]].all())
+
+    def module_output_atoms(self, module_name: str) -> np.ndarray:
+        """Atoms of a module's output channels (output dims coupled to the module's own
+        parameters), and of the widths inside it that neither its input nor its output shows
+        (a fused mixture-of-experts tensor's hidden units)."""
+        outputs = self._io_atoms(module_name, outputs=True)
+        if not self.trace.module_calls.get(module_name):
+            return outputs
+        seen = np.concatenate([self._call_atoms(module_name, True), self._call_atoms(module_name, False)])
+        inner = np.setdiff1d(self._param_atoms(module_name), seen)
+        return sorted_unique(np.concatenate([outputs, inner])) if inner.size else outputs
+
+    def _param_atoms(self, module_name: str) -> np.ndarray:
         c, labels = self.coupling, self.labels
         own = [idx for name, idx in self.trace.param_nodes.items() if _owned_by(name, module_name)]
         if not own:
             return np.zeros(0, dtype=np.int64)
-        param_atoms = sorted_unique(np.concatenate([labels[c.ids(n, d)] for n in own for d in range(c.nodes[n].ndim)]))
-        outs = [o for call in self.trace.module_calls.get(module_name, []) for o in (call.outputs if outputs else call.inputs)]
-        out_atoms = [labels[c.ids(o, d)] for o in outs for d in range(c.nodes[o].ndim)]
-        if not out_atoms:
+        return sorted_unique(np.concatenate([labels[c.ids(n, d)] for n in own for d in range(c.nodes[n].ndim)]))
+
+    def _call_atoms(self, module_name: str, outputs: bool) -> np.ndarray:
+        c, labels = self.coupling, self.labels
+        nodes = [o for call in self.trace.module_calls.get(module_name, []) for o in (call.outputs if outputs else call.inputs)]
+        atoms = [labels[c.ids(o, d)] for o in nodes for d in range(c.nodes[o].ndim)]
+        return sorted_unique(np.concatenate(atoms)) if atoms else np.zeros(0, dtype=np.int64)
+
+    def _io_atoms(self, module_name: str, outputs: bool) -> np.ndarray:
+        param_atoms, call_atoms = self._param_atoms(module_name), self._call_atoms(module_name, outputs)
+        if not param_atoms.size or not call_atoms.size:
             return np.zeros(0, dtype=np.int64)
-        return np.intersect1d(param_atoms, np.concatenate(out_atoms))
+        return np.intersect1d(param_atoms, call_atoms)
 
     def module_input_atoms(self, module_name: str) -> np.ndarray:
         """Atoms of a module's input channels: input dims coupled to the module's own parameters."""
@@ -477,7 +510,8 @@ def _apply_op_rule(c: Coupling, op: OpCall, recorded: Trace, blockers: list[OpBl
         mark = c.edge_count()
         try:
             rule(c, op, recorded)
-            _pin_unlinked_outputs(c, op, mark)
+            if op.func.overloadpacket not in UNIFORM_FACTORIES:  # their indices are all alike: free
+                _pin_unlinked_outputs(c, op, mark)
             return
         except Exception as exc:  # noqa: BLE001 - a rule that cannot read this call pins instead of guessing
             reason = f"rule failed: {type(exc).__name__}: {exc}"

@@ -86,13 +86,19 @@ def _matmul_macs(first: int):
     return macs
 
 
+def _grouped_mm_macs(op: OpCall, shapes) -> int:
+    """tokens (T, K) x experts (E, K, N): each token row meets one expert, T x K x N."""
+    a, b = shapes(op.args[0].node), shapes(op.args[1].node)
+    return _numel(a) * b[-1]
+
+
 aten = torch.ops.aten
 # ops computing several layers at once; recurrent layers are traced as one op per module call
 FUSED: dict[Any, Callable[..., int]] = {aten._native_multi_head_attention: _native_mha_macs, **{op: recurrent_macs for op in RECURRENT_OPS}}
 # the commonest ops, counted from shapes directly (same numbers as torch's formulas, which need
 # meta tensors built per call: most of the time of a MACs-target search)
 DIRECT = {aten.convolution: _conv_macs, aten.mm: _matmul_macs(0), aten.addmm: _matmul_macs(1),
-          aten.bmm: _matmul_macs(0)}
+          aten.bmm: _matmul_macs(0), aten._grouped_mm: _grouped_mm_macs}
 
 
 def has_macs(op: OpCall) -> bool:

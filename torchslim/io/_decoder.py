@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.pruning._hf_config import hf_config_of
+from torchslim.pruning import hf_config_of
 
 
 def accepts(model: nn.Module, name: str) -> bool:

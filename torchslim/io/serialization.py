@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.pruning import Transaction, build_replacement, named_tensors, remember_former_shapes, sync_hf_config
+from torchslim.pruning import (Transaction, build_replacement, get_attribute, has_attribute, named_tensors,
+                               remember_former_shapes, sync_hf_config)
 from torchslim.pruning.apply import RemovalPlan, apply_plan, renumbered_index
 from torchslim.sparsity import parametrization_problem
 from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, record_history,
@@ -534,9 +535,9 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
 
 
 def _check_attribute(module: nn.Module, label: str, attr: str, value: Any, where: str) -> None:
-    if not isinstance(attr, str) or not hasattr(module, attr):
+    if not isinstance(attr, str) or not has_attribute(module, attr):
         raise CheckpointError(f"{where}: module '{label}' ({type(module).__name__}) has no attribute '{attr}'")
-    current = getattr(module, attr)
+    current = get_attribute(module, attr)
     if not isinstance(current, _PLAIN) or isinstance(current, nn.Module) or not _is_plain(value):
         raise CheckpointError(f"{where}: attribute '{label}.{attr}' cannot be set to {value!r} "
                               f"(current value is a {type(current).__name__}; a plan sets sizes only)")
@@ -624,7 +625,7 @@ def _removal_of(model: nn.Module, step: PlanStep) -> RemovalPlan:
     attributes = {}
     for label, attrs in step.attributes.items():
         module = model.get_submodule(label) if label else model
-        attributes[label] = {attr: _coerce(getattr(module, attr), value) for attr, value in attrs.items()}
+        attributes[label] = {attr: _coerce(get_attribute(module, attr), value) for attr, value in attrs.items()}
     return RemovalPlan(np.zeros(0, dtype=np.int64), kept, shapes, attributes, renumbered=renumbered)
 
 

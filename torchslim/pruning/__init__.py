@@ -14,10 +14,11 @@ from torchslim.pruning.verify import VerifyReport, verify, zero_removed_
 
 # Shared with torchslim.io and torchslim.schedules (not user API): surgery that replays a saved
 # plan, the group filters and keep counts, and the HF-config / optimizer-state bookkeeping.
-from torchslim.pruning._hf_config import sync_hf_config as sync_hf_config
+from torchslim.pruning._hf_config import hf_config_of as hf_config_of, sync_hf_config as sync_hf_config
 from torchslim.pruning._optimizer_state import remember_former_shapes as remember_former_shapes
 from torchslim.pruning.selector import eligible_groups as eligible_groups, keep_count as keep_count
-from torchslim.pruning._surgery import (Transaction as Transaction, get_tensor as get_tensor,
+from torchslim.pruning._surgery import (Transaction as Transaction, get_attribute as get_attribute,
+                                        has_attribute as has_attribute, get_tensor as get_tensor,
                                         named_tensors as named_tensors, slice_to_kept as slice_to_kept)
 
 __all__ = [

@@ -20,6 +20,7 @@ from torch import nn
 
 #: integer config fields that size FFN widths, head counts and head dims across the HF zoo
 SIZE_FIELDS = ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+               "moe_intermediate_size", "shared_expert_intermediate_size",
                "num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "encoder_attention_heads",
                "decoder_attention_heads", "head_dim", "d_kv", "kv_channels")
 
@@ -52,16 +53,17 @@ def sync_hf_config(model: nn.Module) -> dict[str, int] | None:
         return None
     if base == actual:
         return {}
-    updates: dict[str, int] = {}
-    for field in SIZE_FIELDS:
-        if not hasattr(config, field):
-            continue
-        value = getattr(config, field)
-        if value is not None and (type(value) is not int or value <= 0):
-            continue
-        solved = _solve_field(model, config, field, value, updates, actual)
-        if solved is not None and solved != value:
-            updates[field] = solved
+    updates = _frozen_derived_fields(model, config, base)
+    for _ in range(2):  # a fused size (Phi-3's qkv: heads + 2 x kv heads) solves once the other field is known
+        for field in SIZE_FIELDS:
+            if not hasattr(config, field) or field in updates:
+                continue
+            value = getattr(config, field)
+            if value is not None and (type(value) is not int or value <= 0):
+                continue
+            solved = _solve_field(model, config, field, value, updates, actual)
+            if solved is not None and solved != value:
+                updates[field] = solved
     if not updates:
         return None
     try:
@@ -73,6 +75,26 @@ def sync_hf_config(model: nn.Module) -> dict[str, int] | None:
     for field, value in updates.items():
         setattr(config, field, value)
     return updates
+
+
+def _frozen_derived_fields(model: nn.Module, config, base: Shapes) -> dict[str, int]:
+    """Size fields the config leaves ``None`` or out for the class to derive (Mixtral's and
+    Phi-3's ``head_dim = hidden_size // num_attention_heads``), set to the value every module uses, so that pruning
+    heads solves for a head count at a fixed head size rather than for a different head size."""
+    frozen: dict[str, int] = {}
+    for field in SIZE_FIELDS:
+        if getattr(config, field, None) is not None:  # set, or absent and read with a default (Phi-3)
+            continue
+        values = {v for m in model.modules() if type(v := vars(m).get(field)) is int}
+        if len(values) != 1:
+            continue
+        candidate = {**frozen, field: values.pop()}
+        try:
+            if _shapes_for(model, config, candidate) == base:
+                frozen = candidate
+        except Exception:  # noqa: BLE001 - a class that refuses the explicit value
+            continue
+    return frozen
 
 
 def _solve_field(model, config, field: str, value: int | None, updates: dict[str, int],
@@ -96,9 +118,10 @@ def _solve_field(model, config, field: str, value: int | None, updates: dict[str
             slope = (new - old) / low  # size = slope * field + offset
             solved = (now - (old - slope * low)) / slope
             candidates.add(round(solved) if abs(solved - round(solved)) < 1e-9 and solved >= 1 else -1)
-    if len(candidates) != 1 or -1 in candidates:
-        return None
-    return candidates.pop()
+    # a size that also moves with a field not solved yet gives no valid value here: the others
+    # decide, and the rebuild of the whole model at the end checks the combination
+    valid = candidates - {-1}
+    return valid.pop() if len(valid) == 1 else None
 
 
 def _shapes_for(model: nn.Module, config, updates: dict[str, int]) -> Shapes:

@@ -11,6 +11,7 @@ matching the traced op arguments against the module's integer attributes.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, Callable
 
@@ -21,23 +22,49 @@ from torch import nn
 from torchslim._registry import Registry
 from torchslim.graph import DependencyGraph
 from torchslim.graph import OpCall, module_names
+from torchslim.graph.rules.factory import UNIFORM_FACTORIES
 
 aten = torch.ops.aten
 _MISSING = object()
 
 
+CONFIG_PREFIX = "config."
+
+
+def get_attribute(obj: Any, name: str, default: Any = _MISSING) -> Any:
+    """``obj.name``; ``"config.X"`` reads field X of the module's Hugging Face config."""
+    if name.startswith(CONFIG_PREFIX):
+        obj, name = getattr(obj, "config", None), name[len(CONFIG_PREFIX):]
+    return getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
+
+
+def has_attribute(obj: Any, name: str) -> bool:
+    """Whether ``get_attribute(obj, name)`` finds a value."""
+    sentinel = object()
+    return get_attribute(obj, name, sentinel) is not sentinel
+
+
 class Transaction:
-    """Records attribute and parameter changes so they can be undone in reverse order."""
+    """Records attribute and parameter changes so they can be undone in reverse order.
+
+    ``"config.X"`` sets field X on a copy of the module's config that the module then owns,
+    so that layers read their own head counts where the model's config holds one for all
+    (Phi-3's attention slices its fused projection at ``config.num_attention_heads * head_dim``).
+    """
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
         self.changes: dict[str, dict[str, Any]] = {}
 
     def setattr(self, obj: Any, name: str, value: Any, label: str = "") -> None:
+        self.changes.setdefault(label, {})[name] = value
+        if name.startswith(CONFIG_PREFIX):
+            own = copy.copy(obj.config)
+            setattr(own, name[len(CONFIG_PREFIX):], value)
+            name, value = "config", own
         old = getattr(obj, name)
         setattr(obj, name, value)
         self._undo.append(lambda: setattr(obj, name, old))
-        self.changes.setdefault(label, {})[name] = value
 
     def set_tensor(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         """Register a different tensor object as ``module.name`` (``set_data`` keeps the object)."""
@@ -130,7 +157,7 @@ class SurgeryContext:
         self.touched.add((id(module), attr))  # set by a handler: derived-size rules leave it alone
         if self.value(module, attr, _MISSING) == value:
             return
-        self._old.setdefault((id(module), attr), getattr(module, attr, None))
+        self._old.setdefault((id(module), attr), get_attribute(module, attr, None))
         self._value[(id(module), attr)] = value
         label = self.names.get(id(module), "")
         self.planned.setdefault(label, {})[attr] = value
@@ -139,10 +166,10 @@ class SurgeryContext:
 
     def value(self, module: nn.Module, attr: str, default: Any = None) -> Any:
         """The attribute's value after the removal as planned so far."""
-        return self._value.get((id(module), attr), getattr(module, attr, default))
+        return self._value.get((id(module), attr), get_attribute(module, attr, default))
 
     def old(self, module: nn.Module, attr: str) -> Any:
-        return self._old.get((id(module), attr), getattr(module, attr))
+        return self._old.get((id(module), attr), get_attribute(module, attr))
 
     def shape(self, module: nn.Module, attr: str) -> tuple[int, ...]:
         """The planned shape of the parameter or buffer ``module.attr`` (tied ones included)."""
@@ -284,22 +311,23 @@ def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 # literal sizes -----------------------------------------------------------------------
-_FACTORIES = {aten.zeros: 0, aten.ones: 0, aten.full: 0, aten.empty: 0, aten.rand: 0, aten.randn: 0,
-              aten.new_zeros: 1, aten.new_ones: 1, aten.new_full: 1, aten.new_empty: 1}
+_FACTORIES = {aten.rand: 0, aten.randn: 0}  # random values: a constant whose shape must not move
 
 
 def _literal_sizes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> list[tuple[int, int]]:
     """(old, new) pairs for integer arguments of ``op`` that encode sizes (changed or not)."""
     packet = op.func.overloadpacket
-    if packet in _FACTORIES:  # a constant's shape is pinned: its sizes must not move
+    if packet in _FACTORIES:
         sizes = op.arg(_FACTORIES[packet], "size")
         return [(v, v) for v in sizes if isinstance(v, int)] if isinstance(sizes, (list, tuple)) else []
+    if packet in UNIFORM_FACTORIES and op.outputs:  # zeros(1, n_heads, q, k): follows the pruned shape
+        sizes = op.arg(UNIFORM_FACTORIES[packet], "size")
+        return _sized_dims(graph, op, sizes, removed)
     if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.expand) and op.outputs:
         sizes = op.arg(1, "size")
         if not isinstance(sizes, (list, tuple)):
             return []
-        new = graph.new_shape(op.outputs[0], removed)
-        return [(o, n) for o, n in zip(sizes, new) if isinstance(o, int) and o != -1]
+        return _sized_dims(graph, op, sizes, removed)
     if packet is aten.slice:
         source = op.inputs[0]
         dim = op.arg(1, "dim", 0)
@@ -325,6 +353,16 @@ def _literal_sizes(graph: DependencyGraph, op: OpCall, removed: np.ndarray) -> l
         news = [graph.new_shape(o, removed)[dim] for o in op.outputs]
         return list(zip(olds, news))
     return []
+
+
+def _sized_dims(graph: DependencyGraph, op: OpCall, sizes: Any, removed: np.ndarray) -> list[tuple[int, int]]:
+    """(old, new) per literal size of the output's dims; a dim that runs along the model inputs'
+    own (a sequence length) is left out: its size is the data's, not a module attribute's."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != len(graph.trace.nodes[op.outputs[0]].shape):
+        return []
+    new = graph.new_shape(op.outputs[0], removed)
+    return [(o, n) for d, (o, n) in enumerate(zip(sizes, new))
+            if isinstance(o, int) and o != -1 and not (o == n and graph.data_sized(op.outputs[0], d))]
 
 
 def _kept_before(graph: DependencyGraph, node: int, dim: int, removed: np.ndarray) -> np.ndarray:
@@ -365,8 +403,47 @@ def _rewrite_literals(graph: DependencyGraph, ctx: SurgeryContext) -> list[OpCal
             unresolved.append(op)
     for (module_id, attr), value in planned.items():
         ctx.set(modules[module_id], attr, value)
+    unresolved = [op for op in unresolved if not _solve_config_widths(graph, ctx, op)]
     _sync_products(graph.model, ctx)
     return unresolved
+
+
+# integer config fields that count heads or units, which a module may read to cut a fused projection
+_COUNT_FIELDS = ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "intermediate_size",
+                 "n_inner", "d_ff", "ffn_dim", "moe_intermediate_size", "num_local_experts", "num_experts")
+
+
+def _solve_config_widths(graph: DependencyGraph, ctx: SurgeryContext, op: OpCall) -> bool:
+    """A slice of a fused projection whose bounds the module computes from its config
+    (``qkv[..., : config.num_attention_heads * self.head_dim]``): the slice is ``count x unit``
+    wide, ``unit`` an integer attribute of the module (a head's size) and ``count`` a config
+    count field (and the module attribute of the same name) holding the old count. The field
+    gets the pruned count on the module's own config copy. False when no field, or two with
+    different counts, explain the slice; a wrong guess is caught by the removal's check,
+    which rolls the removal back."""
+    if op.func.overloadpacket is not aten.slice or not op.outputs or not op.module:
+        return False
+    module = graph.model.get_submodule(op.module)
+    if getattr(module, "config", None) is None:
+        return False
+    out = op.outputs[0]
+    dim = op.arg(1, "dim", 0) % len(graph.trace.nodes[out].shape)
+    old, new = graph.trace.nodes[out].shape[dim], graph.new_shape(out, ctx.removed)[dim]
+    units = {k: v for k, v in vars(module).items()
+             if type(v) is int and v > 1 and not k.startswith("_") and k not in _COUNT_FIELDS}
+    counts = {f: ctx.old(module, CONFIG_PREFIX + f) for f in _COUNT_FIELDS if has_attribute(module, CONFIG_PREFIX + f)}
+    solved = {(f, name): new // unit for f, count in counts.items() for name, unit in units.items()
+              if type(count) is int and count * unit == old and new % unit == 0}
+    if old == new or not solved or len(set(solved.values())) != 1:
+        return False
+    for (field, unit_name), value in solved.items():
+        if ctx.value(module, CONFIG_PREFIX + field) not in (counts[field], value):
+            return False  # another slice already gave this field another count
+        ctx.set(module, CONFIG_PREFIX + field, value)
+        if vars(module).get(field) == counts[field] and type(vars(module)[field]) is int:
+            ctx.set(module, field, value)
+        ctx.touched.add((id(module), unit_name))  # the unit (a head's size) stays: no product rule may move it
+    return True
 
 
 def _sync_products(model: nn.Module, ctx: SurgeryContext) -> None:

@@ -104,7 +104,8 @@ class PruneConfig:
     ratio:        fraction of each group's channels to remove, in [0, 1).
     criterion:    importance criterion name (``"l1"``, ``"l2"``, ``"random"``) or an Importance object.
     op_names:     fnmatch globs over module names; only groups holding these modules' output
-                  channels are pruned (with everything coupled to them). None = all modules.
+                  channels (or widths inside them, such as a fused experts tensor's hidden
+                  units) are pruned (with everything coupled to them). None = all modules.
     exclude:      fnmatch globs; groups holding these modules' output channels are kept.
     filter_fn:    ``(name, module) -> bool``; False keeps the module's output channels.
     target_macs:  prune until MACs <= target (a fraction of the original if <= 1, else absolute);
