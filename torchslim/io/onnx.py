@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from torchslim._inputs import ExampleInputs, iter_tensors, normalize_inputs
-from torchslim.io._decoder import DecoderWithCache, without_cache
+from torchslim.io._decoder import DecoderWithCache, is_hf_decoder, without_cache
 from torchslim.modes import training_mode
 from torchslim.pruning.verify import compare_outputs, run_eval
 
@@ -180,6 +180,8 @@ def _export(model, args, kwargs, path, opset, dynamo, export_kwargs) -> str:
     order = [False, True] if dynamo is None else [bool(dynamo)]
     if dynamo is None and importlib.util.find_spec("onnxscript") is None:
         order = [False]
+    elif dynamo is None and is_hf_decoder(model):  # TorchScript's exporter fails on their masks (aten::diff)
+        order = [True, False]
     wrapper = _Positional(model, args, kwargs).eval()
     flat = list(iter_tensors((args, kwargs)))
     if "dynamic_shapes" in export_kwargs:  # one entry per flat input; the wrapper takes them as *tensors
@@ -190,8 +192,9 @@ def _export(model, args, kwargs, path, opset, dynamo, export_kwargs) -> str:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)  # the legacy exporter warns
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                quiet = {"verbose": False} if use_dynamo else {}  # no per-stage progress lines
                 torch.onnx.export(wrapper, tuple(flat), str(path), opset_version=opset, dynamo=use_dynamo,
-                                  **export_kwargs)
+                                  **{**quiet, **export_kwargs})
             return "dynamo" if use_dynamo else "torchscript"
         except Exception as exc:  # noqa: BLE001 - try the other exporter, report both
             errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
