@@ -58,11 +58,13 @@ def model_and_inputs(args: argparse.Namespace):
 LOSS_CRITERIA = ("taylor", "fisher")
 
 
-def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bool = True) -> None:
-    """How much and how to prune: one of --ratio/--target-macs/--target-latency/--recipe, plus options."""
+def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bool = True,
+                          amount_required: bool = True) -> None:
+    """How much and how to prune: one of --ratio/--target-macs/--target-latency/--recipe, plus options
+    (``amount_required=False``: the command checks that itself, as prune does with --drop-blocks)."""
     from torchslim.criteria import CRITERIA
 
-    how = parser.add_mutually_exclusive_group(required=True)
+    how = parser.add_mutually_exclusive_group(required=amount_required)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove")
     how.add_argument("--target-macs", type=float, help="MACs to reach: fraction of the original (<=1) or absolute")
     if latency_target:

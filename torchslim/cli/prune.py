@@ -28,13 +28,21 @@ EPILOG = """examples:
       '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8}'
   torchslim prune nets.py:Net --input 1,3,32,32 --criterion fisher --data nets.py:batches --target-macs 0.6 --out n/
   torchslim prune nets.py:Net --input 1,3,32,32 --recipe recipe.yaml --onnx --out n/
+  torchslim prune torchvision:resnet50 --input 1,3,224,224 --drop-blocks 4 --out shallow/
+  torchslim prune hf:llama --input 1,16 --drop-blocks 1 --target-macs 0.5 --out llama/ --model-kwargs \\
+      '{"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8}'
 
 With --target-macs the per-layer latency table of this machine is used (measured once per
 runtime and thread count, cached under ~/.cache/torchslim; --no-latency-table skips it): the
 MACs budget goes where the time is and widths land on fast sizes. The table printed at the end
 compares params, MACs, file size and latency (original and pruned timed in turn over 3 rounds,
 best round kept, p10-p90 shown), says whether the pruned model equals the zeroed original and
-where the checkpoint went. DIR works as MODEL for every command."""
+where the checkpoint went. DIR works as MODEL for every command.
+
+--drop-blocks N first removes the N blocks (entries of a ModuleList/Sequential that keep their
+input's shape: transformer layers, residual blocks; --blocks GLOB narrows them) that turn their
+input least (block influence, 1 - cosine of input and output, on the --data batches or the
+example input); without --ratio/--target-macs/--recipe no channels are pruned after it."""
 
 
 def add_parser(sub) -> None:
@@ -44,10 +52,14 @@ def add_parser(sub) -> None:
                                    "write a torchslim checkpoint and report.json into --out.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    add_pruning_arguments(p)
+    add_pruning_arguments(p, amount_required=False)
     p.add_argument("--out", type=Path, required=True,
                    help="output directory: a torchslim checkpoint (model.safetensors, plan.json, meta.json) "
                         "plus report.json; usable as MODEL by every command")
+    p.add_argument("--drop-blocks", type=int, default=0, metavar="N",
+                   help="depth pruning first: remove the N least influential blocks (see below)")
+    p.add_argument("--blocks", action="append", default=[], metavar="GLOB",
+                   help="with --drop-blocks: only these blocks may go (module path globs, e.g. 'model.layers.*')")
     p.add_argument("--onnx", action="store_true", help="also export DIR/model.onnx, checked with onnxruntime")
     p.add_argument("--repeats", type=int, default=20,
                    help=f"timed runs per round for the before/after latency ({ROUNDS} rounds, default 20)")
@@ -61,26 +73,44 @@ def run(args: argparse.Namespace) -> int:
     check_pruning_flags(args)
     if args.repeats < 1:
         raise CliError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.drop_blocks < 0 or (args.blocks and not args.drop_blocks):
+        raise CliError("--drop-blocks takes a positive number of blocks" if args.drop_blocks < 0
+                       else "--blocks says which blocks --drop-blocks may remove: give --drop-blocks N too")
+    width = any(v is not None for v in (args.ratio, args.target_macs, args.recipe, args.target_latency))
+    if not (width or args.drop_blocks):
+        raise CliError("one of the arguments --ratio --target-macs --target-latency --recipe (or --drop-blocks) "
+                       "is required")
     model, inputs = model_and_inputs(args)
     config = config_from_args(args, model)
     data = pruning_data(args, model, config)
-    with _Steps(5 + args.onnx) as steps:
+    with _Steps(5 + args.onnx + bool(args.drop_blocks) - (not width)) as steps:
         steps.start("measuring params, MACs and size of the original")
         before = analyze(model, inputs, latency=False)
         original = copy.deepcopy(model)
-        steps.start(_pruning_step(config))
+        outcome: dict[str, Any] = {}
+        plan = torchslim.PruningPlan()
         try:
-            result = torchslim.prune_(model, inputs, config, **data)
+            if args.drop_blocks:
+                steps.start(f"ranking blocks by block influence and dropping {args.drop_blocks}")
+                depth = torchslim.prune_depth_(model, inputs, args.drop_blocks, data=data.get("data"),
+                                               blocks=args.blocks or None)
+                outcome["depth"], plan = depth.to_dict(), depth.plan
+                config, width = _target_after_depth(args, model, config, depth.macs_ratio, width)
+            if width:
+                steps.start(_pruning_step(config))
+                result = torchslim.prune_(model, inputs, config, **data)
+                outcome.update(result.to_dict())
+                plan = plan.extend(result.plan)
         except (ValueError, torchslim.PruningError) as exc:
             raise CliError(str(exc)) from None
         steps.start("measuring the pruned model and checking it against the zeroed original")
         after = analyze(model, inputs, latency=False)
-        check = torchslim.verify(original, model, inputs, result.plan)
+        check = torchslim.verify(original, model, inputs, plan)
         steps.start(f"timing the original and the pruned model in turn: {ROUNDS} rounds of {args.repeats} runs, "
                     f"{args.threads} thread(s)")
         latency, noise = _timed_in_turn(original, model, inputs, args)
         steps.start(f"writing the checkpoint to {args.out}")
-        _write_checkpoint(args, model, result)
+        _write_checkpoint(args, model)
         summary = {
             "params": [before.total_params, after.total_params],
             "macs": [before.total_macs, after.total_macs],
@@ -93,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             "max_rel_error": check.max_rel_error,
             "exactness_note": check.message,
             "checkpoint": str(args.out),
-            "result": result.to_dict(),
+            "result": outcome,
         }
         if args.onnx:
             steps.start(f"exporting {args.out / 'model.onnx'} and checking it with onnxruntime")
@@ -148,6 +178,19 @@ def _pruning_step(config) -> str:
     return text
 
 
+def _target_after_depth(args: argparse.Namespace, model, config, depth_ratio: float, width: bool):
+    """A --target-macs fraction is of the original: what is left of it after the dropped blocks
+    (none when they already met it, then no channels are pruned)."""
+    if not width or args.target_macs is None or args.target_macs > 1:
+        return config, width
+    remaining = args.target_macs / depth_ratio
+    if remaining >= 1:
+        LOG.info("the dropped blocks already leave %.3f of the MACs (target %g): no channels pruned",
+                 depth_ratio, args.target_macs)
+        return config, False
+    return config_from_args(argparse.Namespace(**{**vars(args), "target_macs": remaining}), model), True
+
+
 def _timed_in_turn(original, pruned, inputs, args) -> tuple[dict, list[str]]:
     """Latency of both models timed in turn, best of ``ROUNDS`` (see ``measure_in_turn``); the
     rounds-disagree warnings are printed and returned for report.json."""
@@ -168,15 +211,17 @@ def _timed_in_turn(original, pruned, inputs, args) -> tuple[dict, list[str]]:
     return latency, noise
 
 
-def _write_checkpoint(args: argparse.Namespace, model, result) -> None:
-    """The pruned model as a torchslim checkpoint that records how to rebuild its original."""
+def _write_checkpoint(args: argparse.Namespace, model, plan=None) -> None:
+    """The pruned model as a torchslim checkpoint that records how to rebuild its original:
+    ``plan`` (a plan or a result), or else its pruning history (a model loaded from a checkpoint
+    DIR keeps that checkpoint's steps too)."""
     import torchslim
     from torchslim.cli._model_spec import parse_json, source_metadata
 
     source = source_metadata(args.model, parse_json(args.model_kwargs, "--model-kwargs"), args.input,
                              parse_json(args.kwargs, "--kwargs"), args.dtype)
     try:
-        torchslim.save(model, args.out, result, metadata={"source": source})
+        torchslim.save(model, args.out, plan, metadata={"source": source})
     except (OSError, torchslim.CheckpointError) as exc:
         raise CliError(f"cannot write the checkpoint to {args.out}: {exc}") from None
 

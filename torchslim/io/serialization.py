@@ -17,6 +17,7 @@ so a failure at any point leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -33,9 +34,10 @@ from torch import nn
 from torchslim.pruning import (Transaction, build_replacement, get_attribute, has_attribute, named_tensors,
                                remember_former_shapes, sync_hf_config)
 from torchslim.pruning.apply import RemovalPlan, apply_plan, renumbered_index
+from torchslim.pruning.depth import apply_drops
 from torchslim.sparsity import parametrization_problem
-from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, record_history,
-                                    recorded_history, under)
+from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, name_after_drops,
+                                    record_history, recorded_history, under)
 
 FORMAT = "torchslim.checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -146,6 +148,7 @@ def _check_plan_matches_model(plan: PruningPlan, model: nn.Module) -> None:
     """The plan's final shapes must be the model's current shapes (catches passing the wrong plan)."""
     final: dict[str, list[int]] = {}
     for step in plan.steps:
+        final = {moved: shape for n, shape in final.items() if (moved := name_after_drops(n, step.dropped)) is not None}
         for path in step.replaced:  # the replaced module's tensors are gone
             final = {n: shape for n, shape in final.items() if not under(n, path)}
         for name, shape in step.shapes.items():
@@ -342,9 +345,12 @@ def _check_plan_data(data: Any, path: Path) -> None:
         raise CheckpointError(f"{path}: must be a JSON object with 'format' and 'steps', got {type(data).__name__}")
     if data.get("format") not in PLAN_FORMATS:
         raise CheckpointError(f"{path}: 'format' must be '{PLAN_FORMATS[0]}', got {data.get('format')!r} (or "
-                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules or renumbers index buffers; written by a newer "
+                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules or renumbers index buffers, "
+                              f"'{PLAN_FORMATS[2]}' for one that drops blocks; written by a newer "
                               "torchslim?)")
-    keys = {"removed", "shapes", "attributes"} | ({"replaced", "renumbered"} if data["format"] != PLAN_FORMATS[0] else set())
+    version = PLAN_FORMATS.index(data["format"])
+    keys = {"removed", "shapes", "attributes"} | ({"replaced", "renumbered"} if version >= 1 else set()) | (
+        {"dropped"} if version >= 2 else set())
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
@@ -361,6 +367,7 @@ def _check_plan_data(data: Any, path: Path) -> None:
         if not isinstance(step.get("attributes", {}), dict):
             raise CheckpointError(f"{where}.attributes must be an object, got {_json_kind(step.get('attributes'))}")
         _check_replaced_data(step.get("replaced", {}), where)
+        _check_dropped_data(step.get("dropped", []), where)
         _check_renumbered_data(step.get("renumbered", []), step["removed"], where)
         for name, shape in step["shapes"].items():
             if not isinstance(shape, list):
@@ -419,6 +426,18 @@ def _check_replaced_data(replaced: Any, where: str) -> None:
                                   f"got {_json_kind(spec['init'])}")
 
 
+def _check_dropped_data(dropped: Any, where: str) -> None:
+    """``dropped`` lists container entries, ``"<container path>.<index>"``, each once."""
+    if not isinstance(dropped, list) or not all(isinstance(path, str) for path in dropped):
+        raise CheckpointError(f"{where}.dropped must be a list of module paths, got {_json_kind(dropped)}")
+    for path in dropped:
+        if not (path.rpartition(".")[2].isascii() and path.rpartition(".")[2].isdigit()):
+            raise CheckpointError(f"{where}.dropped names '{path}', which is not an entry of a container "
+                                  "('<container>.<index>')")
+    if len(set(dropped)) != len(dropped):
+        raise CheckpointError(f"{where}.dropped names a block twice")
+
+
 def _check_json_int(value: Any, where: str, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"{where} is {json.dumps(value)}; {what} must be non-negative integers")
@@ -446,6 +465,9 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
     built: dict[tuple[int, str], nn.Module] = {}
     for i, step in enumerate(plan.steps, 1):
         where = f"{plan_file} step {i}"
+        if step.dropped:
+            virtual.drop(step.dropped, where)
+            group = {name: id(tensor) for name, tensor in virtual.named.items()}
         for module_path, spec in step.replaced.items():
             replacement = _build_replacement(virtual, module_path, spec, where)
             built[(i, module_path)] = replacement
@@ -562,36 +584,51 @@ def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction,
     """Apply every recorded step in turn: its module replacements (the modules ``_validate``
     built), its kept indices and its recorded attributes."""
     for i, step in enumerate(plan.steps, 1):
+        if step.dropped:
+            apply_drops(model, step.dropped, tx)
         for module_path in step.replaced:
             tx.replace_module(model, module_path, built[(i, module_path)])
         apply_plan(model, _removal_of(model, step), tx)
 
 
 class _VirtualModel:
-    """The model as the plan's module replacements so far leave it, without touching it:
-    its modules by path, its tensors by name and its state_dict entries."""
+    """The model as the plan's block drops and module replacements so far leave it, without
+    touching it: a skeleton of shallow module copies (sharing every tensor) that the plan's
+    structural steps edit, with its tensors by name and its state_dict entries."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.replaced: dict[str, nn.Module] = {}  # path -> the module the plan put there
-        self.named = named_tensors(model, remove_duplicate=False)
-        self.state: dict[str, Any] = dict(model.state_dict(keep_vars=True))
+        self.skeleton = _skeleton(model, {})
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.named = named_tensors(self.skeleton, remove_duplicate=False)
+        self.state: dict[str, Any] = dict(self.skeleton.state_dict(keep_vars=True))
 
     def module(self, label: str) -> nn.Module:
         """The module at ``label`` (``AttributeError`` when there is none)."""
-        for path in sorted(self.replaced, key=len, reverse=True):
-            if under(label, path):
-                new = self.replaced[path]
-                return new if label == path else new.get_submodule(label[len(path) + 1:])
-        return self.model.get_submodule(label) if label else self.model
+        return self.skeleton.get_submodule(label) if label else self.skeleton
 
     def replace(self, path: str, new: nn.Module) -> None:
-        self.replaced = {p: m for p, m in self.replaced.items() if not under(p, path)}
-        self.replaced[path] = new
-        self.named = {n: t for n, t in self.named.items() if not under(n, path)}
-        self.named.update({f"{path}.{n}": t for n, t in named_tensors(new, remove_duplicate=False).items()})
-        self.state = {k: v for k, v in self.state.items() if not under(k, path)}
-        self.state.update({f"{path}.{k}": v for k, v in new.state_dict(keep_vars=True).items()})
+        Transaction().replace_module(self.skeleton, path, new)
+        self._refresh()
+
+    def drop(self, dropped: list[str], where: str) -> None:
+        try:
+            apply_drops(self.skeleton, dropped, Transaction(), follow_config=False)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        self._refresh()
+
+
+def _skeleton(module: nn.Module, copies: dict[int, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` and of its submodules (each copied once), sharing tensors."""
+    if id(module) not in copies:
+        shell = copy.copy(module)
+        copies[id(module)] = shell
+        object.__setattr__(shell, "_modules", {name: None if child is None else _skeleton(child, copies)
+                                               for name, child in module._modules.items()})
+    return copies[id(module)]
 
 
 def _build_replacement(virtual: _VirtualModel, path: str, spec: dict[str, Any], where: str) -> nn.Module:

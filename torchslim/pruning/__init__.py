@@ -1,7 +1,9 @@
-"""Structured pruning with physical removal: config, criteria, plan, surgery, verification, and
-recorded module replacements (``replace_module_``) for structural rewrites."""
+"""Structured pruning with physical removal: config, criteria, plan, surgery, verification,
+recorded module replacements (``replace_module_``) for structural rewrites, and depth pruning
+(``prune_depth_``: whole blocks dropped)."""
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
+from torchslim.pruning.depth import DepthResult, block_importance, drop_blocks_, droppable_blocks, prune_depth_
 from torchslim.pruning.plan import PlanStep, PruningPlan
 from torchslim.pruning.selector import PruningError
 from torchslim.pruning.apply import RemovalPlan, applied, apply_plan, channel_order, plan_removal, renumbered_index
@@ -22,7 +24,7 @@ from torchslim.pruning._surgery import (Transaction as Transaction, get_attribut
                                         named_tensors as named_tensors, slice_to_kept as slice_to_kept)
 
 __all__ = [
-    "ChannelSort", "InexactPruningWarning", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
+    "ChannelSort", "DepthResult", "block_importance", "drop_blocks_", "droppable_blocks", "prune_depth_", "InexactPruningWarning", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
     "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "prune_", "register_module_handler",
     "permute_", "register_replacement_type", "remove_", "replace_module_", "replace_modules_", "replacement_types", "sort_channels_", "sorted_order", "verify",
     "zero_removed_",

@@ -63,9 +63,9 @@ def remember_former_shapes(model: nn.Module, plan: PruningPlan) -> None:
     """Note the shapes ``plan`` took the model's parameters from, so that a step on state still
     shaped like that raises :class:`StaleOptimizerStateError` instead of a bare shape error."""
     tensors = named_tensors(model)
-    for step in plan.steps:
+    for i, step in enumerate(plan.steps):
         for name in step.removed:
-            param = tensors.get(name)
+            param = tensors.get(plan.name_at_end(name, i) or "")
             if isinstance(param, nn.Parameter):
                 _, shapes = _FORMER_SHAPES.get(param, (name, set()))
                 _FORMER_SHAPES[param] = (name, shapes | {tuple(step.shapes[name])})

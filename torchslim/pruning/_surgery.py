@@ -106,6 +106,16 @@ class Transaction:
         self._undo.append(lambda: modules.__setitem__(name, old))
         return old
 
+    def drop_entries(self, container: nn.Module, indices: set[int]) -> list[nn.Module | None]:
+        """Remove the entries ``indices`` of an ``nn.ModuleList`` / ``nn.Sequential`` and number the
+        rest from 0 again (as ``del container[i]`` does); returns the removed modules."""
+        old = container._modules
+        entries = list(old.values())
+        object.__setattr__(container, "_modules", {str(i): m for i, m in enumerate(
+            m for k, m in enumerate(entries) if k not in indices)})
+        self._undo.append(lambda: object.__setattr__(container, "_modules", old))
+        return [m for k, m in enumerate(entries) if k in indices]
+
     def rollback(self) -> None:
         while self._undo:
             self._undo.pop()()

@@ -11,6 +11,13 @@ the step's removals (see :func:`torchslim.pruning.replace_module_`). Plans witho
 replacements are written as format ``torchslim.plan/1``, as before; with one, as
 ``torchslim.plan/2`` (an older reader refuses it rather than ignore the rewrite). Both are read.
 
+A step may also drop whole blocks (depth pruning), ``dropped``: the paths of entries of
+``nn.ModuleList`` / ``nn.Sequential`` containers (names before the step), removed before its
+replacements and removals; the container's later entries are renumbered, so the names of their
+tensors change (``layers.5.mlp.weight`` becomes ``layers.4.mlp.weight`` after ``layers.2`` goes).
+Plans that drop are written as ``torchslim.plan/3``. Everything a plan names after a drop step
+uses the names after it (see :func:`name_after_drops`).
+
 A model pruned by ``prune_`` (or re-created by ``load``) carries its history, the plan of
 every pruning since it was built, as a plain attribute of its root module (read it with
 :func:`pruning_history`): it survives ``copy.deepcopy``, stays out of ``state_dict()`` and
@@ -36,6 +43,8 @@ class PlanStep:
     # index buffers among ``removed`` (permutations that pick channels): after slicing, their
     # values are renumbered to count the kept channels only
     renumbered: list[str] = dataclasses.field(default_factory=list)
+    # entries of ModuleList / Sequential containers removed whole (depth pruning), before the rest
+    dropped: list[str] = dataclasses.field(default_factory=list)
 
     def kept(self, name: str, dim: int) -> np.ndarray:
         size = self.shapes[name][dim]
@@ -54,6 +63,10 @@ class PruningPlan:
         composed: dict[str, dict[int, np.ndarray]] = {}
         current: dict[tuple[str, int], np.ndarray] = {}  # original index of each surviving index
         for step in self.steps:
+            if step.dropped:  # the names move with their renumbered containers; dropped tensors go
+                composed = _renamed(composed, step.dropped)
+                current = {(new, dim): v for (name, dim), v in current.items()
+                           if (new := name_after_drops(name, step.dropped)) is not None}
             for path in step.replaced:  # a replaced module's tensors are new: they start unpruned
                 composed = {n: d for n, d in composed.items() if not under(n, path)}
                 current = {k: v for k, v in current.items() if not under(k[0], path)}
@@ -68,6 +81,26 @@ class PruningPlan:
         return {n: {d: [int(i) for i in idx] for d, idx in dims.items()} for n, dims in composed.items()}
 
     @property
+    def dropped(self) -> list[str]:
+        """The blocks every step dropped, named as in the original model, in the order dropped
+        (a block inside one dropped later is left out: it went with it)."""
+        gone: list[str] = []
+        for i, step in enumerate(self.steps):
+            for path in step.dropped:
+                for earlier in reversed(self.steps[:i]):
+                    path = name_before_drops(path, earlier.dropped)
+                gone.append(path)
+        return [path for path in gone if not any(path.startswith(outer + ".") for outer in gone)]
+
+    def name_at_end(self, name: str, step: int) -> str | None:
+        """What the tensor that step ``step`` (0-based) calls ``name`` is called after the last
+        step (blocks dropped later renumber it); None if it went with a dropped block."""
+        current: str | None = name
+        for later in self.steps[step + 1:]:
+            current = name_after_drops(current, later.dropped) if current is not None else None
+        return current
+
+    @property
     def renumbered(self) -> set[str]:
         """The index buffers some step slices and renumbers (not channels of the model's function)."""
         return {name for step in self.steps for name in step.renumbered}
@@ -77,14 +110,14 @@ class PruningPlan:
         return sum(len(v) for dims in self.removed.values() for v in dims.values())
 
     def __bool__(self) -> bool:
-        return any(step.removed or step.replaced for step in self.steps)
+        return any(step.removed or step.replaced or step.dropped for step in self.steps)
 
     def extend(self, other: "PruningPlan") -> "PruningPlan":
         return PruningPlan(self.steps + other.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules or
-        renumbers index buffers."""
+        """Plain JSON data: format ``torchslim.plan/1``, ``/2`` when a step replaces modules or
+        renumbers index buffers, ``/3`` when one drops blocks."""
         steps = []
         for s in self.steps:
             step: dict[str, Any] = {
@@ -96,9 +129,12 @@ class PruningPlan:
                 step["replaced"] = {path: {"type": spec["type"], "init": spec["init"]} for path, spec in s.replaced.items()}
             if s.renumbered:
                 step["renumbered"] = list(s.renumbered)
+            if s.dropped:
+                step["dropped"] = list(s.dropped)
             steps.append(step)
         newer = any(s.replaced or s.renumbered for s in self.steps)
-        return {"format": PLAN_FORMATS[1] if newer else PLAN_FORMATS[0], "steps": steps}
+        version = 2 if any(s.dropped for s in self.steps) else 1 if newer else 0
+        return {"format": PLAN_FORMATS[version], "steps": steps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
@@ -110,16 +146,69 @@ class PruningPlan:
             shapes = {n: [int(x) for x in shape] for n, shape in s["shapes"].items()}
             replaced = {path: {"type": spec["type"], "init": dict(spec["init"])} for path, spec in s.get("replaced", {}).items()}
             steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced,
-                                  [str(name) for name in s.get("renumbered", [])]))
+                                  [str(name) for name in s.get("renumbered", [])],
+                                  [str(path) for path in s.get("dropped", [])]))
         return cls(steps)
 
 
-PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")  # written: /1 without replacements or renumbering, /2 with
+# written: /1 without replacements or renumbering, /2 with, /3 when a step drops blocks
+PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2", "torchslim.plan/3")
 
 
 def under(name: str, path: str) -> bool:
     """Whether the tensor or module ``name`` lies inside the module at ``path`` (or is it)."""
     return name == path or name.startswith(path + ".")
+
+
+def _entry_drops(dropped: list[str]) -> list[tuple[str, set[int]]]:
+    """The dropped entries grouped by container path: ``[(container, {index, ...})]``."""
+    by_container: dict[str, set[int]] = {}
+    for path in dropped:
+        container, _, index = path.rpartition(".")
+        by_container.setdefault(container, set()).add(int(index))
+    return list(by_container.items())
+
+
+def _split_at(name: str, container: str) -> tuple[int, str] | None:
+    """``name`` under ``container.<index>``: (index, the rest with its leading dot); else None."""
+    prefix = container + "." if container else ""
+    if not name.startswith(prefix):
+        return None
+    head, dot, rest = name[len(prefix):].partition(".")
+    return (int(head), dot + rest) if head.isascii() and head.isdigit() else None
+
+
+def name_after_drops(name: str, dropped: list[str]) -> str | None:
+    """What a tensor or module called ``name`` is called once the entries ``dropped`` (paths of
+    container entries, as one step records them) are gone; None if it went with them."""
+    for container, gone in sorted(_entry_drops(dropped), key=lambda c: -c[0].count(".") - bool(c[0])):
+        at = _split_at(name, container)
+        if at is None:
+            continue
+        index, rest = at
+        if index in gone:
+            return None
+        prefix = container + "." if container else ""
+        name = f"{prefix}{index - sum(g < index for g in gone)}{rest}"
+    return name
+
+
+def name_before_drops(name: str, dropped: list[str]) -> str:
+    """The inverse of :func:`name_after_drops`: the name a surviving ``name`` had before."""
+    for container, gone in sorted(_entry_drops(dropped), key=lambda c: c[0].count(".") + bool(c[0])):
+        at = _split_at(name, container)
+        if at is None:
+            continue
+        index, rest = at
+        before = next(i for i in range(index + len(gone) + 1) if i not in gone and
+                      i - sum(g < i for g in gone) == index)
+        prefix = container + "." if container else ""
+        name = f"{prefix}{before}{rest}"
+    return name
+
+
+def _renamed(composed: dict[str, Any], dropped: list[str]) -> dict[str, Any]:
+    return {new: v for name, v in composed.items() if (new := name_after_drops(name, dropped)) is not None}
 
 
 # pruning history ------------------------------------------------------------------------

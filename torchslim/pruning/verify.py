@@ -13,7 +13,8 @@ from torchslim._inputs import ExampleInputs, call_model, iter_tensors
 from torchslim.modes import training_mode
 from torchslim.pruning._near_ties import Selection, SelectionRecorder, near_tie_explains
 from torchslim.pruning._near_ties import _same as same_tensors
-from torchslim.pruning._surgery import named_tensors
+from torchslim.pruning._surgery import Transaction, named_tensors
+from torchslim.pruning.depth import apply_drops
 from torchslim.pruning.plan import PruningPlan
 
 # (atol, rtol) per dtype, rtol relative to each output's magnitude: a pruned model sums its
@@ -174,7 +175,8 @@ def verify(original: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs
     Tolerances are relative to each output's magnitude; left at None they follow the dtype
     (``tolerances``), the same defaults ``prune_`` checks with, so a pruning ``prune_``
     accepted passes here. A plan that replaces modules (``replace_module_``) is refused: a
-    rewrite has no "removed channels zeroed" counterpart in ``original``.
+    rewrite has no "removed channels zeroed" counterpart in ``original``. Blocks the plan dropped
+    (depth pruning) are dropped from the copy as well.
     """
     rewrites = [f"step {i + 1}: {', '.join(step.replaced)}" for i, step in enumerate(plan.steps) if step.replaced]
     if rewrites:
@@ -182,6 +184,8 @@ def verify(original: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs
                          f"replaces modules ({'; '.join(rewrites)}); pass as `original` the model as it was after "
                          f"its last replacement and as `plan` the prunings since (each prune_'s PruneResult.plan)")
     reference = copy.deepcopy(original)
+    if plan.dropped:  # dropped blocks go from the reference too: its names then match the plan's
+        apply_drops(reference, plan.dropped, Transaction())
     zero_removed_(reference, {name: dims for name, dims in plan.removed.items() if name not in plan.renumbered})
     expected = run_recorded(reference, example_inputs)
     atol, rtol = tolerances([*expected.outputs, *pruned.parameters()], atol, rtol)
