@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.distributed import all_reduce_arrays
 from torchslim._inputs import call_model
 from torchslim.criteria._base import iter_batches, scatter_to_atoms
 from torchslim.criteria.taylor import batch_inputs
@@ -74,6 +75,14 @@ class ActivationImportance:
         finally:
             for h in handles:
                 h.remove()
+        self._reduce_over_ranks()
+
+    def _reduce_over_ranks(self) -> None:
+        """Under torchrun, the sums and counts over every rank's batches."""
+        summed = all_reduce_arrays({**{("sum", n): v for n, v in self.sums.items()},
+                                    **{("count", n): c for n, c in self.counts.items()}})
+        self.sums = {n: summed[("sum", n)] for n in self.sums}
+        self.counts = {n: summed[("count", n)] for n in self.counts}
 
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
         scores = np.zeros(len(group), dtype=np.float64)

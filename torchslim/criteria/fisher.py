@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from torchslim.distributed import all_reduce_arrays
 from torchslim.criteria._base import rows, score_slots
 from torchslim.criteria.taylor import batch_saliencies
 from torchslim.graph import DependencyGraph, Group
@@ -36,6 +37,9 @@ class FisherImportance:
                                      select=lambda name: name in saliency)  # noqa: B023 - both are called by score_slots, in this iteration
                 sums[group.index] += signed ** 2
             batches += 1
+        summed = all_reduce_arrays({**sums, "batches": batches})  # under torchrun: every rank's batches
+        batches = int(summed.pop("batches"))
+        sums = summed
         if batches == 0:
             raise ValueError("criterion 'fisher' got no batches in data=")
         self.scores = {index: total / batches for index, total in sums.items()}

@@ -10,6 +10,7 @@ import torch
 
 from torchslim._inputs import call_model
 from torchslim.criteria._base import iter_batches, rows, score_slots
+from torchslim.distributed import all_reduce_tensors_
 from torchslim.graph import DependencyGraph, Group
 
 
@@ -24,6 +25,7 @@ class TaylorImportance:
         for saliency in saliencies:
             for n, value in saliency.items():
                 totals[n] += value
+        all_reduce_tensors_(list(totals.values()))  # under torchrun: the sum over every rank's batches
         self.saliency = totals
 
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:

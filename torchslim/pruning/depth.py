@@ -29,6 +29,7 @@ from torch import nn
 
 from torchslim._inputs import ExampleInputs, call_model, normalize_inputs
 from torchslim.criteria.taylor import batch_inputs
+from torchslim.distributed import all_reduce_arrays, refuse_wrapped, require_same
 from torchslim.graph.macs import fastpath_disabled, live_counter
 from torchslim.pruning._hf_config import hf_config_of, sync_hf_config
 from torchslim.pruning._surgery import Transaction
@@ -99,6 +100,10 @@ def block_importance(model: nn.Module, data: Iterable[Any], blocks: Sequence[str
             sums[path] += float(record.cosines.sum())
             counts[path] += record.cosines.numel()
         batches += 1
+    summed = all_reduce_arrays({**{("sum", p): v for p, v in sums.items()},  # under torchrun: every rank's data
+                                **{("count", p): c for p, c in counts.items()}})
+    sums = {path: summed[("sum", path)] for path in blocks}
+    counts = {path: summed[("count", path)] for path in blocks}
     if batches == 0:
         raise ValueError("block_importance needs at least one calibration batch in data=")
     return {path: 1.0 - sums[path] / counts[path] for path in blocks}
@@ -111,6 +116,7 @@ def prune_depth_(model: nn.Module, example_inputs: ExampleInputs, num_blocks: in
     docstring for the ranking); ``data`` are calibration batches (default: the example inputs),
     ``blocks`` globs restrict the candidates (default: every droppable block). Recorded in the
     model's pruning history; all or nothing."""
+    refuse_wrapped(model, "torchslim.prune_depth_")
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
     candidates = droppable_blocks(model, example_inputs, blocks)
@@ -121,6 +127,7 @@ def prune_depth_(model: nn.Module, example_inputs: ExampleInputs, num_blocks: in
     batches = list(data) if data is not None else [example_inputs]
     scores = block_importance(model, batches, candidates, importance=importance, max_batches=max_batches)
     chosen = sorted(candidates, key=lambda path: (scores[path], candidates.index(path)))[:num_blocks]
+    require_same(chosen, "blocks to drop")  # under torchrun: scores are summed over ranks, so they agree
     macs_before = _forward_macs(model, example_inputs)
     plan, hf_fields = drop_blocks_(model, chosen)
     return DepthResult(chosen, scores, macs_before, _forward_macs(model, example_inputs), plan, hf_fields)

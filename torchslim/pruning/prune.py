@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.distributed import broadcast_array, broadcast_object, is_distributed, refuse_wrapped
 from torchslim._inputs import ExampleInputs
 from torchslim.graph import DependencyGraph, Group
 from torchslim.graph.dependency import sorted_unique
@@ -117,6 +118,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
     momentum) to the kept indices too. The model records the plan in its pruning history
     (``torchslim.pruning_history``), which ``torchslim.save(model, path)`` writes.
     """
+    refuse_wrapped(model, "torchslim.prune_")
     check_optimizer(optimizer)
     problem = parametrization_problem(model, "torchslim.prune_")
     if problem is not None:
@@ -147,6 +149,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
         selector, candidates = latency_loop.choose_fastest_ranking(selector, graph, example_inputs, config, banned)
     for _ in range(MAX_ATTEMPTS):
         ratio, removed = selector.select(banned)
+        if is_distributed():  # rank 0 chooses for every rank (timings and near ties may differ)
+            ratio, removed = broadcast_object(ratio), broadcast_array(removed)
         if removed.size == 0:
             _warn_rolled_back(skipped)
             warn_nothing_pruned(selector, banned)
@@ -194,6 +198,7 @@ def remove_(graph: DependencyGraph, atoms: np.ndarray, example_inputs: ExampleIn
     search's winner)."""
     check_optimizer(optimizer)
     model = graph.model
+    refuse_wrapped(model, "torchslim.pruning.remove_")
     problem = parametrization_problem(model, "torchslim.pruning.remove_")
     if problem is not None:
         raise PruningError(problem)

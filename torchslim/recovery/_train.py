@@ -15,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.distributed import all_reduce_arrays, all_reduce_tensors_, is_distributed, is_wrapped, unwrap
 from torchslim._inputs import call_model
 from torchslim.modes import training_mode
+from torchslim.recovery._resume import RunPosition, load_state, save_state
 
 __all__ = ["FinetuneResult", "distillation_loss", "evaluate_accuracy", "finetune", "recalibrate_bn_"]
 
@@ -140,7 +144,9 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
              teacher: nn.Module | None = None, kd_alpha: float = 0.5, temperature: float = 4.0,
              optimizer: torch.optim.Optimizer | None = None, weight_decay: float = 0.0,
              schedule: str | None = None, max_steps: int | None = None, device: torch.device | str | None = None,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, accumulate: int = 1, precision: str | None = None, freeze_bn: bool = False,
+             checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+             resume: bool = False) -> FinetuneResult:
     """Fine-tune ``model`` in place with Adam on ``(inputs, targets)`` batches from ``loader``.
 
     With a ``teacher`` (typically the unpruned model), the loss is
@@ -148,13 +154,93 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
     ``temperature``; the teacher runs in eval mode under ``no_grad`` and is never updated.
     ``kd_alpha=1`` distils only. ``optimizer`` replaces the default Adam(lr, weight_decay).
     ``schedule="cosine"`` decays the learning rate of every parameter group to zero along a
-    half cosine over the run (stepped per batch; the loader needs a length, or give
+    half cosine over the run (stepped per optimizer step; the loader needs a length, or give
     ``max_steps``); ``None`` keeps it constant.
     ``max_steps`` stops early after that many optimizer steps in total. ``device`` moves the
     model, the teacher and each batch there (``None``: the model stays where it is and the
     teacher and the batches go to the model's device).
-    The training flags of every module of ``model`` and ``teacher`` are restored at the end.
+
+    ``accumulate`` batches make one optimizer step (each batch's loss divided by it; an epoch's
+    last batches step with what they have). ``precision="bf16"`` runs the forward passes under
+    autocast in bfloat16 (CPU and GPU); ``"fp16"`` in float16 with a gradient scaler (GPU only).
+    ``freeze_bn`` keeps BatchNorm layers in eval mode (running statistics used and kept; their
+    affine weights still train), as is common when fine-tuning small batches.
+
+    Under torchrun (a process group of several ranks) the model trains through
+    ``DistributedDataParallel`` (wrapped here unless it already is): gradients are averaged over
+    the ranks, so N ranks on N shards of a global batch step like one process on all of it
+    (``loader`` gives this rank's shard, e.g. a ``DataLoader`` with a ``DistributedSampler``, whose
+    ``set_epoch`` is called each epoch). BatchNorm batch statistics stay per rank (PyTorch's
+    ``SyncBatchNorm`` needs a GPU; ``freeze_bn`` sidesteps them). ``checkpoint_dir`` with
+    ``checkpoint_every`` writes the run's state every that many optimizer steps (rank 0, one
+    file replaced atomically); ``resume=True`` continues from it when it exists (the same call
+    after a crash or a kill), else starts afresh. The training flags of every module of
+    ``model`` and ``teacher`` are restored at the end.
     """
+    _check_finetune_args(epochs, kd_alpha, temperature, schedule, accumulate, precision, checkpoint_dir,
+                         checkpoint_every, resume)
+    if device is not None:
+        unwrap(model).to(device)
+    device = _model_device(model)
+    if teacher is not None:
+        teacher.to(device)
+    inner = unwrap(model)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    if optimizer is None:
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    total = _total_steps(loader, epochs, accumulate, max_steps)
+    scheduler = None
+    if schedule == "cosine":
+        if total is None:
+            raise ValueError("schedule='cosine' needs a loader with a length, or max_steps")
+        span = max(1, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, span) / span)))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    extras = {"scheduler": scheduler, "scaler": scaler}
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    position = (load_state(directory, inner, optimizer, extras) if resume and directory is not None else None) or RunPosition()
+    net = _distributed_wrapper(model, device)
+    teacher_mode = training_mode(teacher, False) if teacher is not None else contextlib.nullcontext()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision else contextlib.nullcontext())
+    step_fn = _OptimizerStep(optimizer, scheduler, scaler)
+    with training_mode(inner, True), teacher_mode, _frozen_bn(inner, freeze_bn), _progress(progress) as bar:
+        task = bar.add_task("fine-tuning", total=total, completed=position.step, status="") if bar is not None else None
+        while position.epoch < epochs and not (max_steps is not None and position.step >= max_steps):
+            for batch, last in _epoch_batches(loader, position):
+                if max_steps is not None and position.step >= max_steps:
+                    break
+                position.batch_in_epoch += 1
+                sync = last or position.batch_in_epoch % accumulate == 0
+                with _gradients_kept_local(net, keep=not sync):
+                    with autocast:
+                        loss, size = _batch_loss(net, teacher, batch, device, kd_alpha, temperature)
+                    step_fn.backward(loss / accumulate)
+                position.running += float(loss.detach()) * size
+                position.count += size
+                if not sync:
+                    continue
+                step_fn()
+                position.step += 1
+                if checkpoint_every is not None and directory is not None and position.step % checkpoint_every == 0:
+                    save_state(directory, position, inner, optimizer, extras)
+                if bar is not None:
+                    bar.update(task, advance=1, status=f"epoch {position.epoch + 1}/{epochs} "
+                                                       f"loss {position.running / max(1, position.count):.4f}")
+            else:
+                _end_epoch(position)
+                continue
+            _end_epoch(position)  # max_steps reached inside the epoch: its loss so far
+            break
+    del net
+    return FinetuneResult(position.losses, position.step)
+
+
+def _check_finetune_args(epochs, kd_alpha, temperature, schedule, accumulate, precision, checkpoint_dir,
+                         checkpoint_every, resume) -> None:
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if not 0.0 <= kd_alpha <= 1.0:
@@ -163,60 +249,117 @@ def finetune(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if schedule not in (None, "cosine"):
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
-    if device is not None:
-        model.to(device)
-    device = _model_device(model)
-    if teacher is not None:
-        teacher.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer is None:
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive number of batches per step, got {accumulate!r}")
+    if precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"precision must be None, 'bf16' or 'fp16', got {precision!r}")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
+    if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every and resume need checkpoint_dir= (where the run's state is kept)")
+
+
+def _total_steps(loader: Any, epochs: int, accumulate: int, max_steps: int | None) -> int | None:
     per_epoch = _length(loader)
-    total = None if per_epoch is None else per_epoch * epochs
+    total = None if per_epoch is None else math.ceil(per_epoch / accumulate) * epochs
     if max_steps is not None:
         total = max_steps if total is None else min(total, max_steps)
-    scheduler = None
-    if schedule == "cosine":
-        if total is None:
-            raise ValueError("schedule='cosine' needs a loader with a length, or max_steps")
-        span = max(1, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, span) / span)))
-    losses: list[float] = []
-    steps = 0
-    teacher_mode = training_mode(teacher, False) if teacher is not None else contextlib.nullcontext()
-    with training_mode(model, True), teacher_mode, _progress(progress) as bar:
-        task = bar.add_task("fine-tuning", total=total, status="") if bar is not None else None
-        for epoch in range(epochs):
-            running, count = 0.0, 0
-            for batch in loader:
-                if max_steps is not None and steps >= max_steps:
-                    break
-                inputs, targets = _split(_to(batch, device), need_targets=True)
-                logits = _logits(_forward(model, inputs))
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = _logits(_forward(teacher, inputs))
-                    loss = distillation_loss(logits, teacher_logits, targets, alpha=kd_alpha, temperature=temperature)
-                else:
-                    loss = F.cross_entropy(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                steps += 1
-                running += float(loss.detach()) * targets.shape[0]
-                count += targets.shape[0]
-                if bar is not None:
-                    bar.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / count:.4f}")
-            if count:
-                losses.append(running / count)
-            if max_steps is not None and steps >= max_steps:
-                break
-    return FinetuneResult(losses, steps)
+    return total
+
+
+def _distributed_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module that trains: ``model`` itself, or under torchrun a DDP wrapper of it."""
+    if not is_distributed() or is_wrapped(model):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gradients_kept_local(net: nn.Module, keep: bool):
+    """DDP's ``no_sync`` inside an accumulation (gradients are averaged at its last batch only)."""
+    if keep and isinstance(net, nn.parallel.DistributedDataParallel):
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _frozen_bn(model: nn.Module, freeze: bool):
+    if not freeze:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    yield
+
+
+def _epoch_batches(loader: Iterable, position: RunPosition):
+    """This epoch's batches with a flag for the last one; a resumed epoch redraws its order from
+    the saved random state and skips the batches already trained on."""
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(position.epoch)
+    if position.resumed_rng is not None and position.epoch_rng is not None:
+        torch.set_rng_state(position.epoch_rng)
+    else:
+        position.epoch_rng = torch.get_rng_state()
+    batches = iter(loader)
+    for _ in range(position.batch_in_epoch):
+        next(batches, None)
+    if position.resumed_rng is not None:
+        torch.set_rng_state(position.resumed_rng)
+        position.resumed_rng = None
+    upcoming = next(batches, _END)
+    while upcoming is not _END:
+        batch, upcoming = upcoming, next(batches, _END)
+        yield batch, upcoming is _END
+
+
+_END = object()
+
+
+def _end_epoch(position: RunPosition) -> None:
+    """The epoch's mean loss (over every rank's samples) and the position at the next epoch."""
+    summed = all_reduce_arrays({"running": position.running, "count": position.count})
+    if summed["count"]:
+        position.losses.append(summed["running"] / summed["count"])
+    position.epoch += 1
+    position.batch_in_epoch, position.running, position.count = 0, 0.0, 0
+    position.epoch_rng = None
+
+
+def _batch_loss(net: nn.Module, teacher: nn.Module | None, batch: Any, device: torch.device, kd_alpha: float,
+                temperature: float) -> tuple[torch.Tensor, int]:
+    inputs, targets = _split(_to(batch, device), need_targets=True)
+    logits = _logits(_forward(net, inputs))
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = _logits(_forward(teacher, inputs))
+        loss = distillation_loss(logits.float(), teacher_logits.float(), targets, alpha=kd_alpha,
+                                 temperature=temperature)
+    else:
+        loss = F.cross_entropy(logits.float(), targets)
+    return loss, int(targets.shape[0])
+
+
+class _OptimizerStep:
+    """Backward and step, through the gradient scaler when float16 needs one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def __call__(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 # evaluation -----------------------------------------------------------------------------------
@@ -285,9 +428,26 @@ def recalibrate_bn_(model: nn.Module, batches: Iterable, num_batches: int | None
             _put_back(saved, stats=True)
             raise
         _put_back(saved, stats=used == 0)
+    used = _average_over_ranks(norms, used)
     if used == 0:
         raise ValueError("recalibrate_bn_ got no batches; the running statistics were left unchanged")
     return used
+
+
+def _average_over_ranks(norms: list[nn.modules.batchnorm._NormBase], used: int) -> int:
+    """Under torchrun: each running statistic becomes the average over every rank's batches (each
+    rank's average weighted by its batch count), as one process over all of them would compute;
+    returns the batches used on all ranks together."""
+    if not is_distributed():
+        return used
+    stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
+    total = all_reduce_arrays({"batches": used})["batches"]
+    if total == 0:
+        return 0
+    for tensor in stats:
+        tensor.mul_(used / total)
+    all_reduce_tensors_(stats)
+    return int(total)
 
 
 def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.distributed import broadcast_array, broadcast_tensors_, refuse_wrapped
 from torchslim._inputs import ExampleInputs
 from torchslim.criteria import make_importance
 from torchslim.graph import DependencyGraph
@@ -47,6 +48,7 @@ class AGPPruner:
                  optimizer: torch.optim.Optimizer | None = None, keep_dense: bool = False):
         if not 0 <= initial_sparsity <= final_sparsity < 1:
             raise ValueError("need 0 <= initial_sparsity <= final_sparsity < 1")
+        refuse_wrapped(model, "AGPPruner")
         if structured and example_inputs is None:
             raise ValueError("structured AGP needs example_inputs to build the dependency graph")
         self.model, self.example_inputs = model, example_inputs
@@ -87,6 +89,7 @@ class AGPPruner:
         else:  # with keep_dense, module.weight reads the masked weight: masked entries rank first
             layers = selected_layers(self.model, DEFAULT_TYPES, self.config.op_names, self.config.exclude, self.config.filter_fn)
             self.masks.masks = {f"{n}.weight": keep_largest(w.detach(), sparsity) for n, w in layers}
+            broadcast_tensors_(self.masks.masks.values())  # under torchrun: rank 0's masks everywhere
         if not self.keep_dense:
             self.masks.apply_()
             return
@@ -102,7 +105,7 @@ class AGPPruner:
             scores[self.masked_atoms[group.atoms]] = -np.inf  # masked once, masked for good
             n_remove = len(group) - keep_count(len(group), sparsity, self.config, atom_width=self.graph.atom_width(group))
             removed.append(group.atoms[np.argsort(scores, kind="stable")[:n_remove]])
-        atoms = np.concatenate(removed) if removed else np.zeros(0, np.int64)
+        atoms = broadcast_array(np.concatenate(removed) if removed else np.zeros(0, np.int64))  # rank 0's
         self.masked_atoms[atoms] = True
         removal = self.graph.removal(atoms)
         params = self.params
@@ -133,9 +136,13 @@ class AGPPruner:
 
     def finalize(self) -> PruneResult | WeightMasks:
         """Structured: remove the masked channels physically (exactly the zeroed ones), slicing the
-        optimizer's state alike so training can go on with it. Unstructured: the masks."""
+        optimizer's state alike so training can go on with it. Unstructured: the masks. Under
+        torchrun every rank first takes rank 0's buffers (BatchNorm statistics)."""
         if self._hook is not None:
             self._hook.remove()
+        # under torchrun: DDP syncs buffers at each forward, so the last one left each rank its own
+        # running statistics; every rank finishes with rank 0's, so the pruned models are identical
+        broadcast_tensors_(list(self.model.buffers()))
         if not self.structured:
             if self.keep_dense:
                 remove_masks_(self.model, list(self.masks.masks), bake=True)
