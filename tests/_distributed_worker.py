@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import torchslim
-from torchslim.distributed import rank, world_size
+from torchslim.distributed import local_only, rank, world_size
 from torchslim.recovery import finetune, recalibrate_bn_
 from torchslim.schedules import AGPPruner
 
@@ -93,6 +93,47 @@ def scenario_finetune() -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def scenario_fsdp(directory: Path) -> dict:
+    """A pruned model sharded by FSDP2 (two ranks; whole in one process) fine-tuned with level
+    masks enforced after every step, checkpointed at step 6, then resumed for two more steps."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from torchslim.sparsity.masks import WeightMasks
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, WeightMasks]:
+        model = pruned_model()
+        masks = {name: p.detach().abs() > p.detach().abs().median() for name, p in model.named_parameters()
+                 if name.endswith("conv1.weight")}
+        if world_size() > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world_size(),))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        weight_masks = WeightMasks(model, masks)
+        weight_masks.apply_()
+        weight_masks.attach(optimizer)
+        return model, optimizer, weight_masks
+
+    def full(model: nn.Module) -> dict:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    model, optimizer, masks = build()
+    finetune(model, loader(), max_steps=6, optimizer=optimizer, freeze_bn=True, progress=False,
+             checkpoint_dir=directory, checkpoint_every=6)
+    at_six = full(model)
+    model, optimizer, masks = build()  # a fresh start that picks up the checkpoint
+    steps_taken: list[int] = []  # training forwards (DCP's optimizer-state set-up runs a no-op step)
+    model.register_forward_pre_hook(lambda *_: steps_taken.append(1))
+    finetune(model, loader(), max_steps=8, optimizer=optimizer, freeze_bn=True, progress=False,
+             checkpoint_dir=directory, resume=True)
+    return {"six": at_six, "eight": full(model), "masks": masks.masks, "resumed_steps": len(steps_taken)}
+
+
 def scenario_criteria() -> dict:
     """The channels data-driven criteria choose on this rank's shard (one process: on both shards'
     batches), and BatchNorm statistics recalibrated on them."""
@@ -108,6 +149,20 @@ def scenario_criteria() -> dict:
     used = recalibrate_bn_(model, batches)
     stats = {name: buf.clone() for name, buf in model.named_buffers() if "running" in name}
     return {"chosen": chosen, "bn_batches": used, "bn": stats}
+
+
+def scenario_local() -> dict:
+    """Rank 0 alone prunes with a data-driven criterion (inside local_only: no collectives)."""
+    removed = None
+    if rank() == 0:
+        with local_only():
+            model = pruned_model()
+            result = torchslim.prune_(model, torch.zeros(1, 1, 8, 8),
+                                      torchslim.PruneConfig(ratio=0.5, criterion="fisher", latency_aware=False),
+                                      data=shard_batches(0), loss_fn=cross_entropy)
+            removed = result.plan.removed
+    dist.barrier()
+    return {"removed": removed}
 
 
 def scenario_agp() -> dict:
@@ -174,6 +229,8 @@ def main(out: Path, names: list[str]) -> None:
                 kind, _, crash = name.partition(":")
                 result = scenario_resume(out / "resume-ckpt", int(crash) if crash else None)
                 name = kind
+            elif name == "fsdp":
+                result = scenario_fsdp(out / "fsdp-ckpt")
             else:
                 result = globals()[f"scenario_{name}"]()
             torch.save(result, out / f"{name}-rank{rank()}.pt")

@@ -39,7 +39,7 @@ def _load(out: Path, name: str, rank: int) -> dict:
 def two_ranks(tmp_path_factory) -> Path:
     """One launch runs every scenario that needs no crash (the worker's startup is the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun(out, "finetune", "criteria", "agp", "resume")
+    _torchrun(out, "finetune", "criteria", "agp", "resume", "fsdp", "local")
     return out
 
 
@@ -101,6 +101,28 @@ def test_a_killed_distributed_finetune_resumes_from_its_checkpoint(two_ranks, tm
         assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-6)
         for key, value in straight["state"].items():
             assert torch.allclose(resumed["state"][key], value, atol=1e-6, rtol=0), key
+
+
+def test_fsdp2_sharded_finetune_keeps_masks_and_resumes_like_one_process(two_ranks, tmp_path):
+    one = worker.scenario_fsdp(tmp_path / "ckpt")
+    assert one["resumed_steps"] == 2
+    for rank in (0, 1):
+        got = _load(two_ranks, "fsdp", rank)
+        assert got["resumed_steps"] == 2  # steps 7 and 8 only: 1-6 came from the checkpoint
+        for when in ("six", "eight"):
+            assert got[when].keys() == one[when].keys()
+            for key, value in one[when].items():
+                assert torch.allclose(got[when][key], value, atol=WEIGHT_ATOL, rtol=0), (when, key)
+        for name, keep in one["masks"].items():
+            assert torch.equal(got["masks"][name], keep) and not keep.all()
+            assert not got["eight"][name][~keep].any()  # masked weights stayed exactly zero
+            assert got["eight"][name][keep].all()
+    assert any(not torch.equal(one["six"][k], one["eight"][k]) for k in one["six"])  # the resumed steps trained
+
+
+def test_work_on_one_rank_inside_local_only_does_not_wait_for_the_others(two_ranks):
+    assert _load(two_ranks, "local", 1)["removed"] is None
+    assert _load(two_ranks, "local", 0)["removed"] == _half_choice("fisher")
 
 
 # single process: the helpers are no-ops, and wrappers are refused -------------------------------

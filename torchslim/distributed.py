@@ -13,11 +13,15 @@ Every helper is a no-op in a single process, so the same script runs on a laptop
 
 Pruning changes parameter shapes, which DDP fixed when it wrapped the model: prune the
 module (``ddp.module``), then wrap it again. :func:`refuse_wrapped` says so where torchslim
-is handed the wrapper.
+is handed the wrapper. These calls are collective: under torchrun every rank makes them; work
+done on one rank only (``if rank() == 0: ...``) goes inside :func:`local_only`, which turns
+the collectives off for the duration.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, TypeVar
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -25,11 +29,32 @@ from torch import distributed as dist
 from torch import nn
 
 K = TypeVar("K")
+_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("torchslim_local_only", default=False)
 
 
 def is_distributed() -> bool:
-    """Whether a process group of more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group of more than one rank is running (and collectives are not off)."""
+    return (not _LOCAL_ONLY.get() and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within it, torchslim calls on this rank alone make no collective calls (each acts as one
+    process would on its own data): for work done on one rank, which would otherwise wait
+    forever for the others."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``model`` or part of it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def rank() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.distributed import barrier, gather_objects, rank, world_size
+from torchslim.distributed import barrier, gather_objects, is_sharded, rank, world_size
 
 STATE_FILE = "finetune_state.pt"
 FORMAT = "torchslim.finetune/1"
@@ -45,12 +45,13 @@ def save_state(directory: Path, position: RunPosition, model: nn.Module, optimiz
     """Write the run's state (rank 0; every rank's random states gathered first); all ranks
     wait until the file is in place."""
     local = gather_objects((position.epoch_rng, torch.get_rng_state(), position.running, position.count))
+    model_state, optimizer_state = _full_states(model, optimizer)
     if rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         state = {"format": FORMAT, "world_size": world_size(), "step": position.step, "epoch": position.epoch,
                  "batch_in_epoch": position.batch_in_epoch, "running": [r[2] for r in local],
                  "count": [r[3] for r in local], "losses": list(position.losses), "epoch_rng": [r[0] for r in local],
-                 "rng": [r[1] for r in local], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": [r[1] for r in local], "model": model_state, "optimizer": optimizer_state,
                  **{k: v.state_dict() for k, v in extras.items() if v is not None}}
         fd, tmp = tempfile.mkstemp(prefix=".finetune_state.", dir=directory)
         os.close(fd)
@@ -80,14 +81,35 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path} was written by a run of {state['world_size']} process(es), this one has "
                          f"{world_size()}: the data shards would differ; resume with the same number")
     _check_shapes(path, model, state["model"])
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):  # every rank holds the whole state: each keeps its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     for key, obj in extras.items():
         if obj is not None and key in state:
             obj.load_state_dict(state[key])
     me = rank()
     return RunPosition(state["step"], state["epoch"], state["batch_in_epoch"], state["running"][me], state["count"][me],
                        list(state["losses"]), state["epoch_rng"][me], state["rng"][me])
+
+
+def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimizer's whole state; under FSDP2 gathered from the shards (a
+    collective: every rank calls it) to rank 0's CPU, by parameter name."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def _check_shapes(path: Path, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:

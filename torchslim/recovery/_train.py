@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.distributed import all_reduce_arrays, all_reduce_tensors_, is_distributed, is_wrapped, unwrap
+from torchslim.distributed import (all_reduce_arrays, all_reduce_tensors_, is_distributed, is_sharded, is_wrapped,
+                                   unwrap)
 from torchslim._inputs import call_model
 from torchslim.modes import training_mode
 from torchslim.recovery._resume import RunPosition, load_state, save_state
@@ -269,8 +270,9 @@ def _total_steps(loader: Any, epochs: int, accumulate: int, max_steps: int | Non
 
 
 def _distributed_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
-    """The module that trains: ``model`` itself, or under torchrun a DDP wrapper of it."""
-    if not is_distributed() or is_wrapped(model):
+    """The module that trains: ``model`` itself (one process, already wrapped, or sharded by FSDP2,
+    which reduces gradients itself), or under torchrun a DDP wrapper of it."""
+    if not is_distributed() or is_wrapped(model) or is_sharded(model):
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
