@@ -151,6 +151,19 @@ def scenario_criteria() -> dict:
     return {"chosen": chosen, "bn_batches": used, "bn": stats}
 
 
+def scenario_sandwich() -> dict:
+    """Slimmable training by the sandwich rule (widths 0.5-1.0, two random draws alike on every
+    rank) for one epoch of the global batch: the shared weights."""
+    from torchslim.slimmable import make_slimmable, train_sandwich
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    slim = make_slimmable(model, torch.zeros(1, 1, 8, 8), width_range=(0.5, 1.0), widths=(0.5, 1.0))
+    train_sandwich(slim, loader(), epochs=1, lr=0.05, weight_decay=0.0, n_random=2, seed=3)
+    return {k: v.detach().clone() for k, v in slim.model.state_dict().items()}
+
+
 def scenario_local() -> dict:
     """Rank 0 alone prunes with a data-driven criterion (inside local_only: no collectives)."""
     removed = None

@@ -39,7 +39,7 @@ def _load(out: Path, name: str, rank: int) -> dict:
 def two_ranks(tmp_path_factory) -> Path:
     """One launch runs every scenario that needs no crash (the worker's startup is the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun(out, "finetune", "criteria", "agp", "resume", "fsdp", "local")
+    _torchrun(out, "finetune", "criteria", "agp", "resume", "fsdp", "local", "sandwich")
     return out
 
 
@@ -118,6 +118,14 @@ def test_fsdp2_sharded_finetune_keeps_masks_and_resumes_like_one_process(two_ran
             assert not got["eight"][name][~keep].any()  # masked weights stayed exactly zero
             assert got["eight"][name][keep].all()
     assert any(not torch.equal(one["six"][k], one["eight"][k]) for k in one["six"])  # the resumed steps trained
+
+
+def test_sandwich_rule_under_ddp_trains_the_shared_weights_like_one_process(two_ranks):
+    one = worker.scenario_sandwich()
+    for rank in (0, 1):
+        got = _load(two_ranks, "sandwich", rank)
+        for key, value in one.items():
+            assert torch.allclose(got[key], value, atol=WEIGHT_ATOL, rtol=0), key
 
 
 def test_work_on_one_rank_inside_local_only_does_not_wait_for_the_others(two_ranks):

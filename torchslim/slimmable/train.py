@@ -14,7 +14,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from contextlib import nullcontext
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from torchslim.distributed import is_distributed
 from torchslim.recovery import distillation_loss
 from torchslim.slimmable.slimmable import Slimmable
 
@@ -39,50 +43,73 @@ def sandwich_widths(slim: Slimmable, n_random: int, rng: random.Random) -> list[
 
 def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, n_random: int = 2,
                   rng: random.Random | None = None, distill: bool = True,
-                  distill_fn: Callable[[Any, Any], torch.Tensor] = soft_target_loss) -> dict[float, float]:
+                  distill_fn: Callable[[Any, Any], torch.Tensor] = soft_target_loss,
+                  model: nn.Module | None = None) -> dict[float, float]:
     """Forward and backward at every width of one sandwich step (see the module docstring);
     returns each width's loss. Call ``optimizer.zero_grad()`` before and ``optimizer.step()``
     after. ``distill=False`` trains every width on the labels (S-Nets). The model ends at the
-    width it started at."""
+    width it started at.
+
+    ``model`` is what runs (default ``slim.model``); under torchrun pass
+    ``DistributedDataParallel(slim.model)`` (``find_unused_parameters=True`` with switchable
+    BatchNorm) and draw the random widths from an ``rng`` seeded alike on every rank: every width
+    but the last runs under its ``no_sync``, so the ranks average their gradients once per step."""
     widths = sandwich_widths(slim, n_random, rng or random.Random(0))
+    net = model if model is not None else slim.model
     losses: dict[float, float] = {}
     before = slim.width
     try:
         teacher = None
         for i, width in enumerate(widths):
             slim.set_width(width)
-            output = slim.model(*inputs) if isinstance(inputs, tuple) else slim.model(inputs)
-            if i == 0 or not distill:
-                loss = loss_fn(output, targets)
-                teacher = output.detach() if i == 0 and isinstance(output, torch.Tensor) else teacher
-            else:
-                if teacher is None:
-                    raise TypeError("inplace distillation needs the model to return a tensor; pass distill_fn "
-                                    "and a model returning a tensor, or distill=False")
-                loss = distill_fn(output, teacher)
-            loss.backward()
+            local = net.no_sync() if i < len(widths) - 1 and isinstance(net, DistributedDataParallel) else nullcontext()
+            with local:
+                output = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
+                loss = _width_loss(i, output, targets, loss_fn, distill, distill_fn, teacher)
+                loss.backward()
+            if i == 0 and isinstance(output, torch.Tensor):
+                teacher = output.detach()
             losses[width] = float(loss.detach())
     finally:
         slim.set_width(before)
     return losses
 
 
+def _width_loss(i: int, output: Any, targets: Any, loss_fn: Loss, distill: bool,
+                distill_fn: Callable[[Any, Any], torch.Tensor], teacher: torch.Tensor | None) -> torch.Tensor:
+    """The largest width (first) learns the labels; the others its output, or the labels too."""
+    if i == 0 or not distill:
+        return loss_fn(output, targets)
+    if teacher is None:
+        raise TypeError("inplace distillation needs the model to return a tensor; pass distill_fn "
+                        "and a model returning a tensor, or distill=False")
+    return distill_fn(output, teacher)
+
+
 def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float = 0.05, momentum: float = 0.9,
                    weight_decay: float = 1e-4, n_random: int = 2, seed: int = 0, distill: bool = True,
                    loss_fn: Loss = F.cross_entropy) -> list[float]:
     """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
-    of ``(input, target)`` batches; returns the mean largest-width loss per epoch."""
+    of ``(input, target)`` batches; returns the mean largest-width loss per epoch (this rank's
+    batches). Under torchrun it trains through DistributedDataParallel (see :func:`sandwich_step`)
+    on this rank's shard of the data."""
     optimizer = torch.optim.SGD(slim.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    net = (DistributedDataParallel(slim.model, find_unused_parameters=slim.config.switchable_bn)
+           if is_distributed() else None)
     steps = max(1, epochs * _length(loader))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = random.Random(seed)
     slim.train()
     history = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):  # a DistributedSampler reshuffles its shard per epoch
+            set_epoch(epoch)
         total, count = 0.0, 0
         for inputs, targets in loader:
             optimizer.zero_grad()
-            losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng, distill=distill)
+            losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng, distill=distill,
+                                   model=net)
             optimizer.step()
             schedule.step()
             total, count = total + next(iter(losses.values())), count + 1
