@@ -53,6 +53,29 @@ def test_resnet50_droppable_blocks_are_the_residual_blocks_without_downsampling(
                       "layer3.4", "layer3.5", "layer4.1", "layer4.2"]
 
 
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def test_a_whole_stage_of_identity_shaped_blocks_can_go():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(Residual(8), Residual(8)), Residual(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert droppable_blocks(model, x) == ["1", "2"]  # outermost: the stage, not its blocks
+    assert droppable_blocks(model, x, blocks=["1.*"]) == ["1.0", "1.1"]
+    reference = _with_identities(model, ["1.0", "1.1"])
+    drop_blocks_(model, ["1.1", "1.0"])
+    assert len(model[1]) == 0  # an empty Sequential is the identity
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
 def test_resnet50_blocks_dropped_equal_identity_and_reload(tmp_path):
     model, x = _resnet50(), torch.randn(2, 3, 64, 64)
     reference = _with_identities(model, ["layer2.1", "layer3.3", "layer3.4"])
@@ -124,8 +147,8 @@ def test_bad_drops_leave_the_model_untouched():
         drop_blocks_(model, ["layer2.1", "layer1.0.conv1"])
     with pytest.raises(ValueError, match=r"'layer2' .*has no entry '7'"):
         drop_blocks_(model, ["layer1.1", "layer2.7"])
-    with pytest.raises(ValueError, match="leaves it empty"):
-        drop_blocks_(model, ["layer4.0", "layer4.1", "layer4.2"])
+    with pytest.raises(ValueError, match=r"lies inside 'layer1\.1'"):
+        drop_blocks_(model, ["layer1.1", "layer1.1.conv1"])
     with pytest.raises(PruningError, match="12 droppable block"):
         torchslim.prune_depth_(model, torch.randn(1, 3, 32, 32), 12)
     assert model.state_dict().keys() == before.keys()

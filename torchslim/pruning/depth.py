@@ -168,9 +168,7 @@ def apply_drops(model: nn.Module, dropped: Sequence[str], tx: Transaction, *,
     layer_list = _hf_layer_list(model, config)
     for container_path, indices in sorted(_by_container(model, dropped).items(), key=lambda c: -_depth(c[0])):
         container = model.get_submodule(container_path) if container_path else model
-        size = len(container._modules)
-        if len(indices) >= size:
-            raise ValueError(f"dropping every entry of '{container_path}' ({size}) leaves it empty")
+        size = len(container._modules)  # all of them may go: an empty Sequential is the identity
         if fields is not None and container_path == layer_list:
             fields.update(_follow_layer_list(config, container, indices, tx))
         elif fields is not None and isinstance(container, nn.ModuleList) \
