@@ -7,6 +7,8 @@ A checkpoint is a directory of three files, none of them pickled::
                         module attributes each step changed (in_channels, num_heads...)
                         and the modules it replaced (an allow-listed type name and
                         JSON-plain constructor kwargs; see torchslim.pruning.replace_module_)
+                        or the entries of an nn.ModuleList it removed (whole experts;
+                        see torchslim.pruning.prune_experts_)
     meta.json           format, versions, model class, parameter count, sha256 of the
                         two other files, aliases of tied tensors, user metadata
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from torchslim.pruning import (Transaction, build_replacement, get_attribute, has_attribute, named_tensors,
                                remember_former_shapes, sync_hf_config)
-from torchslim.pruning.apply import RemovalPlan, apply_plan, renumbered_index
+from torchslim.pruning.apply import RemovalPlan, apply_plan, renumbered_index, without_entries
 from torchslim.sparsity import parametrization_problem
 from torchslim.pruning.plan import (PLAN_FORMATS, PlanStep, PruningPlan, history_mismatch, record_history,
                                     recorded_history, under)
@@ -146,7 +148,7 @@ def _check_plan_matches_model(plan: PruningPlan, model: nn.Module) -> None:
     """The plan's final shapes must be the model's current shapes (catches passing the wrong plan)."""
     final: dict[str, list[int]] = {}
     for step in plan.steps:
-        for path in step.replaced:  # the replaced module's tensors are gone
+        for path in [*step.replaced, *step.dropped]:  # the replaced module's tensors are gone, a shortened list's renamed
             final = {n: shape for n, shape in final.items() if not under(n, path)}
         for name, shape in step.shapes.items():
             new = list(shape)
@@ -342,9 +344,10 @@ def _check_plan_data(data: Any, path: Path) -> None:
         raise CheckpointError(f"{path}: must be a JSON object with 'format' and 'steps', got {type(data).__name__}")
     if data.get("format") not in PLAN_FORMATS:
         raise CheckpointError(f"{path}: 'format' must be '{PLAN_FORMATS[0]}', got {data.get('format')!r} (or "
-                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules or renumbers index buffers; written by a newer "
-                              "torchslim?)")
-    keys = {"removed", "shapes", "attributes"} | ({"replaced", "renumbered"} if data["format"] != PLAN_FORMATS[0] else set())
+                              f"'{PLAN_FORMATS[1]}' for a plan that replaces modules, renumbers index buffers or "
+                              "removes experts; written by a newer torchslim?)")
+    newer = {"replaced", "renumbered", "dropped", "experts"}
+    keys = {"removed", "shapes", "attributes"} | (newer if data["format"] != PLAN_FORMATS[0] else set())
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
@@ -362,6 +365,8 @@ def _check_plan_data(data: Any, path: Path) -> None:
             raise CheckpointError(f"{where}.attributes must be an object, got {_json_kind(step.get('attributes'))}")
         _check_replaced_data(step.get("replaced", {}), where)
         _check_renumbered_data(step.get("renumbered", []), step["removed"], where)
+        for key in ("dropped", "experts"):
+            _check_index_lists(step.get(key, {}), f"{where}.{key}")
         for name, shape in step["shapes"].items():
             if not isinstance(shape, list):
                 raise CheckpointError(f"{where}.shapes['{name}'] must be a list of sizes, got {_json_kind(shape)}")
@@ -379,6 +384,17 @@ def _check_plan_data(data: Any, path: Path) -> None:
                                           f"got {_json_kind(indices)}")
                 for k, index in enumerate(indices):
                     _check_json_int(index, f"{where}.removed['{name}']['{dim}'][{k}]", "removed indices")
+
+
+def _check_index_lists(data: Any, where: str) -> None:
+    """``dropped`` / ``experts``: {module path: [non-negative index, ...]}."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} must be an object {{module path: [indices]}}, got {_json_kind(data)}")
+    for path, indices in data.items():
+        if not isinstance(indices, list):
+            raise CheckpointError(f"{where}['{path}'] must be a list of indices, got {_json_kind(indices)}")
+        for k, index in enumerate(indices):
+            _check_json_int(index, f"{where}['{path}'][{k}]", "indices")
 
 
 def _check_renumbered_data(renumbered: Any, removed: dict, where: str) -> None:
@@ -446,8 +462,8 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
     built: dict[tuple[int, str], nn.Module] = {}
     for i, step in enumerate(plan.steps, 1):
         where = f"{plan_file} step {i}"
-        for module_path, spec in step.replaced.items():
-            replacement = _build_replacement(virtual, module_path, spec, where)
+        swaps = {path: _build_replacement(virtual, path, spec, where) for path, spec in step.replaced.items()}
+        for module_path, replacement in swaps.items():
             built[(i, module_path)] = replacement
             virtual.replace(module_path, replacement)
             group = {name: key for name, key in group.items() if not under(name, module_path)}
@@ -455,6 +471,14 @@ def _validate(directory: Path, meta: dict, plan: PruningPlan, state: dict[str, t
                 if under(name, module_path):
                     group[name] = id(tensor)
                     shapes[id(tensor)] = list(tensor.shape)
+        for module_path, gone in step.dropped.items():  # the kept entries' tensors keep their shapes so far
+            built[(i, module_path)] = _shortened_list(virtual, module_path, gone, where)
+            virtual.replace(module_path, built[(i, module_path)])
+            group = {name: key for name, key in group.items() if not under(name, module_path)}
+            for name, tensor in virtual.named.items():
+                if under(name, module_path):
+                    group[name] = id(tensor)
+                    shapes.setdefault(id(tensor), list(tensor.shape))
         for name in step.removed:
             if name not in step.shapes:
                 raise CheckpointError(f"{where}: '{name}' is removed from but has no recorded shape")
@@ -559,10 +583,10 @@ def _is_plain(value: Any) -> bool:
 
 def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction,
                  built: dict[tuple[int, str], nn.Module]) -> None:
-    """Apply every recorded step in turn: its module replacements (the modules ``_validate``
-    built), its kept indices and its recorded attributes."""
+    """Apply every recorded step in turn: its module replacements and shortened lists (the
+    modules ``_validate`` built), its kept indices and its recorded attributes."""
     for i, step in enumerate(plan.steps, 1):
-        for module_path in step.replaced:
+        for module_path in [*step.replaced, *step.dropped]:
             tx.replace_module(model, module_path, built[(i, module_path)])
         apply_plan(model, _removal_of(model, step), tx)
 
@@ -612,6 +636,22 @@ def _build_replacement(virtual: _VirtualModel, path: str, spec: dict[str, Any], 
     if like:
         new.to(device=like[0].device, dtype=like[0].dtype)
     return new.train(old.training)
+
+
+def _shortened_list(virtual: _VirtualModel, path: str, gone: list[int], where: str) -> nn.Module:
+    """The ``nn.ModuleList`` at ``path`` without the entries a step drops (sharing the kept ones)."""
+    try:
+        modules = virtual.module(path)
+    except AttributeError:
+        raise CheckpointError(f"{where}: the plan removes entries of module '{path}', which the model "
+                              f"({_qualname(virtual.model)}) does not have") from None
+    if not isinstance(modules, nn.ModuleList):
+        raise CheckpointError(f"{where}: the plan removes entries of '{path}', a {type(modules).__name__}, "
+                              "not an nn.ModuleList")
+    if len(set(gone)) != len(gone) or any(not 0 <= i < len(modules) for i in gone) or len(gone) >= len(modules):
+        raise CheckpointError(f"{where}: entries {gone} of '{path}' cannot be removed from its {len(modules)} "
+                              "(out of range, repeated, or all of them)")
+    return without_entries(modules, gone)
 
 
 def _removal_of(model: nn.Module, step: PlanStep) -> RemovalPlan:

@@ -11,6 +11,12 @@ the step's removals (see :func:`torchslim.pruning.replace_module_`). Plans witho
 replacements are written as format ``torchslim.plan/1``, as before; with one, as
 ``torchslim.plan/2`` (an older reader refuses it rather than ignore the rewrite). Both are read.
 
+A step that removes whole experts of mixture-of-experts layers (:func:`torchslim.pruning.prune_experts_`)
+records them in ``experts`` (layer path -> expert indices removed, of the layer before the step)
+and, where the experts are modules in an ``nn.ModuleList``, the entries that list loses in
+``dropped`` (list path -> entry indices; the entries after them move up, so names under that
+path count from the shortened list on). Both are format ``torchslim.plan/2`` keys.
+
 A model pruned by ``prune_`` (or re-created by ``load``) carries its history, the plan of
 every pruning since it was built, as a plain attribute of its root module (read it with
 :func:`pruning_history`): it survives ``copy.deepcopy``, stays out of ``state_dict()`` and
@@ -36,6 +42,10 @@ class PlanStep:
     # index buffers among ``removed`` (permutations that pick channels): after slicing, their
     # values are renumbered to count the kept channels only
     renumbered: list[str] = dataclasses.field(default_factory=list)
+    # nn.ModuleList path -> entries removed (whole per-expert modules); before the removals
+    dropped: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # mixture-of-experts layer path -> experts removed (what the step did, for readers and verify)
+    experts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def kept(self, name: str, dim: int) -> np.ndarray:
         size = self.shapes[name][dim]
@@ -54,7 +64,8 @@ class PruningPlan:
         composed: dict[str, dict[int, np.ndarray]] = {}
         current: dict[tuple[str, int], np.ndarray] = {}  # original index of each surviving index
         for step in self.steps:
-            for path in step.replaced:  # a replaced module's tensors are new: they start unpruned
+            # a replaced module's tensors are new, a shortened list's are renamed: they start over
+            for path in [*step.replaced, *step.dropped]:
                 composed = {n: d for n, d in composed.items() if not under(n, path)}
                 current = {k: v for k, v in current.items() if not under(k[0], path)}
             for name, dims in step.removed.items():
@@ -77,14 +88,14 @@ class PruningPlan:
         return sum(len(v) for dims in self.removed.values() for v in dims.values())
 
     def __bool__(self) -> bool:
-        return any(step.removed or step.replaced for step in self.steps)
+        return any(step.removed or step.replaced or step.dropped for step in self.steps)
 
     def extend(self, other: "PruningPlan") -> "PruningPlan":
         return PruningPlan(self.steps + other.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules or
-        renumbers index buffers."""
+        """Plain JSON data: format ``torchslim.plan/1``, or ``/2`` when a step replaces modules,
+        renumbers index buffers or removes whole experts."""
         steps = []
         for s in self.steps:
             step: dict[str, Any] = {
@@ -96,8 +107,12 @@ class PruningPlan:
                 step["replaced"] = {path: {"type": spec["type"], "init": spec["init"]} for path, spec in s.replaced.items()}
             if s.renumbered:
                 step["renumbered"] = list(s.renumbered)
+            if s.dropped:
+                step["dropped"] = {path: list(map(int, idx)) for path, idx in s.dropped.items()}
+            if s.experts:
+                step["experts"] = {path: list(map(int, idx)) for path, idx in s.experts.items()}
             steps.append(step)
-        newer = any(s.replaced or s.renumbered for s in self.steps)
+        newer = any(s.replaced or s.renumbered or s.dropped or s.experts for s in self.steps)
         return {"format": PLAN_FORMATS[1] if newer else PLAN_FORMATS[0], "steps": steps}
 
     @classmethod
@@ -110,11 +125,14 @@ class PruningPlan:
             shapes = {n: [int(x) for x in shape] for n, shape in s["shapes"].items()}
             replaced = {path: {"type": spec["type"], "init": dict(spec["init"])} for path, spec in s.get("replaced", {}).items()}
             steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced,
-                                  [str(name) for name in s.get("renumbered", [])]))
+                                  [str(name) for name in s.get("renumbered", [])],
+                                  {str(p): [int(i) for i in idx] for p, idx in s.get("dropped", {}).items()},
+                                  {str(p): [int(i) for i in idx] for p, idx in s.get("experts", {}).items()}))
         return cls(steps)
 
 
-PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")  # written: /1 without replacements or renumbering, /2 with
+# written: /1 without replacements, renumbering or removed experts, /2 with
+PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2")
 
 
 def under(name: str, path: str) -> bool:
