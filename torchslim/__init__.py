@@ -36,6 +36,7 @@ _EXPORTS = {
     "PruningPlan": "torchslim.pruning",
     "PruningError": "torchslim.pruning",
     "prune_": "torchslim.pruning",
+    "prune_experts_": "torchslim.pruning",
     "pruning_history": "torchslim.pruning.plan",
     "StaleOptimizerStateError": "torchslim.pruning._optimizer_state",
     "verify": "torchslim.pruning",

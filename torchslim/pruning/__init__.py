@@ -1,5 +1,6 @@
-"""Structured pruning with physical removal: config, criteria, plan, surgery, verification, and
-recorded module replacements (``replace_module_``) for structural rewrites."""
+"""Structured pruning with physical removal: config, criteria, plan, surgery, verification,
+recorded module replacements (``replace_module_``) for structural rewrites, and whole-expert
+removal for mixture-of-experts layers (``prune_experts_``)."""
 from torchslim.pruning._surgery import register_module_handler
 from torchslim.pruning.config import PruneConfig
 from torchslim.pruning.plan import PlanStep, PruningPlan
@@ -7,6 +8,7 @@ from torchslim.pruning.selector import PruningError
 from torchslim.pruning.apply import RemovalPlan, applied, apply_plan, channel_order, plan_removal, renumbered_index
 from torchslim.pruning.permute import ChannelSort, permute_, sort_channels_, sorted_order
 from torchslim.pruning.prune import InexactPruningWarning, PruneResult, prune_, remove_
+from torchslim.pruning.experts import MoELayer, moe_layers, prune_experts_, routing_frequency
 from torchslim.pruning.recipe import config_from_recipe, load_recipe
 from torchslim.pruning.replace import (build_replacement, register_replacement_type, replace_module_,
                                        replace_modules_, replacement_types)
@@ -22,8 +24,8 @@ from torchslim.pruning._surgery import (Transaction as Transaction, get_attribut
                                         named_tensors as named_tensors, slice_to_kept as slice_to_kept)
 
 __all__ = [
-    "ChannelSort", "InexactPruningWarning", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
-    "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "prune_", "register_module_handler",
-    "permute_", "register_replacement_type", "remove_", "replace_module_", "replace_modules_", "replacement_types", "sort_channels_", "sorted_order", "verify",
+    "ChannelSort", "InexactPruningWarning", "MoELayer", "PlanStep", "PruneConfig", "RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "PruneResult", "PruningError", "PruningPlan",
+    "VerifyReport", "build_replacement", "config_from_recipe", "load_recipe", "moe_layers", "prune_", "prune_experts_", "register_module_handler",
+    "permute_", "register_replacement_type", "remove_", "replace_module_", "replace_modules_", "replacement_types", "routing_frequency", "sort_channels_", "sorted_order", "verify",
     "zero_removed_",
 ]
