@@ -319,3 +319,37 @@ def test_verify_refuses_a_plan_that_removes_experts():
     result = prune_experts_(model, x, ratio=0.25)
     with pytest.raises(ValueError, match="removes whole experts"):
         torchslim.verify(original, model, x, result.plan)
+
+
+# command line -----------------------------------------------------------------------------
+def test_cli_prune_expert_ratio_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from torchslim.cli import main
+
+    calibration = tmp_path / "calib.py"
+    calibration.write_text("import torch\n\ndef batches():\n"
+                           "    return [torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(s))"
+                           " for s in (1, 2)]\n")
+    kwargs = json.dumps(MIXTRAL)
+    out = tmp_path / "moe"
+    assert main(["prune", "hf:mixtral", "--input", "2,8", "--model-kwargs", kwargs, "--expert-ratio", "0.25",
+                 "--data", f"{calibration}:batches", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["compared_with"] == "original" and report["params"][1] < report["params"][0]
+    assert {path: len(gone) for path, gone in report["experts_removed"].items()} == {"layers.0.mlp": 1, "layers.1.mlp": 1}
+    text = capsys.readouterr().out
+    assert "2 expert(s) removed" in text and f"max |difference| {report['max_abs_error']:.3g}" in text
+    fresh = torchslim.load(out, transformers.AutoModel.from_config(_config("mixtral")))
+    assert fresh.config.num_local_experts == 3 and fresh.layers[1].mlp.gate.weight.shape == (3, 64)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--expert-ratio", "0.75"], "would leave 1, fewer than the 2 its router picks"),
+    (["--expert-ratio", "0.25", "--criterion", "fisher"], "--criterion and --loss apply to channels"),
+])
+def test_cli_expert_ratio_errors_are_one_line(tmp_path, capsys, extra, message):
+    from torchslim.cli import main
+
+    assert main(["prune", "hf:mixtral", "--input", "2,8", "--model-kwargs", json.dumps(MIXTRAL), *extra,
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
