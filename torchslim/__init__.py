@@ -37,6 +37,7 @@ _EXPORTS = {
     "PruningError": "torchslim.pruning",
     "prune_": "torchslim.pruning",
     "prune_depth_": "torchslim.pruning",
+    "prune_experts_": "torchslim.pruning",
     "pruning_history": "torchslim.pruning.plan",
     "StaleOptimizerStateError": "torchslim.pruning._optimizer_state",
     "verify": "torchslim.pruning",

@@ -59,10 +59,12 @@ LOSS_CRITERIA = ("taylor", "fisher")
 
 
 def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bool = True,
-                          amount_required: bool = True) -> None:
-    """How much and how to prune: one of --ratio/--target-macs/--target-latency/--recipe, plus options
+                          amount_required: bool = True, experts: bool = False) -> None:
+    """How much and how to prune: one of --ratio/--target-macs/--target-latency/--recipe (or, with
+    ``experts``, --expert-ratio: whole experts of mixture-of-experts layers), plus options
     (``amount_required=False``: the command checks that itself, as prune does with --drop-blocks)."""
     from torchslim.criteria import CRITERIA
+    from torchslim.pruning.experts import IMPORTANCES
 
     how = parser.add_mutually_exclusive_group(required=amount_required)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove")
@@ -70,6 +72,14 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, latency_target: bo
     if latency_target:
         how.add_argument("--target-latency", type=float, help="latency to reach: fraction of the measured original")
     how.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe: PruneConfig fields plus NNI-style rules")
+    if experts:
+        how.add_argument("--expert-ratio", type=float, metavar="R",
+                         help="instead of channels, remove whole experts: this fraction of each mixture-of-experts "
+                              "layer's experts (rounded down), the least routed to on --data (default: the example "
+                              "input) first")
+        parser.add_argument("--expert-importance", choices=IMPORTANCES, default="frequency",
+                            help="with --expert-ratio: rank experts by how often the router puts them in its top-k "
+                                 "(frequency, the default) or by the router probability summed there")
     parser.add_argument("--criterion", choices=sorted(CRITERIA), default="l1",
                         help="importance criterion (default l1); taylor, fisher, apoz and mean_activation "
                              "measure the model on --data")
@@ -119,6 +129,11 @@ def check_pruning_flags(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from None
     if args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "expert_ratio", None) is not None:
+        if args.loss or criterion != "l1":
+            raise CliError("--expert-ratio ranks experts by their routing on --data (--expert-importance); --criterion "
+                           "and --loss apply to channels")
+        return
     try:
         needs_data = hasattr(make_importance(criterion), "prepare")
     except ValueError as exc:
@@ -130,9 +145,9 @@ def check_pruning_flags(args: argparse.Namespace) -> None:
         raise CliError("criterion 'taylor' sums signed gradients over batches and needs a real loss: give --loss "
                        "FILE.py:NAME ((output, batch) -> loss); without labels use --criterion fisher, whose "
                        "default loss needs none")
-    if not needs_data and (args.data or args.loss):
+    if not needs_data and ((args.data and not getattr(args, "drop_blocks", 0)) or args.loss):
         raise CliError(f"criterion '{criterion}' uses the weights only: --data and --loss apply to "
-                       "taylor, fisher, apoz and mean_activation")
+                       "taylor, fisher, apoz and mean_activation (and --data to --drop-blocks)")
     if args.loss and criterion not in LOSS_CRITERIA:
         raise CliError(f"criterion '{criterion}' takes no loss: --loss applies to {' and '.join(LOSS_CRITERIA)}")
 
@@ -144,13 +159,31 @@ def pruning_data(args: argparse.Namespace, model, config) -> dict:
     one-line error naming --data rather than a failure inside the criterion."""
     if not args.data:
         return {}
+    from torchslim.cli._model_spec import import_attribute
+    from torchslim.criteria import random_projection_loss
+
+    data = data_batches(args, model)
+    loss_fn = None
+    if args.loss:
+        _, _, loss_fn = import_attribute(args.loss, "--loss file")
+        if not callable(loss_fn):
+            raise CliError(f"--loss {args.loss} is a {type(loss_fn).__name__}, not a function (output, batch) -> loss")
+    elif config.criterion == "fisher":
+        loss_fn = random_projection_loss()
+        print_note("fisher without --loss: using torchslim.criteria.random_projection_loss() (no labels needed: "
+                   "it measures how much the output depends on each channel)")
+    return {"data": data, "loss_fn": loss_fn}
+
+
+def data_batches(args: argparse.Namespace, model):
+    """The batches of --data, the first one already run through the model (a batch the model
+    rejects is a one-line error naming --data)."""
     import itertools
 
     import torch
 
     from torchslim._inputs import call_model
     from torchslim.cli._model_spec import import_attribute
-    from torchslim.criteria import random_projection_loss
     from torchslim.criteria.taylor import batch_inputs
 
     _, _, source = import_attribute(args.data, "--data file")
@@ -168,16 +201,7 @@ def pruning_data(args: argparse.Namespace, model, config) -> dict:
     except Exception as exc:  # noqa: BLE001 - the user's model said no to the user's batch: show its words
         raise CliError(f"the model rejected the first batch of --data {args.data}: {type(exc).__name__}: "
                        f"{one_line(str(exc)) or type(exc).__name__}") from None
-    loss_fn = None
-    if args.loss:
-        _, _, loss_fn = import_attribute(args.loss, "--loss file")
-        if not callable(loss_fn):
-            raise CliError(f"--loss {args.loss} is a {type(loss_fn).__name__}, not a function (output, batch) -> loss")
-    elif config.criterion == "fisher":
-        loss_fn = random_projection_loss()
-        print_note("fisher without --loss: using torchslim.criteria.random_projection_loss() (no labels needed: "
-                   "it measures how much the output depends on each channel)")
-    return {"data": itertools.chain([first], batches), "loss_fn": loss_fn}
+    return itertools.chain([first], batches)
 
 
 def config_from_args(args: argparse.Namespace, model):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torchslim.cli._common import (add_model_arguments, add_pruning_arguments, check_pruning_flags, config_from_args,
-                                   make_console, model_and_inputs, pruning_data)
+                                   data_batches, make_console, model_and_inputs, pruning_data)
 from torchslim.cli._errors import CliError, one_line, print_warning
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ EPILOG = """examples:
   torchslim prune torchvision:resnet50 --input 1,3,224,224 --drop-blocks 4 --out shallow/
   torchslim prune hf:llama --input 1,16 --drop-blocks 1 --target-macs 0.5 --out llama/ --model-kwargs \\
       '{"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8}'
+  torchslim prune hf:mixtral --input 2,16 --expert-ratio 0.25 --data calib.py:batches --out moe/ --model-kwargs \
+      '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_local_experts": 8}'
 
 With --target-macs the per-layer latency table of this machine is used (measured once per
 runtime and thread count, cached under ~/.cache/torchslim; --no-latency-table skips it): the
@@ -42,7 +44,10 @@ where the checkpoint went. DIR works as MODEL for every command.
 --drop-blocks N first removes the N blocks (entries of a ModuleList/Sequential that keep their
 input's shape: transformer layers, residual blocks; --blocks GLOB narrows them) that turn their
 input least (block influence, 1 - cosine of input and output, on the --data batches or the
-example input); without --ratio/--target-macs/--recipe no channels are pruned after it."""
+example input); without --ratio/--target-macs/--recipe no channels are pruned after it.
+--expert-ratio removes whole experts of mixture-of-experts layers instead of channels, the least
+routed to first, and compares the result with the original itself (removing an expert is not
+zeroing it)."""
 
 
 def add_parser(sub) -> None:
@@ -52,7 +57,7 @@ def add_parser(sub) -> None:
                                    "write a torchslim checkpoint and report.json into --out.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    add_pruning_arguments(p, amount_required=False)
+    add_pruning_arguments(p, amount_required=False, experts=True)
     p.add_argument("--out", type=Path, required=True,
                    help="output directory: a torchslim checkpoint (model.safetensors, plan.json, meta.json) "
                         "plus report.json; usable as MODEL by every command")
@@ -76,14 +81,16 @@ def run(args: argparse.Namespace) -> int:
     if args.drop_blocks < 0 or (args.blocks and not args.drop_blocks):
         raise CliError("--drop-blocks takes a positive number of blocks" if args.drop_blocks < 0
                        else "--blocks says which blocks --drop-blocks may remove: give --drop-blocks N too")
+    experts = args.expert_ratio is not None
     width = any(v is not None for v in (args.ratio, args.target_macs, args.recipe, args.target_latency))
-    if not (width or args.drop_blocks):
-        raise CliError("one of the arguments --ratio --target-macs --target-latency --recipe (or --drop-blocks) "
-                       "is required")
+    if not (width or experts or args.drop_blocks):
+        raise CliError("one of the arguments --ratio --target-macs --target-latency --recipe --expert-ratio "
+                       "(or --drop-blocks) is required")
     model, inputs = model_and_inputs(args)
-    config = config_from_args(args, model)
-    data = pruning_data(args, model, config)
-    with _Steps(5 + args.onnx + bool(args.drop_blocks) - (not width)) as steps:
+    config = config_from_args(args, model) if width else None
+    data = pruning_data(args, model, config) if config is not None else (
+        {"data": data_batches(args, model)} if args.data else {})
+    with _Steps(4 + args.onnx + bool(args.drop_blocks) + (width or experts)) as steps:
         steps.start("measuring params, MACs and size of the original")
         before = analyze(model, inputs, latency=False)
         original = copy.deepcopy(model)
@@ -95,17 +102,25 @@ def run(args: argparse.Namespace) -> int:
                 depth = torchslim.prune_depth_(model, inputs, args.drop_blocks, data=data.get("data"),
                                                blocks=args.blocks or None)
                 outcome["depth"], plan = depth.to_dict(), depth.plan
-                config, width = _target_after_depth(args, model, config, depth.macs_ratio, width)
-            if width:
+                if config is not None:
+                    config, width = _target_after_depth(args, model, config, depth.macs_ratio, width)
+            result = None
+            if experts:
+                steps.start(_experts_step(args))
+                result = torchslim.prune_experts_(model, inputs, ratio=args.expert_ratio,
+                                                  importance=args.expert_importance, **data)
+            elif width and config is not None:
                 steps.start(_pruning_step(config))
                 result = torchslim.prune_(model, inputs, config, **data)
+            if result is not None:
                 outcome.update(result.to_dict())
                 plan = plan.extend(result.plan)
         except (ValueError, torchslim.PruningError) as exc:
             raise CliError(str(exc)) from None
-        steps.start("measuring the pruned model and checking it against the zeroed original")
+        steps.start("measuring the pruned model and checking it against the " + ("original" if experts else
+                                                                                  "zeroed original"))
         after = analyze(model, inputs, latency=False)
-        check = torchslim.verify(original, model, inputs, plan)
+        check = _experts_check(result) if experts else _zeroed_check(torchslim.verify(original, model, inputs, plan))
         steps.start(f"timing the original and the pruned model in turn: {ROUNDS} rounds of {args.repeats} runs, "
                     f"{args.threads} thread(s)")
         latency, noise = _timed_in_turn(original, model, inputs, args)
@@ -118,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "latency_ms": [latency["original"].median_ms, latency["pruned"].median_ms],
             "latency": {label: stats.to_dict() for label, stats in latency.items()},
             "latency_warnings": noise,
-            "exact": check.ok,
-            "max_abs_error": check.max_abs_error,
-            "max_rel_error": check.max_rel_error,
-            "exactness_note": check.message,
+            **check,
             "checkpoint": str(args.out),
             "result": outcome,
         }
@@ -159,6 +171,25 @@ class _Steps:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
+
+
+def _zeroed_check(report) -> dict:
+    """The report's exactness fields: the pruned model against the original with the removed channels zeroed."""
+    return {"exact": report.ok, "max_abs_error": report.max_abs_error, "max_rel_error": report.max_rel_error,
+            "exactness_note": report.message}
+
+
+def _experts_check(result) -> dict:
+    """The report's exactness fields after removing experts: the pruned model against the original
+    (``deviation``: relative L2 error, present when they differ beyond the dtype's tolerance)."""
+    return {"exact": result.inexact_deviation is None, "compared_with": "original", "max_abs_error": result.max_abs_error,
+            "deviation": result.inexact_deviation, "experts_removed": result.experts_removed}
+
+
+def _experts_step(args: argparse.Namespace) -> str:
+    source = f"--data {args.data}" if args.data else "the example input"
+    return (f"tracing the model, counting its routers' choices on {source} and removing {args.expert_ratio:g} of "
+            f"each mixture-of-experts layer's experts, least {args.expert_importance.replace('_', ' ')} first")
 
 
 def _pruning_step(config) -> str:
@@ -238,7 +269,15 @@ def _export_onnx(model, inputs, path: Path) -> dict:
 
 
 def exactness_line(summary: dict) -> str:
-    """Whether the pruned model equals the zeroed original, with the deviation measured."""
+    """Whether the pruned model equals the zeroed original (the original, after removing
+    experts), with the deviation measured."""
+    if summary.get("compared_with") == "original":
+        removed = sum(map(len, summary["experts_removed"].values()))
+        difference = f"max |difference| {summary['max_abs_error']:.3g}"
+        if summary["exact"]:
+            return f"exact: {removed} expert(s) removed, equals the original ({difference})"
+        return (f"NOT exact: {removed} expert(s) removed, differs from the original by {summary['deviation']:.3g} "
+                f"(relative L2 error; {difference})")
     deviation = f"max |difference| {summary['max_abs_error']:.3g}, relative {summary['max_rel_error']:.3g}"
     if summary["exact"]:
         note = f"; {one_line(summary['exactness_note'])}" if summary.get("exactness_note") else ""

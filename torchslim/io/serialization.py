@@ -7,6 +7,9 @@ A checkpoint is a directory of three files, none of them pickled::
                         module attributes each step changed (in_channels, num_heads...)
                         and the modules it replaced (an allow-listed type name and
                         JSON-plain constructor kwargs; see torchslim.pruning.replace_module_)
+                        or the entries of an nn.ModuleList / nn.Sequential it dropped
+                        (whole blocks or experts; see torchslim.pruning.prune_depth_
+                        and prune_experts_)
     meta.json           format, versions, model class, parameter count, sha256 of the
                         two other files, aliases of tied tensors, user metadata
 
@@ -346,11 +349,11 @@ def _check_plan_data(data: Any, path: Path) -> None:
     if data.get("format") not in PLAN_FORMATS:
         raise CheckpointError(f"{path}: 'format' must be '{PLAN_FORMATS[0]}', got {data.get('format')!r} (or "
                               f"'{PLAN_FORMATS[1]}' for a plan that replaces modules or renumbers index buffers, "
-                              f"'{PLAN_FORMATS[2]}' for one that drops blocks; written by a newer "
+                              f"'{PLAN_FORMATS[2]}' for one that drops blocks or experts; written by a newer "
                               "torchslim?)")
     version = PLAN_FORMATS.index(data["format"])
     keys = {"removed", "shapes", "attributes"} | ({"replaced", "renumbered"} if version >= 1 else set()) | (
-        {"dropped"} if version >= 2 else set())
+        {"dropped", "experts"} if version >= 2 else set())
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise CheckpointError(f"{path}: 'steps' must be a list of steps, got {_json_kind(steps)}")
@@ -369,6 +372,7 @@ def _check_plan_data(data: Any, path: Path) -> None:
         _check_replaced_data(step.get("replaced", {}), where)
         _check_dropped_data(step.get("dropped", []), where)
         _check_renumbered_data(step.get("renumbered", []), step["removed"], where)
+        _check_index_lists(step.get("experts", {}), f"{where}.experts")
         for name, shape in step["shapes"].items():
             if not isinstance(shape, list):
                 raise CheckpointError(f"{where}.shapes['{name}'] must be a list of sizes, got {_json_kind(shape)}")
@@ -386,6 +390,17 @@ def _check_plan_data(data: Any, path: Path) -> None:
                                           f"got {_json_kind(indices)}")
                 for k, index in enumerate(indices):
                     _check_json_int(index, f"{where}.removed['{name}']['{dim}'][{k}]", "removed indices")
+
+
+def _check_index_lists(data: Any, where: str) -> None:
+    """``experts``: {module path: [non-negative index, ...]}."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} must be an object {{module path: [indices]}}, got {_json_kind(data)}")
+    for path, indices in data.items():
+        if not isinstance(indices, list):
+            raise CheckpointError(f"{where}['{path}'] must be a list of indices, got {_json_kind(indices)}")
+        for k, index in enumerate(indices):
+            _check_json_int(index, f"{where}['{path}'][{k}]", "indices")
 
 
 def _check_renumbered_data(renumbered: Any, removed: dict, where: str) -> None:
@@ -581,8 +596,8 @@ def _is_plain(value: Any) -> bool:
 
 def _replay_plan(model: nn.Module, plan: PruningPlan, tx: Transaction,
                  built: dict[tuple[int, str], nn.Module]) -> None:
-    """Apply every recorded step in turn: its module replacements (the modules ``_validate``
-    built), its kept indices and its recorded attributes."""
+    """Apply every recorded step in turn: its module replacements and shortened lists (the
+    modules ``_validate`` built), its kept indices and its recorded attributes."""
     for i, step in enumerate(plan.steps, 1):
         if step.dropped:
             apply_drops(model, step.dropped, tx)

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-#: integer config fields that size FFN widths, head counts and head dims across the HF zoo
+#: integer config fields that size FFN widths, head counts, head dims and expert counts across the HF zoo
 SIZE_FIELDS = ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
                "moe_intermediate_size", "shared_expert_intermediate_size",
                "num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "encoder_attention_heads",
-               "decoder_attention_heads", "head_dim", "d_kv", "kv_channels")
+               "decoder_attention_heads", "head_dim", "d_kv", "kv_channels",
+               "num_local_experts", "num_experts", "n_routed_experts")
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -148,15 +148,20 @@ class SurgeryContext:
 
     With ``tx`` the values are set on the modules (inside the transaction); without one
     (planning) they are only recorded in :attr:`planned`, and the model is never touched.
+    Without a ``graph`` (a removal the graph does not plan, such as whole experts: pass
+    ``model``) only the planned tensor shapes are known; input and output shapes are None.
     """
 
-    def __init__(self, graph: DependencyGraph, removed_atoms: np.ndarray, tx: Transaction | None,
-                 tensor_shapes: dict[int, tuple[int, ...]] | None = None):
+    def __init__(self, graph: DependencyGraph | None, removed_atoms: np.ndarray, tx: Transaction | None,
+                 tensor_shapes: dict[int, tuple[int, ...]] | None = None, model: nn.Module | None = None):
         self.graph = graph
-        self.removed = np.zeros(graph.n_atoms, dtype=bool)
+        self.removed = np.zeros(graph.n_atoms if graph is not None else 0, dtype=bool)
         self.removed[removed_atoms] = True
         self.tx = tx
-        self.names = module_names(graph.model)
+        owner = graph.model if graph is not None else model
+        if owner is None:
+            raise ValueError("SurgeryContext needs a graph or a model")
+        self.names = module_names(owner)
         self._old: dict[tuple[int, str], Any] = {}
         self._value: dict[tuple[int, str], Any] = {}
         self.touched: set[tuple[int, str]] = set()
@@ -187,16 +192,18 @@ class SurgeryContext:
         return self._shapes.get(id(tensor), tuple(tensor.shape))
 
     def _call_nodes(self, module: nn.Module, outputs: bool) -> list[int]:
+        if self.graph is None:
+            return []
         calls = self.graph.trace.module_calls.get(self.names.get(id(module), ""), [])
         return [n for call in calls for n in (call.outputs if outputs else call.inputs)]
 
     def input_shape(self, module: nn.Module) -> tuple[int, ...] | None:
         nodes = self._call_nodes(module, outputs=False)
-        return self.graph.new_shape(nodes[0], self.removed) if nodes else None
+        return self.graph.new_shape(nodes[0], self.removed) if nodes and self.graph is not None else None
 
     def output_shape(self, module: nn.Module) -> tuple[int, ...] | None:
         nodes = self._call_nodes(module, outputs=True)
-        return self.graph.new_shape(nodes[0], self.removed) if nodes else None
+        return self.graph.new_shape(nodes[0], self.removed) if nodes and self.graph is not None else None
 
 
 def kept_indices(graph: DependencyGraph, removed_atoms: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -218,6 +225,21 @@ def planned_attributes(graph: DependencyGraph, removed_atoms: np.ndarray,
     _run_handlers(graph.model, ctx)
     unresolved = _rewrite_literals(graph, ctx)
     return ctx.planned, unresolved
+
+
+def handler_attributes(model: nn.Module, modules: list[nn.Module],
+                       tensor_shapes: dict[int, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+    """The attributes the registered handlers of ``modules`` would set for the planned tensor
+    shapes (by tensor id), planned without a traced graph (module name -> attr -> value); for
+    removals the graph does not plan (whole experts: a router ``nn.Linear``'s ``out_features``)."""
+    if "transformers" in sys.modules:
+        _register_transformers_handlers()
+    ctx = SurgeryContext(None, np.zeros(0, dtype=np.int64), None, tensor_shapes, model=model)
+    for module in modules:
+        handler = _HANDLERS.for_type(type(module))
+        if handler is not None:
+            handler(module, ctx)
+    return ctx.planned
 
 
 def _planned_tensor_shapes(model: nn.Module, kept: dict[str, dict[int, np.ndarray]]) -> dict[int, tuple[int, ...]]:

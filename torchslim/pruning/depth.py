@@ -171,8 +171,8 @@ def apply_drops(model: nn.Module, dropped: Sequence[str], tx: Transaction, *,
         size = len(container._modules)  # all of them may go: an empty Sequential is the identity
         if fields is not None and container_path == layer_list:
             fields.update(_follow_layer_list(config, container, indices, tx))
-        elif fields is not None and isinstance(container, nn.ModuleList) \
-                and size == getattr(config, "num_hidden_layers", None):
+        elif fields is not None and isinstance(container, nn.ModuleList) and layer_list is None \
+                and size == getattr(config, "num_hidden_layers", None) and _indexed_layers(container):
             raise ValueError(f"cannot tell which of {type(model).__name__}'s lists of {size} modules its "
                              f"config's num_hidden_layers counts, so dropping from '{container_path}' would leave the "
                              "config wrong")
@@ -296,13 +296,22 @@ def _by_container(model: nn.Module, dropped: Sequence[str]) -> dict[str, set[int
 
 
 def _hf_layer_list(model: nn.Module, config: Any) -> str | None:
-    """The path of the ModuleList the config counts with ``num_hidden_layers`` (the one list of
-    that length), or None."""
+    """The path of the ModuleList the config counts with ``num_hidden_layers``: the one list of
+    that length, or else the one whose i-th entry holds an attention of ``layer_idx`` i (a list
+    of as many experts is not it); None when no list or several qualify."""
     count = getattr(config, "num_hidden_layers", None) if config is not None else None
     if not isinstance(count, int):
         return None
-    lists = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
-    return lists[0] if len(lists) == 1 else None
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(lists) > 1:
+        lists = [(path, m) for path, m in lists if _indexed_layers(m)]
+    return lists[0][0] if len(lists) == 1 else None
+
+
+def _indexed_layers(container: nn.Module) -> bool:
+    """Whether the i-th entry of ``container`` holds a module of ``layer_idx`` i (a layer list)."""
+    return all(any(getattr(sub, "layer_idx", None) == i for sub in entry.modules())
+               for i, entry in enumerate(container._modules.values()) if entry is not None)
 
 
 def _follow_layer_list(config: Any, layers: nn.Module, gone: set[int], tx: Transaction) -> dict[str, Any]:

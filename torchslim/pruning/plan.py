@@ -15,8 +15,11 @@ A step may also drop whole blocks (depth pruning), ``dropped``: the paths of ent
 ``nn.ModuleList`` / ``nn.Sequential`` containers (names before the step), removed before its
 replacements and removals; the container's later entries are renumbered, so the names of their
 tensors change (``layers.5.mlp.weight`` becomes ``layers.4.mlp.weight`` after ``layers.2`` goes).
-Plans that drop are written as ``torchslim.plan/3``. Everything a plan names after a drop step
-uses the names after it (see :func:`name_after_drops`).
+Everything a plan names after a drop step uses the names after it (see :func:`name_after_drops`).
+A step that removes whole experts of mixture-of-experts layers (:func:`torchslim.pruning.prune_experts_`)
+also records them in ``experts`` (layer path -> expert indices removed, of the layer before the
+step); per-expert modules in an ``nn.ModuleList`` go as dropped entries. Plans with either are
+written as ``torchslim.plan/3``.
 
 A model pruned by ``prune_`` (or re-created by ``load``) carries its history, the plan of
 every pruning since it was built, as a plain attribute of its root module (read it with
@@ -45,6 +48,8 @@ class PlanStep:
     renumbered: list[str] = dataclasses.field(default_factory=list)
     # entries of ModuleList / Sequential containers removed whole (depth pruning), before the rest
     dropped: list[str] = dataclasses.field(default_factory=list)
+    # mixture-of-experts layer path -> experts removed (what the step did, for readers and verify)
+    experts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def kept(self, name: str, dim: int) -> np.ndarray:
         size = self.shapes[name][dim]
@@ -117,7 +122,7 @@ class PruningPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data: format ``torchslim.plan/1``, ``/2`` when a step replaces modules or
-        renumbers index buffers, ``/3`` when one drops blocks."""
+        renumbers index buffers, ``/3`` when one drops blocks or removes experts."""
         steps = []
         for s in self.steps:
             step: dict[str, Any] = {
@@ -131,9 +136,11 @@ class PruningPlan:
                 step["renumbered"] = list(s.renumbered)
             if s.dropped:
                 step["dropped"] = list(s.dropped)
+            if s.experts:
+                step["experts"] = {path: list(map(int, idx)) for path, idx in s.experts.items()}
             steps.append(step)
         newer = any(s.replaced or s.renumbered for s in self.steps)
-        version = 2 if any(s.dropped for s in self.steps) else 1 if newer else 0
+        version = 2 if any(s.dropped or s.experts for s in self.steps) else 1 if newer else 0
         return {"format": PLAN_FORMATS[version], "steps": steps}
 
     @classmethod
@@ -147,11 +154,12 @@ class PruningPlan:
             replaced = {path: {"type": spec["type"], "init": dict(spec["init"])} for path, spec in s.get("replaced", {}).items()}
             steps.append(PlanStep(removed, shapes, dict(s.get("attributes", {})), replaced,
                                   [str(name) for name in s.get("renumbered", [])],
-                                  [str(path) for path in s.get("dropped", [])]))
+                                  [str(path) for path in s.get("dropped", [])],
+                                  {str(p): [int(i) for i in idx] for p, idx in s.get("experts", {}).items()}))
         return cls(steps)
 
 
-# written: /1 without replacements or renumbering, /2 with, /3 when a step drops blocks
+# written: /1 without replacements or renumbering, /2 with, /3 when a step drops blocks or experts
 PLAN_FORMATS = ("torchslim.plan/1", "torchslim.plan/2", "torchslim.plan/3")
 
 

@@ -72,8 +72,13 @@ class PruneResult:
     # modules, why it is inexact, atoms removed and measured deviation (relative L2 error of the
     # outputs vs the zeroed original with only that group removed; None when not measured)
     inexact_groups: list[dict] = dataclasses.field(default_factory=list)
-    # relative L2 error of the pruned outputs vs the zeroed original (None: every group exact)
+    # relative L2 error of the pruned outputs vs the zeroed original (None: every group exact);
+    # prune_experts_: vs the original (None: equal within the dtype's tolerance)
     inexact_deviation: float | None = None
+    # prune_experts_: per mixture-of-experts layer, the experts removed (indices before the
+    # removal), and every expert's importance (routing frequency on the data)
+    experts_removed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    expert_scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}

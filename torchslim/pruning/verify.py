@@ -174,15 +174,21 @@ def verify(original: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs
     ``plan`` is the pruning's plan (``PruneResult.plan``); its indices refer to ``original``.
     Tolerances are relative to each output's magnitude; left at None they follow the dtype
     (``tolerances``), the same defaults ``prune_`` checks with, so a pruning ``prune_``
-    accepted passes here. A plan that replaces modules (``replace_module_``) is refused: a
-    rewrite has no "removed channels zeroed" counterpart in ``original``. Blocks the plan dropped
-    (depth pruning) are dropped from the copy as well.
+    accepted passes here. A plan that replaces modules (``replace_module_``) or removes whole
+    experts (``prune_experts_``) is refused: neither has a "removed channels zeroed" counterpart
+    in ``original``. Blocks the plan dropped (depth pruning) are dropped from the copy as well.
     """
     rewrites = [f"step {i + 1}: {', '.join(step.replaced)}" for i, step in enumerate(plan.steps) if step.replaced]
     if rewrites:
         raise ValueError(f"verify compares with the original whose removed channels are zeroed, but this plan "
                          f"replaces modules ({'; '.join(rewrites)}); pass as `original` the model as it was after "
                          f"its last replacement and as `plan` the prunings since (each prune_'s PruneResult.plan)")
+    experts = [f"step {i + 1}: {', '.join(step.experts)}" for i, step in enumerate(plan.steps) if step.experts]
+    if experts:
+        raise ValueError(f"verify compares with the original whose removed channels are zeroed, but this plan removes "
+                         f"whole experts ({'; '.join(experts)}), which zeroing does not reproduce (the router would "
+                         "still pick them); prune_experts_ measures its deviation from the original itself "
+                         "(PruneResult.max_abs_error, inexact_deviation)")
     reference = copy.deepcopy(original)
     if plan.dropped:  # dropped blocks go from the reference too: its names then match the plan's
         apply_drops(reference, plan.dropped, Transaction())
