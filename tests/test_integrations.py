@@ -4,8 +4,13 @@ AGP during training, removed physically, saved, reloaded and trained on."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +352,43 @@ def test_a_missing_framework_names_the_extra(monkeypatch, module, missing, extra
     import torchslim.integrations  # the package itself imports neither framework
 
     assert torchslim.integrations.sync_masks_ is not None
+
+
+# -- two real processes (gloo on the CPU) -----------------------------------------------------------------
+
+TESTS = Path(__file__).parent
+
+
+def run_two_ranks(command: list[str], out: Path) -> list[dict]:
+    """Run ``command`` (which starts two ranks that each write OUT/rank{r}.json); both reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(torchslim.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command + [str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def check_two_ranks(reports: list[dict]) -> None:
+    for report in reports:
+        assert report["world_size"] == 2
+        assert report["history"] == [[1, 0.0], [2, 0.4375], [3, 0.4375], [4, 0.5], [5, 0.5], [6, 0.5]]
+        assert report["masks_differed"] == 1  # step 2 agreed; at step 4 rank 1 was made to disagree
+    assert reports[0]["digest"] == reports[1]["digest"]  # the same pruned weights on both ranks
+
+
+def test_lightning_ddp_two_processes_mask_alike(tmp_path):
+    reports = run_two_ranks([sys.executable, str(TESTS / "_ddp_lightning.py")], tmp_path)
+    check_two_ranks(reports)
+    assert reports[0]["widths"] == [16, 32] and reports[0]["macs"][1] < 0.3 * reports[0]["macs"][0]
+    spec = importlib.util.spec_from_file_location("_ddp_lightning", TESTS / "_ddp_lightning.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fresh = torchslim.load(tmp_path / "ckpt", script.Net())  # rank 0's checkpoint
+    assert script.digest(fresh) == reports[0]["digest"]
+
+
+def test_hf_trainer_under_torchrun_two_processes_mask_alike(tmp_path):
+    reports = run_two_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(TESTS / "_ddp_hf.py")], tmp_path)
+    check_two_ranks(reports)
+    assert reports[0]["ffn"] == 32 and reports[0]["macs"] == [296000, 148000]
