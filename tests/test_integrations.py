@@ -392,3 +392,18 @@ def test_hf_trainer_under_torchrun_two_processes_mask_alike(tmp_path):
                              str(TESTS / "_ddp_hf.py")], tmp_path)
     check_two_ranks(reports)
     assert reports[0]["ffn"] == 32 and reports[0]["macs"] == [296000, 148000]
+
+
+def test_a_resumed_run_catches_up_with_the_schedule():
+    from torchslim.integrations._agp import AGPDriver, AGPSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    driver = AGPDriver(AGPSettings(final_sparsity=0.5, total_steps=6, frequency=2))
+    driver.start(model, optimizer, batch=(torch.randn(4, 1, 8, 8), None), step=5)  # resumed after step 5
+    level = agp_sparsity(4, initial=0.0, final=0.5, start=0, steps=6)  # the last update at or before 5
+    assert driver.pruner.t == 5 and driver.sparsity == pytest.approx(level)
+    assert abs(zero_fraction(model[0].weight) - level) <= 1 / 32
+    driver.advance(6)
+    assert driver.history == [(6, 0.5)] and zero_fraction(model[0].weight) == 0.5
