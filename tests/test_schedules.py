@@ -78,3 +78,24 @@ def test_step_configs_for_a_macs_target_needs_the_original_macs():
         step_configs(torchslim.PruneConfig(target_macs=0.5), 2)
     fractions = [c.target_macs for c in step_configs(torchslim.PruneConfig(target_macs=0.5), 2, macs_before=1000)]
     assert fractions == [750.0, 500.0]
+
+
+def test_agp_finalize_with_the_last_loss_still_alive_trains_on():
+    # the loop's last `loss` keeps its graph, and with it autograd's accumulator nodes that know
+    # the parameters' unpruned shapes: the next backward must not run into them
+    model = net().train()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    pruner = AGPPruner(model, X, final_sparsity=0.5, total_steps=2, optimizer=optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+    pruner.finalize()
+    assert model[0].out_channels == 8
+    optimizer.zero_grad()
+    model(torch.randn(4, 3, 8, 8)).pow(2).mean().backward()
+    optimizer.step()
+    assert model[0].weight.grad.shape == model[0].weight.shape
+    del loss

@@ -82,12 +82,12 @@ class Transaction:
         old_data, old_grad = tensor.data, tensor.grad
         new_grad = old_grad if data.shape == old_data.shape and grad is None else grad
         tensor.grad = None  # a gradient must always match the data's shape: clear it while swapping
-        tensor.data = data
+        _set_data(tensor, data)
         tensor.grad = new_grad
 
         def undo() -> None:
             tensor.grad = None
-            tensor.data = old_data
+            _set_data(tensor, old_data)
             tensor.grad = old_grad
 
         self._undo.append(undo)
@@ -303,6 +303,20 @@ def set_renumbered(model: nn.Module, values: dict[str, torch.Tensor], tx: Transa
     tensors = named_tensors(model)
     for name, value in values.items():
         tx.set_data(tensors[name], value.clone())
+
+
+def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    """``tensor.data = data``, and a new shape drops the tensor's gradient accumulator.
+
+    Autograd caches one accumulator node per leaf, with the leaf's shape, for as long as any
+    graph holds it (a loss tensor kept from the last training step does): a backward through a
+    graph built after pruning would find that node and refuse the new gradient's shape. torch
+    drops the cache only when ``.data`` changes dtype or device, so a changed shape takes a
+    detour through an empty tensor of another dtype (nothing is copied)."""
+    if tensor.requires_grad and data.shape != tensor.shape and data.is_floating_point():
+        other = torch.float64 if data.dtype != torch.float64 else torch.float32
+        tensor.data = torch.empty(0, dtype=other, device=data.device)
+    tensor.data = data
 
 
 def _complement(size: int, gone: np.ndarray) -> np.ndarray:
