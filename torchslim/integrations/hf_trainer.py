@@ -98,9 +98,9 @@ class AGPTrainerCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         if model is None:
             raise ValueError("AGPTrainerCallback: the Trainer passed no model to on_train_begin")
-        self.driver.check_run(state.max_steps if state.max_steps > 0 else None, max(args.world_size, 1))
         if self.driver.started or self.driver.finalized:
             return
+        self.driver.check_run(state.max_steps if state.max_steps > 0 else None, max(args.world_size, 1))
         model = unwrap_model(model)
         batch = None
         if self.driver.settings.example_inputs is None and self.driver.settings.structured:

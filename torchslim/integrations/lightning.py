@@ -95,6 +95,8 @@ class AGPCallback(pl.Callback):
         return pl_module.get_submodule(self.submodule) if self.submodule else pl_module
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.driver.finalized:  # a later fit of the pruned module: nothing left to schedule
+            return
         if len(trainer.optimizers) > 1:
             raise ValueError(f"AGPCallback drives one optimizer; configure_optimizers returned {len(trainer.optimizers)}")
         if self.submodule:
