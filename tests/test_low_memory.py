@@ -245,3 +245,32 @@ def test_chunked_norms_reuse_one_buffer(monkeypatch):
         expected = w1.abs().sum(1) + model[0].bias.float().abs() + w2.abs().sum(0)
     np.testing.assert_allclose(scores, expected.double().numpy(), rtol=1e-5)
     assert importance._scratch.numel() <= 1000
+
+
+# save ------------------------------------------------------------------------------------
+def test_save_streams_safetensors_that_safetensors_reads(tmp_path):
+    """torchslim.save writes the tensors' own memory (hashing as it writes): every dtype reads
+    back equal through safetensors, and meta.json's hash is the file's."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from torchslim.io.serialization import write_safetensors
+
+    tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "bool": torch.tensor([True, False]),
+               "i64": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+               "u8": torch.tensor([1, 2, 255], dtype=torch.uint8), "f16": torch.randn(2, 2).half()}
+    sha = write_safetensors(tensors, tmp_path / "t.safetensors", {"format": "pt"})
+    assert sha == hashlib.sha256((tmp_path / "t.safetensors").read_bytes()).hexdigest()
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
+    torchslim.save(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "ck" / "model.safetensors").read_bytes()).hexdigest()
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
+    torchslim.load(tmp_path / "ck", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
