@@ -6,7 +6,8 @@ memory as the removal itself, half a model when half of it goes. Here a tensor i
 only while a module call that uses it runs (the modules whose traced ops read it, or read a
 weight-only tensor computed from it, such as ``weight.t()``; the whole forward for a tensor
 used at the top level) and restored, bit for bit, when the last such call returns. What is
-kept aside at any time is the removed slices of the layers running, not of the model.
+kept aside at any time belongs to the layers running (their removed rows, or the weights
+losing columns), not to the model.
 """
 from __future__ import annotations
 
@@ -66,19 +67,14 @@ def zeroed_while_used(graph: DependencyGraph, removal: dict[str, dict]) -> Itera
         for label in modules:
             by_module.setdefault(label, []).append(name)
     depth = dict.fromkeys(removal, 0)
-    saved: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    saved: dict[str, _Saved] = {}
 
     def enter(names: list[str]) -> None:
         with torch.no_grad():
             for name in names:
                 depth[name] += 1
                 if depth[name] == 1:
-                    tensor, slabs = tensors[name], []
-                    for dim, gone in removal[name].items():
-                        index = torch.as_tensor(gone, dtype=torch.long, device=tensor.device)
-                        slabs.append((dim, index, tensor.index_select(dim, index)))
-                        tensor.index_fill_(dim, index, 0)
-                    saved[name] = slabs
+                    saved[name] = _zero(tensors[name], removal[name])
 
     def leave(names: list[str]) -> None:
         with torch.no_grad():
@@ -112,8 +108,35 @@ def _hook(action: Callable[[list[str]], None], names: list[str]) -> Callable[...
     return hook
 
 
-def _restore(tensor: torch.Tensor, slabs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-    """Put back the slices zeroed dim after dim, the last first (a later slab holds zeros where
-    it crosses an earlier one; the earlier slab, restored after it, holds the real values)."""
-    for dim, index, values in reversed(slabs):
-        tensor.index_copy_(dim, index, values)
+# what zeroing a tensor set aside: per dim (None: the whole tensor) the indices and their values
+_Saved = list[tuple[int | None, torch.Tensor | None, torch.Tensor]]
+
+
+def _zero(tensor: torch.Tensor, removed: dict) -> _Saved:
+    """Zero the removed slices of ``tensor`` in place and return what restores it. Rows (dim 0)
+    are copied out and back by index; a tensor losing slices of a later dim is copied whole
+    and zeroed through a broadcast mask (gathering strided columns is several times slower
+    than copying the tensor)."""
+    if set(removed) == {0}:
+        index = torch.as_tensor(removed[0], dtype=torch.long, device=tensor.device)
+        slab = tensor.index_select(0, index)
+        tensor.index_fill_(0, index, 0)
+        return [(0, index, slab)]
+    whole = tensor.clone()
+    for dim, gone in removed.items():
+        shape = [1] * tensor.ndim
+        shape[dim] = tensor.shape[dim]
+        mask = torch.zeros(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
+        mask[torch.as_tensor(gone, dtype=torch.long, device=tensor.device)] = True
+        tensor.masked_fill_(mask.view(shape), 0)
+    return [(None, None, whole)]
+
+
+def _restore(tensor: torch.Tensor, saved: _Saved) -> None:
+    """Put back what ``_zero`` set aside, bit for bit."""
+    for dim, index, values in reversed(saved):
+        if dim is None:
+            tensor.copy_(values)
+        else:
+            assert index is not None
+            tensor.index_copy_(dim, index, values)
