@@ -38,11 +38,12 @@ def scatter_to_atoms(graph: DependencyGraph, group: Group, labels: np.ndarray, v
 
 
 def parameter_slots(graph: DependencyGraph, group: Group) -> Iterable[tuple[str, int, torch.Tensor]]:
-    """(name, dim, tensor) for every trainable parameter slot of the group (buffers excluded)."""
+    """(name, dim, tensor) for every trainable parameter slot of the group (buffers excluded),
+    the tensor detached in its own dtype (no copy)."""
     parameters = graph.parameters()
     for name, dim in group.params:
         if name in parameters:  # not a buffer
-            yield name, dim, parameters[name].detach().float()
+            yield name, dim, parameters[name].detach()
 
 
 def rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -51,12 +52,16 @@ def rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def score_slots(graph: DependencyGraph, group: Group, per_index: Callable[[str, int, torch.Tensor], torch.Tensor],
-                select: Callable[[str], bool] = lambda name: True) -> np.ndarray:
-    """Sum ``per_index(name, dim, weight)`` (one value per index of the slot) into atom scores."""
+                select: Callable[[str], bool] = lambda name: True, upcast: bool = True) -> np.ndarray:
+    """Sum ``per_index(name, dim, weight)`` (one value per index of the slot) into atom scores.
+
+    ``weight`` is a float32 copy of a lower-precision parameter when ``upcast`` (made only for
+    the selected slots); ``upcast=False`` hands the parameter as it is, for criteria that cache
+    per weight or do not read it, so that a large model's weights are not copied per slot."""
     scores = np.zeros(len(group), dtype=np.float64)
     for name, dim, weight in parameter_slots(graph, group):
         if select(name):
-            values = per_index(name, dim, weight).detach().double().cpu().numpy()
+            values = per_index(name, dim, weight.float() if upcast else weight).detach().double().cpu().numpy()
             scatter_to_atoms(graph, group, graph.param_labels(name, dim), values, scores)
     return scores
 

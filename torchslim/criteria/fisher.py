@@ -34,7 +34,7 @@ class FisherImportance:
         for saliency in saliencies:
             for group in graph.groups:
                 signed = score_slots(graph, group, lambda name, dim, w: rows(saliency[name], dim).sum(1),  # noqa: B023
-                                     select=lambda name: name in saliency)  # noqa: B023 - both are called by score_slots, in this iteration
+                                     select=lambda name: name in saliency, upcast=False)  # noqa: B023 - both are called by score_slots, in this iteration
                 sums[group.index] += signed ** 2
             batches += 1
         summed = all_reduce_arrays({**sums, "batches": batches})  # under torchrun: every rank's batches

@@ -31,7 +31,8 @@ class TaylorImportance:
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
         if not self.saliency:
             raise RuntimeError("TaylorImportance.prepare(graph, data, loss_fn) must run first")
-        return score_slots(graph, group, lambda name, dim, w: rows(self.saliency[name], dim).sum(1).abs())
+        return score_slots(graph, group, lambda name, dim, w: rows(self.saliency[name], dim).sum(1).abs(),
+                           upcast=False)
 
 
 def batch_inputs(batch: Any) -> Any:

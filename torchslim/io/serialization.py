@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -84,12 +85,9 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     tensors, aliases = _dedupe_state_dict(model.state_dict())
 
     directory.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     weights_tmp = _tmp_path(directory, WEIGHTS_FILE)
     try:
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "torchslim": FORMAT})
-        weights_sha = _sha256_file(weights_tmp)
+        weights_sha = write_safetensors(tensors, weights_tmp, {"format": "pt", "torchslim": FORMAT})
         meta = {
             "format": FORMAT,
             "torchslim_version": _torchslim_version(),
@@ -111,6 +109,56 @@ def save(model: nn.Module, path: str | os.PathLike, plan: Any = None, *,
     _write_text(directory / PLAN_FILE, plan_text)
     _write_text(directory / META_FILE, _dumps(meta, META_FILE))  # last: a complete meta means a complete save
     return directory
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors: the format's header)
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_WRITE_CHUNK = 64 << 20  # bytes handed to write() and the hash at a time
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> str:
+    """Write ``tensors`` (CPU, contiguous, none sharing memory) to ``path`` in the safetensors
+    format and return the file's sha256, hashed as it is written.
+
+    The tensors' own memory is written, one after the other: nothing is copied (older
+    safetensors releases turn every tensor into a bytes object first, a second copy of the
+    model in memory) and the file is not read back to hash it. Little-endian machines; elsewhere, or
+    for a dtype not listed here, ``safetensors.torch.save_file`` writes it."""
+    if sys.byteorder != "little" or any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu"
+                                        or not t.is_contiguous() for t in tensors.values()):
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata=metadata)
+        return _sha256_file(Path(path))
+    # widest dtypes first, as safetensors orders them: every tensor then starts aligned to its element size
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for prefix in (len(text).to_bytes(8, "little"), text):
+            handle.write(prefix)
+            digest.update(prefix)
+        for name in order:
+            tensor = tensors[name].detach()
+            if tensor.numel() == 0:
+                continue
+            data = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's memory, not a copy
+            for start in range(0, data.size, _WRITE_CHUNK):
+                piece = data[start:start + _WRITE_CHUNK]
+                handle.write(piece.data)
+                digest.update(piece.data)
+    return digest.hexdigest()
 
 
 def _refuse_parametrized(model: nn.Module, action: str) -> None:

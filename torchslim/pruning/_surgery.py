@@ -12,6 +12,7 @@ matching the traced op arguments against the module's integer attributes.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from typing import Any, Callable
 
@@ -52,9 +53,12 @@ class Transaction:
     (Phi-3's attention slices its fused projection at ``config.num_attention_heads * head_dim``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, release: bool = False) -> None:
         self._undo: list[Callable[[], None]] = []
         self.changes: dict[str, dict[str, Any]] = {}
+        # release: a sliced tensor keeps only its removed slices for the undo, not its old data,
+        # so the old storage is freed at once (see slice_to_kept)
+        self.release = release
 
     def setattr(self, obj: Any, name: str, value: Any, label: str = "") -> None:
         self.changes.setdefault(label, {})[name] = value
@@ -73,22 +77,28 @@ class Transaction:
         store[name] = value
         self._undo.append(lambda: store.__setitem__(name, old))
 
-    def set_data(self, tensor: torch.Tensor, data: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    def set_data(self, tensor: torch.Tensor, data: torch.Tensor, grad: torch.Tensor | None = None, *,
+                 restore: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
         """Give ``tensor`` (a parameter or buffer) new ``data`` in place, keeping the object itself.
 
         Its gradient becomes ``grad``; without one it stays when the shape is unchanged and is
-        dropped when not. The undo restores the old data and gradient objects, bit for bit.
+        dropped when not. The undo restores the old data and gradient objects, bit for bit; or,
+        given ``restore`` (a function rebuilding them, bit for bit), the old ones are not kept
+        and their memory is released as soon as nothing else holds it.
         """
-        old_data, old_grad = tensor.data, tensor.grad
-        new_grad = old_grad if data.shape == old_data.shape and grad is None else grad
+        same_shape = data.shape == tensor.shape
+        old_data, old_grad = (tensor.data, tensor.grad) if restore is None else (None, None)
+        new_grad = tensor.grad if same_shape and grad is None else grad
         tensor.grad = None  # a gradient must always match the data's shape: clear it while swapping
         _set_data(tensor, data)
         tensor.grad = new_grad
 
         def undo() -> None:
+            back_data, back_grad = (old_data, old_grad) if restore is None else restore()
+            assert back_data is not None
             tensor.grad = None
-            _set_data(tensor, old_data)
-            tensor.grad = old_grad
+            _set_data(tensor, back_data)
+            tensor.grad = back_grad
 
         self._undo.append(undo)
 
@@ -329,7 +339,19 @@ def slice_to_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray], tx: Transac
     """Slice a parameter or buffer in place (inside ``tx``) to a contiguous copy holding only the
     ``kept`` indices of each dim; its gradient, if any, is sliced alike. The object stays the
     same, so every module it is registered in (tied weights) and every optimizer holding it
-    see the new data."""
+    see the new data.
+
+    Under ``tx.release``, a tensor that alone holds its (contiguous) storage keeps only its
+    removed slices for the undo, which puts the kept and removed slices back together bit for
+    bit (in a new storage; a gradient is kept whole): the old storage is freed at once, so
+    slicing a model tensor by tensor never holds more than the model's own size (plus one
+    tensor)."""
+    if tx.release and _owns_storage(tensor):
+        old_grad = tensor.grad  # gradients are kept whole: the same object comes back
+        data, removed = _split_kept(tensor.detach(), kept)
+        grad = _index_kept(old_grad.detach(), kept) if old_grad is not None else None
+        tx.set_data(tensor, data, grad, restore=lambda: (_join_kept(data, removed), old_grad))
+        return
     data = _index_kept(tensor.detach(), kept)
     grad = _index_kept(tensor.grad.detach(), kept) if tensor.grad is not None else None
     tx.set_data(tensor, data, grad)
@@ -341,6 +363,57 @@ def _index_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray]) -> torch.Tens
     for dim, keep in kept.items():
         new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=new.device))
     return new.contiguous() if kept else new.clone()  # index_select already copied: never aliases the old
+
+
+# per dim peeled off: (dim, kept indices, removed indices, the removed slab)
+_Removed = list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _split_kept(tensor: torch.Tensor, kept: dict[int, np.ndarray]) -> tuple[torch.Tensor, _Removed]:
+    """``_index_kept`` and what it drops, dim by dim: the slab of removed indices along the
+    first dim (whole), then along the next dim of what was kept... Together the slabs hold
+    exactly the removed elements once; :func:`_join_kept` puts the tensor back together."""
+    new, removed = tensor, []
+    for dim, keep in kept.items():
+        keep_index = torch.as_tensor(keep, dtype=torch.long, device=new.device)
+        gone_index = torch.as_tensor(_complement(new.shape[dim], keep), dtype=torch.long, device=new.device)
+        removed.append((dim, keep_index, gone_index, new.index_select(dim, gone_index)))
+        new = new.index_select(dim, keep_index)
+    return (new.contiguous() if kept else new.clone()), removed
+
+
+def _join_kept(kept: torch.Tensor, removed: _Removed) -> torch.Tensor:
+    """The contiguous tensor ``_split_kept`` was given, from its kept part and removed slabs."""
+    whole = kept
+    for dim, keep_index, gone_index, slab in reversed(removed):
+        shape = list(whole.shape)
+        shape[dim] = keep_index.numel() + gone_index.numel()
+        rebuilt = whole.new_empty(shape)
+        rebuilt.index_copy_(dim, keep_index, whole)
+        rebuilt.index_copy_(dim, gone_index, slab)
+        whole = rebuilt
+    return whole
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the only tensor on its storage and fills it contiguously: then a
+    copy rebuilt from its values can stand in for it (no view or other tensor shares it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or tensor.device.type == "meta" or not tensor.is_contiguous() \
+            or tensor.storage_offset() != 0:
+        return False
+    storage = tensor.untyped_storage()
+    if storage.nbytes() != tensor.numel() * tensor.element_size():
+        return False
+    return use_count(storage._cdata) <= _exclusive_use_count()
+
+
+@functools.cache
+def _exclusive_use_count() -> int:
+    """The storage use count that ``_owns_storage`` reads for a tensor nothing else shares (its
+    own reference and that of the storage object asking)."""
+    alone = torch.empty(1)
+    return int(torch._C._storage_Use_Count(alone.untyped_storage()._cdata))
 
 
 def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> dict[str, torch.Tensor]:

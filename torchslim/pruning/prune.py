@@ -25,8 +25,8 @@ from torchslim.criteria import make_importance
 from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
 from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
 from torchslim.sparsity import parametrization_problem
-from torchslim.pruning.verify import (Run, compare_runs, relative_deviation, run_eval, run_recorded, tolerances,
-                                      zero_removed_)
+from torchslim.pruning._zeroing import zeroed_while_used
+from torchslim.pruning.verify import Run, compare_runs, relative_deviation, run_eval, run_recorded, tolerances
 
 LOG = logging.getLogger(__name__)
 MAX_ATTEMPTS = 32  # each rolled-back attempt bans the atoms at fault; raft_small at target_macs=0.5 needs 14
@@ -278,8 +278,8 @@ def _try_apply(model, graph, removed, example_inputs, config, groups, commit: bo
                 return checked
         if commit and len(inexact) > 1:
             deviations.update(_inexact_group_deviations(model, graph, removed, inexact, example_inputs))
-    reference = _zeroed_outputs(model, removal, example_inputs) if config.verify else None
-    tx = Transaction()
+    reference = _zeroed_outputs(graph, removal, example_inputs) if config.verify else None
+    tx = Transaction(release=True)
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items() if name in removal}
     try:
         _, suspects = apply_removal(graph, removed, tx)
@@ -333,18 +333,12 @@ def _step(graph: DependencyGraph, removed: np.ndarray, removal: dict[str, dict[i
     return PlanStep(recorded, shapes, attributes, renumbered=sorted(renumbered))
 
 
-def _zeroed_outputs(model: nn.Module, removal: dict, example_inputs: ExampleInputs, forward=run_recorded) -> Run:
-    """Outputs (and selections) of ``model`` with the removed slices zeroed in place, then
-    restored bit for bit."""
-    tensors = named_tensors(model)
-    saved = {name: tensors[name].detach().clone() for name in removal}
-    try:
-        zero_removed_(model, removal)
-        return forward(model, example_inputs)
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                tensors[name].copy_(value)
+def _zeroed_outputs(graph: DependencyGraph, removal: dict, example_inputs: ExampleInputs, forward=run_recorded) -> Run:
+    """Outputs (and selections) of ``graph.model`` with the removed slices zeroed, each only
+    while the module calls reading it run, then restored bit for bit (``zeroed_while_used``:
+    no copy of the whole removal is kept aside)."""
+    with zeroed_while_used(graph, removal):
+        return forward(graph.model, example_inputs)
 
 
 # inexact groups ---------------------------------------------------------------------------
@@ -365,8 +359,8 @@ def _group_deviation(model, graph, atoms: np.ndarray, example_inputs, recorded: 
     """Relative L2 error of the outputs with ``atoms`` removed vs zeroed (a dry run). Plain
     forwards unless ``recorded``: recording selections slows every op down."""
     forward = run_recorded if recorded else (lambda m, x: Run(run_eval(m, x), []))
-    reference = _zeroed_outputs(model, graph.removal(atoms), example_inputs, forward)
-    tx = Transaction()
+    reference = _zeroed_outputs(graph, graph.removal(atoms), example_inputs, forward)
+    tx = Transaction(release=True)
     try:
         apply_removal(graph, atoms, tx)
         return relative_deviation(reference, forward(model, example_inputs))
@@ -526,7 +520,7 @@ def _failing_op(model, graph, example_inputs, removed):
             Counter.count += 1
             return out
 
-    tx = Transaction()
+    tx = Transaction(release=True)
     try:
         apply_removal(graph, removed, tx)
         try:

@@ -224,8 +224,7 @@ class Selector:
         self.held_inexact = [g for g in groups if not g.exact] if config.exact_only is None else []
         if self.held_inexact:
             self.groups = [g for g in groups if g.exact]
-        aliases = module_aliases(graph.model) if config.ratios else {}
-        self.group_ratio = {g.index: self._module_ratio(g, aliases) for g in groups}
+        self.group_ratio = self._group_ratios(groups)
         self.macs_before = estimate_macs(graph)
         self.params_before = estimate_params(graph)
         self.ranking = default_ranking(config)
@@ -250,8 +249,7 @@ class Selector:
         if "max_sparsity_per_layer" in changes:
             other.max_sparsity = default_max_sparsity(other.config)
         if "ratios" in changes:
-            aliases = module_aliases(self.graph.model) if other.config.ratios else {}
-            other.group_ratio = {g.index: other._module_ratio(g, aliases) for g in self.groups}
+            other.group_ratio = other._group_ratios(self.groups)
         return other
 
     def group_cap(self, group: Group) -> float:
@@ -292,18 +290,27 @@ class Selector:
         self._saved.clear()
 
     # per-group ratios ---------------------------------------------------------------
-    def _module_ratio(self, group: Group, aliases: dict[str, str]) -> float | None:
-        """The first ``PruneConfig.ratios`` key naming the group: its id, or a glob matching a
-        module (by any of its names, ``aliases``) whose output channels are in the group."""
-        for pattern, ratio in (self.config.ratios or {}).items():
-            if isinstance(pattern, int) and not isinstance(pattern, bool):
-                if pattern == group.index:
-                    return float(ratio)
-                continue
-            for name, canonical in aliases.items():
-                if isinstance(pattern, str) and fnmatch.fnmatchcase(name, pattern) and np.isin(self.graph.module_output_atoms(canonical), group.atoms).any():
-                    return float(ratio)
-        return None
+    def _group_ratios(self, groups: list[Group]) -> dict[int, float | None]:
+        """Per group, the first ``PruneConfig.ratios`` key naming it: its id, or a glob matching
+        a module (by any of its names) whose output channels are in the group; None if none."""
+        ratios = self.config.ratios or {}
+        keys = [(pattern, float(ratio), None if isinstance(pattern, int) and not isinstance(pattern, bool)
+                 else self._glob_atoms(pattern)) for pattern, ratio in ratios.items()]
+        out: dict[int, float | None] = {}
+        for group in groups:
+            out[group.index] = next((ratio for pattern, ratio, atoms in keys
+                                     if (pattern == group.index if atoms is None else atoms[group.atoms].any())), None)
+        return out
+
+    def _glob_atoms(self, pattern: object) -> np.ndarray:
+        """Per atom: is it an output channel of a module matching ``pattern`` (by any of its names)."""
+        mask = np.zeros(self.graph.n_atoms, dtype=bool)
+        if not isinstance(pattern, str):
+            return mask
+        canonical = {c for name, c in module_aliases(self.graph.model).items() if fnmatch.fnmatchcase(name, pattern)}
+        for name in canonical:
+            mask[self.graph.module_output_atoms(name)] = True
+        return mask
 
     # selection ------------------------------------------------------------------------
     def remove_at(self, ratio: float, banned: np.ndarray) -> np.ndarray:
