@@ -272,3 +272,22 @@ class AGPDriver:
 
 __all__ = ["AGPDriver", "AGPSettings", "default_inputs_from_batch", "first_sample", "model_device", "to_device",
            "unwrap_model", "unwrap_optimizer", "world_size"]
+
+
+class DriverResults:
+    """What a callback exposes of its :class:`AGPDriver` once training ran: the pruner, the
+    result of the removal (or the masks) and the ``(step, sparsity)`` history."""
+
+    driver: AGPDriver
+
+    @property
+    def pruner(self) -> AGPPruner | None:
+        return self.driver.pruner
+
+    @property
+    def result(self) -> PruneResult | WeightMasks | None:
+        return self.driver.result
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        return self.driver.history

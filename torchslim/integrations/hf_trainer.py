@@ -35,15 +35,13 @@ if importlib.util.find_spec("accelerate") is None:
 import torch
 from torch import nn
 
-from torchslim.integrations._agp import AGPDriver, AGPSettings, InputsFromBatch, model_device, to_device, unwrap_model
-from torchslim.pruning import PruneConfig, PruneResult
-from torchslim.schedules import AGPPruner
-from torchslim.sparsity import WeightMasks
+from torchslim.integrations._agp import AGPDriver, AGPSettings, DriverResults, InputsFromBatch, model_device, to_device, unwrap_model
+from torchslim.pruning import PruneConfig
 
 __all__ = ["AGPTrainerCallback"]
 
 
-class AGPTrainerCallback(TrainerCallback):
+class AGPTrainerCallback(TrainerCallback, DriverResults):
     """Gradual pruning during ``Trainer.train``: :class:`~torchslim.schedules.AGPPruner` driven by
     the Trainer's optimizer steps.
 
@@ -78,19 +76,6 @@ class AGPTrainerCallback(TrainerCallback):
             start_step=start_step, frequency=frequency, structured=structured, config=config, criterion=criterion,
             keep_dense=keep_dense, example_inputs=example_inputs, inputs_from_batch=inputs_from_batch,
             finalize_step=finalize_step, save_dir=save_dir, owner="AGPTrainerCallback"))
-
-    # results ---------------------------------------------------------------------------------
-    @property
-    def pruner(self) -> AGPPruner | None:
-        return self.driver.pruner
-
-    @property
-    def result(self) -> PruneResult | WeightMasks | None:
-        return self.driver.result
-
-    @property
-    def history(self) -> list[tuple[int, float]]:
-        return self.driver.history
 
     # hooks -----------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

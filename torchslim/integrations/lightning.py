@@ -29,15 +29,13 @@ except ImportError as error:  # the optional extra is not installed
 
 from torch import nn
 
-from torchslim.integrations._agp import AGPDriver, AGPSettings, InputsFromBatch
-from torchslim.pruning import PruneConfig, PruneResult
-from torchslim.schedules import AGPPruner
-from torchslim.sparsity import WeightMasks
+from torchslim.integrations._agp import AGPDriver, AGPSettings, DriverResults, InputsFromBatch
+from torchslim.pruning import PruneConfig
 
 __all__ = ["AGPCallback"]
 
 
-class AGPCallback(pl.Callback):
+class AGPCallback(pl.Callback, DriverResults):
     """Gradual pruning during ``trainer.fit``: :class:`~torchslim.schedules.AGPPruner` driven by
     the trainer's optimizer steps.
 
@@ -76,19 +74,6 @@ class AGPCallback(pl.Callback):
             finalize_step=finalize_step, save_dir=save_dir, owner="AGPCallback"))
         self.submodule = submodule
         self.log_sparsity = log_sparsity
-
-    # results ---------------------------------------------------------------------------------
-    @property
-    def pruner(self) -> AGPPruner | None:
-        return self.driver.pruner
-
-    @property
-    def result(self) -> PruneResult | WeightMasks | None:
-        return self.driver.result
-
-    @property
-    def history(self) -> list[tuple[int, float]]:
-        return self.driver.history
 
     # hooks -----------------------------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
