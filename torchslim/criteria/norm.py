@@ -12,7 +12,6 @@ from torchslim.graph import DependencyGraph, Group
 
 
 SCRATCH_LIMIT = 16 * 2**20  # elements (64 MB of float32)
-BLOCK = 2**20  # elements of a half-precision weight upcast at a time (4 MB of float32: sums stay in cache)
 
 
 class NormImportance:
@@ -51,11 +50,12 @@ class NormImportance:
 
     def _chunked_sums(self, weight: torch.Tensor, dims: set[int] | frozenset[int]) -> dict[int, torch.Tensor]:
         """``_sum_except`` of |w|^p for each of ``dims`` for a half-precision weight, upcast to
-        float32 a block of rows (``BLOCK`` elements) at a time in the reused buffer: a float32
-        copy of the whole weight (an LLM's projection or embedding) would be twice its size,
-        and faulting in fresh memory for it costs more than the arithmetic (a block in cache:
-        4x faster than blocks of ``SCRATCH_LIMIT``)."""
-        step = max(1, min(BLOCK, SCRATCH_LIMIT) // max(1, weight[0].numel()))
+        float32 a block of rows (up to ``SCRATCH_LIMIT`` elements) at a time in the reused
+        buffer: a float32 copy of the whole weight (an LLM's projection or embedding) would be
+        twice its size, and faulting in fresh memory for it costs more than the arithmetic.
+        (Blocks that fit in cache, 1M elements, are faster on an idle machine but 5-10x slower
+        when another process takes a core: each op's threads wait for the slowest.)"""
+        step = max(1, SCRATCH_LIMIT // max(1, weight[0].numel()))
         sums = {d: torch.zeros(weight.shape[d], dtype=torch.float32, device=weight.device) for d in dims}
         for start in range(0, weight.shape[0], step):
             rows = weight[start:start + step]

@@ -12,7 +12,7 @@ losing columns), not to the model.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -20,7 +20,6 @@ from torch import nn
 from torchslim.graph import DependencyGraph
 from torchslim.pruning._surgery import named_tensors
 
-T = TypeVar("T")
 ROOT = ""
 
 
@@ -62,9 +61,15 @@ def zeroed_while_used(graph: DependencyGraph, removal: dict[str, dict]) -> Itera
     model = graph.model
     tensors = named_tensors(model)
     scopes = scopes_of(graph, list(removal))
+    found: dict[str, nn.Module] = {}
+    for label in {label for labels in scopes.values() for label in labels} - {ROOT}:
+        try:
+            found[label] = model.get_submodule(label)
+        except AttributeError:  # a module outside the model's tree (made in forward): no hook to hang
+            continue
     by_module: dict[str, list[str]] = {}
-    for name, modules in scopes.items():
-        for label in modules:
+    for name, labels in scopes.items():
+        for label in labels if labels <= found.keys() | {ROOT} else {ROOT}:
             by_module.setdefault(label, []).append(name)
     depth = dict.fromkeys(removal, 0)
     saved: dict[str, _Saved] = {}
@@ -84,10 +89,10 @@ def zeroed_while_used(graph: DependencyGraph, removal: dict[str, dict]) -> Itera
                     _restore(tensors[name], saved.pop(name))
 
     handles = []
-    for module_name, names in by_module.items():
-        if module_name == ROOT:
+    for label, names in by_module.items():
+        if label == ROOT:
             continue
-        module = model.get_submodule(module_name)
+        module = found[label]
         handles.append(module.register_forward_pre_hook(_hook(enter, names)))
         handles.append(module.register_forward_hook(_hook(leave, names)))
     try:
