@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from torchslim.criteria import make_importance
-from torchslim.integrations._distributed import barrier, sync_masks_, world_size
+from torchslim.distributed import barrier, world_size
+from torchslim.integrations._distributed import sync_masks_
 from torchslim.pruning import PruneConfig, PruneResult
 from torchslim.schedules import AGPPruner
 from torchslim.sparsity.masks import WeightMasks

@@ -13,33 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchslim.distributed import all_reduce_arrays, broadcast_array, broadcast_tensors_, is_distributed
 from torchslim.sparsity import update_masks_
-
-
-def world_size() -> int:
-    """Processes in the default process group (1 when ``torch.distributed`` is not initialized)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        torch.distributed.barrier()
-
-
-def _comm_device() -> torch.device:
-    """Where collectives run: the current GPU for NCCL, the CPU for gloo."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _broadcast_(tensor: torch.Tensor, device: torch.device) -> None:
-    """Rank 0's value into ``tensor`` on every rank (through ``device``, for the backend)."""
-    buffer = tensor.detach().to(device).contiguous()
-    torch.distributed.broadcast(buffer, 0)
-    with torch.no_grad():
-        tensor.copy_(buffer.to(tensor.device))
 
 
 @torch.no_grad()
@@ -50,41 +25,32 @@ def sync_masks_(pruner: Any, optimizer: torch.optim.Optimizer | None = None) -> 
     state are now rank 0's), False when they already agreed or there is one process. Every rank
     must call it at the same mask update.
     """
-    if world_size() <= 1:
+    if not is_distributed():
         return False
-    dist = torch.distributed
-    device = _comm_device()
     masks: dict[str, torch.Tensor] = pruner.masks.masks
     names = sorted(masks)
     atoms = getattr(pruner, "masked_atoms", None)
-    parts = [masks[n].reshape(-1) for n in names]
+    parts = [masks[n].reshape(-1).cpu().numpy().astype(np.int64) for n in names]
     if atoms is not None:
-        parts.append(torch.from_numpy(np.asarray(atoms)))
-    mine = torch.cat([p.to(device, torch.uint8) for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
-    size = torch.tensor([mine.numel()], device=device)
-    dist.broadcast(size, 0)
-    if int(size.item()) != mine.numel():
-        raise RuntimeError(f"AGP masks differ in size across ranks ({mine.numel()} entries here, {int(size.item())} on "
+        parts.append(np.asarray(atoms, dtype=np.int64))
+    mine = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    theirs = broadcast_array(mine)
+    if theirs.size != mine.size:
+        raise RuntimeError(f"AGP masks differ in size across ranks ({mine.size} entries here, {theirs.size} on "
                            "rank 0): the ranks are not pruning the same model")
-    theirs = mine.clone()
-    dist.broadcast(theirs, 0)
-    differs = torch.tensor([int(not torch.equal(theirs, mine))], device=device)
-    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
-    if not int(differs.item()):
+    if not all_reduce_arrays({"differs": int(not np.array_equal(theirs, mine))})["differs"]:
         return False
     offset, new = 0, {}
     for name in names:
         n = masks[name].numel()
-        new[name] = theirs[offset:offset + n].view(masks[name].shape).to(masks[name].device, torch.bool)
+        new[name] = torch.from_numpy(theirs[offset:offset + n]).view(masks[name].shape).to(masks[name].device, torch.bool)
         offset += n
     if atoms is not None:
-        pruner.masked_atoms = theirs[offset:].cpu().numpy().astype(bool)
-    for param in pruner.model.parameters():  # rank 0's weights (dense ones too, with keep_dense) ...
-        _broadcast_(param, device)
-        state = optimizer.state.get(param, {}) if optimizer is not None else {}
-        for value in state.values():  # ... and their optimizer state (the scalar step is equal anyway)
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                _broadcast_(value, device)
+        pruner.masked_atoms = theirs[offset:].astype(bool)
+    params = list(pruner.model.parameters())  # rank 0's weights (dense ones too, with keep_dense) ...
+    states = [v for p in params for v in (optimizer.state.get(p, {}) if optimizer is not None else {}).values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0]  # ... and their optimizer state (step is equal)
+    broadcast_tensors_(params + states)
     pruner.masks.masks = new
     if getattr(pruner, "keep_dense", False):
         update_masks_(pruner.model, new)

@@ -121,6 +121,8 @@ class Transaction:
         rest from 0 again (as ``del container[i]`` does); returns the removed modules."""
         old = container._modules
         entries = list(old.values())
+        if any(not 0 <= i < len(entries) for i in indices):
+            raise IndexError(f"entries {sorted(indices)} out of range for a container of {len(entries)} modules")
         object.__setattr__(container, "_modules", {str(i): m for i, m in enumerate(
             m for k, m in enumerate(entries) if k not in indices)})
         self._undo.append(lambda: object.__setattr__(container, "_modules", old))

@@ -22,9 +22,7 @@ Example::
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
 import dataclasses
 from typing import Any, Iterator
 
@@ -37,7 +35,7 @@ from torchslim.graph import DependencyGraph, Group, OpCall
 from torchslim.pruning._surgery import (Transaction, kept_indices, named_tensors, planned_attributes,
                                         renumbered_index, renumbered_indices, set_renumbered, slice_to_kept)
 
-__all__ = ["RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index", "without_entries"]
+__all__ = ["RemovalPlan", "applied", "apply_plan", "channel_order", "plan_removal", "renumbered_index"]
 
 
 @dataclasses.dataclass
@@ -80,8 +78,8 @@ def plan_removal(graph: DependencyGraph, removed_atoms: np.ndarray) -> RemovalPl
 def apply_plan(model: nn.Module, plan: RemovalPlan, tx: Transaction) -> None:
     """Slice every planned tensor of ``model`` in place and set the planned attributes, inside
     ``tx`` (``tx.rollback()`` undoes it all, bit for bit; :func:`applied` does both)."""
-    for path, gone in plan.dropped.items():
-        tx.replace_module(model, path, without_entries(model.get_submodule(path), gone))
+    for path, gone in plan.dropped.items():  # whole entries first (per-expert modules), renumbered in place
+        tx.drop_entries(model.get_submodule(path), {int(i) for i in np.asarray(gone, dtype=np.int64).reshape(-1)})
     tensors = named_tensors(model)
     for name, dims in plan.kept.items():
         slice_to_kept(tensors[name], dims, tx)
@@ -90,21 +88,6 @@ def apply_plan(model: nn.Module, plan: RemovalPlan, tx: Transaction) -> None:
         module = model.get_submodule(label) if label else model
         for attr, value in attrs.items():
             tx.setattr(module, attr, value, label)
-
-
-def without_entries(modules: nn.Module, gone: Any) -> nn.Module:
-    """A shallow copy of the ``nn.ModuleList`` ``modules`` without the entries ``gone`` (the
-    others keep their order and move up; the entries themselves are shared, not copied), so
-    that swapping it in (and back, on rollback) leaves every kept module the same object."""
-    if not isinstance(modules, nn.ModuleList):
-        raise TypeError(f"only an nn.ModuleList loses entries, got a {type(modules).__name__}")
-    drop = {int(i) for i in np.asarray(gone, dtype=np.int64).reshape(-1)}
-    if any(not 0 <= i < len(modules) for i in drop):
-        raise IndexError(f"entries {sorted(drop)} out of range for a list of {len(modules)} modules")
-    new = copy.copy(modules)  # the same type and attributes; its own ordered dict of entries below
-    kept = [m for i, m in enumerate(modules) if i not in drop]
-    new._modules = collections.OrderedDict((str(i), m) for i, m in enumerate(kept))
-    return new
 
 
 @contextlib.contextmanager

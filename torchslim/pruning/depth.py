@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from torchslim._inputs import ExampleInputs, call_model, normalize_inputs
+from torchslim._inputs import ExampleInputs, call_model
 from torchslim.criteria.taylor import batch_inputs
 from torchslim.distributed import all_reduce_arrays, refuse_wrapped, require_same
-from torchslim.graph.macs import fastpath_disabled, live_counter
+from torchslim.analysis import profile_macs
 from torchslim.pruning._hf_config import hf_config_of, sync_hf_config
 from torchslim.pruning._surgery import Transaction
 from torchslim.pruning.plan import PlanStep, PruningPlan, record_history, state_shapes
@@ -128,9 +128,9 @@ def prune_depth_(model: nn.Module, example_inputs: ExampleInputs, num_blocks: in
     scores = block_importance(model, batches, candidates, importance=importance, max_batches=max_batches)
     chosen = sorted(candidates, key=lambda path: (scores[path], candidates.index(path)))[:num_blocks]
     require_same(chosen, "blocks to drop")  # under torchrun: scores are summed over ranks, so they agree
-    macs_before = _forward_macs(model, example_inputs)
+    macs_before = _total_macs(model, example_inputs)
     plan, hf_fields = drop_blocks_(model, chosen)
-    return DepthResult(chosen, scores, macs_before, _forward_macs(model, example_inputs), plan, hf_fields)
+    return DepthResult(chosen, scores, macs_before, _total_macs(model, example_inputs), plan, hf_fields)
 
 
 def drop_blocks_(model: nn.Module, blocks: Sequence[str]) -> tuple[PruningPlan, dict[str, Any] | None]:
@@ -241,6 +241,11 @@ def _feature_cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     return nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=dim, eps=1e-12).flatten()
 
 
+def _total_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
+    with torch.no_grad():
+        return profile_macs(model, example_inputs)[0].total
+
+
 def _evaluated_importance(model: nn.Module, blocks: Sequence[str], evaluate: Evaluate) -> dict[str, float]:
     """How much ``evaluate`` drops when each block alone is removed (and put back)."""
     base = float(evaluate(model))
@@ -256,14 +261,6 @@ def _evaluated_importance(model: nn.Module, blocks: Sequence[str], evaluate: Eva
             raise ValueError(f"evaluate returned {score} with block '{path}' removed; it must be a finite number")
         scores[path] = base - score
     return scores
-
-
-def _forward_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
-    counter = live_counter()
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad(), fastpath_disabled(), counter:
-        model(*args, **kwargs)
-    return counter.get_total_flops() // 2
 
 
 # ----------------------------------------------------------------------------------------
