@@ -2342,3 +2342,33 @@ def attribute_problems(model: nn.Module) -> list[str]:
         elif frozen is not None and isinstance(m, frozen):
             pass  # FrozenBatchNorm2d keeps no size attribute
     return problems
+
+
+class Expert(nn.Module):
+    """One expert of :class:`ModuleListMoE`: a two-layer MLP."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class ModuleListMoE(nn.Module):
+    """Top-1 routing over per-expert modules in an nn.ModuleList behind a linear router, as user
+    code and older transformers write it; ``head`` adds a linear layer of that many outputs."""
+
+    def __init__(self, width: int = 16, hidden: int = 32, n_experts: int = 4, head: int | None = None):
+        super().__init__()
+        self.router = nn.Linear(width, n_experts)
+        self.experts = nn.ModuleList(Expert(width, hidden) for _ in range(n_experts))
+        self.head = nn.Linear(width, head) if head is not None else nn.Identity()
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]))
+        return self.head(out)

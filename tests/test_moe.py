@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import torchslim
+from archs import ModuleListMoE
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,35 +89,9 @@ def test_planted_dead_expert_units_are_exactly_the_ones_removed():
     assert torchslim.verify(original, model, inputs, result.plan).ok
 
 
-class _Expert(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
-class _ModuleListMoE(nn.Module):
-    """Top-1 routing over per-expert modules, as user code and older transformers write it."""
-
-    def __init__(self, width: int = 16, hidden: int = 32, n_experts: int = 4):
-        super().__init__()
-        self.router = nn.Linear(width, n_experts)
-        self.experts = nn.ModuleList(_Expert(width, hidden) for _ in range(n_experts))
-
-    def forward(self, x):
-        choice = self.router(x).argmax(-1)
-        out = torch.zeros_like(x)
-        for index, expert in enumerate(self.experts):
-            rows = (choice == index).nonzero().squeeze(-1)
-            out = out.index_add(0, rows, expert(x[rows]))
-        return out
-
-
 def test_per_expert_modules_are_each_their_own_group():
     torch.manual_seed(0)
-    model = _ModuleListMoE().eval()
+    model = ModuleListMoE().eval()
     x = torch.randn(64, 16)
     assert len((model.router(x).argmax(-1)).unique()) == 4  # every expert runs on the example
     original = copy.deepcopy(model)

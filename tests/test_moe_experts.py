@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchslim
+from archs import ModuleListMoE
 from torchslim import pruning_history
 from torchslim.pruning import InexactPruningWarning, moe_layers, prune_experts_, routing_frequency
 
@@ -225,36 +226,9 @@ def test_weighted_frequency_and_routing_frequency():
 
 
 # per-expert modules -----------------------------------------------------------------------
-class _Expert(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
-class _ModuleListMoE(nn.Module):
-    """Top-1 routing over per-expert modules in an nn.ModuleList, behind a linear router."""
-
-    def __init__(self, width: int = 16, hidden: int = 32, n_experts: int = 4):
-        super().__init__()
-        self.router = nn.Linear(width, n_experts)
-        self.experts = nn.ModuleList(_Expert(width, hidden) for _ in range(n_experts))
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x):
-        choice = self.router(x).argmax(-1)
-        out = torch.zeros_like(x)
-        for index, expert in enumerate(self.experts):
-            rows = (choice == index).nonzero().squeeze(-1)
-            out = out.index_add(0, rows, expert(x[rows]))
-        return self.head(out)
-
-
-def _planted_module_list_moe() -> _ModuleListMoE:
+def _planted_module_list_moe() -> ModuleListMoE:
     torch.manual_seed(0)
-    model = _ModuleListMoE().eval()
+    model = ModuleListMoE(head=3).eval()
     with torch.no_grad():
         model.router.bias[2] = -100.0  # expert 2 is never the argmax
         model.experts[0].up.weight[5] = 0  # and expert 0's unit 5 never contributes
@@ -287,13 +261,13 @@ def test_module_list_experts_lose_the_dead_expert_and_round_trip(tmp_path):
     optimizer.step()  # the optimizer holds the kept parameters only, its state sliced
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     torchslim.save(model, tmp_path)
-    fresh = torchslim.load(tmp_path, _ModuleListMoE())
+    fresh = torchslim.load(tmp_path, ModuleListMoE(head=3))
     assert len(fresh.experts) == 3 and fresh.experts[0].up.out_features == 31
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
 
 
-class _CountsItsExperts(_ModuleListMoE):
+class _CountsItsExperts(ModuleListMoE):
     def forward(self, x):
         if len(self.experts) != 4:
             raise RuntimeError("this block was written for exactly 4 experts")
@@ -302,7 +276,7 @@ class _CountsItsExperts(_ModuleListMoE):
 
 def test_a_removal_the_model_rejects_is_rolled_back():
     torch.manual_seed(0)
-    model = _CountsItsExperts().eval()
+    model = _CountsItsExperts(head=3).eval()
     x = torch.randn(32, 16)
     state, experts = copy.deepcopy(model.state_dict()), list(model.experts)
     with pytest.raises(torchslim.PruningError, match="exactly 4 experts"):
