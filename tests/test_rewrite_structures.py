@@ -1,4 +1,4 @@
-"""Grouped (with channel shuffles), dilated and collapse rewrites, and a rewrite of the
+"""Grouped (with its channel shuffles kept), dilated and collapse rewrites, and a rewrite of the
 MODNet-shaped net's HR branch that still prunes, verifies and round-trips."""
 from __future__ import annotations
 
@@ -156,8 +156,8 @@ def test_modnet_hr_branch_rewrite_prunes_verifies_and_round_trips(tmp_path):
 def test_grouped_rewrite_round_trips_exports_and_prunes_through_its_shuffles(tmp_path):
     from test_rewrite import net, batch
 
-    model, x = net(), batch()
-    rewrite_(model, x, RewriteConfig(to="grouped", modules=["b1", "b2", "down"], setting=4))
+    model, x = net(), batch()  # fold=False: every side keeps its shuffle (test_rewrite_fold.py folds them)
+    rewrite_(model, x, RewriteConfig(to="grouped", modules=["b1", "b2", "down"], setting=4, fold=False))
     assert isinstance(model.b1, GroupedConv2d) and model.b1[1].groups == 4
     torchslim.save(model, tmp_path / "ck")
     assert torch.equal(torchslim.load(tmp_path / "ck", net(seed=4))(x), model(x))

@@ -20,6 +20,8 @@ from torchslim.graph.macs import estimate_macs
 from torchslim.pruning import replace_modules_
 from torchslim.rewrite._fit import Fit
 from torchslim.rewrite._stats import input_moments
+from torchslim.rewrite.fold import Folding, fold_shuffles_
+from torchslim.rewrite.grouped import GroupedConv2d
 from torchslim.rewrite.methods import METHODS
 from torchslim.rewrite.plan import RewritePlan, budget_plan, fixed_plan, output_positions, select_layers
 
@@ -39,6 +41,8 @@ class RewriteConfig:
                  with the least fit error per MAC saved.
     data:        an iterable of batches (example-input forms) for the data-aware fits (lowrank:
                  SVD whitened by the input second moment; dilated: least squares on the inputs).
+    fold:        grouped: fold each channel shuffle into the neighbouring layers where the
+                 dependency graph allows (``torchslim.rewrite.fold``); False keeps every shuffle.
     """
 
     to: str = "lowrank"
@@ -48,6 +52,7 @@ class RewriteConfig:
     setting: int | None = None
     target_macs: float | None = None
     data: Iterable[Any] | None = None
+    fold: bool = True
 
 
 @dataclasses.dataclass
@@ -111,5 +116,23 @@ def rewrite_(model: nn.Module, example_inputs: Any, config: RewriteConfig, *,
         row.fit_error = fits[row.name].error
     for name, fit in fits.items():
         fit.block.train(model.get_submodule(name).training)
-    replace_modules_(model, {name: fit.block for name, fit in fits.items()})  # all or nothing, one plan step
+    folding = _fold(model, example_inputs, fits, plan) if config.fold else None
+    try:
+        replace_modules_(model, {name: fit.block for name, fit in fits.items()})  # all or nothing, one plan step
+    except Exception:
+        if folding is not None:
+            folding.undo()
+        raise
     return RewriteResult(plan, {n: f.error for n, f in fits.items()}, plan.model_macs, model_macs(model, example_inputs))
+
+
+def _fold(model: nn.Module, example_inputs: Any, fits: dict[str, Fit], plan: RewritePlan) -> Folding | None:
+    """Fold the grouped blocks' shuffles into the model (before they replace its convs) and
+    record each side's decision in the plan's rows."""
+    blocks = {name: fit.block for name, fit in fits.items() if isinstance(fit.block, GroupedConv2d)}
+    if not blocks:
+        return None
+    folding = fold_shuffles_(model, example_inputs, blocks)
+    for row in plan.layers:
+        row.folds = dict(folding.sides.get(row.name, {}))
+    return folding

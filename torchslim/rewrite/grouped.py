@@ -8,15 +8,18 @@ then input and output groups are refined alternately, each step being the optima
 assignment given the other side (a linear assignment problem over group slots, solved exactly
 by ``scipy.optimize.linear_sum_assignment``); the in-block energy never decreases. The weights
 outside the blocks are dropped: the relative error is their energy over the weight's, zero for
-an original that is block-diagonal up to permutation. The permutations are expressed as
-``ChannelShuffle`` modules (a fixed ``index_select`` on the channel dimension, the general
-form of ShuffleNet's shuffle, Zhang et al. 2018) around the grouped conv; the dependency graph
-keeps the permuted channels (fixed indices), so pruning leaves them in place.
+an original that is block-diagonal up to permutation. :func:`fit_grouped` expresses the
+permutations as ``ChannelShuffle`` modules (a fixed ``index_select`` on the channel dimension,
+the general form of ShuffleNet's shuffle, Zhang et al. 2018) around the grouped conv;
+``rewrite_`` then folds each into the neighbouring layers where it can (``torchslim.rewrite.fold``:
+the dependency group on that side is permuted instead, in every coupled tensor), so a folded
+side has no shuffle and its channels prune like any others. A side that cannot be folded keeps
+its shuffle, whose index buffer pruning renumbers (``DependencyGraph.index_buffers``).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,20 +49,59 @@ class ChannelShuffle(nn.Module):
 
 
 class GroupedConv2d(nn.Sequential):
-    """``ChannelShuffle(in_order)``, ``Conv2d(in, out, k, groups=groups)``, ``ChannelShuffle(out_order)``."""
+    """``ChannelShuffle(in_order)``, ``Conv2d(in, out, k, groups=groups)``, ``ChannelShuffle(out_order)``.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, groups: int, in_order: list[int],
-                 out_order: list[int], stride: Any = 1, padding: Any = 0, dilation: Any = 1, bias: bool = True) -> None:
-        super().__init__(ChannelShuffle(in_order),
+    A side whose order is None (or the identity) has an ``nn.Identity`` in its place: no
+    ``index_select`` runs there, and the conv stays at index 1, so parameter names
+    (``name.1.weight``) do not depend on which sides were folded.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, groups: int, in_order: list[int] | None,
+                 out_order: list[int] | None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                 bias: bool = True) -> None:
+        super().__init__(shuffle_or_identity(in_order, in_channels, "in_order"),
                          nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                    dilation=dilation, groups=groups, bias=bias),
-                         ChannelShuffle(out_order))
+                         shuffle_or_identity(out_order, out_channels, "out_order"))
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The grouped convolution (index 1)."""
+        conv = self[1]
+        assert isinstance(conv, nn.Conv2d)
+        return conv
+
+    def set_orders(self, in_order: Sequence[int] | None, out_order: Sequence[int] | None) -> None:
+        """Replace both shuffles (None or the identity: none), keeping the conv and the device."""
+        conv = self.conv
+        self[0] = shuffle_or_identity(in_order, conv.in_channels, "in_order").to(conv.weight.device)
+        self[2] = shuffle_or_identity(out_order, conv.out_channels, "out_order").to(conv.weight.device)
+
+    @property
+    def in_order(self) -> list[int] | None:
+        """The input shuffle's order (None when the side has none)."""
+        return self[0].order.tolist() if isinstance(self[0], ChannelShuffle) else None
+
+    @property
+    def out_order(self) -> list[int] | None:
+        """The output shuffle's order (None when the side has none)."""
+        return self[2].order.tolist() if isinstance(self[2], ChannelShuffle) else None
+
+
+def shuffle_or_identity(order: Sequence[int] | None, channels: int, what: str) -> nn.Module:
+    """A ``ChannelShuffle`` for ``order``, or ``nn.Identity`` when there is nothing to reorder."""
+    if order is None:
+        return nn.Identity()
+    order = [int(i) for i in order]
+    if sorted(order) != list(range(channels)):
+        raise ValueError(f"{what} must be a permutation of range({channels}), got {len(order)} entries")
+    return nn.Identity() if order == list(range(channels)) else ChannelShuffle(order)
 
 
 def _init_of(m: Any) -> dict[str, Any]:
     conv = m[1]
     return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
-            "groups": conv.groups, "in_order": m[0].order.tolist(), "out_order": m[2].order.tolist(),
+            "groups": conv.groups, "in_order": m.in_order, "out_order": m.out_order,
             "stride": list(conv.stride), "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
             "dilation": list(conv.dilation), "bias": conv.bias is not None}
 

@@ -22,12 +22,14 @@ from torch import nn
 
 from torchslim._inputs import call_model
 from torchslim.modes import training_mode
+from torchslim.rewrite.fold import SideFold
 from torchslim.rewrite.methods import METHODS, Method
 
 
 @dataclasses.dataclass
 class LayerPlan:
-    """One layer's rewrite: its setting (rank, multiplier or groups), MACs before/after and fit error."""
+    """One layer's rewrite: its setting (rank, multiplier or groups), MACs before/after and fit
+    error; for a grouped rewrite once applied, whether each side's shuffle was folded and why."""
 
     name: str
     module_type: str
@@ -36,6 +38,7 @@ class LayerPlan:
     macs_before: int
     macs_after: int
     fit_error: float
+    folds: dict[str, SideFold] = dataclasses.field(default_factory=dict)
 
     @property
     def macs_saved(self) -> int:
@@ -63,6 +66,7 @@ class RewritePlan:
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
         share = self.macs_after / max(self.model_macs, 1)
         lines.append(f"model MACs {self.model_macs:,} -> {self.macs_after:,} ({share:.1%})")
+        lines += [f"{p.name} {side}: {fold}" for p in self.layers for side, fold in p.folds.items()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
