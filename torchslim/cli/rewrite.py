@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         "latency": {label: stats.to_dict() for label, stats in latency.items()},
         "output_relative_error": agreement,
         "layers": [{"name": p.name, "type": p.module_type, "rewrite": p.method, "setting": p.setting,
-                    "macs_before": p.macs_before, "macs_after": p.macs_after, "fit_error": p.fit_error}
+                    "macs_before": p.macs_before, "macs_after": p.macs_after, "fit_error": p.fit_error,
+                    **({"folds": {side: str(f) for side, f in p.folds.items()}} if p.folds else {})}
                    for p in result.plan.layers],
         "checkpoint": str(args.out),
     }
