@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, overload
 
 from torchslim._registry import Registry
-from torchslim.criteria._base import DataDriven, Importance, scatter_to_atoms
+from torchslim.criteria._base import DataDriven, Importance, comparable_across_groups, scatter_to_atoms
 from torchslim.criteria.activation import ActivationImportance
 from torchslim.criteria.bn_scale import BNScaleImportance, bn_l1_penalty
 from torchslim.criteria.fisher import FisherImportance, random_projection_loss
@@ -76,5 +76,6 @@ def make_importance(criterion: Any, seed: int = 0) -> Importance:
 __all__ = [
     "ActivationImportance", "BNScaleImportance", "CRITERIA", "DataDriven", "FisherImportance", "FPGMImportance",
     "Importance", "LAMPImportance", "NormImportance", "RandomImportance", "TaylorImportance", "ThiNetImportance", "bn_l1_penalty",
+    "comparable_across_groups",
     "make_importance", "random_projection_loss", "register_criterion", "scatter_to_atoms",
 ]

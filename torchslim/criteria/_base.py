@@ -19,8 +19,17 @@ from torchslim.graph import DependencyGraph, Group
 
 @runtime_checkable
 class Importance(Protocol):
+    """Scores atoms. A criterion whose scores share one unit in every group (an estimated loss
+    increase, as Fisher's) says so with a true ``comparable_across_groups`` attribute: global
+    ranking then compares its scores as they are instead of dividing by each group's mean."""
+
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
         """One score per atom of ``group`` (higher = keep)."""
+
+
+def comparable_across_groups(importance: object) -> bool:
+    """Whether ``importance``'s scores compare across groups as they are (see :class:`Importance`)."""
+    return bool(getattr(importance, "comparable_across_groups", False))
 
 
 class DataDriven(Protocol):

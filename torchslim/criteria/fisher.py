@@ -7,6 +7,11 @@ That makes it work without labels: with ``loss_fn = (output * random_direction).
 (a new random direction per batch) the expectation of the square is the squared change
 of the output when the atom is removed, to first order -- a direct measure of how much
 the model's function depends on it (see :func:`random_projection_loss`).
+
+The scores are in the loss's units in every group (the diagonal Fisher information of a mask
+on the atom, Kwon et al., NeurIPS 2022), so they compare across layers as they are:
+``PruneConfig(criterion="fisher", global_ranking=True, target_macs=...)`` is Kwon et al.'s mask
+search (heads, FFN units, channels kept where the estimated loss per MAC saved is highest).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from torchslim.graph import DependencyGraph, Group
 
 
 class FisherImportance:
+    comparable_across_groups = True  # estimated loss increases: global ranking compares them as they are
+
     def __init__(self, max_batches: int | None = None):
         self.max_batches = max_batches
         self.scores: dict[int, np.ndarray] = {}

@@ -21,7 +21,7 @@ from torchslim.search import latency_loop  # called at run time: the loop import
 from torchslim.pruning.selector import PruningError, Selector, eligible_groups, warn_nothing_pruned
 from torchslim.pruning._surgery import Transaction, apply_removal, named_tensors
 from torchslim.pruning.config import PruneConfig
-from torchslim.criteria import make_importance
+from torchslim.criteria import comparable_across_groups, make_importance
 from torchslim.pruning._optimizer_state import check_optimizer, remember_former_shapes, slice_optimizer_state
 from torchslim.pruning.plan import PlanStep, PruningPlan, record_history
 from torchslim.sparsity import parametrization_problem
@@ -140,7 +140,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, config: PruneConfig 
 
         latency = LatencyModel(graph, example_inputs, LatencyTable(config.latency_runtime, config.latency_threads))
     scores = {g.index: np.asarray(importance(graph, g), dtype=np.float64) for g in groups}
-    selector = Selector(graph, groups, scores, config, latency)
+    selector = Selector(graph, groups, scores, config, latency, comparable=comparable_across_groups(importance))
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = selector.macs_before
     banned = np.zeros(graph.n_atoms, dtype=bool)

@@ -2,7 +2,8 @@
 
 Per group (default), each group loses its ``ratio`` (or its module's ratio from
 ``PruneConfig.ratios``) of lowest-scored atoms. With ``global_ranking`` scores are divided by
-their group's mean so groups compare, and the lowest atoms overall go, at most
+their group's mean so groups compare (unless the criterion's scores already share one unit,
+``comparable_across_groups``: Fisher's estimated loss increases), and the lowest atoms overall go, at most
 ``max_sparsity_per_layer`` (or its module's ratio) of any group. For ``target_macs`` / ``target_params`` the ratio is
 searched by bisection on estimates from the graph; with global ranking the ranking is by
 importance per MAC (or parameter) saved, so the budget is spent where importance is cheapest.
@@ -215,8 +216,9 @@ class Selector:
     """
 
     def __init__(self, graph: DependencyGraph, groups: list[Group], scores: dict[int, np.ndarray], config: PruneConfig,
-                 latency=None):
+                 latency=None, *, comparable: bool = False):
         self.graph, self.groups, self.config = graph, groups, config
+        self.comparable = comparable  # scores share one unit across groups: global ranking leaves them as they are
         self.latency = latency  # torchslim.latency.LatencyModel when the config needs one
         self.scores = scores
         self.order = {g.index: g.atoms[np.argsort(scores[g.index], kind="stable")] for g in groups}
@@ -352,7 +354,7 @@ class Selector:
                                        or self.config.target_latency or self.ranking != "global") else None
         for group in self.groups:
             score = self.scores[group.index]
-            normalized = score / (np.mean(np.abs(score)) or 1.0)
+            normalized = score if self.comparable else score / (np.mean(np.abs(score)) or 1.0)
             if costs is not None:
                 normalized = normalized / max(costs[group.index], 1e-12)
             ok = ~banned[group.atoms]
