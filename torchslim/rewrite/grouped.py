@@ -6,11 +6,29 @@ Assignment method: with ``E[o, i] = ||W[o, i]||^2``, input channels are seeded i
 groups greedily by their affinity ``E^T E`` (channels feeding the same outputs go together),
 then input and output groups are refined alternately, each step being the optimal balanced
 assignment given the other side (a linear assignment problem over group slots, solved exactly
-by ``scipy.optimize.linear_sum_assignment``); the in-block energy never decreases. The weights
-outside the blocks are dropped: the relative error is their energy over the weight's, zero for
-an original that is block-diagonal up to permutation. :func:`fit_grouped` expresses the
-permutations as ``ChannelShuffle`` modules (a fixed ``index_select`` on the channel dimension,
-the general form of ShuffleNet's shuffle, Zhang et al. 2018) around the grouped conv;
+by ``scipy.optimize.linear_sum_assignment``); the in-block energy never decreases. Without data
+the weights outside the blocks are dropped: the relative error is their energy over the
+weight's, zero for an original that is block-diagonal up to permutation.
+
+With data (``moment`` = ``C = E[x x^T]`` over the conv's unfolded input patches, channel-major:
+column ``i*k*k + tap``, as ``torchslim.rewrite._stats`` collects it) the energy is the output
+energy each weight slice carries on its own, ``E[o, i] = W[o, i] C_ii W[o, i]^T`` (``C_ii`` the
+k*k x k*k diagonal block of channel i; cross-channel terms are left out), and the same balanced
+search runs on it. Each output channel o of block b is then refitted by least squares on the
+inputs it keeps, ``w'_o = argmin E||W_o x - w' x_B||^2 = (C_BB + lam I)^-1 C_B: W_o^T`` (B: the
+columns of block b's input channels; ``lam = ridge * mean(diag C_BB)`` with ridge 1e-10, as in
+the dilated fit, only there to keep a singular ``C_BB`` solvable), so the correlated inputs that
+remain carry part of the dropped weights' effect. The weight-energy assignment is fitted the
+same way and kept when its output error is the smaller, so the data never makes the fit worse
+on the data than the data-free one (whose blocks are one candidate of the least squares); a
+block-diagonal original is still reproduced exactly. The error is the relative output error on
+the data, ``sqrt(tr(D C D^T) / tr(W C W^T))`` with ``D = W - W'`` (W' embedded in the dense
+shape), as the other data-aware fits report. The bias is kept as it is: the moments are
+uncentred and carry no input mean, so the mean of the dropped part cannot be absorbed into it.
+
+:func:`fit_grouped` expresses the permutations as ``ChannelShuffle`` modules (a fixed
+``index_select`` on the channel dimension, the general form of ShuffleNet's shuffle, Zhang et
+al. 2018) around the grouped conv;
 ``rewrite_`` then folds each into the neighbouring layers where it can (``torchslim.rewrite.fold``:
 the dependency group on that side is permuted instead, in every coupled tensor), so a folded
 side has no shuffle and its channels prune like any others. A side that cannot be folded keeps
@@ -157,9 +175,30 @@ def _seed(energy: np.ndarray, groups: int) -> np.ndarray:
     return label
 
 
-def assign_groups(conv: Any, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input group, output group) per channel, maximising the weight energy inside the blocks."""
-    energy = (conv.weight.detach().double().cpu() ** 2).sum((2, 3)).numpy()  # (Cout, Cin)
+def channel_energy(conv: Any, moment: torch.Tensor | None = None) -> np.ndarray:
+    """(Cout, Cin) energy of each weight slice ``W[o, i]``: ``||W[o, i]||^2`` without data, else the
+    output energy it carries on its own, ``W[o, i] C_ii W[o, i]^T`` (``C_ii``: channel i's taps)."""
+    if moment is None:
+        return (conv.weight.detach().double().cpu() ** 2).sum((2, 3)).numpy()
+    weight = conv.weight.detach().double().reshape(conv.out_channels, conv.in_channels, -1)
+    taps = weight.shape[2]
+    _check_moment(conv, moment, taps)
+    c = moment.detach().double().to(weight.device)
+    diag = torch.stack([c[i * taps:(i + 1) * taps, i * taps:(i + 1) * taps] for i in range(conv.in_channels)])
+    energy = torch.einsum("oit,its,ois->oi", weight, diag, weight)
+    return energy.clamp(min=0).cpu().numpy()
+
+
+def _check_moment(conv: Any, moment: torch.Tensor, taps: int) -> None:
+    dim = conv.in_channels * taps
+    if tuple(moment.shape) != (dim, dim):
+        raise ValueError(f"the input moment of a conv with {conv.in_channels} input channels and {taps} taps must "
+                         f"be {dim} x {dim}, got {tuple(moment.shape)}")
+
+
+def assign_groups(conv: Any, groups: int, moment: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input group, output group) per channel, maximising the (data-weighted) energy inside the blocks."""
+    energy = channel_energy(conv, moment)
     in_label = _seed(energy, groups)
     out_label = np.zeros(energy.shape[0], dtype=np.int64)
     for _ in range(REFINE_ROUNDS):
@@ -179,28 +218,88 @@ def _orders(in_label: np.ndarray, out_label: np.ndarray, groups: int) -> tuple[n
     return in_order, out_order
 
 
-def grouped_errors(conv: Any) -> dict[int, float]:
-    """Relative fit error for every valid group count."""
-    return {g: fit_grouped(conv, g).error for g in range(1, max_groups(conv) + 1) if groups_problem(conv, g) is None}
+def grouped_errors(conv: Any, moment: torch.Tensor | None = None) -> dict[int, float]:
+    """Relative fit error for every valid group count (on the data when ``moment`` is given)."""
+    return {g: _grouped_weights(conv, g, moment)[3] for g in range(1, max_groups(conv) + 1)
+            if groups_problem(conv, g) is None}
 
 
-@torch.no_grad()
-def fit_grouped(conv: Any, groups: int) -> Fit:
-    """The g-grouped form of ``conv`` between channel permutations, keeping its diagonal blocks."""
-    in_label, out_label = assign_groups(conv, groups)
-    in_order, out_order = _orders(in_label, out_label, groups)
+def _block_columns(channels: np.ndarray, taps: int) -> torch.Tensor:
+    """The moment's columns of ``channels`` (in that order), each channel's taps together."""
+    return (torch.as_tensor(channels, dtype=torch.long)[:, None] * taps + torch.arange(taps)).reshape(-1)
+
+
+def _least_squares_block(weight: torch.Tensor, moment: torch.Tensor, columns: torch.Tensor,
+                         ridge: float) -> torch.Tensor:
+    """``(C_BB + lam I)^-1 C_B: W^T`` transposed: the rows' best weights on the columns ``B`` alone."""
+    c_bb = moment[columns][:, columns]
+    lam = ridge * float(c_bb.diagonal().mean().clamp(min=1e-30))
+    c_bb = c_bb + lam * torch.eye(len(columns), dtype=c_bb.dtype, device=c_bb.device)
+    return torch.linalg.solve(c_bb, moment[columns] @ weight.T).T
+
+
+def _data_blocks(conv: Any, in_order: np.ndarray, out_order: np.ndarray, groups: int, moment: torch.Tensor,
+                 ridge: float) -> tuple[list[torch.Tensor], float]:
+    """The least-squares diagonal blocks (float64, grouped-conv layout) and the relative output error."""
+    weight = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    taps = conv.weight[0, 0].numel()
+    c = moment.detach().double().to(weight.device)
+    n_in, n_out = conv.in_channels // groups, conv.out_channels // groups
+    diff = weight.clone()
+    blocks = []
+    for g in range(groups):
+        rows = torch.as_tensor(out_order[g * n_out:(g + 1) * n_out], dtype=torch.long, device=weight.device)
+        columns = _block_columns(in_order[g * n_in:(g + 1) * n_in], taps).to(weight.device)
+        fitted = _least_squares_block(weight[rows], c, columns, ridge)
+        diff[rows[:, None], columns[None, :]] -= fitted
+        blocks.append(fitted.reshape(n_out, n_in, *conv.weight.shape[2:]))
+    error = relative_error(torch.trace(diff @ c @ diff.T), torch.trace(weight @ c @ weight.T))
+    return blocks, error
+
+
+def _data_fit(conv: Any, groups: int, moment: torch.Tensor,
+              ridge: float) -> tuple[np.ndarray, np.ndarray, torch.Tensor, float]:
+    """The least-squares fit on the data-weighted assignment, or on the weight-energy one when
+    that gives the smaller output error (so the data never makes the fit worse on the data)."""
+    best: tuple[np.ndarray, np.ndarray, list[torch.Tensor], float] | None = None
+    candidates = [assign_groups(conv, groups, moment), assign_groups(conv, groups)]
+    for i, labels in enumerate(candidates):
+        if i and all(np.array_equal(a, b) for a, b in zip(labels, candidates[0])):
+            break
+        in_order, out_order = _orders(*labels, groups)
+        blocks, error = _data_blocks(conv, in_order, out_order, groups, moment, ridge)
+        if best is None or error < best[3]:
+            best = (in_order, out_order, blocks, error)
+    assert best is not None
+    return best[0], best[1], torch.cat(best[2], 0).to(conv.weight.dtype), best[3]
+
+
+def _grouped_weights(conv: Any, groups: int, moment: torch.Tensor | None,
+                     ridge: float = 1e-10) -> tuple[np.ndarray, np.ndarray, torch.Tensor, float]:
+    """(input order, output order, the grouped conv's weight, relative error) of the g-grouped fit."""
+    if moment is not None:
+        return _data_fit(conv, groups, moment, ridge)
+    in_order, out_order = _orders(*assign_groups(conv, groups), groups)
     weight = conv.weight.detach()
     n_in, n_out = conv.in_channels // groups, conv.out_channels // groups
     blocks = [weight[out_order[g * n_out:(g + 1) * n_out]][:, in_order[g * n_in:(g + 1) * n_in]] for g in range(groups)]
-    inverse_out = np.argsort(out_order)
-    block: Any = GroupedConv2d(conv.in_channels, conv.out_channels, list(conv.kernel_size), groups, in_order.tolist(),
-                          inverse_out.tolist(), list(conv.stride),
-                          conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-                          list(conv.dilation), bias=conv.bias is not None)
-    block = block.to(device=weight.device, dtype=weight.dtype)
-    block[1].weight.copy_(torch.cat(blocks, 0))
-    if conv.bias is not None:
-        block[1].bias.copy_(conv.bias[torch.as_tensor(out_order)])
     kept = sum(float((b.double() ** 2).sum()) for b in blocks)
     total = float((weight.double() ** 2).sum())
-    return Fit(block, relative_error(torch.tensor(total - kept), torch.tensor(total)))
+    return in_order, out_order, torch.cat(blocks, 0), relative_error(torch.tensor(total - kept), torch.tensor(total))
+
+
+@torch.no_grad()
+def fit_grouped(conv: Any, groups: int, moment: torch.Tensor | None = None, ridge: float = 1e-10) -> Fit:
+    """The g-grouped form of ``conv`` between channel permutations: its diagonal blocks kept (no
+    data) or refitted by least squares on ``moment`` = E[x x^T] of its unfolded input patches."""
+    in_order, out_order, weight, error = _grouped_weights(conv, groups, moment, ridge)
+    inverse_out = np.argsort(out_order)
+    block: Any = GroupedConv2d(conv.in_channels, conv.out_channels, list(conv.kernel_size), groups, in_order.tolist(),
+                               inverse_out.tolist(), list(conv.stride),
+                               conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+                               list(conv.dilation), bias=conv.bias is not None)
+    block = block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    block[1].weight.copy_(weight)
+    if conv.bias is not None:
+        block[1].bias.copy_(conv.bias[torch.as_tensor(out_order)])
+    return Fit(block, error)

@@ -97,6 +97,5 @@ METHODS: dict[str, Method] = {
                       lambda m, c: {1: dilated.fit_dilated(m, c).error}, lambda m, s, c: dilated.fit_dilated(m, c),
                       data_aware=True),
     "grouped": Method("grouped", "groups", _grouped_why_not, grouped.max_groups, grouped.macs_per_position,
-                      lambda m, c: grouped.grouped_errors(m), lambda m, s, c: grouped.fit_grouped(m, s),
-                      data_aware=False, check_setting=grouped.groups_problem),
+                      grouped.grouped_errors, grouped.fit_grouped, data_aware=True, check_setting=grouped.groups_problem),
 }
