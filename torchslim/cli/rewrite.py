@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers to leave (repeatable)")
     p.add_argument("--data", metavar="FILE:NAME",
                    help="an iterable of batches (or a function returning one) for the data-aware fits "
-                        "(lowrank: whitened SVD; dilated: least squares on the layer's inputs)")
+                        "(lowrank: whitened SVD; grouped, dilated: least squares on the layer's inputs)")
     p.add_argument("--out", type=Path, help="output directory: a torchslim checkpoint plus report.json")
     p.add_argument("--plan-only", action="store_true", help="print the per-layer plan and stop")
     p.add_argument("--onnx", action="store_true", help="also export DIR/model.onnx, checked with onnxruntime")

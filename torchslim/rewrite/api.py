@@ -40,7 +40,9 @@ class RewriteConfig:
                  fraction of the original if <= 1, else absolute), choosing layers and settings
                  with the least fit error per MAC saved.
     data:        an iterable of batches (example-input forms) for the data-aware fits (lowrank:
-                 SVD whitened by the input second moment; dilated: least squares on the inputs).
+                 SVD whitened by the input second moment; grouped: channel assignment weighted
+                 by the inputs, least squares in each block; dilated: least squares on the
+                 inputs); each fit's error is then the relative output error on these inputs.
     fold:        grouped: fold each channel shuffle into the neighbouring layers where the
                  dependency graph allows (``torchslim.rewrite.fold``); False keeps every shuffle.
     """
