@@ -10,7 +10,8 @@ branches' 5x5 convs, all of them, fitted by least squares on their inputs), then
 original; channel pruning (``prune_``, L1) is brought to the same MACs and fine-tuned the same
 way. Reported per row: MACs, params, mean/max fit error, accuracy (MODNet: relative output error
 on held-out random images) before and after the fine-tune, and latency on torch and ONNX
-Runtime (original and variant timed in turn, 1 thread, best of 3 rounds).
+Runtime (original and variant timed in turn, 1 thread, best of 3 rounds). Low-rank, grouped and
+dilated are fitted on the inputs of the calibration batches (``RewriteConfig(data=...)``).
 Writes benchmarks/results/rewrite.json.
 Usage: python benchmarks/rewrite.py [--epochs 12] [--finetune-epochs 3] [--models digits resnet18 modnet]
 """
@@ -36,6 +37,7 @@ from torchslim.recovery import evaluate_accuracy, finetune
 from torchslim.rewrite import RewriteConfig, model_macs, plan_rewrite, rewrite_
 
 METHODS = ("lowrank", "separable", "grouped", "dilated")
+DATA_AWARE = ("lowrank", "grouped", "dilated")  # fitted on the calibration batches' input moments
 OUT = Path(__file__).parent / "results" / "rewrite.json"
 
 
@@ -150,7 +152,7 @@ def run_task(name: str, model: nn.Module, example, data, score, tune, *, target:
         t0 = time.perf_counter()
         scope, goal = (dilated_modules, None) if method == "dilated" and dilated_modules else (modules, target)
         config = RewriteConfig(to=method, modules=scope, target_macs=goal,
-                               data=data if method in ("lowrank", "dilated") else None)
+                               data=data if method in DATA_AWARE else None)
         try:
             result = rewrite_(variant, example, config)
         except ValueError as exc:
