@@ -133,3 +133,97 @@ def test_digits_cnn_right_after_pruning_comes_back_near_the_original():
     recalibrate_bn_(pruned, calibration[:2])
     assert all(after < before for before, after in report.errors.values())
     assert accuracy(pruned) > plain + 0.05 and accuracy(pruned) > accuracy(model) - 0.02
+
+
+class WideRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 40), nn.Linear(40, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _anchored_ridge_fit(w: torch.Tensor, rows: torch.Tensor, kept: list[int], ridge: float) -> torch.Tensor:
+    """Independent of the library: argmin ||R W^T - R_K V^T||^2 + lam ||V - W_K||^2 on explicit rows,
+    lam = ridge * mean(diag(R_K^T R_K)) (the library's documented scaling), solved by lstsq on the
+    stacked system."""
+    rk = rows[:, kept]
+    lam = ridge * float((rk * rk).sum(0).mean())
+    stacked = torch.cat([rk, lam ** 0.5 * torch.eye(len(kept), dtype=rows.dtype)])
+    targets = torch.cat([rows @ w.T, lam ** 0.5 * w[:, kept].T])
+    return torch.linalg.lstsq(stacked, targets).solution.T
+
+
+def test_auto_ridge_is_the_grid_value_with_least_held_out_error():
+    from torchslim.reconstruct.api import RIDGE_GRID
+
+    torch.manual_seed(3)
+    model = WideRelu()
+    original = copy.deepcopy(model)
+    batches = [torch.randn(12, 16) for _ in range(6)]  # 72 rows for 31 kept columns: the ridge matters
+    keep = list(range(30))
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning import remove_
+
+    graph = DependencyGraph.build(model, batches[0])
+    labels = graph.param_labels("fc1.weight", 0)
+    remove_(graph, labels[30:], batches[0])
+    report = reconstruct_(model, original, batches, ridge="auto")
+
+    def rows_of(chunk):  # fc2's input rows with the bias column, on the original model
+        with torch.no_grad():
+            hidden = torch.relu(original.fc1(torch.cat(chunk))).double()
+        return torch.cat([hidden, torch.ones(hidden.shape[0], 1, dtype=hidden.dtype)], dim=1)
+
+    w = torch.cat([original.fc2.weight, original.fc2.bias[:, None]], dim=1).detach().double()
+    columns = keep + [40]
+    halves = [rows_of(batches[0::2]), rows_of(batches[1::2])]
+    held_out = []
+    for ridge in RIDGE_GRID:
+        error = 0.0
+        for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+            fitted = _anchored_ridge_fit(w, fit_on, columns, ridge)
+            error += float(((score_on @ w.T - score_on[:, columns] @ fitted.T) ** 2).sum())
+        held_out.append(error)
+    assert report.ridges["fc2"] == RIDGE_GRID[held_out.index(min(held_out))]
+    final = _anchored_ridge_fit(w, torch.cat(halves), columns, report.ridges["fc2"])
+    torch.testing.assert_close(model.fc2.weight.detach().double(), final[:, :-1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.fc2.bias.detach().double(), final[:, -1], atol=1e-6, rtol=1e-5)
+
+
+def test_auto_ridge_takes_the_smallest_ridge_where_the_fit_is_exact():
+    from torchslim.reconstruct.api import RIDGE_GRID
+
+    torch.manual_seed(0)
+    model = TwoLinear()
+    with torch.no_grad():  # hidden 4 and 5 are combinations of kept ones: every half reproduces the other
+        model.fc1.weight[4] = model.fc1.weight[0] + 2 * model.fc1.weight[1]
+        model.fc1.bias[4] = model.fc1.bias[0] + 2 * model.fc1.bias[1]
+        model.fc1.weight[5] = model.fc1.weight[2] - model.fc1.weight[3]
+        model.fc1.bias[5] = model.fc1.bias[2] - model.fc1.bias[3]
+    original = copy.deepcopy(model)
+    x = torch.randn(64, 4)
+    pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
+    report = reconstruct_(pruned, original, [x[:32], x[32:]], ridge="auto")
+    assert report.ridges["fc2"] == RIDGE_GRID[0]
+    before, after = report.errors["fc2"]
+    assert before > 0.01 and after < 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ridge": -1.0}, "ridge must be"), ({"ridge": "large"}, "ridge must be"),
+    ({"ridge": "auto", "sequential": True}, "sequential=True"),
+])
+def test_bad_ridges_are_refused_before_anything_changes(kwargs, message):
+    torch.manual_seed(0)
+    model = TwoLinear()
+    original = copy.deepcopy(model)
+    x = torch.randn(16, 4)
+    pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
+    state = copy.deepcopy(pruned.state_dict())
+    with pytest.raises(ValueError, match=message):
+        reconstruct_(pruned, original, [x[:8], x[8:]], **kwargs)
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        reconstruct_(pruned, original, [x], ridge="auto")
+    assert all(torch.equal(state[k], v) for k, v in pruned.state_dict().items())

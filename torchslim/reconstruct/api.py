@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -32,7 +33,7 @@ from torchslim.pruning import PruningPlan
 from torchslim.pruning.plan import pruning_history
 from torchslim._inputs import call_model
 from torchslim.reconstruct.gram import CONSUMERS, _inputs_of, collect_grams, collect_paired
-from torchslim.reconstruct.solve import refit, refit_paired
+from torchslim.reconstruct.solve import RankDeficientWarning, refit, refit_paired, squared_error
 
 LOG = logging.getLogger(__name__)
 
@@ -46,13 +47,22 @@ class ReconstructionReport:
     skipped: dict[str, str]
     rows: int
     seconds: float
+    ridges: dict[str, float] = dataclasses.field(default_factory=dict)  # per layer, the ridge used
+
+
+#: the ridges ``ridge="auto"`` chooses among, per layer, by two-fold cross-validation
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, plan: PruningPlan | None = None,
-                 ridge: float = 1e-4, sequential: bool = False) -> ReconstructionReport:
+                 ridge: float | str = 1e-4, sequential: bool = False) -> ReconstructionReport:
     """Re-fit ``model``'s (pruned, in place) layers that lost input channels against
     ``original`` (the model before pruning, unchanged) on ``data`` (see the module docstring).
     ``plan``: the removal relative to ``original`` (default: ``model``'s pruning history).
+    ``ridge="auto"`` chooses each layer's ridge from ``RIDGE_GRID`` by two-fold cross-validation
+    over the batches (even / odd): the one whose fit on one half best reproduces the other half's
+    outputs, then fits on all of them; for few calibration rows per input column (a wide FFN
+    on a few hundred sentences) it keeps a layer from following its calibration text.
     ``sequential=True`` fits each layer, in forward order, on its inputs as the pruned model
     (with the layers before it already re-fitted) computes them, against the original layer's
     output on the original inputs (He et al.); one pass over ``data`` per layer instead of one."""
@@ -76,6 +86,7 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
         LOG.info("reconstruct_: %s left as it is: %s", name, why)
     if not layers:
         return ReconstructionReport({}, skipped, 0, time.perf_counter() - start)
+    auto = _check_ridge(ridge, sequential)
     if sequential:
         data = list(data)
         errors = {}
@@ -86,15 +97,77 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
             errors[name], rows = _refit_paired(model, original, target, source, removed.get(f"{name}.weight", {}),
                                                data, ridge, name)
         return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start)
-    collector = collect_grams(original, layers, data)
-    errors = {}
+    if auto:
+        data = list(data)
+        if len(data) < 2:
+            raise ValueError(f"reconstruct_(ridge='auto') needs at least 2 calibration batches to cross-validate, "
+                             f"got {len(data)}")
+        halves = [collect_grams(original, layers, data[0::2]), collect_grams(original, layers, data[1::2])]
+        grams = {name: halves[0].grams[name] + halves[1].grams[name] for name in layers}
+        counts = {name: halves[0].rows[name] + halves[1].rows[name] for name in layers}
+    else:
+        collector = collect_grams(original, layers, data)
+        grams, counts = collector.grams, collector.rows
+    errors, ridges = {}, {}
     for name, source in layers.items():
         target = model.get_submodule(name)
         assert isinstance(target, CONSUMERS) and isinstance(source, CONSUMERS)
-        errors[name] = _refit_layer(target, source, collector.grams[name],
-                                    removed.get(f"{name}.weight", {}), collector.rows[name], ridge, name)
-    rows = min(collector.rows.values())
-    return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start)
+        columns = _columns(source, removed.get(f"{name}.weight", {}))
+        ridges[name] = _cross_validated_ridge(source, halves[0].grams[name], halves[1].grams[name], columns) \
+            if auto else float(ridge)
+        errors[name] = _refit_layer(target, source, grams[name], removed.get(f"{name}.weight", {}), counts[name],
+                                    ridges[name], name)
+    rows = min(counts.values())
+    return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start, ridges)
+
+
+def _check_ridge(ridge: float | str, sequential: bool) -> bool:
+    """Whether ``ridge`` asks for cross-validation; anything but ``"auto"`` or a number >= 0 is refused."""
+    if ridge == "auto":
+        if sequential:
+            raise ValueError("reconstruct_(ridge='auto') cross-validates the one-pass fit; with sequential=True "
+                             "give a number")
+        return True
+    if isinstance(ridge, str) or not ridge >= 0:
+        raise ValueError(f"reconstruct_: ridge must be a number >= 0 or 'auto', got {ridge!r}")
+    return False
+
+
+def _columns(source: nn.Linear | nn.Conv2d, removed: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept output rows, kept columns of ``weight.reshape(out, -1)`` with the bias column last)."""
+    w = source.weight
+    out_kept = np.setdiff1d(np.arange(w.shape[0]), removed.get(0, []))
+    in_kept = np.setdiff1d(np.arange(w.shape[1]), removed.get(1, []))
+    per_channel = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1  # kernel positions per input channel
+    columns = (in_kept[:, None] * per_channel + np.arange(per_channel)[None, :]).reshape(-1)
+    if source.bias is not None:
+        columns = np.concatenate([columns, [int(np.prod(w.shape[1:]))]])
+    return out_kept, columns
+
+
+def _matrix(source: nn.Linear | nn.Conv2d) -> torch.Tensor:
+    """The layer's weight as ``(out, columns)`` with its bias, if any, as the last column."""
+    matrix = source.weight.detach().reshape(source.weight.shape[0], -1)
+    return torch.cat([matrix, source.bias.detach()[:, None]], dim=1) if source.bias is not None else matrix
+
+
+def _cross_validated_ridge(source: nn.Linear | nn.Conv2d, first: torch.Tensor, second: torch.Tensor,
+                           columns: tuple[np.ndarray, np.ndarray]) -> float:
+    """The ridge of ``RIDGE_GRID`` whose fit on one half's Gram best reproduces the other half's
+    outputs (summed both ways, squared errors from the Gram matrices alone)."""
+    out_kept, kept = columns
+    w = _matrix(source)[torch.as_tensor(out_kept)].double()
+    kept_t = torch.as_tensor(kept)
+    scores = []
+    for candidate in RIDGE_GRID:
+        total = 0.0
+        for fit_on, score_on in ((first, second), (second, first)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankDeficientWarning)
+                new = refit(w, fit_on, kept_t, ridge=candidate).weight
+            total += squared_error(w, score_on.double(), new, kept_t)
+        scores.append(total)
+    return RIDGE_GRID[int(np.argmin(scores))]
 
 
 def _forward_order(model: nn.Module, layers: dict[str, nn.Module], batch: Any) -> list[str]:
@@ -138,18 +211,11 @@ def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.
 @torch.no_grad()
 def _refit_layer(module: nn.Linear | nn.Conv2d, source: nn.Linear | nn.Conv2d, gram: torch.Tensor, removed: dict[int, list[int]],
                  rows: int, ridge: float, name: str) -> tuple[float, float]:
-    w = source.weight.detach()
-    out_kept = np.setdiff1d(np.arange(w.shape[0]), removed.get(0, []))
-    in_kept = np.setdiff1d(np.arange(w.shape[1]), removed[1])
-    per_channel = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1  # kernel positions per input channel
-    columns = (in_kept[:, None] * per_channel + np.arange(per_channel)[None, :]).reshape(-1)
-    matrix = w.reshape(w.shape[0], -1)
-    bias, new_bias = source.bias, module.bias
-    if bias is not None:
-        matrix = torch.cat([matrix, bias.detach()[:, None]], dim=1)
-        columns = np.concatenate([columns, [matrix.shape[1] - 1]])
-    result = refit(matrix[torch.as_tensor(out_kept)], gram, torch.as_tensor(columns), ridge=ridge, rows=rows, name=name)
+    out_kept, columns = _columns(source, removed)
+    result = refit(_matrix(source)[torch.as_tensor(out_kept)], gram, torch.as_tensor(columns), ridge=ridge, rows=rows,
+                   name=name)
     new = result.weight.to(module.weight.dtype)
+    new_bias = module.bias
     if new_bias is not None:
         new_bias.copy_(new[:, -1])
         new = new[:, :-1]

@@ -59,10 +59,16 @@ def _energy(w: torch.Tensor, g: torch.Tensor) -> float:
 
 def _error(w: torch.Tensor, g: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> float:
     """``||X W^T - X_K new^T||`` from the Gram matrix alone."""
+    return squared_error(w, g, new, kept) ** 0.5
+
+
+def squared_error(w: torch.Tensor, g: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> float:
+    """``||X W^T - X_K new^T||^2`` from the Gram matrix ``g = X^T X`` alone (``new`` over the
+    columns ``kept``): how well a fit reproduces the outputs on the rows ``g`` summarises."""
     full = torch.zeros_like(w)
     full[:, kept] = new
     diff = w - full
-    return float(torch.sqrt(torch.clamp((diff @ g * diff).sum(), min=0.0)))
+    return max(float((diff @ g * diff).sum()), 0.0)
 
 
 def refit_paired(weight: torch.Tensor, stats: dict, *, ridge: float = 1e-4, name: str = "layer") -> Refit:
