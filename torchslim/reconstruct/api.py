@@ -95,8 +95,9 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
             source = layers[name]
             assert isinstance(target, CONSUMERS) and isinstance(source, CONSUMERS)
             errors[name], rows = _refit_paired(model, original, target, source, removed.get(f"{name}.weight", {}),
-                                               data, ridge, name)
-        return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start)
+                                               data, float(ridge), name)
+        return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start,
+                                    {name: float(ridge) for name in errors})
     if auto:
         data = list(data)
         if len(data) < 2:
