@@ -39,15 +39,20 @@ def _prune_hidden(model: TwoLinear, x: torch.Tensor, keep_out_of_fc1: list[int])
     return model
 
 
+@torch.no_grad()
+def _make_hidden_4_and_5_combinations(model: TwoLinear) -> None:
+    """hidden 4 = hidden 0 + 2 * hidden 1, hidden 5 = hidden 2 - hidden 3 (weights and biases)."""
+    model.fc1.weight[4] = model.fc1.weight[0] + 2 * model.fc1.weight[1]
+    model.fc1.bias[4] = model.fc1.bias[0] + 2 * model.fc1.bias[1]
+    model.fc1.weight[5] = model.fc1.weight[2] - model.fc1.weight[3]
+    model.fc1.bias[5] = model.fc1.bias[2] - model.fc1.bias[3]
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_removed_inputs_that_are_combinations_of_kept_ones_are_restored_exactly(sequential):
     torch.manual_seed(0)
     model = TwoLinear()
-    with torch.no_grad():  # hidden 4 = hidden 0 + 2 * hidden 1, hidden 5 = hidden 2 - hidden 3 (weights and biases)
-        model.fc1.weight[4] = model.fc1.weight[0] + 2 * model.fc1.weight[1]
-        model.fc1.bias[4] = model.fc1.bias[0] + 2 * model.fc1.bias[1]
-        model.fc1.weight[5] = model.fc1.weight[2] - model.fc1.weight[3]
-        model.fc1.bias[5] = model.fc1.bias[2] - model.fc1.bias[3]
+    _make_hidden_4_and_5_combinations(model)
     original = copy.deepcopy(model)
     x = torch.randn(64, 4)
     pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
@@ -197,11 +202,7 @@ def test_auto_ridge_takes_the_smallest_ridge_where_the_fit_is_exact():
 
     torch.manual_seed(0)
     model = TwoLinear()
-    with torch.no_grad():  # hidden 4 and 5 are combinations of kept ones: every half reproduces the other
-        model.fc1.weight[4] = model.fc1.weight[0] + 2 * model.fc1.weight[1]
-        model.fc1.bias[4] = model.fc1.bias[0] + 2 * model.fc1.bias[1]
-        model.fc1.weight[5] = model.fc1.weight[2] - model.fc1.weight[3]
-        model.fc1.bias[5] = model.fc1.bias[2] - model.fc1.bias[3]
+    _make_hidden_4_and_5_combinations(model)  # every calibration half reproduces the other exactly
     original = copy.deepcopy(model)
     x = torch.randn(64, 4)
     pruned = _prune_hidden(model, x[:1], [0, 1, 2, 3])
