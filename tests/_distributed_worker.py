@@ -139,7 +139,7 @@ def scenario_criteria() -> dict:
     batches), and BatchNorm statistics recalibrated on them."""
     chosen = {}
     batches = shard_batches(rank()) if world_size() > 1 else shard_batches(0) + shard_batches(1)
-    for criterion in ("taylor", "fisher", "apoz"):
+    for criterion in ("taylor", "fisher", "apoz", "thinet"):
         model = copy.deepcopy(pruned_model())
         result = torchslim.prune_(model, torch.zeros(1, 1, 8, 8),
                                   torchslim.PruneConfig(ratio=0.5, criterion=criterion, latency_aware=False),
@@ -148,7 +148,21 @@ def scenario_criteria() -> dict:
     model = pruned_model()
     used = recalibrate_bn_(model, batches)
     stats = {name: buf.clone() for name, buf in model.named_buffers() if "running" in name}
-    return {"chosen": chosen, "bn_batches": used, "bn": stats}
+    return {"chosen": chosen, "bn_batches": used, "bn": stats, "reconstructed": reconstructed(batches)}
+
+
+def reconstructed(batches: list) -> dict:
+    """The weights ``reconstruct_`` fits (fixed and cross-validated ridge) after a 50% L1 cut."""
+    original = pruned_model()
+    out = {}
+    for ridge in (1e-4, "auto"):
+        model = copy.deepcopy(original)
+        result = torchslim.prune_(model, torch.zeros(1, 1, 8, 8),
+                                  torchslim.PruneConfig(ratio=0.5, latency_aware=False))
+        report = torchslim.reconstruct_(model, original, batches, ridge=ridge, plan=result.plan)
+        out[str(ridge)] = {"weights": {name: p.detach().clone() for name, p in model.named_parameters()},
+                           "rows": report.rows, "ridges": report.ridges}
+    return out
 
 
 def scenario_sandwich() -> dict:

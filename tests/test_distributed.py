@@ -63,8 +63,17 @@ def test_data_driven_criteria_over_two_shards_choose_as_one_process_over_both(tw
         assert got["bn_batches"] == one["bn_batches"] == 20
         for name, value in one["bn"].items():
             assert torch.allclose(got["bn"][name], value, atol=1e-6, rtol=1e-5), name
-    half = {k: _half_choice(k) for k in ("taylor", "fisher", "apoz")}
+        for ridge, fitted in one["reconstructed"].items():  # Gram matrices reduced over the ranks
+            mine = got["reconstructed"][ridge]
+            assert mine["rows"] == fitted["rows"] and mine["ridges"] == fitted["ridges"], ridge
+            for name, value in fitted["weights"].items():
+                assert torch.allclose(mine["weights"][name], value, atol=1e-5, rtol=1e-4), (ridge, name)
+    half = {k: _half_choice(k) for k in ("taylor", "fisher", "apoz", "thinet")}
     assert any(half[k] != one["chosen"][k] for k in half)  # one shard alone would choose otherwise
+    alone = worker.reconstructed(worker.shard_batches(0))["0.0001"]
+    assert alone["rows"] < one["reconstructed"]["0.0001"]["rows"]
+    assert any(not torch.allclose(alone["weights"][n], v, atol=1e-5, rtol=1e-4)
+               for n, v in one["reconstructed"]["0.0001"]["weights"].items())
 
 
 def _half_choice(criterion: str) -> dict:

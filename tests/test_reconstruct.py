@@ -228,3 +228,17 @@ def test_bad_ridges_are_refused_before_anything_changes(kwargs, message):
     with pytest.raises(ValueError, match="at least 2 calibration batches"):
         reconstruct_(pruned, original, [x], ridge="auto")
     assert all(torch.equal(state[k], v) for k, v in pruned.state_dict().items())
+
+
+def test_an_original_that_the_history_does_not_describe_is_refused_by_name():
+    torch.manual_seed(0)
+    model = TwoLinear()
+    x = torch.randn(16, 4)
+    _prune_hidden(model, x[:1], [0, 1, 2, 3])
+    original = copy.deepcopy(model)  # already pruned: the history runs from the 6-wide model
+    result = torchslim.prune_(model, x[:1], torchslim.PruneConfig(ratio=0.5, latency_aware=False))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer 'fc2'.*plan=result\.plan"):
+        reconstruct_(model, original, [x])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    reconstruct_(model, original, [x], plan=result.plan)  # the step between them fits

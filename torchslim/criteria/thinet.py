@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from torchslim.criteria._base import iter_batches, owner
+from torchslim.distributed import all_reduce_tensors_
 from torchslim.criteria.norm import NormImportance
 from torchslim.graph import DependencyGraph, Group
 
@@ -121,6 +122,8 @@ class ThiNetImportance:
             model.train(was_training)
         if used == 0:
             raise ValueError("criterion 'thinet' got no calibration batch")
+        names = sorted(self.matrices)  # under torchrun: every rank's batches, in one order on every rank
+        all_reduce_tensors_([self.matrices[name] for name in names])
 
     def __call__(self, graph: DependencyGraph, group: Group) -> np.ndarray:
         n = len(group)

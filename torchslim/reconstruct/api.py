@@ -81,6 +81,7 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
         elif isinstance(module, nn.Conv2d) and (module.groups != 1 or getattr(source, "groups", 1) != 1):
             skipped[name] = "grouped or depthwise convolution: its inputs go with its outputs"
         else:
+            _check_removal_matches(name, module, source, removed.get(weight, {}))
             layers[name] = source
     for name, why in skipped.items():
         LOG.info("reconstruct_: %s left as it is: %s", name, why)
@@ -120,6 +121,17 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
                                     ridges[name], name)
     rows = min(counts.values())
     return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start, ridges)
+
+
+def _check_removal_matches(name: str, module: nn.Module, source: nn.Module, removed: dict[int, list[int]]) -> None:
+    """The removal must take ``source``'s weight to ``module``'s shape, else ``plan`` (or the
+    pruning history) does not describe ``original`` -> ``model``: a clear error, nothing changed."""
+    before, after = tuple(source.weight.shape), tuple(module.weight.shape)
+    expected = tuple(size - len(removed.get(dim, [])) if dim < 2 else size for dim, size in enumerate(before))
+    if expected != after:
+        raise ValueError(f"reconstruct_: layer '{name}' is {after} in the pruned model, but the removal recorded for it "
+                         f"takes the original's {before} to {expected}: the plan does not describe original -> model "
+                         "(was the original pruned before? pass plan=result.plan of the prune_ between them)")
 
 
 def _check_ridge(ridge: float | str, sequential: bool) -> bool:

@@ -2,7 +2,9 @@
 (a Linear's input rows; a convolution's unfolded input patches), with a column of ones appended
 when the layer has a bias (so that least squares can move the removed channels' mean into it).
 Accumulated in float64 over the user's batches: memory is (columns + 1)^2 per layer whatever
-the number of batches, and the sum over batches equals one batch of all rows."""
+the number of batches, and the sum over batches equals one batch of all rows. Under torchrun
+each rank passes its own batches and the sums are reduced over the ranks, so every rank fits
+the same weights as one process on all the batches."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._inputs import call_model
+from torchslim.distributed import all_reduce_arrays, all_reduce_tensors_
 
 
 CONSUMERS = (nn.Linear, nn.Conv2d)
@@ -93,6 +96,9 @@ def collect_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Itera
         model.train(was_training)
     if used == 0:
         raise ValueError("no calibration batches: reconstruction needs data")
+    names = sorted(collector.grams)  # under torchrun: every rank's batches, in one order on every rank
+    all_reduce_tensors_([collector.grams[name] for name in names])
+    collector.rows.update(all_reduce_arrays({name: collector.rows[name] for name in names}))
     return collector
 
 
@@ -134,4 +140,6 @@ def collect_paired(original: nn.Module, pruned: nn.Module, name: str, batches: I
         original.train(modes[0]), pruned.train(modes[1])
     if stats["rows"] == 0:
         raise ValueError("no calibration batches: reconstruction needs data")
+    all_reduce_tensors_([stats["G"], stats["A"], stats["C"]])  # under torchrun: every rank's batches
+    stats["rows"] = int(all_reduce_arrays({"rows": stats["rows"]})["rows"])
     return stats
