@@ -194,7 +194,10 @@ def main() -> None:
     console = Console()
     # label-free: the sentence embedding projected on random directions (fisher squares each batch)
     loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
-    rows = []
+    settings = {"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
+                "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr, "ridge": RIDGE,
+                "max_sparsity_per_layer": MAX_SPARSITY}
+    rows: list[dict] = []
     for criterion, ratio in [(c, r) for c in args.criteria for r in args.ratios]:
         start = time.perf_counter()
         pruned, result = prune(teacher, example, criterion, ratio, fisher_data, loss)
@@ -219,8 +222,19 @@ def main() -> None:
                        "latency_ratio": measure_model(distilled, bench_inputs, repeats=10).median_ms / base_ms}
                 rows.append(row)
                 console.print(row)
-    table = Table(title=f"all-MiniLM-L6-v2 ({len(train)} train / {len(calibration) + len(field)} calibration / "
-                        f"{len(held_out)} held-out sentences)")
+                write(args.out, rows, settings)  # after every row: a long run stopped early keeps what it measured
+    print_table(console, rows, settings)
+
+
+def write(out: Path, rows: list[dict], settings: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**settings, "rows": rows}, indent=2))
+
+
+def print_table(console: Console, rows: list[dict], settings: dict) -> None:
+    table = Table(title=f"all-MiniLM-L6-v2 ({settings['train_sentences']} train / "
+                        f"{settings['calibration_sentences']} calibration / {settings['held_out_sentences']} held-out "
+                        "sentences)")
     for col in ("criterion", "ratio", "MACs", "params", "heads", "FFN", "reconstruct", "cos right after",
                 "layer distill", "cos after distill", "latency"):
         table.add_column(col, justify="right")
@@ -231,11 +245,6 @@ def main() -> None:
                       f"{r['cosine_before_distill']:.4f}", "yes" if r["layer_distill"] else "no",
                       f"{r['cosine_after_distill']:.4f}", f"{r['latency_ratio']:.3f}")
     console.print(table)
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
-                               "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr,
-                               "ridge": RIDGE, "max_sparsity_per_layer": MAX_SPARSITY, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
