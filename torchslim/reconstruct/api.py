@@ -81,6 +81,7 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
         elif isinstance(module, nn.Conv2d) and (module.groups != 1 or getattr(source, "groups", 1) != 1):
             skipped[name] = "grouped or depthwise convolution: its inputs go with its outputs"
         else:
+            assert isinstance(source, CONSUMERS) and isinstance(module, CONSUMERS)
             _check_removal_matches(name, module, source, removed.get(weight, {}))
             layers[name] = source
     for name, why in skipped.items():
@@ -123,7 +124,8 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
     return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start, ridges)
 
 
-def _check_removal_matches(name: str, module: nn.Module, source: nn.Module, removed: dict[int, list[int]]) -> None:
+def _check_removal_matches(name: str, module: nn.Linear | nn.Conv2d, source: nn.Linear | nn.Conv2d,
+                           removed: dict[int, list[int]]) -> None:
     """The removal must take ``source``'s weight to ``module``'s shape, else ``plan`` (or the
     pruning history) does not describe ``original`` -> ``model``: a clear error, nothing changed."""
     before, after = tuple(source.weight.shape), tuple(module.weight.shape)
