@@ -8,7 +8,6 @@ mask update, so the callback's own check (sync_masks_) finds nothing to overrule
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -16,28 +15,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from _ddp_shared import TokenDataset, digest
 from torchslim.integrations.hf_trainer import AGPTrainerCallback
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, length: int = 16):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 100, (n, length), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def main() -> None:
@@ -50,7 +29,7 @@ def main() -> None:
     args = transformers.TrainingArguments(output_dir=str(out / "trainer"), use_cpu=True, max_steps=6,
                                           per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
                                           save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[agp])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[agp])
     trainer.train()
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps({

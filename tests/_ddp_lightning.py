@@ -9,7 +9,6 @@ mask update, so the callback's own check (sync_masks_) finds nothing to overrule
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _ddp_shared import digest
 from torchslim.integrations.lightning import AGPCallback
 
 
@@ -39,15 +39,6 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def digest(module: nn.Module) -> str:
-    """Of the parameters (BatchNorm's running statistics differ by rank: each sees its own batches)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.named_parameters()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def main() -> None:

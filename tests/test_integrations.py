@@ -21,6 +21,8 @@ import torchslim
 from torchslim.demo import load_digits_tensors
 from torchslim.schedules import agp_sparsity
 
+from _ddp_shared import TokenDataset
+
 # -- shared helpers ---------------------------------------------------------------------------------
 
 
@@ -221,19 +223,6 @@ def tiny_bert():
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=100)
     return transformers.BertForSequenceClassification(config)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, length: int = 16):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 100, (n, length), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 def hf_trainer(model, max_steps: int, callbacks, tmp_path):
