@@ -2355,6 +2355,31 @@ class Expert(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
+# tiny Hugging Face MoE configs (fused experts) for the MoE tests: kind -> AutoConfig.for_model kwargs
+MOE_CONFIGS: dict[str, dict[str, int]] = {
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                    intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=100),
+    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                      intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                      num_experts=4, num_experts_per_tok=2, vocab_size=100),
+}
+
+
+def tiny_moe_config(kind: str, **extra: Any) -> Any:
+    """A ``transformers`` config of ``kind`` ("mixtral" or "qwen2_moe") from ``MOE_CONFIGS``."""
+    import transformers
+
+    return transformers.AutoConfig.for_model(kind, **MOE_CONFIGS[kind], **extra)
+
+
+def tiny_moe_causal_lm(config: Any, implementation: str = "grouped_mm") -> nn.Module:
+    """The causal LM of ``config`` with seed-0 weights and the given experts implementation, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, experts_implementation=implementation).eval()
+
+
 class ModuleListMoE(nn.Module):
     """Top-1 routing over per-expert modules in an nn.ModuleList behind a linear router, as user
     code and older transformers write it; ``head`` adds a linear layer of that many outputs."""

@@ -8,21 +8,12 @@ import torch
 from torch import nn
 
 import torchslim
-from archs import ModuleListMoE
+from archs import ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config
 
 transformers = pytest.importorskip("transformers")
 
-MIXTRAL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-               intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=100)
-QWEN2_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                 num_experts=4, num_experts_per_tok=2, vocab_size=100)
-
-
 def _causal_lm(kind: str, implementation: str = "grouped_mm"):
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(kind, **(MIXTRAL if kind == "mixtral" else QWEN2_MOE))
-    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation=implementation).eval()
+    model = tiny_moe_causal_lm(tiny_moe_config(kind), implementation)
     return model, ((), {"input_ids": torch.randint(1, 100, (2, 8)), "use_cache": False})
 
 

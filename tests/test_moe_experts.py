@@ -10,28 +10,14 @@ import torch
 from torch import nn
 
 import torchslim
-from archs import ModuleListMoE
+from archs import MOE_CONFIGS, ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config
 from torchslim import pruning_history
 from torchslim.pruning import InexactPruningWarning, moe_layers, prune_experts_, routing_frequency
 
 transformers = pytest.importorskip("transformers")
 
-MIXTRAL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-               intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=100)
-QWEN2_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                 num_experts=4, num_experts_per_tok=2, vocab_size=100)
 DEAD_EXPERT = {"model.layers.0.mlp": [1], "model.layers.1.mlp": [3]}
 DEAD_UNITS = [3, 17, 40, 41]
-
-
-def _config(kind: str, **extra):
-    return transformers.AutoConfig.for_model(kind, **(MIXTRAL if kind == "mixtral" else QWEN2_MOE), **extra)
-
-
-def _build(config, implementation: str = "grouped_mm"):
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, experts_implementation=implementation).eval()
 
 
 def _ids(seed: int) -> dict:
@@ -83,7 +69,7 @@ def _logits(model, batch=BATCHES[0]) -> torch.Tensor:
 
 
 def _planted_mixtral(implementation: str = "grouped_mm"):
-    model = _build(_config("mixtral"), implementation)
+    model = tiny_moe_causal_lm(tiny_moe_config("mixtral"), implementation)
     _plant_dead_units(model)
     _plant_dead_expert(model)
     return model
@@ -127,7 +113,7 @@ def test_checkpoint_and_save_pretrained_round_trips(tmp_path):
     plan = json.loads((tmp_path / "ckpt" / "plan.json").read_text())
     assert plan["format"] == "torchslim.plan/3" and plan["steps"][1]["experts"] == DEAD_EXPERT
     assert plan["steps"][1]["removed"]["model.layers.1.mlp.gate.weight"] == {"0": [3]}
-    fresh = torchslim.load(tmp_path / "ckpt", _build(_config("mixtral")))
+    fresh = torchslim.load(tmp_path / "ckpt", tiny_moe_causal_lm(tiny_moe_config("mixtral")))
     assert torch.equal(_logits(fresh), _logits(model))
     assert fresh.config.num_local_experts == 3 and fresh.model.layers[0].mlp.experts.num_experts == 3
 
@@ -141,7 +127,7 @@ def test_checkpoint_and_save_pretrained_round_trips(tmp_path):
 
 @pytest.mark.parametrize("renormalised", [False, True])
 def test_qwen2_moe_without_renormalised_top_k_is_reported_inexact(renormalised):
-    model = _build(_config("qwen2_moe", norm_topk_prob=renormalised))
+    model = tiny_moe_causal_lm(tiny_moe_config("qwen2_moe", norm_topk_prob=renormalised))
     _plant_dead_expert(model)
     original = copy.deepcopy(model)
     if renormalised:
@@ -160,7 +146,7 @@ def test_qwen2_moe_without_renormalised_top_k_is_reported_inexact(renormalised):
 
 
 def test_removing_routed_experts_reports_their_share_and_max_deviation_rolls_back():
-    model = _build(_config("mixtral"))
+    model = tiny_moe_causal_lm(tiny_moe_config("mixtral"))
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(torchslim.PruningError, match=r"took .*% of its routing slots"):
         prune_experts_(model, INPUTS, experts={"model.layers.0.mlp": [0]}, max_deviation=1e-6)
@@ -178,7 +164,7 @@ def test_non_uniform_expert_counts_leave_the_config_and_still_round_trip(tmp_pat
     assert model.model.layers[0].mlp.experts.num_experts == 3 and model.model.layers[1].mlp.experts.num_experts == 4
     assert (_logits(model) - _logits(original)).abs().max() < 1e-5
     torchslim.save(model, tmp_path)
-    fresh = torchslim.load(tmp_path, _build(_config("mixtral")))
+    fresh = torchslim.load(tmp_path, tiny_moe_causal_lm(tiny_moe_config("mixtral")))
     assert torch.equal(_logits(fresh), _logits(model))
 
 
@@ -200,7 +186,7 @@ def _assert_untouched(model, state: dict, experts: int) -> None:
     (dict(ratio=0.25, importance="magnitude"), "importance 'magnitude' is unknown"),
 ])
 def test_bad_input_names_the_problem_and_leaves_the_model_untouched(kwargs, message):
-    model = _build(_config("mixtral"))
+    model = tiny_moe_causal_lm(tiny_moe_config("mixtral"))
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=message):
         prune_experts_(model, INPUTS, **kwargs)
@@ -303,7 +289,7 @@ def test_cli_prune_expert_ratio_writes_a_loadable_checkpoint(tmp_path, capsys):
     calibration.write_text("import torch\n\ndef batches():\n"
                            "    return [torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(s))"
                            " for s in (1, 2)]\n")
-    kwargs = json.dumps(MIXTRAL)
+    kwargs = json.dumps(MOE_CONFIGS["mixtral"])
     out = tmp_path / "moe"
     assert main(["prune", "hf:mixtral", "--input", "2,8", "--model-kwargs", kwargs, "--expert-ratio", "0.25",
                  "--data", f"{calibration}:batches", "--repeats", "1", "--out", str(out)]) == 0
@@ -312,7 +298,7 @@ def test_cli_prune_expert_ratio_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert {path: len(gone) for path, gone in report["experts_removed"].items()} == {"layers.0.mlp": 1, "layers.1.mlp": 1}
     text = capsys.readouterr().out
     assert "2 expert(s) removed" in text and f"max |difference| {report['max_abs_error']:.3g}" in text
-    fresh = torchslim.load(out, transformers.AutoModel.from_config(_config("mixtral")))
+    fresh = torchslim.load(out, transformers.AutoModel.from_config(tiny_moe_config("mixtral")))
     assert fresh.config.num_local_experts == 3 and fresh.layers[1].mlp.gate.weight.shape == (3, 64)
 
 
@@ -323,7 +309,7 @@ def test_cli_prune_expert_ratio_writes_a_loadable_checkpoint(tmp_path, capsys):
 def test_cli_expert_ratio_errors_are_one_line(tmp_path, capsys, extra, message):
     from torchslim.cli import main
 
-    assert main(["prune", "hf:mixtral", "--input", "2,8", "--model-kwargs", json.dumps(MIXTRAL), *extra,
+    assert main(["prune", "hf:mixtral", "--input", "2,8", "--model-kwargs", json.dumps(MOE_CONFIGS["mixtral"]), *extra,
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
