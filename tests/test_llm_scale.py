@@ -3,28 +3,18 @@ on the meta device, pruned to half its MACs alike in every layer, saved both way
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import torchslim
+from _benchmarks import load_benchmark
 
 transformers = pytest.importorskip("transformers")
 
 
-def _script():
-    path = Path(__file__).parent.parent / "benchmarks" / "llm_scale.py"
-    spec = importlib.util.spec_from_file_location("llm_scale", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_config_prunes_to_half_the_macs_and_reloads(tmp_path):
-    bench = _script()
+    bench = load_benchmark("llm_scale")
     row = bench.run("tiny", tmp_path, keep=True)
     assert 0.45 <= row["macs_ratio"] <= 0.5
     assert row["reload_equal"] is True  # from_pretrained rebuilt the pruned model: equal logits
@@ -49,7 +39,7 @@ def test_tiny_config_prunes_to_half_the_macs_and_reloads(tmp_path):
 
 
 def test_the_built_model_is_random_tied_and_prunes_exactly():
-    bench = _script()
+    bench = load_benchmark("llm_scale")
     model = bench.build("tiny")
     weights = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     assert all(p.dtype == torch.bfloat16 and p.float().std() > 0.01 for p in weights)
@@ -64,7 +54,7 @@ def test_the_built_model_is_random_tied_and_prunes_exactly():
 
 
 def test_tied_embeddings_stay_tied_after_to_empty(monkeypatch):
-    bench = _script()
+    bench = load_benchmark("llm_scale")
     monkeypatch.setitem(bench.CONFIGS, "tiny", {**bench.CONFIGS["tiny"], "tie_word_embeddings": True})
     model = bench.build("tiny")
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim
+from _benchmarks import load_benchmark
 from torchslim.criteria.norm import NormImportance
 from torchslim.graph import DependencyGraph
 from torchslim.pruning import zero_removed_
@@ -178,20 +179,6 @@ def test_prune_with_shared_weights_equals_the_zeroed_original():
 
 
 # memory ----------------------------------------------------------------------------------
-def _rss_peak_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS read from /proc")
 def test_prune_holds_no_second_copy_of_the_model(one_thread):
     """A 384 MB MLP pruned by half: before, the check cloned every tensor it zeroes and the
@@ -206,11 +193,12 @@ def test_prune_holds_no_second_copy_of_the_model(one_thread):
     x = torch.randn(1, width)
     small = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
     torchslim.prune_(small, torch.randn(1, 8), torchslim.PruneConfig(ratio=0.5))  # lazy imports load first
-    if not _reset_peak():
+    memory = load_benchmark("llm_scale")  # its peak-RSS window: VmHWM after /proc/self/clear_refs
+    if not memory.reset_peak():
         pytest.skip("the peak RSS cannot be reset here")
-    start = _rss_peak_gib()
+    start = memory.peak_gib()
     result = torchslim.prune_(model, x, torchslim.PruneConfig(ratio=0.5))
-    grown = _rss_peak_gib() - start
+    grown = memory.peak_gib() - start
     assert result.plan and model[0].out_features == 2 * width
     assert grown < 0.6 * size, f"prune_ grew the peak RSS by {grown:.2f} GiB for a {size:.2f} GiB model"
 
