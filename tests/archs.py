@@ -2380,6 +2380,18 @@ def tiny_moe_causal_lm(config: Any, implementation: str = "grouped_mm") -> nn.Mo
     return transformers.AutoModelForCausalLM.from_config(config, experts_implementation=implementation).eval()
 
 
+@torch.no_grad()
+def zero_expert_units_(model: nn.Module, units: Sequence[int]) -> None:
+    """Zero ``units`` (hidden units of every fused expert, gate and up halves and down column) in
+    every layer of a tiny MoE causal LM: they contribute nothing."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        inner = experts.down_proj.shape[2]
+        for unit in units:
+            experts.gate_up_proj[:, [unit, inner + unit], :] = 0
+            experts.down_proj[:, :, unit] = 0
+
+
 class ModuleListMoE(nn.Module):
     """Top-1 routing over per-expert modules in an nn.ModuleList behind a linear router, as user
     code and older transformers write it; ``head`` adds a linear layer of that many outputs."""

@@ -5,10 +5,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import torchslim
-from archs import ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config
+from archs import ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config, zero_expert_units_
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,20 +54,9 @@ def test_uniform_expert_pruning_round_trips_through_save_pretrained(tmp_path):
 DEAD_UNITS = [3, 17, 40, 41]
 
 
-def _plant_dead_units(model: nn.Module) -> None:
-    """Zero hidden units of every expert in every layer: they contribute nothing."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            experts = layer.mlp.experts
-            inner = experts.down_proj.shape[2]
-            for unit in DEAD_UNITS:
-                experts.gate_up_proj[:, [unit, inner + unit], :] = 0
-                experts.down_proj[:, :, unit] = 0
-
-
 def test_planted_dead_expert_units_are_exactly_the_ones_removed():
     model, inputs = _causal_lm("mixtral")
-    _plant_dead_units(model)
+    zero_expert_units_(model, DEAD_UNITS)
     original = copy.deepcopy(model)
     config = torchslim.PruneConfig(ratio=len(DEAD_UNITS) / 128, exact_only=True, op_names=["*experts*"])
     result = torchslim.prune_(model, inputs, config)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import torchslim
-from archs import MOE_CONFIGS, ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config
+from archs import MOE_CONFIGS, ModuleListMoE, tiny_moe_causal_lm, tiny_moe_config, zero_expert_units_
 from torchslim import pruning_history
 from torchslim.pruning import InexactPruningWarning, moe_layers, prune_experts_, routing_frequency
 
@@ -53,16 +53,6 @@ def _plant_dead_expert(model, dead: dict[str, list[int]] = DEAD_EXPERT) -> None:
         assert (_router_inputs(model, layer)[1].argsort(1)[:, 0] == expert).all()  # always ranked last
 
 
-def _plant_dead_units(model) -> None:
-    with torch.no_grad():
-        for layer in model.model.layers:
-            experts = layer.mlp.experts
-            inner = experts.down_proj.shape[2]
-            for unit in DEAD_UNITS:
-                experts.gate_up_proj[:, [unit, inner + unit], :] = 0
-                experts.down_proj[:, :, unit] = 0
-
-
 def _logits(model, batch=BATCHES[0]) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
@@ -70,7 +60,7 @@ def _logits(model, batch=BATCHES[0]) -> torch.Tensor:
 
 def _planted_mixtral(implementation: str = "grouped_mm"):
     model = tiny_moe_causal_lm(tiny_moe_config("mixtral"), implementation)
-    _plant_dead_units(model)
+    zero_expert_units_(model, DEAD_UNITS)
     _plant_dead_expert(model)
     return model
 
