@@ -168,6 +168,14 @@ def require_same(value: Any, what: str) -> None:
                                "and configuration")
 
 
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Tell ``loader``'s sampler the epoch (a ``DistributedSampler`` reshuffles its shard per epoch);
+    nothing for a loader without one."""
+    sampler_set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(sampler_set_epoch):
+        sampler_set_epoch(epoch)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or DataParallel) wrapper; ``model`` otherwise."""
     inner = model.module if is_wrapped(model) else model

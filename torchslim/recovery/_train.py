@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.distributed import (all_reduce_arrays, all_reduce_tensors_, is_distributed, is_sharded, is_wrapped,
-                                   unwrap)
+                                   set_epoch, unwrap)
 from torchslim._inputs import call_model
 from torchslim.modes import training_mode
 from torchslim.recovery._resume import RunPosition, load_state, save_state
@@ -298,9 +298,7 @@ def _frozen_bn(model: nn.Module, freeze: bool):
 def _epoch_batches(loader: Iterable, position: RunPosition):
     """This epoch's batches with a flag for the last one; a resumed epoch redraws its order from
     the saved random state and skips the batches already trained on."""
-    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(position.epoch)
+    set_epoch(loader, position.epoch)
     if position.resumed_rng is not None and position.epoch_rng is not None:
         torch.set_rng_state(position.epoch_rng)
     else:

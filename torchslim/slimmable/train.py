@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torchslim.distributed import is_distributed
+from torchslim.distributed import is_distributed, set_epoch
 from torchslim.recovery import distillation_loss
 from torchslim.slimmable.slimmable import Slimmable
 
@@ -102,9 +102,7 @@ def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float 
     slim.train()
     history = []
     for epoch in range(epochs):
-        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-        if callable(set_epoch):  # a DistributedSampler reshuffles its shard per epoch
-            set_epoch(epoch)
+        set_epoch(loader, epoch)
         total, count = 0.0, 0
         for inputs, targets in loader:
             optimizer.zero_grad()
