@@ -204,22 +204,10 @@ def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.
                   source: nn.Linear | nn.Conv2d, removed: dict[int, list[int]], data: list, ridge: float,
                   name: str) -> tuple[tuple[float, float], int]:
     stats = collect_paired(original, model, name, data)
-    w = source.weight.detach()
-    out_kept = torch.as_tensor(np.setdiff1d(np.arange(w.shape[0]), removed.get(0, [])))
-    matrix = w.reshape(w.shape[0], -1)
-    bias, new_bias = source.bias, module.bias
-    if bias is not None:
-        matrix = torch.cat([matrix, bias.detach()[:, None]], dim=1)
-    kept_weight = module.weight.detach().reshape(module.weight.shape[0], -1)
-    if new_bias is not None:
-        kept_weight = torch.cat([kept_weight, new_bias.detach()[:, None]], dim=1)
-    stats["kept_weight"] = kept_weight
-    result = refit_paired(matrix[out_kept], stats, ridge=ridge, name=name)
-    new = result.weight.to(module.weight.dtype)
-    if new_bias is not None:
-        new_bias.copy_(new[:, -1])
-        new = new[:, :-1]
-    module.weight.copy_(new.reshape(module.weight.shape))
+    out_kept, _ = _columns(source, removed)
+    stats["kept_weight"] = _matrix(module)
+    result = refit_paired(_matrix(source)[torch.as_tensor(out_kept)], stats, ridge=ridge, name=name)
+    _write(module, result.weight)
     return (result.error_before, result.error_after), stats["rows"]
 
 
@@ -229,10 +217,15 @@ def _refit_layer(module: nn.Linear | nn.Conv2d, source: nn.Linear | nn.Conv2d, g
     out_kept, columns = _columns(source, removed)
     result = refit(_matrix(source)[torch.as_tensor(out_kept)], gram, torch.as_tensor(columns), ridge=ridge, rows=rows,
                    name=name)
-    new = result.weight.to(module.weight.dtype)
-    new_bias = module.bias
-    if new_bias is not None:
-        new_bias.copy_(new[:, -1])
+    _write(module, result.weight)
+    return result.error_before, result.error_after
+
+
+@torch.no_grad()
+def _write(module: nn.Linear | nn.Conv2d, new: torch.Tensor) -> None:
+    """Store a fitted ``(out, columns)`` matrix (bias last, if the layer has one) in ``module``."""
+    new = new.to(module.weight.dtype)
+    if module.bias is not None:
+        module.bias.copy_(new[:, -1])
         new = new[:, :-1]
     module.weight.copy_(new.reshape(module.weight.shape))
-    return result.error_before, result.error_after
