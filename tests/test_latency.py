@@ -337,3 +337,43 @@ def test_neighbouring_entries_that_agree_are_not_timed_again(tmp_path, monkeypat
     for width in (100, 99, 98, 97):
         table.lookup(spec, width, 50)
     assert timed == [(100, 50), (99, 50), (98, 50), (97, 50)]
+
+
+def test_target_latency_applies_the_round_that_measured_closest(monkeypatch):
+    """The removal applied is the very one measured closest to the target, and its prediction is
+    the calibration record's, even when the table re-timed entries during later rounds (here every
+    new measurement slows all earlier entries by 5%, as a re-check after a disagreeing neighbour
+    does) so that re-selecting at that round's goal would pick another removal."""
+    from torchslim.latency import LatencyTable
+    from torchslim.search import latency_loop
+
+    measure, tables = LatencyTable._measure, set()
+
+    def seen_measure(table, spec, cin, cout):
+        tables.add(table)
+        return measure(table, spec, cin, cout)
+
+    measurements = iter([1.3, 0.2, 0.1, 0.05])  # of the target: round 0 is closest, later ones overshoot
+    timed, target = [], {}
+    timer = latency_loop.removal_timer
+
+    def recording_timer(graph, removed, example_inputs, config):
+        timed.append(np.asarray(removed).copy())
+        for table in tables:
+            table.entries.update({key: ms * 1.03 for key, ms in table.entries.items()})
+        return timer(graph, removed, example_inputs, config)
+
+    def fake_measured(unpruned, proposal, original_ms):
+        target.setdefault("ms", 0.6 * original_ms)
+        return target["ms"] * next(measurements, 0.01)
+
+    monkeypatch.setattr(LatencyTable, "_measure", seen_measure)
+    monkeypatch.setattr(latency_loop, "removal_timer", recording_timer)
+    monkeypatch.setattr(latency_loop, "_measured_against", fake_measured)
+    model = net()
+    result = torchslim.prune_(model, X, torchslim.PruneConfig(target_latency=0.6))
+    rounds = [r for r in result.latency_calibration if "between" not in r]
+    assert len(rounds) == latency_loop.ROUNDS and result.latency_calibration[0]["chosen"]
+    assert result.latency_predicted_ms == pytest.approx(rounds[0]["predicted_ms"], rel=1e-12)
+    first_round = timed[1]  # timed[0] is the unpruned model
+    assert 32 + 48 - (model[0].out_channels + model[2].out_channels) == first_round.size

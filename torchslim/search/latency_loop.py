@@ -64,8 +64,10 @@ def calibrate_latency_goal(selector: Selector, graph, example_inputs, config,
     # whose removal measured closest to the target
     measured_rounds = [h for h in history if h["measured_ms"] is not None]
     best = min(measured_rounds, key=lambda h: abs(h["measured_ms"] - target), default=None)
-    if best is not None:
-        selector = selector.choosing(latency_goal_ms=best["goal_ms"])
+    if best is not None:  # that very removal, not a re-selection at its goal (which the table's
+        # later re-timed entries could change)
+        selector = selector.choosing(latency_goal_ms=best["goal_ms"],
+                                     measured_choice=next(r for h, r in zip(history, removals) if h is best))
     for entry in history:
         entry["goal_ms"] = entry["goal_ms"] if entry["goal_ms"] is not None else target
     if best is not None and abs(best["measured_ms"] - target) > TOLERANCE * target:
@@ -73,8 +75,11 @@ def calibrate_latency_goal(selector: Selector, graph, example_inputs, config,
         if refined is not None and abs(refined[0]["measured_ms"] - target) < abs(best["measured_ms"] - target):
             best, choice = refined
             selector = selector.choosing(measured_choice=choice)
-    for entry in history:
+    for entry, (_, removed) in zip(history, removals):
         entry["chosen"] = entry is best
+        # the table re-times entries a later lookup disagreed with: every prediction is restated
+        # with the table as it ends, the one the applied removal's prediction uses too
+        entry["predicted_ms"] = latency.predict(removed)
     return selector, history
 
 
@@ -85,7 +90,7 @@ def _between_proposals(selector, graph, example_inputs, config, history, removal
     """When the table's proposals jump over the target (every group steps to its next width at
     the same goal, e.g. a ViT head in all twelve blocks at once), bisect over the groups taking
     that step: the removal measured just above the target plus the step of the first k groups.
-    Appends each measured removal to ``history``; returns the closest one's entry and its
+    Appends each measured removal to ``history`` and its atoms to ``removals``; returns the closest one's entry and its
     (ratio, atoms), or None without two proposals around the target."""
     measured = [(h, r) for h, r in zip(history, removals) if h["measured_ms"] is not None]
     original = selector.latency.measured_ms  # the unpruned model bounds the target from above
@@ -116,6 +121,7 @@ def _between_proposals(selector, graph, example_inputs, config, history, removal
         entry = {"goal_ms": None, "predicted_ms": selector.latency.predict(removed), "measured_ms": ms,
                  "between": [high["predicted_ms"], low["predicted_ms"]], "groups_stepped": k}
         history.append(entry)
+        removals.append((ratio, removed))
         if best is None or abs(ms - target) < abs(best[0]["measured_ms"] - target):
             best = (entry, removed)
         lo, hi = (lo, k) if ms <= target else (k, hi)
