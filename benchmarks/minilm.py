@@ -87,7 +87,7 @@ def _docstring_sentences(modules: tuple[str, ...], limit: int) -> list[str]:
         texts.append(inspect.getdoc(module) or "")
         texts += [(inspect.getdoc(obj) or "").split("Parameters\n")[0] for _, obj in inspect.getmembers(module)
                   if (inspect.isfunction(obj) or inspect.isclass(obj))
-                  and getattr(obj, "__module__", "").startswith(name.split(".")[0])]
+                  and (getattr(obj, "__module__", None) or "").startswith(name.split(".")[0])]
     held_out = set(held_out_sentences())
     return [s for s in dict.fromkeys(_sentences(" ".join(texts))) if s not in held_out][:limit]
 
