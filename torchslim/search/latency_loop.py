@@ -38,9 +38,9 @@ MIN_SECONDS = 0.25  # per measurement: a 2 ms model is timed over ~125 calls, no
 def calibrate_latency_goal(selector: Selector, graph, example_inputs, config,
                            banned: np.ndarray) -> tuple[Selector, list[dict]]:
     """Adjust the latency goal handed to ``selector`` until the measured latency of its removal
-    meets the target (at most ``ROUNDS`` rounds), then keep the goal that measured closest; if
+    meets the target (at most ``ROUNDS`` rounds), then keep the removal that measured closest; if
     no proposal came within tolerance, measure removals between the two around the target.
-    Returns the selector with that goal (the one given is not changed) and what each round
+    Returns the selector choosing that removal (the one given is not changed) and what each round
     predicted and measured (kept in ``PruneResult``)."""
     latency = selector.latency
     original, target = latency.measured_ms, selector.absolute_target()
@@ -60,27 +60,29 @@ def calibrate_latency_goal(selector: Selector, graph, example_inputs, config,
         goal = next_goal(points, target)
         lowest = latency.predict(selector.remove_at(TARGET_SEARCH_MAX_RATIO, banned))  # the most this config allows
         selector = selector.choosing(latency_goal_ms=float(np.clip(goal, lowest, original)))
-    # on a noisy machine a later round can measure worse than an earlier one: keep the goal
-    # whose removal measured closest to the target
-    measured_rounds = [h for h in history if h["measured_ms"] is not None]
-    best = min(measured_rounds, key=lambda h: abs(h["measured_ms"] - target), default=None)
-    if best is not None:  # that very removal, not a re-selection at its goal (which the table's
-        # later re-timed entries could change)
-        selector = selector.choosing(latency_goal_ms=best["goal_ms"],
-                                     measured_choice=next(r for h, r in zip(history, removals) if h is best))
+    # on a noisy machine a later round can measure worse than an earlier one: keep the removal
+    # that measured closest to the target
+    best = _closest(history, target)
     for entry in history:
         entry["goal_ms"] = entry["goal_ms"] if entry["goal_ms"] is not None else target
-    if best is not None and abs(best["measured_ms"] - target) > TOLERANCE * target:
-        refined = _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target)
-        if refined is not None and abs(refined[0]["measured_ms"] - target) < abs(best["measured_ms"] - target):
-            best, choice = refined
-            selector = selector.choosing(measured_choice=choice)
-    for entry, (_, removed) in zip(history, removals):
-        entry["chosen"] = entry is best
+    if best is not None and abs(history[best]["measured_ms"] - target) > TOLERANCE * target:
+        _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target)
+        best = _closest(history, target)  # a removal in between wins only if strictly closer
+    if best is not None:  # that very removal, not a re-selection at its goal (which the table's
+        # later re-timed entries could change)
+        selector = selector.choosing(measured_choice=removals[best])
+    for index, (entry, (_, removed)) in enumerate(zip(history, removals)):
+        entry["chosen"] = index == best
         # the table re-times entries a later lookup disagreed with: every prediction is restated
         # with the table as it ends, the one the applied removal's prediction uses too
         entry["predicted_ms"] = latency.predict(removed)
     return selector, history
+
+
+def _closest(history: list[dict], target: float) -> int | None:
+    """Index of the first measured entry closest to ``target``; None if none was measured."""
+    measured = [i for i, h in enumerate(history) if h["measured_ms"] is not None]
+    return min(measured, key=lambda i: abs(history[i]["measured_ms"] - target), default=None)
 
 
 BETWEEN_ROUNDS = 3
@@ -90,8 +92,8 @@ def _between_proposals(selector, graph, example_inputs, config, history, removal
     """When the table's proposals jump over the target (every group steps to its next width at
     the same goal, e.g. a ViT head in all twelve blocks at once), bisect over the groups taking
     that step: the removal measured just above the target plus the step of the first k groups.
-    Appends each measured removal to ``history`` and its atoms to ``removals``; returns the closest one's entry and its
-    (ratio, atoms), or None without two proposals around the target."""
+    Appends each measured removal to ``history`` and its (ratio, atoms) to ``removals``; returns
+    the closest one's entry and its (ratio, atoms), or None without two proposals around the target."""
     measured = [(h, r) for h, r in zip(history, removals) if h["measured_ms"] is not None]
     original = selector.latency.measured_ms  # the unpruned model bounds the target from above
     measured.append(({"predicted_ms": original, "measured_ms": original}, (0.0, np.zeros(0, dtype=np.int64))))
