@@ -118,8 +118,7 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
         columns = _columns(source, removed.get(f"{name}.weight", {}))
         ridges[name] = _cross_validated_ridge(source, halves[0].grams[name], halves[1].grams[name], columns) \
             if auto else float(ridge)
-        errors[name] = _refit_layer(target, source, grams[name], removed.get(f"{name}.weight", {}), counts[name],
-                                    ridges[name], name)
+        errors[name] = _refit_layer(target, source, grams[name], columns, counts[name], ridges[name], name)
     rows = min(counts.values())
     return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start, ridges)
 
@@ -212,9 +211,9 @@ def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.
 
 
 @torch.no_grad()
-def _refit_layer(module: nn.Linear | nn.Conv2d, source: nn.Linear | nn.Conv2d, gram: torch.Tensor, removed: dict[int, list[int]],
-                 rows: int, ridge: float, name: str) -> tuple[float, float]:
-    out_kept, columns = _columns(source, removed)
+def _refit_layer(module: nn.Linear | nn.Conv2d, source: nn.Linear | nn.Conv2d, gram: torch.Tensor,
+                 kept: tuple[np.ndarray, np.ndarray], rows: int, ridge: float, name: str) -> tuple[float, float]:
+    out_kept, columns = kept  # as _columns gives them
     result = refit(_matrix(source)[torch.as_tensor(out_kept)], gram, torch.as_tensor(columns), ridge=ridge, rows=rows,
                    name=name)
     _write(module, result.weight)
