@@ -131,11 +131,15 @@ def wide_sentences(exclude: list[str]) -> list[str]:
     return [s for s in _docstring_sentences(WIDE_MODULES, 100_000) if s not in seen]
 
 
+def batched(texts: list[str], make, size: int = 16) -> list:
+    """``make`` (a tokenizer call) applied to consecutive runs of ``size`` sentences."""
+    return [make(texts[i:i + size]) for i in range(0, len(texts), size)]
+
+
 def length_batches(texts: list[str], make, size: int = 16) -> list:
     """Batches of sentences of similar length (sorted by characters), so that padding to each
     batch's longest wastes little; ``distill`` shuffles their order every epoch."""
-    ordered = sorted(texts, key=len)
-    return [make(ordered[i:i + size]) for i in range(0, len(ordered), size)]
+    return batched(sorted(texts, key=len), make, size)
 
 
 def embed_output(output, attention_mask) -> torch.Tensor:
@@ -233,17 +237,16 @@ def main() -> None:
     train = training_sentences(args.train_sentences) + calibration + field[:args.train_sentences]
     if args.distill == "long":
         train = train + field[args.train_sentences:]
-        train = train + wide_sentences(train + held_out)
+        train = train + wide_sentences(train)  # _docstring_sentences leaves out the held-out ones
     # one padded length for the Fisher batches (as traced); the others padded to their longest sentence
     padded = lambda texts: tokenizer(texts, padding="max_length", truncation=True, max_length=64,  # noqa: E731
                                      return_tensors="pt")
     tight = lambda texts: dict(tokenizer(texts, padding=True, truncation=True, max_length=64,  # noqa: E731
                                          return_tensors="pt"))
-    in_sixteens = lambda texts, make: [make(texts[i:i + 16]) for i in range(0, len(texts), 16)]  # noqa: E731
-    eval_batches = [padded(held_out[i:i + 32]) for i in range(0, len(held_out), 32)]
-    fisher_data = [((), dict(b)) for b in in_sixteens(calibration + field[:1200], padded)]
-    calibration_batches = [((), b) for b in in_sixteens(calibration + field, tight)]
-    train_batches = in_sixteens(train, tight) if args.distill == "short" else length_batches(train, tight)
+    eval_batches = batched(held_out, padded, 32)
+    fisher_data = [((), dict(b)) for b in batched(calibration + field[:1200], padded)]
+    calibration_batches = [((), b) for b in batched(calibration + field, tight)]
+    train_batches = batched(train, tight) if args.distill == "short" else length_batches(train, tight)
     schedule = "constant" if args.distill == "short" else "onecycle"
     example = ((), dict(padded(held_out[:4])))
     bench_inputs = ((), dict(padded(held_out[:8])))
