@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from tests.archs import ARCHS, assert_outputs_close, flat_outputs, run  # noqa: 
 from torchslim.models.digits import DigitsCNN  # noqa: E402
 from torchslim.recovery import recalibrate_bn_  # noqa: E402
 from torchslim.slimmable import (calibrate_bn, export_width, make_slimmable, sandwich_step,  # noqa: E402
-                                 sandwich_widths, soft_target_loss)
+                                 sandwich_widths, soft_target_loss, width_key)
+from torchslim.slimmable.slimmable import PLAN_CACHE_SIZE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,14 +115,15 @@ def test_calibrating_a_width_equals_recalibrating_the_exported_model():
         calibrate_bn(slim, [], 0.5)
 
 
-def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses():
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses(layerwise):
     torch.manual_seed(0)
     model = DigitsCNN().eval()  # eval: BatchNorm uses fixed statistics, so the sum is order-free
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     slim = make_slimmable(model, x[:2], width_range=(0.25, 1.0), widths=(0.25, 1.0))
-    widths = sandwich_widths(slim, 2, random.Random(7))
-    assert widths[:2] == [1.0, 0.25] and all(0.25 <= w <= 1.0 for w in widths[2:]) and len(widths) == 4
-    losses = sandwich_step(slim, x, y, F.cross_entropy, n_random=2, rng=random.Random(7))
+    widths = sandwich_widths(slim, 2, random.Random(7), layerwise=layerwise)
+    assert widths[:2] == [1.0, 0.25] and len(widths) == 4
+    losses = sandwich_step(slim, x, y, F.cross_entropy, n_random=2, rng=random.Random(7), layerwise=layerwise)
     got = {n: p.grad.clone() for n, p in slim.named_parameters()}
     slim.zero_grad()
     with slim.at_width(1.0):
@@ -132,7 +135,35 @@ def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses():
     total.backward()
     for n, p in slim.named_parameters():
         torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
-    assert list(losses) == widths and slim.width == 1.0
+    assert list(losses) == [width_key(w) for w in widths] and slim.width == 1.0
+
+
+def test_layerwise_draws_give_every_group_its_own_width_in_the_range():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    slim = make_slimmable(DigitsCNN().eval(), x, width_range=(0.25, 1.0), widths=(0.25, 1.0))
+    draws = [w for _ in range(20) for w in sandwich_widths(slim, 3, random.Random(len(slim.groups)), layerwise=True)[2:]]
+    groups = sorted(g.index for g in slim.groups)
+    assert len(groups) > 1 and all(sorted(d) == groups for d in draws)
+    assert all(0.25 <= w <= 1.0 for d in draws for w in d.values())
+    assert any(len(set(d.values())) == len(groups) for d in draws)  # not one width copied to every group
+    discrete = make_slimmable(DigitsCNN().eval(), x, widths=(0.5, 1.0))
+    with pytest.raises(ValueError, match="width_range"):
+        sandwich_widths(discrete, 2, random.Random(0), layerwise=True)
+
+
+def test_removal_plans_are_cached_up_to_a_bound():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    slim = make_slimmable(DigitsCNN().eval(), x, width_range=(0.25, 1.0), widths=(0.25, 1.0))
+    rng = random.Random(0)
+    first = slim.plan(0.5)
+    assert slim.plan(0.5) is first  # a hit gives the same plan back
+    for _ in range(PLAN_CACHE_SIZE + 20):
+        slim.plan({g.index: rng.uniform(0.25, 1.0) for g in slim.groups})
+    assert len(slim._plans) <= PLAN_CACHE_SIZE
+    again = slim.plan(0.5)  # dropped long ago: made again, equal to the first
+    assert again is not first and np.array_equal(again.removed_atoms, first.removed_atoms)
 
 
 def test_bad_input_is_refused_and_the_model_left_as_it_was():

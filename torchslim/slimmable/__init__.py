@@ -14,8 +14,8 @@ from torchslim.slimmable.config import SlimmableConfig
 from torchslim.slimmable.export import export_width
 from torchslim.slimmable.io import load_slimmable, save_slimmable
 from torchslim.slimmable.slimmable import Slimmable, make_slimmable
-from torchslim.slimmable.train import sandwich_step, sandwich_widths, soft_target_loss, train_sandwich
+from torchslim.slimmable.train import sandwich_step, sandwich_widths, soft_target_loss, train_sandwich, width_key
 
 __all__ = ["AutoSlimSearch", "Slimmable", "SlimmableConfig", "autoslim", "calibrate_bn", "export_width",
            "load_slimmable", "make_slimmable", "positional_importance", "sandwich_step", "sandwich_widths",
-           "save_slimmable", "soft_target_loss", "train_sandwich"]
+           "save_slimmable", "soft_target_loss", "train_sandwich", "width_key"]

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import math
+from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -36,6 +37,7 @@ from torchslim.sparsity import parametrization_problem
 LOG = logging.getLogger(__name__)
 Width = float | Mapping[int, float]  # one width for every group, or per group index (others at 1.0)
 BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+PLAN_CACHE_SIZE = 256  # removal plans kept, least recently used dropped (per-group random widths rarely repeat)
 
 
 class Slimmable(nn.Module):
@@ -55,7 +57,7 @@ class Slimmable(nn.Module):
         self.groups = groups
         self.classes = {g.index: graph.interchangeable(g) for g in groups}
         self._width_of_atoms = {g.index: graph.atom_width(g) for g in groups}
-        self._plans: dict[tuple, RemovalPlan | None] = {}
+        self._plans: OrderedDict[tuple, RemovalPlan | None] = OrderedDict()
         self.left_out: dict[int, str] = {}  # group index -> why it stays at full width
         self.runtime = WidthRuntime(model)
         self._leave_out_groups_that_cannot_narrow(example_inputs)
@@ -87,10 +89,14 @@ class Slimmable(nn.Module):
         """The engine's plan for removing what ``width`` leaves out (None: nothing), cached."""
         counts = self.keep_counts(width)
         key = tuple(k for g in sorted(counts) for k in counts[g])
-        if key not in self._plans:
-            atoms = self.removed_atoms(width)
-            self._plans[key] = plan_removal(self.graph, atoms) if atoms.size else None
-        return self._plans[key]
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        atoms = self.removed_atoms(width)
+        plan = self._plans[key] = plan_removal(self.graph, atoms) if atoms.size else None
+        if len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
 
     def macs(self, width: Width = 1.0) -> int:
         """MACs of the model at ``width`` (the engine's count for the traced inputs)."""

@@ -6,6 +6,10 @@ Per step: the largest width with the user's loss on the labels, then the smalles
 ``n_random`` widths drawn uniformly from the range (US-Nets), or every other configured width
 (S-Nets), each trained to the largest width's detached output (inplace distillation);
 gradients accumulate over the widths and the caller takes one optimizer step.
+
+With ``layerwise=True`` each random width is drawn per group ({group index: width}), so the
+non-uniform configurations that AutoSlim's greedy search visits are trained too, not only the
+uniform ones the search starts from (ModelOpt's AutoNAS samples whole random subnets likewise).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torchslim.recovery import distillation_loss
 from torchslim.slimmable.slimmable import Slimmable
 
 Loss = Callable[[Any, Any], torch.Tensor]
+StepWidth = float | dict[int, float]  # one width for every group, or one per group (layerwise draws)
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -31,22 +36,34 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return distillation_loss(student, teacher, None, temperature=1.0)
 
 
-def sandwich_widths(slim: Slimmable, n_random: int, rng: random.Random) -> list[float]:
+def sandwich_widths(slim: Slimmable, n_random: int, rng: random.Random, *,
+                    layerwise: bool = False) -> list[StepWidth]:
     """The widths of one step, largest first: with a width range the smallest and ``n_random``
-    uniform draws (the sandwich rule), else every configured width."""
+    uniform draws (the sandwich rule; ``layerwise``: one draw per group), else every configured width."""
     config = slim.config
     if config.width_range is None:
-        return sorted(config.widths, reverse=True)
+        if layerwise:
+            raise ValueError("layerwise random widths need a model made slimmable with width_range=(low, high)")
+        return [float(w) for w in sorted(config.widths, reverse=True)]
     low, high = config.width_range
-    return [high, low] + [rng.uniform(low, high) for _ in range(n_random)]
+    if layerwise:
+        draws: list[StepWidth] = [{g.index: rng.uniform(low, high) for g in slim.groups} for _ in range(n_random)]
+    else:
+        draws = [rng.uniform(low, high) for _ in range(n_random)]
+    return [high, low, *draws]
+
+
+def width_key(width: StepWidth) -> float | tuple[tuple[int, float], ...]:
+    """A width as a dictionary key: the number, or a per-group width's sorted (group, width) pairs."""
+    return tuple(sorted(width.items())) if isinstance(width, dict) else width
 
 
 def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, n_random: int = 2,
                   rng: random.Random | None = None, distill: bool = True,
                   distill_fn: Callable[[Any, Any], torch.Tensor] = soft_target_loss,
-                  model: nn.Module | None = None) -> dict[float, float]:
+                  model: nn.Module | None = None, layerwise: bool = False) -> dict[Any, float]:
     """Forward and backward at every width of one sandwich step (see the module docstring);
-    returns each width's loss. Call ``optimizer.zero_grad()`` before and ``optimizer.step()``
+    returns each width's loss (keyed by :func:`width_key`). Call ``optimizer.zero_grad()`` before and ``optimizer.step()``
     after. ``distill=False`` trains every width on the labels (S-Nets). The model ends at the
     width it started at.
 
@@ -54,9 +71,9 @@ def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, 
     ``DistributedDataParallel(slim.model)`` (``find_unused_parameters=True`` with switchable
     BatchNorm) and draw the random widths from an ``rng`` seeded alike on every rank: every width
     but the last runs under its ``no_sync``, so the ranks average their gradients once per step."""
-    widths = sandwich_widths(slim, n_random, rng or random.Random(0))
+    widths = sandwich_widths(slim, n_random, rng or random.Random(0), layerwise=layerwise)
     net = model if model is not None else slim.model
-    losses: dict[float, float] = {}
+    losses: dict[Any, float] = {}
     before = slim.width
     try:
         teacher = None
@@ -69,7 +86,7 @@ def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, 
                 loss.backward()
             if i == 0 and isinstance(output, torch.Tensor):
                 teacher = output.detach()
-            losses[width] = float(loss.detach())
+            losses[width_key(width)] = float(loss.detach())
     finally:
         slim.set_width(before)
     return losses
@@ -88,7 +105,7 @@ def _width_loss(i: int, output: Any, targets: Any, loss_fn: Loss, distill: bool,
 
 def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float = 0.05, momentum: float = 0.9,
                    weight_decay: float = 1e-4, n_random: int = 2, seed: int = 0, distill: bool = True,
-                   loss_fn: Loss = F.cross_entropy) -> list[float]:
+                   loss_fn: Loss = F.cross_entropy, layerwise: bool = False) -> list[float]:
     """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
     of ``(input, target)`` batches; returns the mean largest-width loss per epoch (this rank's
     batches). Under torchrun it trains through DistributedDataParallel (see :func:`sandwich_step`)
@@ -107,7 +124,7 @@ def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float 
         for inputs, targets in loader:
             optimizer.zero_grad()
             losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng, distill=distill,
-                                   model=net)
+                                   model=net, layerwise=layerwise)
             optimizer.step()
             schedule.step()
             total, count = total + next(iter(losses.values())), count + 1
