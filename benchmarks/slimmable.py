@@ -7,7 +7,7 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 
 * US-Net: the model made slimmable over widths [0.25, 1] (untrained, channels in their initial
   order), trained with the sandwich rule (largest + smallest + 2 random widths per step, inplace
-  distillation) for ``--epochs``; each width scored on the test split after BatchNorm calibration
+  distillation; ``--layerwise``: the random widths drawn per group) for ``--epochs``; each width scored on the test split after BatchNorm calibration
   on 4 training batches;
 * individually trained: at each width a model of exactly that shape (``export_width`` of the
   untrained slimmable model), trained alone for the same epochs with the same optimizer;
@@ -72,10 +72,10 @@ def fresh_slimmable(name: str, seed: int, data: Data, **kwargs):
     return make_slimmable(model, data.example, width_range=(WIDTHS[0], 1.0), widths=WIDTHS, **kwargs)
 
 
-def us_net(name: str, seed: int, data: Data, epochs: int, lr: float):
+def us_net(name: str, seed: int, data: Data, epochs: int, lr: float, layerwise: bool = False):
     slim = fresh_slimmable(name, seed, data)
     start = time.perf_counter()
-    train_sandwich(slim, data.train, epochs, lr=lr, seed=seed)
+    train_sandwich(slim, data.train, epochs, lr=lr, seed=seed, layerwise=layerwise)
     seconds = time.perf_counter() - start
     accuracy = {}
     for width in WIDTHS:
@@ -124,7 +124,7 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
 
 def run_seed(name: str, seed: int, args) -> dict:
     data = Data(seed)
-    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr)
+    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
     row: dict = {"model": name, "seed": seed, "us_net": us_accuracy, "us_seconds": us_seconds,
                  "macs": {w: slim.macs(w) for w in WIDTHS}}
     start = time.perf_counter()
@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layerwise", action="store_true",
+                        help="US-Net: draw the sandwich rule's random widths per group (train_sandwich(layerwise=True))")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slimmable.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
