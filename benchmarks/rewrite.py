@@ -12,8 +12,11 @@ way. Reported per row: MACs, params, mean/max fit error, accuracy (MODNet: relat
 on held-out random images) before and after the fine-tune, and latency on torch and ONNX
 Runtime (original and variant timed in turn, 1 thread, best of 3 rounds). Low-rank, grouped and
 dilated are fitted on the inputs of the calibration batches (``RewriteConfig(data=...)``).
+The digits models run once per seed (the seed sets the stratified split, the training and the
+fine-tune); the table gives mean ± std over the seeds. MODNet is untrained and runs once.
 Writes benchmarks/results/rewrite.json.
 Usage: python benchmarks/rewrite.py [--epochs 12] [--finetune-epochs 3] [--models digits resnet18 modnet]
+       [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torchvision
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -75,11 +81,11 @@ def latency(original: nn.Module, variant: nn.Module, example, runtime: str) -> d
     return {"original_ms": stats["original"].median_ms, "variant_ms": stats["variant"].median_ms}
 
 
-def digits_task(name: str, epochs: int, finetune_epochs: int) -> dict:
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = load_digits_tensors(0)
+def digits_task(name: str, epochs: int, finetune_epochs: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = load_digits_tensors(seed)
     train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(seed))
     test = DataLoader(TensorDataset(x_test, y_test), batch_size=512)
     model = create_model("digits_cnn") if name == "digits" else resnet18_digits()
     finetune(model, train, epochs=epochs, lr=3e-3, schedule="cosine", progress=False)
@@ -91,12 +97,14 @@ def digits_task(name: str, epochs: int, finetune_epochs: int) -> dict:
         return evaluate_accuracy(m, test)
 
     def tune(m: nn.Module, teacher: nn.Module) -> None:
-        torch.manual_seed(1)
+        torch.manual_seed(seed + 1)
         finetune(m, train, epochs=finetune_epochs, lr=1e-3, teacher=teacher, kd_alpha=0.7, temperature=4.0,
                  schedule="cosine", progress=False)
         m.eval()
 
-    return run_task(name, model, example, data, score, tune, target=0.5, modules=(), metric="accuracy")
+    row = run_task(name, model, example, data, score, tune, target=0.5, modules=(), metric="accuracy")
+    row["seed"] = seed
+    return row
 
 
 def modnet_task(finetune_steps: int) -> dict:
@@ -189,9 +197,51 @@ def evaluate(label: str, original: nn.Module, variant: nn.Module, example, score
     return row
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean and population std over seeds of each (model, variant): score before and after the
+    fine-tune, MACs and params relative to the original, latencies."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        runs = [r for r in results if r["model"] == model]
+        for variant in dict.fromkeys(row["variant"] for r in runs for row in r["rows"]):
+            rows = [(r, row) for r in runs for row in r["rows"] if row["variant"] == variant and "skipped" not in row]
+            if not rows:
+                continue
+            entry = {"model": model, "variant": variant, "seeds": len(rows), "metric": runs[0]["metric"],
+                     "original": _stat([r[r["metric"]] for r, _ in rows]),
+                     "macs_ratio": _stat([row["macs"] / r["macs"] for r, row in rows]),
+                     "params_ratio": _stat([row["params"] / r["params"] for r, row in rows])}
+            for key in ("before_finetune", "after_finetune", "fit_error_mean"):
+                values = [row[key] for _, row in rows if row[key] is not None]
+                entry[key] = _stat(values) if values else None
+            for runtime in ("latency_torch", "latency_onnxruntime"):
+                timed = [row[runtime] for _, row in rows if "variant_ms" in row[runtime]]
+                entry[runtime] = _stat([t["variant_ms"] / t["original_ms"] for t in timed]) if timed else None
+            out.append(entry)
+    return out
+
+
+def _stat(values: list[float]) -> list[float]:
+    return [statistics.mean(values), statistics.pstdev(values)]
+
+
+def print_summary(summary: list[dict]) -> None:
+    table = Table(title="rewrites vs channel pruning at ~50% MACs (mean ± std over seeds; latency: variant / original)")
+    for col in ("model", "variant", "seeds", "MACs", "params", "fit error", "original", "before fine-tune",
+                "after fine-tune", "torch", "ONNX Runtime"):
+        table.add_column(col, justify="right")
+    pm = lambda v, scale=1.0: "-" if v is None else f"{scale * v[0]:.3f} ± {scale * v[1]:.3f}"  # noqa: E731
+    for s in summary:
+        table.add_row(s["model"], s["variant"], str(s["seeds"]), f"{s['macs_ratio'][0]:.3f}", f"{s['params_ratio'][0]:.3f}",
+                      pm(s["fit_error_mean"]), pm(s["original"]), pm(s["before_finetune"]), pm(s["after_finetune"]),
+                      pm(s["latency_torch"]), pm(s["latency_onnxruntime"]))
+    Console(width=200).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["digits", "resnet18", "modnet"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="digits models only")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--modnet-steps", type=int, default=40)
@@ -202,15 +252,18 @@ def main() -> None:
     for name in args.models:
         if name == "modnet":
             results.append(modnet_task(args.modnet_steps))
-        else:
-            results.append(digits_task(name, args.epochs, args.finetune_epochs))
+            continue
+        for seed in args.seeds:
+            results.append(digits_task(name, args.epochs, args.finetune_epochs, seed))
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": args.threads, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
             "modnet_finetune_steps": args.modnet_steps}
     if OUT.exists():  # keep the other models' results from an earlier run
         earlier = [r for r in json.loads(OUT.read_text())["results"] if r["model"] not in args.models]
         results = earlier + results
-    OUT.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    summary = summarize(results)
+    print_summary(summary)
+    OUT.write_text(json.dumps({"meta": meta, "summary": summary, "results": results}, indent=2))
     print(f"wrote {OUT}")
 
 
