@@ -7,8 +7,8 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 
 * US-Net: the model made slimmable over widths [0.25, 1] (untrained, channels in their initial
   order), trained with the sandwich rule (largest + smallest + 2 random widths per step, inplace
-  distillation; ``--layerwise``: the random widths drawn per group) for ``--epochs``; each width scored on the test split after BatchNorm calibration
-  on 4 training batches;
+  distillation; ``--layerwise``: the random widths drawn per group) for ``--epochs``; each width
+  scored on the test split after BatchNorm calibration on 4 training batches;
 * individually trained: at each width a model of exactly that shape (``export_width`` of the
   untrained slimmable model), trained alone for the same epochs with the same optimizer;
 * prune-then-fine-tune: the width-1.0 individual model pruned (uniform L1) to each width's MACs,

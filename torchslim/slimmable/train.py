@@ -63,9 +63,9 @@ def sandwich_step(slim: Slimmable, inputs: Any, targets: Any, loss_fn: Loss, *, 
                   distill_fn: Callable[[Any, Any], torch.Tensor] = soft_target_loss,
                   model: nn.Module | None = None, layerwise: bool = False) -> dict[Any, float]:
     """Forward and backward at every width of one sandwich step (see the module docstring);
-    returns each width's loss (keyed by :func:`width_key`). Call ``optimizer.zero_grad()`` before and ``optimizer.step()``
-    after. ``distill=False`` trains every width on the labels (S-Nets). The model ends at the
-    width it started at.
+    returns each width's loss (keyed by :func:`width_key`). Call ``optimizer.zero_grad()`` before
+    and ``optimizer.step()`` after. ``distill=False`` trains every width on the labels (S-Nets);
+    ``layerwise=True`` draws the random widths per group. The model ends at the width it started at.
 
     ``model`` is what runs (default ``slim.model``); under torchrun pass
     ``DistributedDataParallel(slim.model)`` (``find_unused_parameters=True`` with switchable
@@ -108,7 +108,7 @@ def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float 
                    loss_fn: Loss = F.cross_entropy, layerwise: bool = False) -> list[float]:
     """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
     of ``(input, target)`` batches; returns the mean largest-width loss per epoch (this rank's
-    batches). Under torchrun it trains through DistributedDataParallel (see :func:`sandwich_step`)
+    batches); ``layerwise`` as in :func:`sandwich_step`. Under torchrun it trains through DistributedDataParallel (see :func:`sandwich_step`)
     on this rank's shard of the data."""
     optimizer = torch.optim.SGD(slim.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net = (DistributedDataParallel(slim.model, find_unused_parameters=slim.config.switchable_bn)
