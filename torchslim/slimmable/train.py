@@ -108,8 +108,8 @@ def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float 
                    loss_fn: Loss = F.cross_entropy, layerwise: bool = False) -> list[float]:
     """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
     of ``(input, target)`` batches; returns the mean largest-width loss per epoch (this rank's
-    batches); ``layerwise`` as in :func:`sandwich_step`. Under torchrun it trains through DistributedDataParallel (see :func:`sandwich_step`)
-    on this rank's shard of the data."""
+    batches); ``layerwise`` as in :func:`sandwich_step`. Under torchrun it trains through
+    DistributedDataParallel (see :func:`sandwich_step`) on this rank's shard of the data."""
     optimizer = torch.optim.SGD(slim.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net = (DistributedDataParallel(slim.model, find_unused_parameters=slim.config.switchable_bn)
            if is_distributed() else None)
