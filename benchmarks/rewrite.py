@@ -230,7 +230,7 @@ def print_summary(summary: list[dict]) -> None:
     for col in ("model", "variant", "seeds", "MACs", "params", "fit error", "original", "before fine-tune",
                 "after fine-tune", "torch", "ONNX Runtime"):
         table.add_column(col, justify="right")
-    pm = lambda v, scale=1.0: "-" if v is None else f"{scale * v[0]:.3f} ± {scale * v[1]:.3f}"  # noqa: E731
+    pm = lambda v: "-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
     for s in summary:
         table.add_row(s["model"], s["variant"], str(s["seeds"]), f"{s['macs_ratio'][0]:.3f}", f"{s['params_ratio'][0]:.3f}",
                       pm(s["fit_error_mean"]), pm(s["original"]), pm(s["before_finetune"]), pm(s["after_finetune"]),
