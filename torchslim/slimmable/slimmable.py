@@ -81,7 +81,10 @@ class Slimmable(nn.Module):
 
     def removed_atoms(self, width: Width) -> np.ndarray:
         """The atoms ``width`` leaves out: each class's last ones (the least important)."""
-        counts = self.keep_counts(width)
+        return self._removed(self.keep_counts(width))
+
+    def _removed(self, counts: dict[int, list[int]]) -> np.ndarray:
+        """The atoms left out by ``counts`` (as :meth:`keep_counts` gives them)."""
         gone = [c[k:] for g, ks in counts.items() for c, k in zip(self.classes[g], ks)]
         return np.sort(np.concatenate(gone)) if gone else np.zeros(0, dtype=np.int64)
 
@@ -92,7 +95,7 @@ class Slimmable(nn.Module):
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        atoms = self.removed_atoms(width)
+        atoms = self._removed(counts)
         plan = self._plans[key] = plan_removal(self.graph, atoms) if atoms.size else None
         if len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
