@@ -72,11 +72,23 @@ def test_penalty_gradient_dual_update_and_rho_schedule():
     before = {n: u.clone() for n, u in admm.U.items()}
     assert admm.step() is None  # step 1 of 2
     state = admm.step()
-    assert state is not None and state.rho == pytest.approx(0.2)
-    for name, p in admm.params.items():
-        torch.testing.assert_close(admm.U[name], before[name] + p.detach() - admm.Z[name])
+    assert state is not None and state.rho == pytest.approx(0.1) and admm.rho == pytest.approx(0.2)
+    for name, p in admm.params.items():  # the dual moves by W - Z, then is rescaled to the grown rho
+        torch.testing.assert_close(admm.U[name], (before[name] + p.detach() - admm.Z[name]) * 0.1 / 0.2)
     admm.step(), admm.step()
     assert admm.rho == pytest.approx(0.3)  # capped at rho_max
+
+
+def test_the_first_projection_leaves_the_dual_at_zero_so_removed_weights_are_pulled_to_zero():
+    model, x = Chain().eval(), torch.randn(2, 3, 8, 8)
+    admm = ADMMPruner(model, x, torchslim.PruneConfig(ratio=0.5), rho=0.1)
+    assert len(admm.history) == 1 and admm.removed_atoms.size > 0
+    assert all(torch.count_nonzero(u) == 0 for u in admm.U.values())
+    admm.penalty().backward()
+    for name, p in admm.params.items():  # rho * (W - Z): removed entries toward 0, kept ones left alone
+        torch.testing.assert_close(p.grad, 0.1 * (p.detach() - admm.Z[name]))
+        kept = admm.Z[name] != 0
+        assert torch.count_nonzero(p.grad[kept]) == 0
 
 
 def test_training_with_admm_then_the_hard_prune_keeps_accuracy_where_one_shot_loses_it():

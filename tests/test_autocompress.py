@@ -15,7 +15,9 @@ from _digits import trained_digits_cnn
 import torchslim
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
+from torchslim.pruning import zero_removed_
 from torchslim.search import AutoCompress, admm_trainer
+from torchslim.search.history import read_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,11 +65,36 @@ def test_rounds_meet_their_goals_and_the_budget_and_the_model_is_untouched(digit
     assert result.macs == estimate_macs(DependencyGraph.build(result.model, X[:1]))
     # ADMM drove the removed channels down before the hard prune: the compressed model keeps its accuracy
     assert _accuracy(result.model, XT, YT) > 0.85
+    # round 2 searches the pruned model with caps counted from the original's widths (no compounding)
+    first, second = (read_history(tmp_path / "ac" / f"round{i}.jsonl")[0]["space"] for i in (1, 2))
+    assert set(first["caps"].values()) == {0.95}
+    for group, cap in second["caps"].items():
+        assert cap == pytest.approx(max(0.0, 1 - 0.05 * first["groups"][group] / second["groups"][group]), abs=1e-6)
+    assert min(second["caps"].values()) < 0.95
     # the pruning history re-creates the compressed model from a fresh original
     saved = torchslim.save(result.model, tmp_path / "final", result.plan)
     assert len(result.plan.steps) == 2  # one removal per round
     again = torchslim.load(saved, copy.deepcopy(model)).eval()
     torch.testing.assert_close(again(XT), result.model(XT))
+
+
+def test_the_hard_prune_removes_the_support_admm_trained_toward(digits):
+    """The round's model is the ADMM-trained one with the last Z's zeros removed: the same
+    function as zeroing them (no projection again from the final weights)."""
+    model, (X, Y, XT, YT) = digits
+    zeroed = []
+
+    def train(m, admm):
+        admm_trainer([(X[i:i + 64], Y[i:i + 64]) for i in range(0, len(X), 64)], F.cross_entropy, lr=2e-3)(m, admm)
+        copied = copy.deepcopy(m).eval()
+        zero_removed_(copied, {n: {d: i.tolist() for d, i in dims.items()}
+                               for n, dims in admm.graph.removal(admm.removed_atoms).items()})
+        zeroed.append(copied)
+
+    result = AutoCompress(model, X[:1], lambda m: _accuracy(m, X[-300:], Y[-300:]), train, target_macs=0.5, rounds=1,
+                          evals_per_round=2, update_every=7, rho=1e-2,
+                          config=torchslim.PruneConfig(latency_aware=False)).run()
+    torch.testing.assert_close(result.model(XT), zeroed[0](XT), atol=1e-4, rtol=1e-4)
 
 
 def test_a_resumed_run_loads_the_finished_rounds_instead_of_training_again(digits, tmp_path):

@@ -3,6 +3,7 @@ the methods built on it, checked with synthetic evaluators whose optimum is know
 is a function of the per-layer widths of the pruned model."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -482,3 +483,61 @@ def test_netadapt_lowers_the_tables_goal_when_the_result_measures_slower(tmp_pat
     kwargs["resume"] = kwargs.pop("history")
     again = NetAdaptSearch(model, x, width_score(PLANTED), **kwargs).run()
     assert len(timed) == calls and again.ratios == result.ratios  # replayed, not timed again
+
+
+# searching again on a pruned model ----------------------------------------------------
+def _thinned():
+    """``Net`` and a copy pruned to half of every layer, ``convs.0`` further to 1 of 32 (3%)."""
+    model, x = _net()
+    pruned = copy.deepcopy(model)
+    torchslim.prune_(pruned, x, torchslim.PruneConfig(ratios={"convs.0": 0.97, "convs.[123]": 0.5},
+                                                      latency_aware=False))
+    return model, pruned, x
+
+
+def _original_width(space, group) -> int:
+    """The reference width of a group of ``Net``: its conv's filters in WIDTHS."""
+    name = next(n for n, d in group.params if n.startswith("convs.") and d == 0)
+    return WIDTHS[int(name.split(".")[1])]
+
+
+def test_caps_count_from_the_reference_width_so_searches_do_not_compound():
+    model, pruned, x = _thinned()
+    assert widths(pruned) == [1, 24, 32, 20]
+    from torchslim.search._space import SearchSpace
+
+    plain = SearchSpace(copy.deepcopy(pruned), x, torchslim.PruneConfig(target_macs=0.5))
+    capped = SearchSpace(copy.deepcopy(pruned), x, torchslim.PruneConfig(target_macs=0.5), reference=model)
+    for group in capped.groups:
+        now, original = len(group), _original_width(capped, group)
+        assert capped.cap(group.index) == pytest.approx(max(0.0, 1 - 0.05 * original / now))
+        assert plain.cap(group.index) == pytest.approx(0.95)
+        # at the most a search removes, a group keeps 5% of its reference width (convs.0 already has less: all)
+        assert capped.keep_counts(capped.most_removed())[group.index] >= min(now, 0.05 * original)
+        for u in (0.3, 1.0, 1.5, 2.0):
+            assert capped.scaled({group.index: 0.9}, u)[group.index] <= capped.cap(group.index) + 1e-12
+    thinnest = [g for g in capped.groups if len(g) == 24][0]  # convs.1: 24 of 48 left, may lose 21 more
+    assert plain.keep_counts(plain.most_removed())[thinnest.index] < 0.05 * 48
+    assert capped.describe()["caps"] and "caps" not in plain.describe()
+
+
+@pytest.mark.parametrize("method", ["annealing", "amc", "netadapt"])
+def test_every_method_keeps_each_group_at_5_percent_of_its_reference_width(method):
+    from torchslim.search import AMCSearch, AnnealingSearch, NetAdaptSearch
+
+    model, pruned, x = _thinned()
+    kwargs = {"annealing": dict(cls=AnnealingSearch, max_evals=6),
+              "amc": dict(cls=AMCSearch, episodes=4, warmup=2),
+              "netadapt": dict(cls=NetAdaptSearch, initial_cut=0.3, max_iterations=6)}[method]
+    cls = kwargs.pop("cls")
+    search = cls(pruned, x, width_score([1, 2, 3, 4]), target_macs=0.15, reference=model, seed=1, **kwargs)
+    result = search.run()
+    assert result.history
+    for record in result.history:
+        keep = search.space.keep_counts(record.ratios)
+        for group in search.space.groups:
+            assert keep[group.index] >= min(len(group), 0.05 * _original_width(search.space, group)), (method, record)
+    before = widths(pruned)
+    result.apply_(pruned, x)
+    assert all(w >= min(b, 0.05 * o) for w, b, o in zip(widths(pruned), before, WIDTHS))
+    assert widths(pruned) != before

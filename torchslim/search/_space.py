@@ -48,10 +48,11 @@ class SearchSpace:
 
     ``config`` gives the scope (``op_names``, ``exclude``...), the ``criterion``, ``round_to``,
     ``min_channels`` and the budget (its one target); ``model`` is traced as given (the search
-    hands it its working copy)."""
+    hands it its working copy). ``reference``: the model ``model`` was pruned from (same
+    parameter names), or None; caps (:meth:`cap`) then count from its widths."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, config: PruneConfig, *, data: Any = None,
-                 loss_fn: Any = None):
+                 loss_fn: Any = None, reference: nn.Module | None = None):
         if config.round_to == "latency":
             raise ValueError("round_to='latency' cannot be searched: it picks each width by timing at prune time, so "
                              "the MACs a candidate leaves are unknown until then; give an integer (e.g. 8)")
@@ -72,6 +73,10 @@ class SearchSpace:
             g for g in eligible_groups(self.graph, dataclasses.replace(self.base, exact_only=False), quiet=True)
             if not g.exact]
         self.sizes = {g.index: len(g) for g in self.groups}
+        self.caps = {g.index: TARGET_SEARCH_MAX_RATIO for g in self.groups}
+        self.has_reference = reference is not None
+        if reference is not None:
+            self.caps = reference_caps(self.graph, self.groups, reference)
         self.latency = None
         target = config.target
         if target is not None and target.quantity == "latency":
@@ -151,9 +156,20 @@ class SearchSpace:
         return self.quantity is None or found.get(self.quantity) <= self.budget()
 
     # meeting the budget -----------------------------------------------------------------
+    def cap(self, index: int) -> float:
+        """The most group ``index`` may lose: ``TARGET_SEARCH_MAX_RATIO`` (as ``prune_``'s
+        targets), or with a reference what keeps the group at ``1 - TARGET_SEARCH_MAX_RATIO``
+        of its reference width (0 where it is already that thin), so successive searches on a
+        pruned model (AutoCompress's rounds) do not compound their caps."""
+        return self.caps[index]
+
+    def clip(self, ratios: Ratios) -> dict[int, float]:
+        """``ratios`` with every group held to [0, its cap]."""
+        return {index: min(max(float(r), 0.0), self.caps[index]) for index, r in ratios.items()}
+
     def most_removed(self) -> dict[int, float]:
-        """Every group at the most a search removes (``TARGET_SEARCH_MAX_RATIO``, as ``prune_``'s targets)."""
-        return {g.index: TARGET_SEARCH_MAX_RATIO for g in self.groups}
+        """Every group at its cap (:meth:`cap`)."""
+        return dict(self.caps)
 
     def check_reachable(self) -> None:
         """Refuse a budget that no candidate can meet, naming the smallest reachable value."""
@@ -166,7 +182,13 @@ class SearchSpace:
             raise ValueError(f"PruneConfig.{target.field}={target.value:g} cannot be met by any candidate: the "
                              f"smallest reachable {target.quantity} is {least:.6g} ({least / original:.1%} of the "
                              f"original {original:.6g}), with every eligible group "
-                             f"({len(self.groups)}) at ratio {TARGET_SEARCH_MAX_RATIO}{self._inexact_hint()}")
+                             f"({len(self.groups)}) at {self._cap_words()}{self._inexact_hint()}")
+
+    def _cap_words(self) -> str:
+        if not self.has_reference:
+            return f"ratio {TARGET_SEARCH_MAX_RATIO}"
+        return (f"its cap (at most {TARGET_SEARCH_MAX_RATIO:.0%} of its width in the reference model gone; "
+                f"{sum(c == 0 for c in self.caps.values())} group(s) are already that thin)")
 
     def _inexact_hint(self) -> str:
         if not self.left_out_inexact:
@@ -177,17 +199,19 @@ class SearchSpace:
 
     def scaled(self, ratios: Ratios, u: float) -> dict[int, float]:
         """A point on the monotone path from no removal (u=0) through ``ratios``'s shape, scaled
-        until a group reaches the cap (u=1), to every group at the cap (u=2)."""
-        cap = TARGET_SEARCH_MAX_RATIO
-        shape = {g.index: min(max(float(ratios.get(g.index, 0.0)), 0.0), cap) for g in self.groups}
-        top = max(shape.values(), default=0.0)
-        if top <= 0.0:  # no shape: every group alike
-            shape, top = {index: cap for index in shape}, cap
-        stretch = cap / top
+        until a group reaches its cap (u=1), to every group at its cap (u=2)."""
+        caps = self.caps
+        shape = self.clip({g.index: ratios.get(g.index, 0.0) for g in self.groups})
+        if not any(r > 0 for r in shape.values()):  # no shape: every group alike
+            shape = dict(caps)
+        stretches = [caps[index] / r for index, r in shape.items() if r > 0]
+        if not stretches:  # every group is at its floor already
+            return {index: 0.0 for index in shape}
+        stretch = min(stretches)
         if u <= 1.0:
-            return {index: min(cap, u * stretch * r) for index, r in shape.items()}
-        saturated = {index: min(cap, stretch * r) for index, r in shape.items()}
-        return {index: s + (u - 1.0) * (cap - s) for index, s in saturated.items()}
+            return {index: min(caps[index], u * stretch * r) for index, r in shape.items()}
+        saturated = {index: min(caps[index], stretch * r) for index, r in shape.items()}
+        return {index: s + (u - 1.0) * (caps[index] - s) for index, s in saturated.items()}
 
     def meet_budget(self, ratios: Ratios) -> dict[int, float]:
         """``ratios`` scaled (see :meth:`scaled`) to the least removal meeting the budget: its
@@ -244,5 +268,25 @@ class SearchSpace:
 
     def describe(self) -> dict[str, Any]:
         """The space's identity, written at the head of a history: a resumed search checks it."""
-        return {"groups": {str(k): v for k, v in self.sizes.items()}, "macs": self.original.macs,
-                "params": self.original.params}
+        identity: dict[str, Any] = {"groups": {str(k): v for k, v in self.sizes.items()}, "macs": self.original.macs,
+                                    "params": self.original.params}
+        if self.has_reference:
+            identity["caps"] = {str(k): round(v, 6) for k, v in self.caps.items()}
+        return identity
+
+
+def reference_caps(graph: DependencyGraph, groups: list[Group], reference: nn.Module) -> dict[int, float]:
+    """Per group, the share it may lose so that it keeps ``1 - TARGET_SEARCH_MAX_RATIO`` of its
+    width in ``reference``: the width is read off the group's producer slots (dim 0: conv
+    filters, BatchNorm, Linear rows), the shrink being the largest reference/current ratio
+    among them (a group found nowhere in ``reference`` keeps the plain cap)."""
+    shapes = {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    current = graph.parameters()
+    caps = {}
+    for group in groups:
+        slots = [(n, d) for n, d in group.params if n in shapes and n in current and d < len(shapes[n])]
+        producers = [(n, d) for n, d in slots if d == 0] or slots
+        shrink = max((shapes[n][d] / current[n].shape[d] for n, d in producers if current[n].shape[d]), default=1.0)
+        floor = (1.0 - TARGET_SEARCH_MAX_RATIO) * max(shrink, 1.0)
+        caps[group.index] = min(TARGET_SEARCH_MAX_RATIO, max(0.0, 1.0 - floor))
+    return caps

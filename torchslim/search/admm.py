@@ -3,14 +3,17 @@ Alternating Direction Method of Multipliers", ECCV 2018; the inner loop of AutoC
 al., AAAI 2020), on the engine's dependency groups.
 
 Inside the user's training loop the loss gets the augmented-Lagrangian term
-``rho/2 * sum ||W - Z + U||^2`` over every parameter that holds a prunable group's channels;
-every ``update_every`` steps ``Z`` becomes the projection of ``W + U`` onto the group-sparse
-set that meets the budget (whole channels of a dependency group, all coupled tensors together:
-a channel's energy is summed over every tensor it lives in, and the engine's ``Selector``
-chooses which atoms go exactly as ``prune_`` would under the same ``PruneConfig``), ``U`` moves
-by ``W - Z`` and ``rho`` grows by ``rho_growth`` (up to ``rho_max``). ``finalize_`` removes Z's
-zeros through the engine (``torchslim.pruning.remove_``: verified, recorded, all or nothing),
-so the model comes back physically smaller.
+``rho/2 * sum ||W - Z + U||^2`` over every parameter that holds a prunable group's channels.
+``Z`` starts as the projection of ``W`` (``U = 0``); every ``update_every`` steps ``Z``
+becomes the projection of ``W + U`` onto the group-sparse set that meets the budget (whole
+channels of a dependency group, all coupled tensors together: a channel's energy is summed
+over every tensor it lives in, and the engine's ``Selector`` chooses which atoms go exactly as
+``prune_`` would under the same ``PruneConfig``), ``U`` moves by ``W - Z`` and ``rho`` grows by
+``rho_growth`` (up to ``rho_max``; ``U``, the scaled dual, is rescaled with it). ``finalize_``
+removes the zeros of the last ``Z`` (the support training was pulled toward; projecting again
+from the final weights picks another one while ADMM has not converged) through the engine
+(``torchslim.pruning.remove_``: verified, recorded, all or nothing), so the model comes back
+physically smaller.
 
     admm = ADMMPruner(model, x, PruneConfig(target_macs=0.5))
     for inputs, targets in loader:
@@ -99,20 +102,30 @@ class ADMMPruner:
 
     @torch.no_grad()
     def update(self) -> ADMMState:
-        """Z <- projection of W + U; U <- U + W - Z; rho grows (not at the first call)."""
-        if self.history:
-            self.rho = min(self.rho * self.rho_growth, self.rho_max)
+        """Z <- projection of W + U; U <- U + W - Z; then rho grows, U rescaled to it (the
+        scaled dual is y / rho: Boyd et al. 2011, 3.4.1). The first call (at construction) only
+        projects: Z <- projection of W, U = 0."""
+        first = not self.history
         shifted = {n: p.detach() + self.U[n] for n, p in self.params.items()}
         self.removed_atoms = self._chosen(shifted)
         keep = np.ones(self.graph.n_atoms, dtype=bool)
         keep[self.removed_atoms] = False
         self.Z = {n: shifted[n] * self._mask(n, keep) for n in self.params}
-        for n, p in self.params.items():
-            self.U[n] += p.detach() - self.Z[n]
-        residual = math.sqrt(sum(float(((p.detach() - self.Z[n]) ** 2).sum()) for n, p in self.params.items()))
-        state = ADMMState(self.steps, int(self.removed_atoms.size), self.rho, residual)
+        state = ADMMState(self.steps, int(self.removed_atoms.size), self.rho, self.residual())
+        if not first:
+            for n, p in self.params.items():
+                self.U[n] += p.detach() - self.Z[n]
+            grown = min(self.rho * self.rho_growth, self.rho_max)
+            for u in self.U.values():
+                u.mul_(self.rho / grown)
+            self.rho = grown
         self.history.append(state)
         return state
+
+    def residual(self) -> float:
+        """The primal residual ``||W - Z||`` against the last Z: how far the weights still are
+        from the group-sparse set (the removed channels' norm)."""
+        return math.sqrt(sum(float(((p.detach() - self.Z[n]) ** 2).sum()) for n, p in self.params.items()))
 
     def finalize_(self, **remove_kwargs: Any) -> PruneResult:
         """Remove the channels Z zeroes, physically, through the engine (checked against the

@@ -134,7 +134,7 @@ class AMCSearch(Search):
         ratios = dict(zip(self.order, actions))
         if tail is not None:
             ratios.update({g: tail for g in self.order[len(actions):]})
-        return ratios
+        return self.space.clip(ratios)
 
     def _train(self) -> None:
         for _ in range(self.updates_per_episode):
@@ -172,7 +172,7 @@ class AMCSearch(Search):
         """Per group: position, width, kernel size and stride of its producer, MACs per
         parameter it ties up (a convolution's output size), MACs tied up (min-max normalised)."""
         original = self.space.original
-        cut = [self.space.measure({g: self.upper}) for g in self.order]
+        cut = [self.space.measure(self.space.clip({g: self.upper})) for g in self.order]
         self.tied = np.array([original.macs - m.macs for m in cut], dtype=np.float64)
         tied_params = np.array([original.params - m.params for m in cut], dtype=np.float64)
         groups = {g.index: g for g in self.space.groups}
@@ -194,7 +194,7 @@ class AMCSearch(Search):
         return 1.0, 1.0
 
     def _check_upper_reaches_budget(self) -> None:
-        least = self.space.measure({g: self.upper for g in self.order})
+        least = self.space.measure(self._ratios([], tail=self.upper))
         quantity = self.space.quantity
         if quantity is not None and not self.space.meets(least):
             raise ValueError(f"AMC: with every group cut by upper={self.upper} the model keeps "

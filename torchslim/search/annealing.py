@@ -70,12 +70,11 @@ class AnnealingSearch(Search):
         return sorted(self.groups, key=lambda g: (freed[g], g))
 
     def _arrange(self, values: np.ndarray) -> dict[int, float]:
-        """Ratios in [0, cap] per group (``values`` in group id order, or with ``size_order``
+        """Ratios in [0, the group's cap] (``values`` in group id order, or with ``size_order``
         sorted and handed out smallest group first)."""
         values = np.clip(values, 0.0, TARGET_SEARCH_MAX_RATIO)
-        if not self.size_order:
-            return {g: float(v) for g, v in zip(self.groups, values)}
-        return {g: float(v) for g, v in zip(self.size_rank, np.sort(values))}
+        order = self.size_rank if self.size_order else self.groups
+        return self.space.clip(dict(zip(order, np.sort(values) if self.size_order else values)))
 
     def explore(self) -> None:
         current = self.evaluate_ratios(self._arrange(self.rng.uniform(0.0, 1.0, len(self.groups))), note="initial")

@@ -10,15 +10,17 @@ AutoCompressPruner (``1 - (1 - sparsity) ** (1 / R)`` per round). In each round:
    per-group ratios on the current model (:class:`~torchslim.search.annealing.AnnealingSearch`,
    every candidate scaled to the round's budget, pruned one-shot on the side, BatchNorm
    recalibrated with ``recalibrate_bn=True``, optionally given a short ``finetune``, then scored);
-   one history file per round.
+   one history file per round. The user's model is the search's ``reference``: no group loses
+   more than 95% of its original width over all rounds (a per-round cap on the current width
+   compounds: two rounds once left ResNet-18's last stage 10 of 512 channels).
 2. **Actual pruning** (step 4): :class:`~torchslim.search.admm.ADMMPruner` with the round's
    winning per-group ratios; ``admm_train(model, admm)`` is the user's training loop with
    ``admm.penalty()`` added to the loss and ``admm.step()`` after each optimizer step
    (:func:`admm_trainer` builds one from batches). ADMM chooses *which* channels go by the
    energy of ``W + U`` (the paper's Euclidean projection), as many per group as annealing chose.
-3. **Hard prune**: the channels Z zeroes are removed through the engine (verified, recorded in
-   the model's pruning history), and the round's model is saved (``torchslim.save``) so that a
-   resumed run starts from it.
+3. **Hard prune**: the channels the last Z zeroes (the support training was pulled toward) are
+   removed through the engine (verified, recorded in the model's pruning history), and the
+   round's model is saved (``torchslim.save``) so that a resumed run starts from it.
 
 After the last round ``final_finetune(model, finetune_budget)`` (optional) recovers accuracy,
 as the paper's retraining. The user's model is never modified: the result carries the
@@ -203,8 +205,7 @@ class AutoCompress:
         admm = ADMMPruner(model, self.example_inputs, result.config, **self.admm_options)
         model.train()
         self.admm_train(model, admm)
-        admm.update()  # Z from the trained weights: the hard prune removes what they made smallest
-        residual = admm.history[-1].residual
+        residual = admm.residual()
         admm.finalize_()
         model.eval()
         found = self._measure(model)
@@ -223,7 +224,8 @@ class AutoCompress:
                                finetune_budget=self.finetune_budget, data=self.data, loss_fn=self.loss_fn,
                                recalibrate_bn=self.recalibrate_bn, max_evals=self.evals_per_round,
                                seed=self.seed + index, criterion=self.criterion, config=self.config,
-                               executor=self.executor, on_record=self.on_record, **kwargs, **self.annealing)
+                               executor=self.executor, on_record=self.on_record, reference=self.model, **kwargs,
+                               **self.annealing)
 
     def _finish(self, model: nn.Module, index: int, goal: float, result: SearchResult | None,
                 residual: float | None) -> Round:

@@ -115,7 +115,9 @@ class Search(abc.ABC):
     ``history``: JSON-lines file the records are appended to; ``resume``: a history file to
     continue (records replayed, new ones appended there). ``executor``: where evaluations run
     (:mod:`torchslim.search.executors`); ``on_record(record)``: called after each new evaluation
-    (progress bars).
+    (progress bars). ``reference``: the model ``model`` was pruned from (same parameter names),
+    when searching again on a pruned model: no group then loses more than
+    ``TARGET_SEARCH_MAX_RATIO`` of its reference width in all (:meth:`SearchSpace.cap`).
     """
 
     method: ClassVar[str] = "search"
@@ -128,7 +130,7 @@ class Search(abc.ABC):
                  time_limit: float | None = None, seed: int = 0, criterion: Any = None,
                  config: PruneConfig | None = None, history: str | os.PathLike | None = None,
                  resume: str | os.PathLike | None = None, executor: Executor | None = None,
-                 on_record: Callable[[Record], Any] | None = None):
+                 on_record: Callable[[Record], Any] | None = None, reference: nn.Module | None = None):
         if not callable(evaluate):
             raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
         if finetune is not None and not callable(finetune):
@@ -158,7 +160,8 @@ class Search(abc.ABC):
         self.rng = np.random.default_rng(seed)
         self.working = copy.deepcopy(model)  # the user's model is not touched until apply_
         self.example_inputs = example_inputs
-        self.space = SearchSpace(self.working, example_inputs, self.config, data=data, loss_fn=loss_fn)
+        self.space = SearchSpace(self.working, example_inputs, self.config, data=data, loss_fn=loss_fn,
+                                 reference=reference)
         self._history_path, self._resume_path = history, resume
         self.history: History | None = None
         self._replayed = 0

@@ -33,7 +33,7 @@ import functools
 import math
 from typing import Any
 
-from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO, keep_count
+from torchslim.pruning.selector import keep_count
 from torchslim.search.base import Search
 from torchslim.search.history import Record
 from torchslim.search.latency_loop import removal_timer
@@ -165,7 +165,7 @@ class NetAdaptSearch(Search):
         or below (binary search over its kept counts), or None if even its cap does not."""
         n = self.space.sizes[group]
         kept_now = self.space.keep_counts(current)[group]
-        floor = keep_count(n, TARGET_SEARCH_MAX_RATIO, self.space.base, self.space.selector.round_to,
+        floor = keep_count(n, self.space.cap(group), self.space.base, self.space.selector.round_to,
                            self.space.graph.atom_width(self.space.groups[self._position(group)]))
         options = [k for k in range(kept_now - 1, floor - 1, -1) if self._representable(group, k)]
         if not options or self.resource(self._with(current, group, options[-1])) > bound:
