@@ -290,9 +290,12 @@ def test_target_latency_measures_removals_between_proposals_that_jump_over_it(mo
     below = np.concatenate([first[:29], second[:43]])  # 90% of each group
     original = table.measured_ms
     history = [{"goal_ms": None, "predicted_ms": table.predict(below), "measured_ms": 0.19 * original}]
-    entry, (ratio, removed) = _latency_loop._between_proposals(
-        selector, graph, X, config, history, [(0.9, below)], unpruned, 0.5 * original)
-    assert entry in history and entry["groups_stepped"] == 1
+    removals = [(0.9, below)]
+    _latency_loop._between_proposals(selector, graph, X, config, history, removals, unpruned, 0.5 * original)
+    assert len(history) == len(removals) > 1
+    closest = _latency_loop._closest(history, 0.5 * original)
+    entry, (ratio, removed) = history[closest], removals[closest]
+    assert entry["groups_stepped"] == 1
     assert np.isin(removed, below).all() and set(removed.tolist()) == set(first[:29].tolist())  # the slow group first
     assert abs(entry["measured_ms"] - (1 - 0.5 * 29 / 32) * original) < 1e-6 * original
     assert ratio == 0.9

@@ -88,30 +88,31 @@ def _closest(history: list[dict], target: float) -> int | None:
 BETWEEN_ROUNDS = 3
 
 
-def _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target):
+def _between_proposals(selector, graph, example_inputs, config, history, removals, unpruned, target) -> None:
     """When the table's proposals jump over the target (every group steps to its next width at
     the same goal, e.g. a ViT head in all twelve blocks at once), bisect over the groups taking
     that step: the removal measured just above the target plus the step of the first k groups.
-    Appends each measured removal to ``history`` and its (ratio, atoms) to ``removals``; returns
-    the closest one's entry and its (ratio, atoms), or None without two proposals around the target."""
+    Appends each measured removal to ``history`` and its (ratio, atoms) to ``removals`` (the
+    caller picks the closest with :func:`_closest`); nothing without two proposals around the
+    target."""
     measured = [(h, r) for h, r in zip(history, removals) if h["measured_ms"] is not None]
     original = selector.latency.measured_ms  # the unpruned model bounds the target from above
     measured.append(({"predicted_ms": original, "measured_ms": original}, (0.0, np.zeros(0, dtype=np.int64))))
     above = [(h, r) for h, r in measured if h["measured_ms"] > target]
     below = [(h, r) for h, r in measured if h["measured_ms"] <= target]
     if not above or not below:
-        return None
+        return
     (high, (_, fewer)), (low, (ratio, more)) = min(above, key=lambda x: x[0]["measured_ms"]), \
         max(below, key=lambda x: x[0]["measured_ms"])
     step = np.setdiff1d(more, fewer)
     owners = graph.atom_group[step]
     groups = [g for g in np.unique(owners) if g >= 0]
     if len(groups) < 2 or not np.isin(fewer, more).all():
-        return None
+        return
     # the groups whose step saves the most predicted time first, so that k moves latency steadily
     saving = {g: -selector.latency.predict(np.concatenate([fewer, step[owners == g]])) for g in groups}
     groups.sort(key=lambda g: -saving[g])
-    lo, hi, best = 0, len(groups), None
+    lo, hi = 0, len(groups)
     for _ in range(BETWEEN_ROUNDS):
         if hi - lo < 2:
             break
@@ -124,12 +125,7 @@ def _between_proposals(selector, graph, example_inputs, config, history, removal
                  "between": [high["predicted_ms"], low["predicted_ms"]], "groups_stepped": k}
         history.append(entry)
         removals.append((ratio, removed))
-        if best is None or abs(ms - target) < abs(best[0]["measured_ms"] - target):
-            best = (entry, removed)
         lo, hi = (lo, k) if ms <= target else (k, hi)
-    if best is None:
-        return None
-    return best[0], (ratio, best[1])
 
 
 def next_goal(points: list[tuple[float, float]], target: float) -> float:
