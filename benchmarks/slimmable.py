@@ -230,6 +230,9 @@ def main() -> None:
     parser.add_argument("--layerwise", action="store_true",
                         help="US-Net: draw the sandwich rule's random widths per group (train_sandwich(layerwise=True))")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slimmable.json")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the rows --out already has for other models and seeds (same settings): a long "
+                             "sweep run a seed at a time, or several seeds side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -244,9 +247,28 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+COMPARED_SETTINGS = ("epochs", "finetune_epochs", "lr", "layerwise")
+
+
+def earlier_rows(args, rows: list[dict]) -> list[dict]:
+    """With ``--add``: the rows --out holds for other (model, seed) pairs, read at write time so
+    that runs side by side keep each other's; refused if they were run with other settings."""
+    if not (args.add and args.out.exists()):
+        return []
+    earlier = json.loads(args.out.read_text())
+    for key in COMPARED_SETTINGS:
+        if earlier["settings"].get(key, False) != getattr(args, key):
+            raise SystemExit(f"--add: {args.out} was run with {key}={earlier['settings'].get(key)}, "
+                             f"this run with {getattr(args, key)}")
+    mine = {(r["model"], r["seed"]) for r in rows}
+    return [r for r in earlier["rows"] if (r["model"], r["seed"]) not in mine]
+
+
 def write(args, rows: list[dict]) -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    rows = sorted(earlier_rows(args, rows) + rows, key=lambda r: (r["model"], r["seed"]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["seeds"] = sorted({r["seed"] for r in rows})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "settings": settings, "summary": summarize(rows),
                                     "rows": rows}, indent=1, default=str))
