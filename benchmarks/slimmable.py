@@ -261,7 +261,17 @@ def earlier_rows(args, rows: list[dict]) -> list[dict]:
             raise SystemExit(f"--add: {args.out} was run with {key}={earlier['settings'].get(key)}, "
                              f"this run with {getattr(args, key)}")
     mine = {(r["model"], r["seed"]) for r in rows}
-    return [r for r in earlier["rows"] if (r["model"], r["seed"]) not in mine]
+    return [float_keys(r) for r in earlier["rows"] if (r["model"], r["seed"]) not in mine]
+
+
+def float_keys(value):
+    """A row read back from JSON with its width and budget keys floats again (JSON wrote them as strings)."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return {float(k): float_keys(v) for k, v in value.items()}
+    except ValueError:
+        return {k: float_keys(v) for k, v in value.items()}
 
 
 def write(args, rows: list[dict]) -> None:
