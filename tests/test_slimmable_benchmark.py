@@ -1,0 +1,46 @@
+"""benchmarks/slimmable.py's ``--add``: a sweep run a seed at a time keeps the rows --out already
+holds for other seeds, with their width keys floats again, and refuses rows run with other settings."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from _benchmarks import load_benchmark
+
+slimmable = load_benchmark("slimmable")
+
+
+def _row(seed: int, accuracy: float) -> dict:
+    widths = dict.fromkeys(slimmable.WIDTHS, accuracy)
+    return {"model": "resnet18", "seed": seed, "us_net": widths, "individual": widths, "prune_finetune": widths,
+            "macs": {w: 1000 * w * w for w in slimmable.WIDTHS},
+            "latency_ms": {w: {"slimmable": 2.0, "exported": 1.0} for w in slimmable.WIDTHS},
+            "autoslim": {b: {"macs": b, "uniform_width": b, "uniform_macs": b, "after": accuracy,
+                             "uniform_after": accuracy, "finetuned": accuracy, "uniform_finetuned": accuracy,
+                             "evaluations": 3, "seconds": 1.0} for b in slimmable.AUTOSLIM_BUDGETS}}
+
+
+def _args(tmp_path, **settings) -> types.SimpleNamespace:
+    base = {"models": ["resnet18"], "seeds": [0], "epochs": 15, "finetune_epochs": 2, "lr": 0.05, "threads": 1,
+            "layerwise": False, "add": True, "out": tmp_path / "slim.json"}
+    return types.SimpleNamespace(**{**base, **settings})
+
+
+def test_add_keeps_the_other_seeds_rows_and_summarizes_them_with_the_new_ones(tmp_path):
+    slimmable.write(_args(tmp_path, seeds=[0]), [_row(0, 90.0)])
+    slimmable.write(_args(tmp_path, seeds=[1]), [_row(1, 80.0)])
+    written = json.loads((tmp_path / "slim.json").read_text())
+    assert [r["seed"] for r in written["rows"]] == [0, 1] and written["settings"]["seeds"] == [0, 1]
+    first = next(s for s in written["summary"] if s.get("width") == 0.25)
+    assert first["seeds"] == 2 and first["us_net"][0] == pytest.approx(85.0)
+    slimmable.write(_args(tmp_path, seeds=[1]), [_row(1, 70.0)])  # a seed run again replaces its row
+    rows = json.loads((tmp_path / "slim.json").read_text())["rows"]
+    assert [r["us_net"]["0.25"] for r in rows] == [90.0, 70.0]
+
+
+def test_add_refuses_rows_run_with_other_settings(tmp_path):
+    slimmable.write(_args(tmp_path), [_row(0, 90.0)])
+    with pytest.raises(SystemExit, match="epochs=15"):
+        slimmable.write(_args(tmp_path, epochs=30, seeds=[1]), [_row(1, 80.0)])
