@@ -73,10 +73,9 @@ class SearchSpace:
             g for g in eligible_groups(self.graph, dataclasses.replace(self.base, exact_only=False), quiet=True)
             if not g.exact]
         self.sizes = {g.index: len(g) for g in self.groups}
-        self.caps = {g.index: TARGET_SEARCH_MAX_RATIO for g in self.groups}
         self.has_reference = reference is not None
-        if reference is not None:
-            self.caps = reference_caps(self.graph, self.groups, reference)
+        self.caps = (reference_caps(self.graph, self.groups, reference) if reference is not None else
+                     {g.index: TARGET_SEARCH_MAX_RATIO for g in self.groups})
         self.latency = None
         target = config.target
         if target is not None and target.quantity == "latency":

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from torchslim.pruning.selector import TARGET_SEARCH_MAX_RATIO
 from torchslim.search.base import Search
 from torchslim.search.history import Record
 
@@ -72,9 +71,9 @@ class AnnealingSearch(Search):
     def _arrange(self, values: np.ndarray) -> dict[int, float]:
         """Ratios in [0, the group's cap] (``values`` in group id order, or with ``size_order``
         sorted and handed out smallest group first)."""
-        values = np.clip(values, 0.0, TARGET_SEARCH_MAX_RATIO)
-        order = self.size_rank if self.size_order else self.groups
-        return self.space.clip(dict(zip(order, np.sort(values) if self.size_order else values)))
+        if self.size_order:
+            return self.space.clip(dict(zip(self.size_rank, np.sort(values))))
+        return self.space.clip(dict(zip(self.groups, values)))
 
     def explore(self) -> None:
         current = self.evaluate_ratios(self._arrange(self.rng.uniform(0.0, 1.0, len(self.groups))), note="initial")
