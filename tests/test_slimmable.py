@@ -115,6 +115,31 @@ def test_calibrating_a_width_equals_recalibrating_the_exported_model():
         calibrate_bn(slim, [], 0.5)
 
 
+@pytest.mark.parametrize("widths", [0.5, "uneven"])
+def test_cuts_kept_between_forwards_follow_in_place_changes(widths):
+    """Without autograd a width's cuts are made once and reused: an in-place change of the full
+    weights (an optimizer step) or statistics (a calibration) must still reach the next forward,
+    which then equals the model exported from the changed weights."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    slim = make_slimmable(DigitsCNN().eval(), x, width_range=(0.25, 1.0))
+    width = 0.5 if widths == 0.5 else {g.index: 0.3 + 0.2 * i for i, g in enumerate(slim.groups)}
+    batch = torch.randn(4, 1, 8, 8)
+    with torch.no_grad(), slim.at_width(width):
+        first = slim(batch)
+        torch.testing.assert_close(slim(batch), first)  # the kept cuts give the same result
+        for parameter in slim.model.parameters():
+            parameter.mul_(1.5)
+        for module in slim.model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.add_(0.3)
+                module.running_var.mul_(2.0)
+        changed = slim(batch)
+    assert not torch.allclose(changed, first, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, export_width(slim, width, x)(batch), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses(layerwise):
     torch.manual_seed(0)
