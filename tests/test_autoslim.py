@@ -44,6 +44,20 @@ def test_autoslim_narrows_the_insensitive_layers_first_and_meets_the_budget(tmp_
     assert again.ratios == result.ratios and len(again.history) == len(result.history)
 
 
+def test_autoslim_breaks_equal_scores_by_the_macs_saved():
+    """With every candidate scoring the same (a coarse validation accuracy), each step keeps
+    the candidate that removes the most MACs, not the lowest group id."""
+    slim, x = _slim()
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    search = AutoSlimSearch(slim, x, lambda model: 0.9, data=data, target_macs=0.5)
+    search.run()
+    assert len(search.steps) > 1
+    for step in search.steps:
+        candidates = [r.macs for r in search.history.records if r.note.startswith(f"step {step.index}:")]
+        assert len(candidates) > 1 and len(set(candidates)) > 1  # a real choice among different savings
+        assert step.after == min(candidates)
+
+
 def test_autoslim_returns_a_pruned_model_equal_to_the_slimmable_one_at_the_found_widths(tmp_path):
     slim, x = _slim()
     data = [torch.randn(8, 1, 8, 8) for _ in range(2)]

@@ -3,7 +3,8 @@
 
 Each step tries every group one step narrower (``step`` of its channels, its least important
 ones: after ``make_slimmable`` those are its last) and keeps the candidate that scores best
-after BatchNorm calibration on a few batches; the loop stops at the budget, the last step
+after BatchNorm calibration on a few batches (equal scores: the one saving the most of the
+budgeted resource); the loop stops at the budget, the last step
 handing back what it cut past it. Candidates are evaluated through the search framework
 (:class:`torchslim.search.Search`: history, resume, ``max_evals``, parallel executors) on the
 slimmable model's shared weights, so the result is an ordinary per-group ``PruneConfig`` and
@@ -100,10 +101,17 @@ class AutoSlimSearch(Search):
             proposing = [(g, self.space.give_back(p, budget) if self.resource(p) <= budget else p) for g, p in proposing]
             records = self.evaluate_batch([p for _, p in proposing], meet_budget=False,
                                           notes=[f"step {len(self.steps)}: group {g} narrower" for g, _ in proposing])
-            best_group, best = max(zip((g for g, _ in proposing), records), key=lambda pair: pair[1].score)
+            best_group, best = self.best_candidate([g for g, _ in proposing], records)
             current = dict(best.ratios)
             self._chosen = best
             self.steps.append(SlimStep(len(self.steps), before, self.resource(current), best_group, best.score))
+
+    def best_candidate(self, groups: list[int], records: list[Record]) -> tuple[int, Record]:
+        """The best-scoring candidate; among equal scores (accuracy on a small validation set
+        ties often) the one that saves the most of the budgeted resource, then the lowest group."""
+        saved = [-self.resource(dict(record.ratios)) for record in records]
+        best = max(range(len(records)), key=lambda i: (records[i].score, saved[i], -groups[i]))
+        return groups[best], records[best]
 
     def narrower(self, current: dict[int, float], group: int) -> dict[int, float] | None:
         """``current`` with ``group`` one step narrower (at least one representable count), or
