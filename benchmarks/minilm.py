@@ -219,6 +219,8 @@ def main() -> None:
                         help="channel criteria to compare (data-driven ones measure on the calibration text)")
     parser.add_argument("--reconstruct", choices=("both", "yes", "no"), default="both",
                         help="rows with and/or without reconstruction")
+    parser.add_argument("--sequential", action="store_true",
+                        help="reconstruct each layer on the pruned model's own inputs, in forward order")
     parser.add_argument("--layer-distill", choices=("both", "yes", "no"), default="both",
                         help="rows with and/or without per-layer hidden-state distillation")
     parser.add_argument("--distill", choices=("short", "long"), default="short",
@@ -256,6 +258,7 @@ def main() -> None:
     loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
     settings = {"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
                 "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr, "ridge": RIDGE,
+                "sequential": args.sequential,
                 "distill": args.distill, "schedule": schedule,
                 "max_sparsity_per_layer": MAX_SPARSITY}
     rows: list[dict] = []
@@ -267,7 +270,7 @@ def main() -> None:
             student = copy.deepcopy(pruned)
             start = time.perf_counter()
             if reconstruct:
-                torchslim.reconstruct_(student, teacher, calibration_batches, ridge=RIDGE)
+                torchslim.reconstruct_(student, teacher, calibration_batches, ridge=RIDGE, sequential=args.sequential)
             seconds = time.perf_counter() - start
             base = {"criterion": criterion, "ratio": ratio, "reconstruct": reconstruct, "prune_seconds": prune_seconds,
                     "reconstruct_seconds": seconds, "params_before": result.params_before,

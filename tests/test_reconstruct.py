@@ -160,7 +160,8 @@ def _anchored_ridge_fit(w: torch.Tensor, rows: torch.Tensor, kept: list[int], ri
     return torch.linalg.lstsq(stacked, targets).solution.T
 
 
-def test_auto_ridge_is_the_grid_value_with_least_held_out_error():
+@pytest.mark.parametrize("sequential", [False, True])  # one pruned layer: its own inputs are the original's kept ones
+def test_auto_ridge_is_the_grid_value_with_least_held_out_error(sequential):
     from torchslim.reconstruct.api import RIDGE_GRID
 
     torch.manual_seed(3)
@@ -174,7 +175,7 @@ def test_auto_ridge_is_the_grid_value_with_least_held_out_error():
     graph = DependencyGraph.build(model, batches[0])
     labels = graph.param_labels("fc1.weight", 0)
     remove_(graph, labels[30:], batches[0])
-    report = reconstruct_(model, original, batches, ridge="auto")
+    report = reconstruct_(model, original, batches, ridge="auto", sequential=sequential)
 
     def rows_of(chunk):  # fc2's input rows with the bias column, on the original model
         with torch.no_grad():
@@ -197,6 +198,67 @@ def test_auto_ridge_is_the_grid_value_with_least_held_out_error():
     torch.testing.assert_close(model.fc2.bias.detach().double(), final[:, -1], atol=1e-6, rtol=1e-5)
 
 
+class ThreeRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 24), nn.Linear(24, 20), nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_sequential_auto_ridge_fits_the_next_layer_on_the_refitted_models_own_inputs():
+    """fc3 reads fc2's kept outputs as the pruned model computes them once fc2 is re-fitted:
+    its ridge and weights equal an independent cross-validated lstsq on those explicit rows
+    against the original's fc3 output on the original rows."""
+    from torchslim.graph import DependencyGraph
+    from torchslim.pruning import remove_
+    from torchslim.reconstruct.api import RIDGE_GRID
+
+    torch.manual_seed(5)
+    model = ThreeRelu()
+    original = copy.deepcopy(model)
+    batches = [torch.randn(10, 8) for _ in range(4)]  # 40 rows for fc3's 15 kept columns + bias
+    graph = DependencyGraph.build(model, batches[0])
+    gone = [graph.param_labels("fc1.weight", 0)[i] for i in range(16, 24)]
+    gone += [graph.param_labels("fc2.weight", 0)[i] for i in range(15, 20)]
+    remove_(graph, torch.as_tensor(gone).numpy(), batches[0])
+    before = copy.deepcopy(model)  # fc3 as pruned: the anchor its ridge pulls toward
+    report = reconstruct_(model, original, batches, ridge="auto", sequential=True)
+    assert set(report.errors) == {"fc2", "fc3"}
+
+    def with_ones(t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        return torch.cat([t, torch.ones(t.shape[0], 1, dtype=t.dtype)], dim=1)
+
+    def rows(chunk, net):  # fc3's input rows: fc2 of the re-fitted pruned model / of the original
+        with torch.no_grad():
+            return with_ones(torch.relu(net.fc2(torch.relu(net.fc1(torch.cat(chunk))))))
+
+    w = torch.cat([original.fc3.weight, original.fc3.bias[:, None]], dim=1).detach().double()
+    anchor = torch.cat([before.fc3.weight, before.fc3.bias[:, None]], dim=1).detach().double()
+
+    def fit(chunk, ridge):  # argmin ||X W^T - Y V^T||^2 + lam ||V - anchor||^2, stacked, by lstsq
+        x, y = rows(chunk, original), rows(chunk, model)
+        lam = ridge * float((y * y).sum(0).mean())
+        stacked = torch.cat([y, lam ** 0.5 * torch.eye(y.shape[1], dtype=y.dtype)])
+        targets = torch.cat([x @ w.T, lam ** 0.5 * anchor.T])
+        return torch.linalg.lstsq(stacked, targets).solution.T
+
+    def held_out(ridge):
+        error = 0.0
+        for fit_on, score_on in ((batches[0::2], batches[1::2]), (batches[1::2], batches[0::2])):
+            v = fit(fit_on, ridge)
+            error += float(((rows(score_on, original) @ w.T - rows(score_on, model) @ v.T) ** 2).sum())
+        return error
+
+    errors = [held_out(r) for r in RIDGE_GRID]
+    assert report.ridges["fc3"] == RIDGE_GRID[errors.index(min(errors))]
+    expected = fit(batches, report.ridges["fc3"])
+    torch.testing.assert_close(model.fc3.weight.detach().double(), expected[:, :-1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.fc3.bias.detach().double(), expected[:, -1], atol=1e-6, rtol=1e-5)
+
+
 def test_auto_ridge_takes_the_smallest_ridge_where_the_fit_is_exact():
     from torchslim.reconstruct.api import RIDGE_GRID
 
@@ -214,7 +276,7 @@ def test_auto_ridge_takes_the_smallest_ridge_where_the_fit_is_exact():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"ridge": -1.0}, "ridge must be"), ({"ridge": "large"}, "ridge must be"),
-    ({"ridge": "auto", "sequential": True}, "sequential=True"),
+    ({"ridge": "large", "sequential": True}, "ridge must be"),
 ])
 def test_bad_ridges_are_refused_before_anything_changes(kwargs, message):
     torch.manual_seed(0)
@@ -225,8 +287,9 @@ def test_bad_ridges_are_refused_before_anything_changes(kwargs, message):
     state = copy.deepcopy(pruned.state_dict())
     with pytest.raises(ValueError, match=message):
         reconstruct_(pruned, original, [x[:8], x[8:]], **kwargs)
-    with pytest.raises(ValueError, match="at least 2 calibration batches"):
-        reconstruct_(pruned, original, [x], ridge="auto")
+    for sequential in (False, True):
+        with pytest.raises(ValueError, match="at least 2 calibration batches"):
+            reconstruct_(pruned, original, [x], ridge="auto", sequential=sequential)
     assert all(torch.equal(state[k], v) for k, v in pruned.state_dict().items())
 
 

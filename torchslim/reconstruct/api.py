@@ -33,7 +33,7 @@ from torchslim.pruning import PruningPlan
 from torchslim.pruning.plan import pruning_history
 from torchslim._inputs import call_model
 from torchslim.reconstruct.gram import CONSUMERS, _inputs_of, collect_grams, collect_paired
-from torchslim.reconstruct.solve import RankDeficientWarning, refit, refit_paired, squared_error
+from torchslim.reconstruct.solve import RankDeficientWarning, paired_squared_error, refit, refit_paired, squared_error
 
 LOG = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
     on a few hundred sentences) it keeps a layer from following its calibration text.
     ``sequential=True`` fits each layer, in forward order, on its inputs as the pruned model
     (with the layers before it already re-fitted) computes them, against the original layer's
-    output on the original inputs (He et al.); one pass over ``data`` per layer instead of one."""
+    output on the original inputs (He et al.), so a layer also corrects what the layers before
+    it could not; one pass over ``data`` per layer instead of one (with ``ridge="auto"`` the
+    statistics are kept per half of the batches and the ridge cross-validated the same way)."""
     start = time.perf_counter()
     removed = (plan if plan is not None else pruning_history(model)).removed
     original_modules = dict(original.named_modules())
@@ -88,24 +90,16 @@ def reconstruct_(model: nn.Module, original: nn.Module, data: Iterable[Any], *, 
         LOG.info("reconstruct_: %s left as it is: %s", name, why)
     if not layers:
         return ReconstructionReport({}, skipped, 0, time.perf_counter() - start)
-    auto = _check_ridge(ridge, sequential)
-    if sequential:
-        data = list(data)
-        errors = {}
-        for name in _forward_order(original, layers, data[0]):
-            target = model.get_submodule(name)
-            source = layers[name]
-            assert isinstance(target, CONSUMERS) and isinstance(source, CONSUMERS)
-            errors[name], rows = _refit_paired(model, original, target, source, removed.get(f"{name}.weight", {}),
-                                               data, float(ridge), name)
-        return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start,
-                                    {name: float(ridge) for name in errors})
-    if auto:
-        data = list(data)
-        if len(data) < 2:
+    auto = _check_ridge(ridge)
+    if auto or sequential:
+        batches = list(data)
+        if auto and len(batches) < 2:
             raise ValueError(f"reconstruct_(ridge='auto') needs at least 2 calibration batches to cross-validate, "
-                             f"got {len(data)}")
-        halves = [collect_grams(original, layers, data[0::2]), collect_grams(original, layers, data[1::2])]
+                             f"got {len(batches)}")
+        if sequential:
+            errors, rows, ridges = _reconstruct_sequentially(model, original, layers, removed, batches, ridge)
+            return ReconstructionReport(errors, skipped, rows, time.perf_counter() - start, ridges)
+        halves = [collect_grams(original, layers, batches[0::2]), collect_grams(original, layers, batches[1::2])]
         grams = {name: halves[0].grams[name] + halves[1].grams[name] for name in layers}
         counts = {name: halves[0].rows[name] + halves[1].rows[name] for name in layers}
     else:
@@ -135,12 +129,9 @@ def _check_removal_matches(name: str, module: nn.Linear | nn.Conv2d, source: nn.
                          "(was the original pruned before? pass plan=result.plan of the prune_ between them)")
 
 
-def _check_ridge(ridge: float | str, sequential: bool) -> bool:
+def _check_ridge(ridge: float | str) -> bool:
     """Whether ``ridge`` asks for cross-validation; anything but ``"auto"`` or a number >= 0 is refused."""
     if ridge == "auto":
-        if sequential:
-            raise ValueError("reconstruct_(ridge='auto') cross-validates the one-pass fit; with sequential=True "
-                             "give a number")
         return True
     if isinstance(ridge, str) or not ridge >= 0:
         raise ValueError(f"reconstruct_: ridge must be a number >= 0 or 'auto', got {ridge!r}")
@@ -198,16 +189,56 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], batch: Any) -
     return order + [name for name in layers if name not in order]
 
 
+def _reconstruct_sequentially(model: nn.Module, original: nn.Module, layers: dict[str, nn.Module],
+                              removed: dict[str, dict[int, list[int]]], batches: list, ridge: float | str
+                              ) -> tuple[dict[str, tuple[float, float]], int, dict[str, float]]:
+    """``sequential=True``: each layer in forward order re-fitted on the pruned model's inputs."""
+    errors, ridges, rows = {}, {}, 0
+    for name in _forward_order(original, layers, batches[0]):
+        target, source = model.get_submodule(name), layers[name]
+        assert isinstance(target, CONSUMERS) and isinstance(source, CONSUMERS)
+        errors[name], rows, ridges[name] = _refit_paired(model, original, target, source,
+                                                         removed.get(f"{name}.weight", {}), batches, ridge, name)
+    return errors, rows, ridges
+
+
 @torch.no_grad()
 def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.Conv2d,
-                  source: nn.Linear | nn.Conv2d, removed: dict[int, list[int]], data: list, ridge: float,
-                  name: str) -> tuple[tuple[float, float], int]:
-    stats = collect_paired(original, model, name, data)
+                  source: nn.Linear | nn.Conv2d, removed: dict[int, list[int]], data: list, ridge: float | str,
+                  name: str) -> tuple[tuple[float, float], int, float]:
+    """Re-fit ``module`` on the pruned model's own inputs (``sequential=True``); with
+    ``ridge="auto"`` the statistics are collected per half of ``data`` and the ridge chosen as
+    in the one-pass fit. Returns the errors, the rows and the ridge used."""
     out_kept, _ = _columns(source, removed)
-    stats["kept_weight"] = _matrix(module)
-    result = refit_paired(_matrix(source)[torch.as_tensor(out_kept)], stats, ridge=ridge, name=name)
+    w = _matrix(source)[torch.as_tensor(out_kept)]
+    kept_weight = _matrix(module)
+    if ridge == "auto":
+        halves = [collect_paired(original, model, name, data[0::2]), collect_paired(original, model, name, data[1::2])]
+        for half in halves:
+            half["kept_weight"] = kept_weight
+        ridge = _cross_validated_paired_ridge(w, halves)
+        stats = {key: halves[0][key] + halves[1][key] for key in ("G", "A", "C", "rows")}
+    else:
+        stats = collect_paired(original, model, name, data)
+    stats["kept_weight"] = kept_weight
+    result = refit_paired(w, stats, ridge=float(ridge), name=name)
     _write(module, result.weight)
-    return (result.error_before, result.error_after), stats["rows"]
+    return (result.error_before, result.error_after), stats["rows"], float(ridge)
+
+
+def _cross_validated_paired_ridge(w: torch.Tensor, halves: list[dict]) -> float:
+    """The ridge of ``RIDGE_GRID`` whose paired fit on one half best reproduces the original
+    outputs of the other (summed both ways), from the halves' statistics alone."""
+    scores = []
+    for candidate in RIDGE_GRID:
+        total = 0.0
+        for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankDeficientWarning)
+                new = refit_paired(w, fit_on, ridge=candidate).weight
+            total += paired_squared_error(w, score_on, new)
+        scores.append(total)
+    return RIDGE_GRID[int(np.argmin(scores))]
 
 
 @torch.no_grad()

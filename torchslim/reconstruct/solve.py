@@ -86,12 +86,17 @@ def refit_paired(weight: torch.Tensor, stats: dict, *, ridge: float = 1e-4, name
     anchor = stats["kept_weight"].double() if "kept_weight" in stats else torch.zeros(w.shape[0], k, dtype=w.dtype)
     new = torch.linalg.solve(a + lam * torch.eye(k, dtype=a.dtype), c @ w.T + lam * anchor.T).T
     total = float((w @ g * w).sum())
+    before = paired_squared_error(w, stats, stats["kept_weight"].double()) if "kept_weight" in stats else None
+    return Refit(new, _relative(before, total) if before is not None else 0.0,
+                 _relative(paired_squared_error(w, stats, new), total))
 
-    def error(v: torch.Tensor) -> float:  # ||X W^T - Y v^T||^2 = tr(W G W^T) - 2 tr(v C W^T) + tr(v A v^T)
-        return float((w @ g * w).sum() - 2 * (v @ c * w).sum() + (v @ a * v).sum())
 
-    return Refit(new, _relative(error(stats["kept_weight"].double()), total) if "kept_weight" in stats else 0.0,
-                 _relative(error(new), total))
+def paired_squared_error(w: torch.Tensor, stats: dict, new: torch.Tensor) -> float:
+    """``||X W^T - Y new^T||^2 = tr(W G W^T) - 2 tr(new C W^T) + tr(new A new^T)`` from
+    ``collect_paired``'s statistics alone: how well ``new``, reading the pruned model's inputs
+    Y, reproduces ``w``'s output on the original inputs X over the rows they summarise."""
+    w, new = w.double(), new.double()
+    return float((w @ stats["G"] * w).sum() - 2 * (new @ stats["C"] * w).sum() + (new @ stats["A"] * new).sum())
 
 
 def _relative(squared: float, total: float) -> float:
