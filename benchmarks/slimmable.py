@@ -16,10 +16,11 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 * AutoSlim at 50% and 25% of the MACs on the trained US-Net, against the uniform width with the
   same MACs, scored right after export (BatchNorm calibrated) and after the same fine-tune;
 * latency (torch, 1 thread, batch 1): the slimmable model at each width against the model
-  exported at that width.
+  exported at that width, timed in alternation.
 
 Writes benchmarks/results/slimmable.json.
 Usage: python benchmarks/slimmable.py [--models digits_cnn resnet18] [--seeds 0 1 2] [--epochs 30]
+       [--add] [--autoslim-only | --latency-only]
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -109,17 +111,13 @@ def short_finetune(model: nn.Module, data: Data, epochs: int) -> nn.Module:
     return model.eval()
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
+    """Mean ms of ``repeats`` forwards (no autograd)."""
     with torch.no_grad():
-        for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(repeats):
             model(x)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model(x)
-            best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e3
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def run_seed(name: str, seed: int, args) -> dict:
@@ -141,32 +139,90 @@ def run_seed(name: str, seed: int, args) -> dict:
         recalibrate_bn_(model, data.calibration)
         pruned[w] = 100 * evaluate_accuracy(short_finetune(model, data, args.finetune_epochs), data.test)
     row["prune_finetune"] = pruned
-    row["autoslim"] = {}
+    row["autoslim"] = autoslim_rows(name, slim, data, args)
+    row["latency_ms"] = latencies(slim, data.example, args.threads)
+    return row
+
+
+def latencies(slim, x: torch.Tensor, threads: int) -> dict:
+    """Per width, ms at batch 1 on 1 thread: the slimmable model at the width and the model
+    exported at it, timed in alternation (the best of 30 rounds of 50 forwards each), so that
+    load from other jobs on the machine falls on both alike."""
+    torch.set_num_threads(1)
+    out = {}
+    for w in WIDTHS:
+        exported = export_width(slim, w, x) if w < 1 else None
+        best = {"slimmable": float("inf"), "exported": float("inf")}
+        with slim.at_width(w), torch.no_grad():
+            for _ in range(10):  # warm-up
+                slim(x)
+            for _ in range(30):
+                best["slimmable"] = min(best["slimmable"], latency_ms(slim, x))
+                if exported is not None:
+                    best["exported"] = min(best["exported"], latency_ms(exported, x))
+        out[w] = {**best, "exported": best["exported"] if exported is not None else best["slimmable"]}
+    torch.set_num_threads(threads)
+    return out
+
+
+def rerun_latency(name: str, seed: int, args) -> dict:
+    """``--latency-only``: the row --out holds for (name, seed) with its latency columns measured
+    again (on the untrained slimmable model: the weights' values do not change the time)."""
+    data = Data(seed)
+    return {**stored_row(args, name, seed), "latency_ms": latencies(fresh_slimmable(name, seed, data), data.example, args.threads)}
+
+
+def stored_row(args, name: str, seed: int) -> dict:
+    """The row --out holds for (name, seed), its settings checked against this run's."""
+    rows = [r for r in earlier_rows(args, []) if (r["model"], r["seed"]) == (name, seed)]
+    if not rows:
+        raise SystemExit(f"{args.out} has no row for {name} seed {seed} to update")
+    return rows[0]
+
+
+def rerun_autoslim(name: str, seed: int, args) -> dict:
+    """``--autoslim-only``: the row --out holds for (name, seed) with the US-Net retrained (the
+    same seed) and its AutoSlim rows measured again; the other columns kept as they were."""
+    row = stored_row(args, name, seed)
+    data = Data(seed)
+    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
+    return {**row, "us_net": us_accuracy, "us_seconds": us_seconds,
+            "autoslim": autoslim_rows(name, slim, data, args)}
+
+
+def validation_scorer(data: Data, kind: str):
+    """AutoSlim's candidate score on the validation split: accuracy, or minus the mean
+    cross-entropy (continuous: on a few hundred images many candidates tie on accuracy)."""
+    if kind == "accuracy":
+        return lambda model: evaluate_accuracy(model, data.val)
+
+    @torch.no_grad()
+    def minus_loss(model: nn.Module) -> float:
+        model.eval()
+        total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in data.val)
+        return -total / sum(len(y) for _, y in data.val)
+    return minus_loss
+
+
+def autoslim_rows(name: str, slim, data: Data, args) -> dict:
+    """AutoSlim at each budget against the uniform width with the same MACs (see the module docstring)."""
+    rows = {}
     for budget in AUTOSLIM_BUDGETS:
         start = time.perf_counter()
-        evaluate = lambda m: evaluate_accuracy(m, data.val)  # noqa: E731 - recalibrated by the search first
+        evaluate = validation_scorer(data, args.autoslim_score)  # the search recalibrates BatchNorm first
         result, found, _ = autoslim(slim, data.example, evaluate, data=data.calibration, target_macs=budget)
         seconds = time.perf_counter() - start
         width = uniform_width_for(slim, budget)
         uniform = export_width(slim, width, data.example)
-        row["autoslim"][budget] = {
+        rows[budget] = {
             "autoslim_macs": result.macs / slim.macs(1.0), "uniform_width": width,
             "uniform_macs": slim.macs(width) / slim.macs(1.0),
             "autoslim_after": score(found, data, data.test), "uniform_after": score(uniform, data, data.test),
             "autoslim_finetuned": 100 * evaluate_accuracy(short_finetune(found, data, args.finetune_epochs), data.test),
             "uniform_finetuned": 100 * evaluate_accuracy(short_finetune(uniform, data, args.finetune_epochs), data.test),
-            "evaluations": len(result.history), "seconds": seconds}
-    torch.set_num_threads(1)
-    x = data.example
-    row["latency_ms"] = {}
-    for w in WIDTHS:
-        with slim.at_width(w):
-            at_width = latency_ms(slim, x)
-        exported = export_width(slim, w, x) if w < 1 else None
-        row["latency_ms"][w] = {"slimmable": at_width,
-                                "exported": latency_ms(exported, x) if exported is not None else at_width}
-    torch.set_num_threads(args.threads)
-    return row
+            "evaluations": len(result.history), "seconds": seconds, "score": args.autoslim_score}
+        print(json.dumps({"model": name, "budget": budget, **rows[budget]}), flush=True)
+    return rows
 
 
 def mean_std(values: list[float]) -> list[float]:
@@ -188,7 +244,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         for budget in AUTOSLIM_BUDGETS:
             entries = [r["autoslim"][budget] for r in mine]
             out.append({"model": name, "autoslim_budget": budget, "seeds": len(mine),
-                        **{k: mean_std([e[k] for e in entries]) for k in entries[0]}})
+                        "score": sorted({e.get("score", "accuracy") for e in entries}),
+                        **{k: mean_std([e[k] for e in entries]) for k in entries[0] if k != "score"}})
     return out
 
 
@@ -233,13 +290,22 @@ def main() -> None:
     parser.add_argument("--add", action="store_true",
                         help="keep the rows --out already has for other models and seeds (same settings): a long "
                              "sweep run a seed at a time, or several seeds side by side")
+    parser.add_argument("--autoslim-score", choices=("accuracy", "loss"), default="accuracy",
+                        help="AutoSlim's candidate score on the validation split")
+    parser.add_argument("--autoslim-only", action="store_true",
+                        help="retrain each US-Net and measure its AutoSlim rows again, keeping the other columns of "
+                             "the rows --out holds (implies --add)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="measure the latency columns of the rows --out holds again (implies --add)")
     args = parser.parse_args()
+    args.add = args.add or args.autoslim_only or args.latency_only
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     rows = []
     for name in args.models:
         for seed in args.seeds:
-            rows.append(run_seed(name, seed, args))
+            rerun = rerun_autoslim if args.autoslim_only else rerun_latency if args.latency_only else run_seed
+            rows.append(rerun(name, seed, args))
             print(json.dumps({"model": name, "seed": seed, "us_net": rows[-1]["us_net"],
                               "individual": rows[-1]["individual"]}), flush=True)
             write(args, rows)

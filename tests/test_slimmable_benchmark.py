@@ -44,3 +44,17 @@ def test_add_refuses_rows_run_with_other_settings(tmp_path):
     slimmable.write(_args(tmp_path), [_row(0, 90.0)])
     with pytest.raises(SystemExit, match="epochs=15"):
         slimmable.write(_args(tmp_path, epochs=30, seeds=[1]), [_row(1, 80.0)])
+
+
+def test_latency_only_replaces_the_latency_columns_and_keeps_the_rest(tmp_path, monkeypatch):
+    row = {**_row(0, 90.0), "model": "digits_cnn"}
+    slimmable.write(_args(tmp_path, models=["digits_cnn"]), [row])
+    measured = {w: {"slimmable": 0.2, "exported": 0.1} for w in slimmable.WIDTHS}
+    seen = []
+    monkeypatch.setattr(slimmable, "latencies", lambda slim, x, threads: seen.append(slim) or measured)
+    rerun = slimmable.rerun_latency("digits_cnn", 0, _args(tmp_path, models=["digits_cnn"], latency_only=True))
+    assert rerun["latency_ms"] == measured and len(seen) == 1 and hasattr(seen[0], "at_width")
+    assert {k: v for k, v in rerun.items() if k != "latency_ms"} == \
+        {k: v for k, v in slimmable.float_keys(json.loads(json.dumps(row))).items() if k != "latency_ms"}
+    with pytest.raises(SystemExit, match="no row for digits_cnn seed 1"):
+        slimmable.rerun_latency("digits_cnn", 1, _args(tmp_path, models=["digits_cnn"]))
