@@ -109,8 +109,8 @@ class AutoSlimSearch(Search):
     def best_candidate(self, groups: list[int], records: list[Record]) -> tuple[int, Record]:
         """The best-scoring candidate; among equal scores (accuracy on a small validation set
         ties often) the one that saves the most of the budgeted resource, then the lowest group."""
-        saved = [-self.resource(dict(record.ratios)) for record in records]
-        best = max(range(len(records)), key=lambda i: (records[i].score, saved[i], -groups[i]))
+        left = [self.resource(dict(record.ratios)) for record in records]
+        best = max(range(len(records)), key=lambda i: (records[i].score, -left[i], -groups[i]))
         return groups[best], records[best]
 
     def narrower(self, current: dict[int, float], group: int) -> dict[int, float] | None:
