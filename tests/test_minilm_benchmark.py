@@ -61,3 +61,16 @@ def test_distill_brings_a_pruned_student_closer_to_its_teacher(schedule):
     minilm.distill(student, teacher, batches, epochs=4, lr=1e-3, schedule=schedule)
     assert _gap(student, teacher, batches) < 0.6 * before  # 1.82 -> 0.65 (constant), 0.89 (one-cycle)
     assert all(torch.equal(b["input_ids"], o) for b, o in zip(batches, order))  # the caller's list is not shuffled
+
+
+def test_domain_text_leaves_out_scored_subjects_code_and_near_copies_of_scored_sentences():
+    page = ("<h2>Car mileage</h2>\n<h3>Description</h3>\n<p>Fuel use of 32 cars measured in 1974.</p>\n"
+            "<h3>Usage</h3>\n<pre>mtcars</pre>\n<h3>Source</h3>\n<p>Motor Trend, 1974.</p>\n"
+            "<h3>Examples</h3>\n<pre>plot(mtcars)</pre>")
+    prose = minilm.r_doc_prose(page)
+    assert [p.strip() for p in prose] == ["Fuel use of 32 cars measured in 1974.", "Motor Trend, 1974."]
+    assert minilm.r_doc_prose(page.replace("cars measured", "wine samples measured")) == []  # a scored subject
+    scored = ["The data set contains 3 classes of 50 instances each."]
+    kept = minilm.far_from(["This data set contains 3 classes of 40 cases each.",
+                            "Yearly rainfall at twelve stations in the valley."], scored)
+    assert kept == ["Yearly rainfall at twelve stations in the valley."]
