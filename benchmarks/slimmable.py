@@ -14,7 +14,8 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 * prune-then-fine-tune: the width-1.0 individual model pruned (uniform L1) to each width's MACs,
   BatchNorm recalibrated, fine-tuned ``--finetune-epochs``;
 * AutoSlim at 50% and 25% of the MACs on the trained US-Net, against the uniform width with the
-  same MACs, scored right after export (BatchNorm calibrated) and after the same fine-tune;
+  same MACs, scored right after export (BatchNorm calibrated) and after the same fine-tune, and
+  with ``--retrain`` both architectures trained from scratch as the paper does;
 * latency (torch, 1 thread, batch 1): the slimmable model at each width against the model
   exported at that width, timed in alternation.
 
@@ -87,10 +88,12 @@ def us_net(name: str, seed: int, data: Data, epochs: int, lr: float, layerwise: 
     return slim, accuracy, seconds
 
 
-def individual(name: str, seed: int, data: Data, width: float, epochs: int, lr: float) -> nn.Module:
-    """A model of exactly the width's shape, trained alone (same optimizer, schedule, epochs)."""
+def individual(name: str, seed: int, data: Data, width: float | dict[int, float], epochs: int,
+               lr: float) -> nn.Module:
+    """A model of exactly the width's shape (or per-group widths), trained alone from scratch
+    (same initialisation, optimizer, schedule and epochs as the US-Net)."""
     template = fresh_slimmable(name, seed, data)
-    model = export_width(template, width, data.example) if width < 1 else template.remove_hooks()
+    model = export_width(template, width, data.example) if width != 1.0 else template.remove_hooks()
     alone = make_slimmable(model, data.example, widths=(1.0,))
     train_sandwich(alone, data.train, epochs, lr=lr, seed=seed, n_random=0)
     return alone.remove_hooks().eval()
@@ -139,7 +142,7 @@ def run_seed(name: str, seed: int, args) -> dict:
         recalibrate_bn_(model, data.calibration)
         pruned[w] = 100 * evaluate_accuracy(short_finetune(model, data, args.finetune_epochs), data.test)
     row["prune_finetune"] = pruned
-    row["autoslim"] = autoslim_rows(name, slim, data, args)
+    row["autoslim"] = autoslim_rows(name, seed, slim, data, args)
     row["latency_ms"] = latencies(slim, data.example, args.threads)
     return row
 
@@ -187,7 +190,7 @@ def rerun_autoslim(name: str, seed: int, args) -> dict:
     data = Data(seed)
     slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
     return {**row, "us_net": us_accuracy, "us_seconds": us_seconds,
-            "autoslim": autoslim_rows(name, slim, data, args)}
+            "autoslim": autoslim_rows(name, seed, slim, data, args)}
 
 
 def validation_scorer(data: Data, kind: str):
@@ -204,7 +207,7 @@ def validation_scorer(data: Data, kind: str):
     return minus_loss
 
 
-def autoslim_rows(name: str, slim, data: Data, args) -> dict:
+def autoslim_rows(name: str, seed: int, slim, data: Data, args) -> dict:
     """AutoSlim at each budget against the uniform width with the same MACs (see the module docstring)."""
     rows = {}
     for budget in AUTOSLIM_BUDGETS:
@@ -221,6 +224,12 @@ def autoslim_rows(name: str, slim, data: Data, args) -> dict:
             "autoslim_finetuned": 100 * evaluate_accuracy(short_finetune(found, data, args.finetune_epochs), data.test),
             "uniform_finetuned": 100 * evaluate_accuracy(short_finetune(uniform, data, args.finetune_epochs), data.test),
             "evaluations": len(result.history), "seconds": seconds, "score": args.autoslim_score}
+        if args.retrain:  # the paper's protocol: each found architecture trained from scratch
+            found_widths = {g: 1.0 - r for g, r in result.ratios.items()}
+            rows[budget]["autoslim_retrained"] = 100 * evaluate_accuracy(
+                individual(name, seed, data, found_widths, args.epochs, args.lr), data.test)
+            rows[budget]["uniform_retrained"] = 100 * evaluate_accuracy(
+                individual(name, seed, data, width, args.epochs, args.lr), data.test)
         print(json.dumps({"model": name, "budget": budget, **rows[budget]}), flush=True)
     return rows
 
@@ -245,7 +254,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             entries = [r["autoslim"][budget] for r in mine]
             out.append({"model": name, "autoslim_budget": budget, "seeds": len(mine),
                         "score": sorted({e.get("score", "accuracy") for e in entries}),
-                        **{k: mean_std([e[k] for e in entries]) for k in entries[0] if k != "score"}})
+                        **{k: mean_std([e[k] for e in entries]) for k in entries[0]
+                           if k != "score" and all(k in e for e in entries)}})
     return out
 
 
@@ -265,13 +275,14 @@ def print_tables(summary: list[dict]) -> None:
     auto = Table(title="AutoSlim vs uniform width on the US-Net at the same MACs: right after export (BN calibrated) "
                        "and after the same fine-tune")
     for column in ("model", "budget", "AutoSlim MACs", "uniform MACs", "AutoSlim after", "uniform after",
-                   "AutoSlim FT", "uniform FT", "evals", "s"):
+                   "AutoSlim FT", "uniform FT", "AutoSlim retrained", "uniform retrained", "evals", "s"):
         auto.add_column(column, justify="right")
     for s in summary:
         if "autoslim_budget" in s:
             auto.add_row(s["model"], f"{s['autoslim_budget']:g}", f"{s['autoslim_macs'][0]:.3f}",
                          f"{s['uniform_macs'][0]:.3f}", fmt(s["autoslim_after"]), fmt(s["uniform_after"]),
-                         fmt(s["autoslim_finetuned"]), fmt(s["uniform_finetuned"]), f"{s['evaluations'][0]:.0f}",
+                         fmt(s["autoslim_finetuned"]), fmt(s["uniform_finetuned"]), fmt(s.get("autoslim_retrained")),
+                         fmt(s.get("uniform_retrained")), f"{s['evaluations'][0]:.0f}",
                          f"{s['seconds'][0]:.1f}")
     console.print(auto)
 
@@ -292,6 +303,9 @@ def main() -> None:
                              "sweep run a seed at a time, or several seeds side by side")
     parser.add_argument("--autoslim-score", choices=("accuracy", "loss"), default="accuracy",
                         help="AutoSlim's candidate score on the validation split")
+    parser.add_argument("--retrain", action="store_true",
+                        help="also train AutoSlim's architecture and the uniform one from scratch (the paper's "
+                             "protocol; same epochs as the US-Net)")
     parser.add_argument("--autoslim-only", action="store_true",
                         help="retrain each US-Net and measure its AutoSlim rows again, keeping the other columns of "
                              "the rows --out holds (implies --add)")
