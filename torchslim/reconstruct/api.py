@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -158,19 +158,27 @@ def _matrix(source: nn.Linear | nn.Conv2d) -> torch.Tensor:
 
 def _cross_validated_ridge(source: nn.Linear | nn.Conv2d, first: torch.Tensor, second: torch.Tensor,
                            columns: tuple[np.ndarray, np.ndarray]) -> float:
-    """The ridge of ``RIDGE_GRID`` whose fit on one half's Gram best reproduces the other half's
-    outputs (summed both ways, squared errors from the Gram matrices alone)."""
+    """The one-pass fit's ridge, cross-validated on the two halves' Gram matrices (squared
+    errors from the Gram matrices alone)."""
     out_kept, kept = columns
     w = _matrix(source)[torch.as_tensor(out_kept)].double()
     kept_t = torch.as_tensor(kept)
+    return _grid_ridge((first, second), lambda gram, ridge: refit(w, gram, kept_t, ridge=ridge).weight,
+                       lambda gram, new: squared_error(w, gram.double(), new, kept_t))
+
+
+def _grid_ridge(halves: tuple[Any, Any], fit: Callable[[Any, float], torch.Tensor],
+                error: Callable[[Any, torch.Tensor], float]) -> float:
+    """The ridge of ``RIDGE_GRID`` whose ``fit`` on one half's statistics best reproduces the
+    other half's outputs (``error``, summed both ways)."""
     scores = []
     for candidate in RIDGE_GRID:
         total = 0.0
-        for fit_on, score_on in ((first, second), (second, first)):
+        for fit_on, score_on in (halves, halves[::-1]):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RankDeficientWarning)
-                new = refit(w, fit_on, kept_t, ridge=candidate).weight
-            total += squared_error(w, score_on.double(), new, kept_t)
+                new = fit(fit_on, candidate)
+            total += error(score_on, new)
         scores.append(total)
     return RIDGE_GRID[int(np.argmin(scores))]
 
@@ -216,7 +224,8 @@ def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.
         halves = [collect_paired(original, model, name, data[0::2]), collect_paired(original, model, name, data[1::2])]
         for half in halves:
             half["kept_weight"] = kept_weight
-        ridge = _cross_validated_paired_ridge(w, halves)
+        ridge = _grid_ridge((halves[0], halves[1]), lambda stats, ridge: refit_paired(w, stats, ridge=ridge).weight,
+                            lambda stats, new: paired_squared_error(w, stats, new))
         stats = {key: halves[0][key] + halves[1][key] for key in ("G", "A", "C", "rows")}
     else:
         stats = collect_paired(original, model, name, data)
@@ -224,21 +233,6 @@ def _refit_paired(model: nn.Module, original: nn.Module, module: nn.Linear | nn.
     result = refit_paired(w, stats, ridge=float(ridge), name=name)
     _write(module, result.weight)
     return (result.error_before, result.error_after), stats["rows"], float(ridge)
-
-
-def _cross_validated_paired_ridge(w: torch.Tensor, halves: list[dict]) -> float:
-    """The ridge of ``RIDGE_GRID`` whose paired fit on one half best reproduces the original
-    outputs of the other (summed both ways), from the halves' statistics alone."""
-    scores = []
-    for candidate in RIDGE_GRID:
-        total = 0.0
-        for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RankDeficientWarning)
-                new = refit_paired(w, fit_on, ridge=candidate).weight
-            total += paired_squared_error(w, score_on, new)
-        scores.append(total)
-    return RIDGE_GRID[int(np.argmin(scores))]
 
 
 @torch.no_grad()
