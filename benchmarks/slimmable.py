@@ -17,7 +17,7 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
   same MACs, scored right after export (BatchNorm calibrated) and after the same fine-tune, and
   with ``--retrain`` both architectures trained from scratch as the paper does;
 * latency (torch, 1 thread, batch 1): the slimmable model at each width against the model
-  exported at that width, timed in alternation.
+  exported at that width, timed in turn.
 
 Writes benchmarks/results/slimmable.json.
 Usage: python benchmarks/slimmable.py [--models digits_cnn resnet18] [--seeds 0 1 2] [--epochs 30]
@@ -47,6 +47,7 @@ from search import batches, build
 
 import torchslim
 from torchslim.demo import load_digits_tensors
+from torchslim.latency import measure_in_turn
 from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_
 from torchslim.slimmable import autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich
 
@@ -114,15 +115,6 @@ def short_finetune(model: nn.Module, data: Data, epochs: int) -> nn.Module:
     return model.eval()
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
-    """Mean ms of ``repeats`` forwards (no autograd)."""
-    with torch.no_grad():
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
 def run_seed(name: str, seed: int, args) -> dict:
     data = Data(seed)
     slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
@@ -143,28 +135,21 @@ def run_seed(name: str, seed: int, args) -> dict:
         pruned[w] = 100 * evaluate_accuracy(short_finetune(model, data, args.finetune_epochs), data.test)
     row["prune_finetune"] = pruned
     row["autoslim"] = autoslim_rows(name, seed, slim, data, args)
-    row["latency_ms"] = latencies(slim, data.example, args.threads)
+    row["latency_ms"] = latencies(slim, data.example)
     return row
 
 
-def latencies(slim, x: torch.Tensor, threads: int) -> dict:
+def latencies(slim, x: torch.Tensor) -> dict:
     """Per width, ms at batch 1 on 1 thread: the slimmable model at the width and the model
-    exported at it, timed in alternation (the best of 30 rounds of 50 forwards each), so that
-    load from other jobs on the machine falls on both alike."""
-    torch.set_num_threads(1)
+    exported at it, timed in turn (``measure_in_turn``: 30 rounds of 50 calls each, each one's
+    least-disturbed round), so that load from other jobs on the machine falls on both alike."""
     out = {}
     for w in WIDTHS:
-        exported = export_width(slim, w, x) if w < 1 else None
-        best = {"slimmable": float("inf"), "exported": float("inf")}
-        with slim.at_width(w), torch.no_grad():
-            for _ in range(10):  # warm-up
-                slim(x)
-            for _ in range(30):
-                best["slimmable"] = min(best["slimmable"], latency_ms(slim, x))
-                if exported is not None:
-                    best["exported"] = min(best["exported"], latency_ms(exported, x))
-        out[w] = {**best, "exported": best["exported"] if exported is not None else best["slimmable"]}
-    torch.set_num_threads(threads)
+        models = {"slimmable": slim} if w == 1.0 else {"slimmable": slim, "exported": export_width(slim, w, x)}
+        with slim.at_width(w):
+            stats = measure_in_turn(models, x, threads=1, rounds=30, warmup=10, repeats=50)
+        times = {label: entry.median_ms for label, entry in stats.items()}
+        out[w] = {"slimmable": times["slimmable"], "exported": times.get("exported", times["slimmable"])}
     return out
 
 
@@ -172,7 +157,7 @@ def rerun_latency(name: str, seed: int, args) -> dict:
     """``--latency-only``: the row --out holds for (name, seed) with its latency columns measured
     again (on the untrained slimmable model: the weights' values do not change the time)."""
     data = Data(seed)
-    return {**stored_row(args, name, seed), "latency_ms": latencies(fresh_slimmable(name, seed, data), data.example, args.threads)}
+    return {**stored_row(args, name, seed), "latency_ms": latencies(fresh_slimmable(name, seed, data), data.example)}
 
 
 def stored_row(args, name: str, seed: int) -> dict:

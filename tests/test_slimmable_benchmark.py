@@ -51,7 +51,7 @@ def test_latency_only_replaces_the_latency_columns_and_keeps_the_rest(tmp_path, 
     slimmable.write(_args(tmp_path, models=["digits_cnn"]), [row])
     measured = {w: {"slimmable": 0.2, "exported": 0.1} for w in slimmable.WIDTHS}
     seen = []
-    monkeypatch.setattr(slimmable, "latencies", lambda slim, x, threads: seen.append(slim) or measured)
+    monkeypatch.setattr(slimmable, "latencies", lambda slim, x: seen.append(slim) or measured)
     rerun = slimmable.rerun_latency("digits_cnn", 0, _args(tmp_path, models=["digits_cnn"], latency_only=True))
     assert rerun["latency_ms"] == measured and len(seen) == 1 and hasattr(seen[0], "at_width")
     assert {k: v for k, v in rerun.items() if k != "latency_ms"} == \
