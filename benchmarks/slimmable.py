@@ -7,7 +7,8 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 
 * US-Net: the model made slimmable over widths [0.25, 1] (untrained, channels in their initial
   order), trained with the sandwich rule (largest + smallest + 2 random widths per step, inplace
-  distillation; ``--layerwise``: the random widths drawn per group) for ``--epochs``; each width
+  distillation after ``--distill-warmup`` epochs on the labels; ``--layerwise``: the random widths
+  drawn per group) for ``--epochs``; each width
   scored on the test split after BatchNorm calibration on 4 training batches;
 * individually trained: at each width a model of exactly that shape (``export_width`` of the
   untrained slimmable model), trained alone for the same epochs with the same optimizer;
@@ -49,7 +50,7 @@ import torchslim
 from torchslim.demo import load_digits_tensors
 from torchslim.latency import measure_in_turn
 from torchslim.recovery import evaluate_accuracy, finetune, recalibrate_bn_
-from torchslim.slimmable import autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich
+from torchslim.slimmable import AutoSlimSearch, autoslim, calibrate_bn, export_width, make_slimmable, train_sandwich
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 AUTOSLIM_BUDGETS = (0.5, 0.25)
@@ -76,10 +77,11 @@ def fresh_slimmable(name: str, seed: int, data: Data, **kwargs):
     return make_slimmable(model, data.example, width_range=(WIDTHS[0], 1.0), widths=WIDTHS, **kwargs)
 
 
-def us_net(name: str, seed: int, data: Data, epochs: int, lr: float, layerwise: bool = False):
+def us_net(name: str, seed: int, data: Data, args):
     slim = fresh_slimmable(name, seed, data)
     start = time.perf_counter()
-    train_sandwich(slim, data.train, epochs, lr=lr, seed=seed, layerwise=layerwise)
+    train_sandwich(slim, data.train, args.epochs, lr=args.lr, seed=seed, layerwise=args.layerwise,
+                   distill_warmup=args.distill_warmup)
     seconds = time.perf_counter() - start
     accuracy = {}
     for width in WIDTHS:
@@ -117,7 +119,7 @@ def short_finetune(model: nn.Module, data: Data, epochs: int) -> nn.Module:
 
 def run_seed(name: str, seed: int, args) -> dict:
     data = Data(seed)
-    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
+    slim, us_accuracy, us_seconds = us_net(name, seed, data, args)
     row: dict = {"model": name, "seed": seed, "us_net": us_accuracy, "us_seconds": us_seconds,
                  "macs": {w: slim.macs(w) for w in WIDTHS}}
     start = time.perf_counter()
@@ -173,7 +175,7 @@ def rerun_autoslim(name: str, seed: int, args) -> dict:
     same seed) and its AutoSlim rows measured again; the other columns kept as they were."""
     row = stored_row(args, name, seed)
     data = Data(seed)
-    slim, us_accuracy, us_seconds = us_net(name, seed, data, args.epochs, args.lr, args.layerwise)
+    slim, us_accuracy, us_seconds = us_net(name, seed, data, args)
     return {**row, "us_net": us_accuracy, "us_seconds": us_seconds,
             "autoslim": autoslim_rows(name, seed, slim, data, args)}
 
@@ -208,7 +210,8 @@ def autoslim_rows(name: str, seed: int, slim, data: Data, args) -> dict:
             "autoslim_after": score(found, data, data.test), "uniform_after": score(uniform, data, data.test),
             "autoslim_finetuned": 100 * evaluate_accuracy(short_finetune(found, data, args.finetune_epochs), data.test),
             "uniform_finetuned": 100 * evaluate_accuracy(short_finetune(uniform, data, args.finetune_epochs), data.test),
-            "evaluations": len(result.history), "seconds": seconds, "score": args.autoslim_score}
+            "evaluations": len(result.history), "seconds": seconds, "score": args.autoslim_score,
+            "autoslim_kept_uniform": kept_uniform(result)}
         if args.retrain:  # the paper's protocol: each found architecture trained from scratch
             found_widths = {g: 1.0 - r for g, r in result.ratios.items()}
             rows[budget]["autoslim_retrained"] = 100 * evaluate_accuracy(
@@ -217,6 +220,11 @@ def autoslim_rows(name: str, seed: int, slim, data: Data, args) -> dict:
                 individual(name, seed, data, width, args.epochs, args.lr), data.test)
         print(json.dumps({"model": name, "budget": budget, **rows[budget]}), flush=True)
     return rows
+
+
+def kept_uniform(result) -> bool:
+    """Whether AutoSlim returned the uniform width it also scores (it scored above the greedy path's end)."""
+    return any(r.note == AutoSlimSearch.uniform_note and r.ratios == result.ratios for r in result.history)
 
 
 def mean_std(values: list[float]) -> list[float]:
@@ -244,6 +252,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def kept_count(summary: dict) -> str:
+    """'k/n': in how many of the n seeds AutoSlim returned the uniform width ('-' before it could)."""
+    share = summary.get("autoslim_kept_uniform")
+    return "-" if share is None else f"{round(share[0] * summary['seeds'])}/{summary['seeds']}"
+
+
 def print_tables(summary: list[dict]) -> None:
     console = Console(width=160)
     widths = Table(title="US-Net (one model, sandwich rule) vs individually trained vs prune + fine-tune: test "
@@ -260,14 +274,15 @@ def print_tables(summary: list[dict]) -> None:
     auto = Table(title="AutoSlim vs uniform width on the US-Net at the same MACs: right after export (BN calibrated) "
                        "and after the same fine-tune")
     for column in ("model", "budget", "AutoSlim MACs", "uniform MACs", "AutoSlim after", "uniform after",
-                   "AutoSlim FT", "uniform FT", "AutoSlim retrained", "uniform retrained", "evals", "s"):
+                   "AutoSlim FT", "uniform FT", "AutoSlim retrained", "uniform retrained", "kept uniform", "evals",
+                   "s"):
         auto.add_column(column, justify="right")
     for s in summary:
         if "autoslim_budget" in s:
             auto.add_row(s["model"], f"{s['autoslim_budget']:g}", f"{s['autoslim_macs'][0]:.3f}",
                          f"{s['uniform_macs'][0]:.3f}", fmt(s["autoslim_after"]), fmt(s["uniform_after"]),
                          fmt(s["autoslim_finetuned"]), fmt(s["uniform_finetuned"]), fmt(s.get("autoslim_retrained")),
-                         fmt(s.get("uniform_retrained")), f"{s['evaluations'][0]:.0f}",
+                         fmt(s.get("uniform_retrained")), kept_count(s), f"{s['evaluations'][0]:.0f}",
                          f"{s['seconds'][0]:.1f}")
     console.print(auto)
 
@@ -282,6 +297,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layerwise", action="store_true",
                         help="US-Net: draw the sandwich rule's random widths per group (train_sandwich(layerwise=True))")
+    parser.add_argument("--distill-warmup", type=int, default=0, metavar="N",
+                        help="US-Net: train every width on the labels for the first N epochs, then distil in place "
+                             "(train_sandwich(distill_warmup=N); N = --epochs: no inplace distillation)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "slimmable.json")
     parser.add_argument("--add", action="store_true",
                         help="keep the rows --out already has for other models and seeds (same settings): a long "
@@ -312,7 +330,7 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-COMPARED_SETTINGS = ("epochs", "finetune_epochs", "lr", "layerwise")
+COMPARED_SETTINGS = ("epochs", "finetune_epochs", "lr", "layerwise", "distill_warmup")
 
 
 def earlier_rows(args, rows: list[dict]) -> list[dict]:

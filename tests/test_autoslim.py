@@ -58,6 +58,32 @@ def test_autoslim_breaks_equal_scores_by_the_macs_saved():
         assert step.after == min(candidates)
 
 
+def _uniformity(model) -> float:
+    """Highest when every layer keeps the same share of its channels (the uniform width)."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    shares = [convs[0].out_channels / 32, convs[1].out_channels / 64, model.classifier[0].out_features / 64]
+    return -float(torch.tensor(shares).std())
+
+
+def test_autoslim_returns_the_uniform_width_where_it_scores_above_the_greedy_path():
+    slim, x = _slim()
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    search = AutoSlimSearch(slim, x, _uniformity, data=data, target_macs=0.5)
+    result = search.run()
+    uniform = search.history.records[-1]
+    assert uniform.note == AutoSlimSearch.uniform_note and uniform.meets_budget
+    assert search.kept_uniform and result.ratios == uniform.ratios and result.score == uniform.score
+    shares = [1 - uniform.ratios.get(g, 0.0) for g in search.slim_groups]
+    assert max(shares) - min(shares) < 0.05  # one width for every group, up to channel rounding
+    plain = AutoSlimSearch(slim, x, _uniformity, data=data, target_macs=0.5, uniform_baseline=False)
+    greedy_end = plain.run()
+    assert not plain.kept_uniform and greedy_end.score < uniform.score and greedy_end.ratios != uniform.ratios
+    assert [r.ratios for r in plain.history.records] == [r.ratios for r in search.history.records[:-1]]
+    planted = AutoSlimSearch(slim, x, _planted, data=data, target_macs=0.5)
+    planted.run()  # the greedy path keeps the sensitive first conv full: it beats uniform
+    assert planted.history.records[-1].note == AutoSlimSearch.uniform_note and not planted.kept_uniform
+
+
 def test_autoslim_returns_a_pruned_model_equal_to_the_slimmable_one_at_the_found_widths(tmp_path):
     slim, x = _slim()
     data = [torch.randn(8, 1, 8, 8) for _ in range(2)]

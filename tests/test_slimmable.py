@@ -163,6 +163,27 @@ def test_the_sandwich_step_accumulates_the_hand_built_sum_of_its_losses(layerwis
     assert list(losses) == [width_key(w) for w in widths] and slim.width == 1.0
 
 
+def test_distillation_starts_after_the_warmup_epochs(monkeypatch):
+    """``distill_warmup=k``: the first k epochs train every width on the labels, the rest distil."""
+    import torchslim.slimmable.train as train
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    slim = make_slimmable(DigitsCNN().eval(), x, width_range=(0.25, 1.0), widths=(0.25, 1.0))
+    loader = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(3)]
+    seen, real = [], train.sandwich_step
+    monkeypatch.setattr(train, "sandwich_step", lambda *a, **k: seen.append(k["distill"]) or real(*a, **k))
+    train.train_sandwich(slim, loader, 3, distill_warmup=2, n_random=1)
+    assert seen == [False] * 6 + [True] * 3
+    seen.clear()
+    train.train_sandwich(slim, loader, 2, distill=False, distill_warmup=1, n_random=1)
+    assert seen == [False] * 6  # no distillation asked for: none after the warm-up either
+    state = {k: v.clone() for k, v in slim.state_dict().items()}
+    with pytest.raises(ValueError, match="distill_warmup"):
+        train.train_sandwich(slim, loader, 2, distill_warmup=3)
+    assert all(torch.equal(v, slim.state_dict()[k]) for k, v in state.items())
+
+
 def test_layerwise_draws_give_every_group_its_own_width_in_the_range():
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8)

@@ -24,7 +24,7 @@ def _row(seed: int, accuracy: float) -> dict:
 
 def _args(tmp_path, **settings) -> types.SimpleNamespace:
     base = {"models": ["resnet18"], "seeds": [0], "epochs": 15, "finetune_epochs": 2, "lr": 0.05, "threads": 1,
-            "layerwise": False, "add": True, "out": tmp_path / "slim.json"}
+            "layerwise": False, "distill_warmup": 0, "add": True, "out": tmp_path / "slim.json"}
     return types.SimpleNamespace(**{**base, **settings})
 
 
@@ -44,6 +44,8 @@ def test_add_refuses_rows_run_with_other_settings(tmp_path):
     slimmable.write(_args(tmp_path), [_row(0, 90.0)])
     with pytest.raises(SystemExit, match="epochs=15"):
         slimmable.write(_args(tmp_path, epochs=30, seeds=[1]), [_row(1, 80.0)])
+    with pytest.raises(SystemExit, match="distill_warmup=0"):
+        slimmable.write(_args(tmp_path, distill_warmup=8, seeds=[1]), [_row(1, 80.0)])
 
 
 def test_latency_only_replaces_the_latency_columns_and_keeps_the_rest(tmp_path, monkeypatch):

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--evaluator", required=True, metavar="FILE.py:FN", help="function model -> float, higher is better")
     p.add_argument("--data", required=True, metavar="FILE.py:NAME", help="batches for BatchNorm calibration")
     p.add_argument("--step", type=float, default=0.1, help="share of a group's channels one step removes (0.1)")
+    p.add_argument("--no-uniform-baseline", action="store_true",
+                   help="return the greedy path's end even where the uniform width at the budget scores higher")
     p.add_argument("--max-evals", type=int, help="stop after N evaluations (the best so far is kept)")
     p.add_argument("--resume", action="store_true", help="continue the search recorded in OUT/history.jsonl")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--resume: {history} does not exist (run once without --resume)")
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        search = AutoSlimSearch(slim, inputs, evaluate, data=list(data), step=args.step, target_macs=args.target_macs,
+        search = AutoSlimSearch(slim, inputs, evaluate, data=list(data), step=args.step,
+                                uniform_baseline=not args.no_uniform_baseline, target_macs=args.target_macs,
                                 target_params=args.target_params, target_latency=args.target_latency,
                                 max_evals=args.max_evals, **{"resume" if args.resume else "history": history})
         result = search.run()
@@ -77,10 +80,13 @@ def run(args: argparse.Namespace) -> int:
     summary = {"evaluations": len(result.history), "stopped": result.stopped, "score": result.score,
                "macs": [original.macs, pruned.macs_after], "params": [original.params, pruned.params_after],
                "widths": {str(g): 1 - r for g, r in result.ratios.items()},
-               "steps": [step.__dict__ for step in search.steps], "checkpoint": str(args.out)}
+               "steps": [step.__dict__ for step in search.steps], "kept_uniform": search.kept_uniform,
+               "checkpoint": str(args.out)}
     (args.out / "autoslim.json").write_text(json.dumps(summary, indent=2))
     console = make_console()
     console.print(f"autoslim: {len(result.history)} evaluations, {len(search.steps)} steps; MACs {original.macs:,} -> "
                   f"{pruned.macs_after:,} ({pruned.macs_after / original.macs:.3f}), params {original.params:,} -> "
-                  f"{pruned.params_after:,}, score {result.score:.4g}; checkpoint {args.out}")
+                  f"{pruned.params_after:,}, score {result.score:.4g}"
+                  f"{' (the uniform width: it scored above the greedy path)' if search.kept_uniform else ''}; "
+                  f"checkpoint {args.out}")
     return 0

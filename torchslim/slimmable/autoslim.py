@@ -13,6 +13,10 @@ slimmable model's shared weights, so the result is an ordinary per-group ``Prune
 Where this departs from the paper: the paper slims a network trained at 1.5x width and
 retrains the found architecture from scratch; here the search runs on the network as trained
 (any model the engine covers) and the found widths keep the trained weights (fine-tune them).
+With ``uniform_baseline=True`` (the default) the search also scores the uniform width at the
+budget, one more evaluation, and returns it where it scores higher than the greedy path's end:
+the greedy path picks each step on a few batches, and on a network trained at uniform widths
+only its non-uniform end can score below the uniform width it started from.
 """
 from __future__ import annotations
 
@@ -57,12 +61,14 @@ class AutoSlimSearch(Search):
     ``target_params`` / ``target_latency``; ``data`` are the calibration batches (required:
     widths share BatchNorm statistics, so each candidate is recalibrated before scoring);
     ``step`` the share of a group's channels one step removes; no group goes below the smallest
-    width the model was made slimmable for."""
+    width the model was made slimmable for; ``uniform_baseline``: also score the uniform width at
+    the budget and return it where it scores higher (``kept_uniform`` says so after ``run``)."""
 
     method = "autoslim"
+    uniform_note = "uniform width at the budget"
 
     def __init__(self, slim: Slimmable, example_inputs: ExampleInputs, evaluate: Evaluator, *, data: Any,
-                 step: float = 0.1, **kwargs: Any):
+                 step: float = 0.1, uniform_baseline: bool = True, **kwargs: Any):
         if slim.config.switchable_bn:
             raise ValueError("AutoSlim calibrates the shared BatchNorm of each candidate; a model with switchable "
                              "BatchNorm has statistics for its configured widths only: make it slimmable without "
@@ -79,11 +85,13 @@ class AutoSlimSearch(Search):
             raise ValueError("AutoSlim needs a budget: target_macs, target_params or target_latency")
         self.slim_groups = sorted(g.index for g in slim.groups if g.index in self.space.sizes)
         self.step, self.smallest = step, slim.config.smallest  # never narrower than the model was trained at
+        self.uniform_baseline = uniform_baseline
         self.steps: list[SlimStep] = []
         self._chosen: Record | None = None
+        self.kept_uniform = False
 
     def options(self) -> dict[str, Any]:
-        return {"step": self.step, "groups": self.slim_groups}
+        return {"step": self.step, "groups": self.slim_groups, "uniform_baseline": self.uniform_baseline}
 
     def resource(self, ratios: dict[int, float]) -> float:
         assert self.space.quantity is not None
@@ -105,6 +113,33 @@ class AutoSlimSearch(Search):
             current = dict(best.ratios)
             self._chosen = best
             self.steps.append(SlimStep(len(self.steps), before, self.resource(current), best_group, best.score))
+        self.kept_uniform = False
+        if self.uniform_baseline and self.steps:
+            self.compare_uniform(budget)
+
+    def compare_uniform(self, budget: float) -> None:
+        """Score the uniform width at the budget and keep it where it beats the greedy path's end
+        (equal scores keep the greedy result)."""
+        ratios = self.uniform_ratios(budget)
+        if ratios is None:
+            return
+        record = self.evaluate_batch([ratios], meet_budget=False, notes=[self.uniform_note])[0]
+        if self._chosen is None or record.score > self._chosen.score:
+            self._chosen, self.kept_uniform = record, True
+
+    def uniform_ratios(self, budget: float) -> dict[int, float] | None:
+        """Every slimmable group at the widest common width whose resource meets ``budget``
+        (never below the smallest trained width); None if even that width exceeds it."""
+        def at(ratio: float) -> dict[int, float]:
+            return self.space.exact_ratios({g: ratio for g in self.slim_groups})
+
+        low, high = 0.0, 1.0 - self.smallest
+        if self.resource(at(high)) > budget:
+            return None
+        for _ in range(30):
+            middle = (low + high) / 2
+            low, high = (low, middle) if self.resource(at(middle)) <= budget else (middle, high)
+        return at(high)
 
     def best_candidate(self, groups: list[int], records: list[Record]) -> tuple[int, Record]:
         """The best-scoring candidate; among equal scores (accuracy on a small validation set

@@ -105,11 +105,17 @@ def _width_loss(i: int, output: Any, targets: Any, loss_fn: Loss, distill: bool,
 
 def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float = 0.05, momentum: float = 0.9,
                    weight_decay: float = 1e-4, n_random: int = 2, seed: int = 0, distill: bool = True,
-                   loss_fn: Loss = F.cross_entropy, layerwise: bool = False) -> list[float]:
+                   distill_warmup: int = 0, loss_fn: Loss = F.cross_entropy, layerwise: bool = False) -> list[float]:
     """A ready sandwich-rule trainer (SGD with momentum, cosine learning rate) over ``loader``
     of ``(input, target)`` batches; returns the mean largest-width loss per epoch (this rank's
     batches); ``layerwise`` as in :func:`sandwich_step`. Under torchrun it trains through
-    DistributedDataParallel (see :func:`sandwich_step`) on this rank's shard of the data."""
+    DistributedDataParallel (see :func:`sandwich_step`) on this rank's shard of the data.
+
+    ``distill_warmup``: the first epochs train every width on the labels, and inplace
+    distillation starts after them: early in a short training the largest width is a poor
+    teacher, and distilling from it holds the narrow widths back."""
+    if not 0 <= distill_warmup <= epochs:
+        raise ValueError(f"distill_warmup must be a number of epochs in [0, epochs={epochs}], got {distill_warmup}")
     optimizer = torch.optim.SGD(slim.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net = (DistributedDataParallel(slim.model, find_unused_parameters=slim.config.switchable_bn)
            if is_distributed() else None)
@@ -123,8 +129,8 @@ def train_sandwich(slim: Slimmable, loader: Iterable, epochs: int, *, lr: float 
         total, count = 0.0, 0
         for inputs, targets in loader:
             optimizer.zero_grad()
-            losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng, distill=distill,
-                                   model=net, layerwise=layerwise)
+            losses = sandwich_step(slim, inputs, targets, loss_fn, n_random=n_random, rng=rng,
+                                   distill=distill and epoch >= distill_warmup, model=net, layerwise=layerwise)
             optimizer.step()
             schedule.step()
             total, count = total + next(iter(losses.values())), count + 1
