@@ -7,7 +7,9 @@ MACs share of each width, the largest difference between the slimmable model at 
 the model exported at that width (relative to the output's scale), and seconds. Inputs are
 64x64 (224 for the ViTs, whose position embeddings fix the size; 299 for inception_v3).
 Writes benchmarks/results/coverage_slimmable.json.
-Usage: python benchmarks/coverage_slimmable.py [--only NAME ...] [--skip NAME ...]
+Usage: python benchmarks/coverage_slimmable.py [--only NAME ...] [--skip NAME ...] [--add]
+(``--add --only NAME ...``: check those models, e.g. the big ones skipped by default, and keep
+the rows --out holds for the others.)
 """
 from __future__ import annotations
 
@@ -68,12 +70,27 @@ def check(name: str) -> dict:
     return row
 
 
+def write(out: Path, rows: list[dict], add: bool) -> None:
+    """Write the rows (with ``add``, after the rows ``out`` holds for other models); the big
+    models no row covers are listed as skipped."""
+    names = {r["model"] for r in rows}
+    kept = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in names] if add and out.exists() else []
+    rows = kept + rows
+    covered = {r["model"] for r in rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
+                                           "torch": torch.__version__, "torchvision": torchvision.__version__},
+                               "widths": WIDTHS, "ok": sum(r["ok"] for r in rows), "total": len(rows),
+                               "skipped_big": sorted(SKIP_BIG - covered), "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--skip", nargs="*", default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coverage_slimmable.json")
+    parser.add_argument("--add", action="store_true", help="keep the rows --out holds for the models not checked now")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -88,11 +105,7 @@ def main() -> None:
             rows.append({"model": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
                          "trace": traceback.format_exc(limit=3)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
-                                                    "torch": torch.__version__, "torchvision": torchvision.__version__},
-                                        "widths": WIDTHS, "ok": sum(r["ok"] for r in rows), "total": len(rows),
-                                        "skipped_big": sorted(SKIP_BIG), "rows": rows}, indent=1))
+        write(args.out, rows, args.add)
     table = Table(title=f"slimmable coverage: {sum(r['ok'] for r in rows)}/{len(rows)} torchvision classification "
                         "models run at 0.25/0.5/0.75/1.0 and export exactly")
     for column in ("model", "ok", "groups", "left out", "MACs @0.5", "max rel diff", "s"):

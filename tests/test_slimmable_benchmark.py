@@ -60,3 +60,16 @@ def test_latency_only_replaces_the_latency_columns_and_keeps_the_rest(tmp_path, 
         {k: v for k, v in slimmable.float_keys(json.loads(json.dumps(row))).items() if k != "latency_ms"}
     with pytest.raises(SystemExit, match="no row for digits_cnn seed 1"):
         slimmable.rerun_latency("digits_cnn", 1, _args(tmp_path, models=["digits_cnn"]))
+
+
+def test_coverage_add_keeps_the_other_models_rows_and_lists_only_the_big_ones_still_unchecked(tmp_path):
+    coverage = load_benchmark("coverage_slimmable")
+    out = tmp_path / "coverage.json"
+    coverage.write(out, [{"model": "resnet18", "ok": True}, {"model": "vit_b_16", "ok": False}], add=False)
+    coverage.write(out, [{"model": "vit_b_16", "ok": True}, {"model": "vit_h_14", "ok": True}], add=True)
+    written = json.loads(out.read_text())
+    assert [r["model"] for r in written["rows"]] == ["resnet18", "vit_b_16", "vit_h_14"]
+    assert (written["ok"], written["total"]) == (3, 3)
+    assert "vit_b_16" not in written["skipped_big"] and "vit_l_16" in written["skipped_big"]
+    coverage.write(out, [{"model": "alexnet", "ok": True}], add=False)  # without --add: only this run's rows
+    assert [r["model"] for r in json.loads(out.read_text())["rows"]] == ["alexnet"]
