@@ -22,7 +22,7 @@ on scikit-learn's bundled digits; 3 seeds (mean ± std). Per seed:
 
 Writes benchmarks/results/slimmable.json.
 Usage: python benchmarks/slimmable.py [--models digits_cnn resnet18] [--seeds 0 1 2] [--epochs 30]
-       [--add] [--autoslim-only | --latency-only]
+       [--lr 0.05] [--distill-warmup N] [--layerwise] [--retrain] [--add] [--autoslim-only | --latency-only]
 """
 from __future__ import annotations
 

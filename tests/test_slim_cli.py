@@ -57,6 +57,15 @@ def test_slim_then_autoslim_from_the_command_line(tmp_path, capsys):
     found = estimate_macs(DependencyGraph.build(slimmed, x))
     assert found == result["macs"][1] and 0.49 * result["macs"][0] <= found <= 0.5 * result["macs"][0]
     assert (auto_dir / "history.jsonl").read_text().count("\n") >= result["evaluations"]
+    assert "uniform width at the budget" in (auto_dir / "history.jsonl").read_text().splitlines()[-1]
+    greedy_dir = tmp_path / "greedy"
+    assert main(["autoslim", str(slim_dir), "--target-macs", "0.5", "--evaluator", f"{tmp_path / 'user.py'}:accuracy",
+                 "--data", f"{tmp_path / 'user.py'}:calibration", "--no-uniform-baseline", "--out", str(greedy_dir)]) == 0
+    greedy = json.loads((greedy_dir / "autoslim.json").read_text())
+    assert greedy["evaluations"] == result["evaluations"] - 1 and not greedy["kept_uniform"]
+    assert "uniform width" not in (greedy_dir / "history.jsonl").read_text()
+    # the same greedy path: the same widths, unless the first run returned the uniform width instead
+    assert (greedy["widths"] == result["widths"]) != result["kept_uniform"]
 
 
 def test_autoslim_refuses_a_checkpoint_that_is_not_slimmable(tmp_path):
