@@ -5,7 +5,8 @@ at that width.
 Per model: the groups that narrow and those left at full width (with the first reason), the
 MACs share of each width, the largest difference between the slimmable model at a width and
 the model exported at that width (relative to the output's scale), and seconds. Inputs are
-64x64 (224 for the ViTs, whose position embeddings fix the size; 299 for inception_v3).
+64x64 (224 for the ViTs, whose position embeddings fix the size, and MaxViT, whose 7x7 windows
+need it; 299 for inception_v3).
 Writes benchmarks/results/coverage_slimmable.json.
 Usage: python benchmarks/coverage_slimmable.py [--only NAME ...] [--skip NAME ...] [--add]
 (``--add --only NAME ...``: check those models, e.g. the big ones skipped by default, and keep
@@ -29,8 +30,8 @@ from rich.table import Table
 from torchslim.slimmable import export_width, make_slimmable
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-# minutes each on 2 CPU cores (run them with --only): the largest of each family is skipped, its smaller
-# siblings (same blocks, same couplings) are not
+# the largest of each family (12-305 s each on one core, ~20 min in all) is left out of the default run, its
+# smaller siblings (same blocks, same couplings) are not; `--add --only NAME ...` checks them
 SKIP_BIG = {"vit_h_14", "vit_l_16", "vit_l_32", "vit_b_16", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf",
             "regnet_x_32gf", "regnet_x_16gf", "convnext_large", "convnext_base", "efficientnet_b7", "efficientnet_b6",
             "efficientnet_b5", "efficientnet_v2_l", "efficientnet_v2_m", "resnext101_64x4d", "resnext101_32x8d",
@@ -40,7 +41,7 @@ SKIP_BIG = {"vit_h_14", "vit_l_16", "vit_l_32", "vit_b_16", "regnet_y_128gf", "r
 def build(name: str):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
-    size = 224 if name.startswith("vit") else 299 if name == "inception_v3" else 64
+    size = 224 if name.startswith(("vit", "maxvit")) else 299 if name == "inception_v3" else 64
     with torch.no_grad():  # non-trivial statistics, so a slicing mistake shows
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
