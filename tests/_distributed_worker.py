@@ -6,6 +6,7 @@ single-process references, in-process: every scenario is a function of the world
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 from pathlib import Path
@@ -261,6 +262,11 @@ def main(out: Path, names: list[str]) -> None:
             else:
                 result = globals()[f"scenario_{name}"]()
             torch.save(result, out / f"{name}-rank{rank()}.pt")
+            del result
+        # free the scenarios' DDP/FSDP objects while the process group is alive: gloo work they still
+        # hold, freed only at interpreter finalization, can abort the process there (SIGABRT)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
