@@ -7,7 +7,8 @@ step), then an evolutionary search (``mtn.search``) scores subnets inside a FLOP
 user ``score_func`` after recalibrating BatchNorm from its own cache of batches, and ``mtn.export``
 cuts the winner out. Here, per seed (data and splits exactly as slimmable.py's ``Data(seed)``):
 
-* the untrained digits CNN (``torchslim.models.create_model("digits_cnn")``) converted with
+* the untrained digits CNN (``--model digits_cnn``) or ResNet-18 adapted to 8x8 (``--model
+  resnet18``), built exactly as slimmable.py builds them, converted with
   ``channels_ratio``/``features_ratio`` (0.25, 0.5, 0.75, 1.0) on a divisor-8 channel grid (the
   default divisor 32 leaves almost nothing searchable on 32-64-128 channels, see search_modelopt.py);
 * trained for ``--epochs`` with the optimizer and schedule of torchslim's ``train_sandwich`` (SGD lr
@@ -36,8 +37,9 @@ Notes on ModelOpt (nvidia-modelopt 0.47.0, read in its source and measured here)
 
 Runs in ModelOpt's own virtual environment with this tree on the path:
   PYTHONPATH=$PWD nice -n 5 /work/venv-modelopt/bin/python benchmarks/slimmable_modelopt.py \
-      [--seeds 0 1 2] [--epochs 30] [--search-iters 300]
-Writes benchmarks/results/slimmable_modelopt.json (keys parallel to slimmable.json's AutoSlim entries).
+      [--model digits_cnn|resnet18] [--seeds 0 1 2] [--epochs 30] [--lr 0.05] [--search-iters 300] [--out F]
+Writes benchmarks/results/slimmable_modelopt.json (keys parallel to slimmable.json's AutoSlim entries);
+ResNet-18 (results/slimmable_modelopt_resnet18.json) ran with --epochs 15 --lr 0.025, as its US-Net.
 """
 from __future__ import annotations
 
@@ -61,11 +63,11 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digits_task import build
 from slimmable import Data, score, short_finetune
 
 from torchslim.graph import DependencyGraph
 from torchslim.graph.macs import estimate_macs
-from torchslim.models import create_model
 from torchslim.recovery import evaluate_accuracy
 
 BUDGETS = (0.5, 0.25)
@@ -119,11 +121,11 @@ def counted_val_accuracy(data: Data) -> tuple[list[int], object]:
 def run_seed(seed: int, args) -> dict:
     data = Data(seed)
     torch.manual_seed(seed)
-    base = create_model("digits_cnn").eval()
+    base = build(args.model).eval()
     full_macs = macs_of(base, data.example)
     model = mtn.convert(base, mode=autonas_mode(args.channel_divisor))
     train_seconds = train_autonas(model, data, args.epochs, args.lr)
-    row: dict = {"model": "digits_cnn", "seed": seed, "train_seconds": train_seconds, "full_macs": full_macs}
+    row: dict = {"model": args.model, "seed": seed, "train_seconds": train_seconds, "full_macs": full_macs}
     for key, pick in (("largest", max), ("smallest", min)):
         subnet = exported_at(model, pick)
         row[key] = {"macs_share": macs_of(subnet, data.example) / full_macs, "accuracy": score(subnet, data, data.test)}
@@ -158,13 +160,14 @@ def mean_std(values: list[float]) -> list[float]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    out = [{"model": "digits_cnn", "seeds": len(rows), "train_seconds": mean_std([r["train_seconds"] for r in rows]),
+    name = rows[0]["model"]
+    out = [{"model": name, "seeds": len(rows), "train_seconds": mean_std([r["train_seconds"] for r in rows]),
             **{f"{key}_{k}": mean_std([r[key][k] for r in rows]) for key in ("largest", "smallest")
                for k in ("macs_share", "accuracy")}}]
     for budget in BUDGETS:
         entries = [r["autonas"][budget] for r in rows]
         numeric = [k for k, v in entries[0].items() if isinstance(v, (int, float))]
-        out.append({"model": "digits_cnn", "autonas_budget": budget, "seeds": len(rows),
+        out.append({"model": name, "autonas_budget": budget, "seeds": len(rows),
                     **{k: mean_std([e[k] for e in entries]) for k in numeric}})
     return out
 
@@ -172,7 +175,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def print_tables(summary: list[dict]) -> None:
     console = Console(width=160)
     fmt = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}"  # noqa: E731
-    table = Table(title="ModelOpt AutoNAS on the digits CNN: test accuracy % (mean ± std over seeds), right after "
+    table = Table(title=f"ModelOpt AutoNAS on {summary[0]['model']}: test accuracy % (mean ± std over seeds), right after "
                         "export (BN recalibrated) and after the same fine-tune")
     for column in ("budget", "AutoNAS MACs", "after", "FT", "satisfied / iters", "search s"):
         table.add_column(column, justify="right")
@@ -194,6 +197,7 @@ def print_tables(summary: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("digits_cnn", "resnet18"), default="digits_cnn")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=2)
