@@ -88,7 +88,6 @@ class AutoSlimSearch(Search):
         self.uniform_baseline = uniform_baseline
         self.steps: list[SlimStep] = []
         self._chosen: Record | None = None
-        self.kept_uniform = False
 
     def options(self) -> dict[str, Any]:
         return {"step": self.step, "groups": self.slim_groups, "uniform_baseline": self.uniform_baseline}
@@ -113,7 +112,6 @@ class AutoSlimSearch(Search):
             current = dict(best.ratios)
             self._chosen = best
             self.steps.append(SlimStep(len(self.steps), before, self.resource(current), best_group, best.score))
-        self.kept_uniform = False
         if self.uniform_baseline and self.steps:
             self.compare_uniform(budget)
 
@@ -125,7 +123,12 @@ class AutoSlimSearch(Search):
             return
         record = self.evaluate_batch([ratios], meet_budget=False, notes=[self.uniform_note])[0]
         if self._chosen is None or record.score > self._chosen.score:
-            self._chosen, self.kept_uniform = record, True
+            self._chosen = record
+
+    @property
+    def kept_uniform(self) -> bool:
+        """Whether the search returns the uniform width (it scored above the greedy path's end)."""
+        return self._chosen is not None and self._chosen.note == self.uniform_note
 
     def uniform_ratios(self, budget: float) -> dict[int, float] | None:
         """Every slimmable group at the widest common width whose resource meets ``budget``
